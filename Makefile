@@ -1,0 +1,43 @@
+# elbo-lab: `make run` sets up .venv and trains the default VAE; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: run test lint format bench figures clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/elbo-lab train --force --run-dir runs/default
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/evidence.py
+
+figures: $(STAMP)
+	$(BIN)/elbo-lab train --force --run-dir runs/figures
+	cp runs/figures/*.png docs/
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

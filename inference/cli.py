@@ -1,0 +1,265 @@
+"""The ``elbo-lab`` command line: a thin layer that turns options into configs and calls the library.
+
+Every user mistake ends in one line ``elbo-lab: error: ...`` naming the file or option, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pyro
+
+from .data import load_data
+from .errors import ElboLabError, NumericalError, OptionError
+from .run import DTYPES, MODELS, ModelSpec, build_model, load_run
+from .train import ESTIMATORS, Interrupted, Metrics, TrainConfig, evaluate, fit, pyro_loss
+
+__all__ = ["main", "sign_report"]
+
+log = logging.getLogger("elbo-lab")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _hidden_dims(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths, got {text!r}") from None
+    if any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return dims
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other user error
+        self.exit(2, f"elbo-lab: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="elbo-lab",
+        description="See and check what variational inference optimizes: "
+        "Pyro minimizes loss = -ELBO = KL - E_q[log p(x|z)].",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model by SVI and report loss = -ELBO",
+        description="Train a model/guide pair by SVI on a data set; write metrics, a checkpoint "
+        "and a report of the sign convention to the run directory.",
+    )
+    t.add_argument("--model", default="vae", choices=MODELS, help="model to train (default: vae)")
+    t.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (embedded, default), 'mnist:DIR' or a DIR of MNIST IDX files, "
+        "or a .npy/.npz file (N x D or N x H x W)",
+    )
+    t.add_argument("--latent-dim", type=_positive_int, default=10, help="latent dimension L (10)")
+    t.add_argument(
+        "--hidden-dims",
+        type=_hidden_dims,
+        default=(200,),
+        help="comma-separated hidden widths of encoder/decoder (200)",
+    )
+    t.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=TrainConfig.epochs,
+        help=f"passes over the training split ({TrainConfig.epochs})",
+    )
+    t.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (128)")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same numbers")
+    t.add_argument(
+        "--estimator",
+        default="trace",
+        choices=list(ESTIMATORS),
+        help="ELBO estimator: trace = Trace_ELBO (Monte-Carlo KL), meanfield = "
+        "TraceMeanField_ELBO (analytic KL), jit / jit-meanfield = their JIT versions",
+    )
+    t.add_argument(
+        "--num-particles", type=_positive_int, default=1, help="samples of z per step (1)"
+    )
+    t.add_argument(
+        "--clip-norm",
+        type=_positive_float,
+        default=None,
+        help="clip the gradient norm to this value (off)",
+    )
+    t.add_argument(
+        "--validate",
+        action="store_true",
+        help="run Pyro's argument validation on every step (the first always is)",
+    )
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    t.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
+    t.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="output directory (default: runs/<model>-<data>-seed<seed>)",
+    )
+    t.add_argument("--force", action="store_true", help="replace an existing run directory")
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its checkpoint"
+    )
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--json", action="store_true", help="print the final report as JSON")
+
+    e = sub.add_parser(
+        "evaluate",
+        help="test-split loss, elbo, reconstruction, kl of a trained run",
+        description="Evaluate a trained run on its test split: per-image loss (= -ELBO), elbo, "
+        "reconstruction (E_q[log p(x|z)]) and kl (KL(q(z|x) || p(z))) in nats, analytic KL.",
+    )
+    e.add_argument("run_dir", type=Path, help="a directory written by 'elbo-lab train'")
+    e.add_argument("--data", default=None, help="evaluate on other data of the same dimension")
+    e.add_argument(
+        "--json", action="store_true", help="print JSON with keys loss, elbo, reconstruction, kl, n"
+    )
+    return parser
+
+
+def sign_report(m: Metrics, pyro_value: float, split: str = "test") -> str:
+    """The sign convention in the run's own numbers, checked against Pyro's own loss.
+
+    ``pyro_value`` is ``TraceMeanField_ELBO().loss`` per image on the same data and noise
+    (:func:`inference.train.pyro_loss`), computed independently of the decomposition.
+    """
+    residual = pyro_value - (m.kl - m.reconstruction)
+    ok = abs(residual) <= 1e-5 * max(1.0, abs(m.loss))
+    return "\n".join(
+        [
+            f"Pyro minimized loss = -ELBO = KL - E[log p(x|z)] = {m.kl:.2f} - ({m.reconstruction:.2f})"
+            f" = {m.loss:.2f} nats/image",
+            f"  ELBO = E[log p(x|z)] - KL = {m.reconstruction:.2f} - {m.kl:.2f} = {m.elbo:.2f} "
+            f"nats/image (maximized; a lower bound on log p(x))",
+            f"  checked: Pyro's TraceMeanField_ELBO().loss = {pyro_value:.4f}; minus (KL - E[log p(x|z)])"
+            f" = {residual:.1e} ({'ok' if ok else 'MISMATCH'}), {split} split, {m.n} images",
+        ]
+    )
+
+
+def _train(args) -> int:
+    spec = ModelSpec(
+        model=args.model,
+        data=args.data,
+        latent_dim=args.latent_dim,
+        hidden_dims=args.hidden_dims,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        estimator=args.estimator,
+        num_particles=args.num_particles,
+        clip_norm=args.clip_norm,
+        validate=args.validate,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
+    run_dir = args.run_dir or Path("runs") / f"{args.model}-{data_name}-seed{args.seed}"
+    if args.resume:
+        if not (run_dir / "checkpoint.pt").exists():
+            raise OptionError(f"--resume: {run_dir} holds no checkpoint.pt to resume from")
+    elif run_dir.exists():
+        if not args.force:
+            raise OptionError(
+                f"--run-dir: {run_dir} exists (use --force to replace it, --resume to continue it)"
+            )
+    dataset = load_data(args.data).to(spec.device, DTYPES[spec.dtype])
+    spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
+    pyro.clear_param_store()
+    _, model, guide = build_model(spec, dataset)
+    if not args.resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    try:
+        result = fit(
+            model,
+            guide,
+            dataset.train,
+            dataset.test,
+            config,
+            run_dir=run_dir,
+            resume=args.resume,
+            metadata={"model_spec": spec.to_dict()},
+            handle_signals=True,
+        )
+    except Interrupted as exc:
+        print(f"elbo-lab: {exc}; continue with --resume --run-dir {run_dir}", file=sys.stderr)
+        return 128 + exc.signum
+    except NumericalError as exc:
+        print(f"elbo-lab: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "test": result.final._asdict()}, indent=2))
+    else:
+        print(
+            f"Trained {spec.model} on {args.data} ({len(dataset.train)} train / "
+            f"{len(dataset.test)} test images) for {config.epochs} epochs with "
+            f"{ESTIMATORS[config.estimator].__name__}; run directory: {run_dir}"
+        )
+        print(sign_report(result.final, pyro_loss(model, guide, dataset.test)))
+    return 0
+
+
+def _evaluate(args) -> int:
+    run = load_run(args.run_dir, data=args.data)
+    m = evaluate(run.model, run.guide, run.data.test)
+    if args.json:
+        print(json.dumps(m._asdict()))
+    else:
+        print(f"{args.run_dir}: test split, {m.n} images, nats per image (analytic KL)")
+        for k in ("loss", "elbo", "reconstruction", "kl"):
+            print(f"  {k:<15} {getattr(m, k):>10.4f}")
+        print(sign_report(m, pyro_loss(run.model, run.guide, run.data.test)))
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ElboLabError as exc:
+        print(f"elbo-lab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

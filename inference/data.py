@@ -1,0 +1,308 @@
+"""Data sets for elbo-lab: embedded digits, MNIST IDX files, and user arrays (.npy/.npz).
+
+Every loader returns a :class:`Dataset` of float tensors of shape ``(N, D)`` with a deterministic
+train/test split, and raises :class:`~inference.errors.DataError` with a one-line message that
+names the file and the problem for anything it cannot use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+__all__ = [
+    "Dataset",
+    "binarize",
+    "check_support",
+    "load_array",
+    "load_data",
+    "load_digits",
+    "load_mnist",
+    "read_idx",
+]
+
+#: Seed of the one-off binarization and of the train/test split; fixed so every run sees one data set.
+DATA_SEED = 0
+TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split of flattened observations.
+
+    Attributes:
+        name: where the data came from (``"digits"``, a directory or a file path).
+        train: ``(N_train, D)`` float64 tensor.
+        test: ``(N_test, D)`` float64 tensor.
+        image_shape: ``(H, W)`` when the rows are images, else ``None``.
+        train_labels, test_labels: ``(N,)`` int64 labels when known, else ``None``.
+    """
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    image_shape: tuple[int, int] | None = None
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.train.shape[1])
+
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> Dataset:
+        """The same data on ``device`` in ``dtype`` (labels stay int64)."""
+        return Dataset(
+            self.name,
+            self.train.to(device=device, dtype=dtype),
+            self.test.to(device=device, dtype=dtype),
+            self.image_shape,
+            self.train_labels,
+            self.test_labels,
+        )
+
+
+def binarize(x: np.ndarray, seed: int = DATA_SEED) -> np.ndarray:
+    """Draw x_bin ~ Bernoulli(x) once, elementwise, with a fixed seed (x in [0, 1])."""
+    rng = np.random.default_rng(seed)
+    return (rng.random(x.shape) < x).astype(np.float64)
+
+
+def _split(
+    x: np.ndarray, labels: np.ndarray | None, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    n = x.shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(test_fraction * n)) if n > 1 else 0
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    if labels is None:
+        return x[train_idx], x[test_idx], None, None
+    return x[train_idx], x[test_idx], labels[train_idx], labels[test_idx]
+
+
+def _labels(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.as_tensor(a, dtype=torch.int64)
+
+
+def _dataset(name, train, test, image_shape=None, train_labels=None, test_labels=None) -> Dataset:
+    as_labels = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.int64)
+    return Dataset(
+        name,
+        torch.as_tensor(np.ascontiguousarray(train), dtype=torch.float64),
+        torch.as_tensor(np.ascontiguousarray(test), dtype=torch.float64),
+        image_shape,
+        _labels(train_labels),
+        _labels(test_labels),
+    )
+
+
+def load_digits(binary: bool = True, test_fraction: float = TEST_FRACTION) -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images), scaled to [0, 1].
+
+    With ``binary`` (the default) each pixel is drawn once as Bernoulli(intensity) with a fixed
+    seed, so a Bernoulli decoder is a proper likelihood. The split is a fixed permutation:
+    1438 train and 359 test images.
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    x = bunch.images.reshape(len(bunch.images), -1) / 16.0
+    if binary:
+        x = binarize(x)
+    xtr, xte, ytr, yte = _split(x, bunch.target, test_fraction, DATA_SEED)
+    return _dataset("digits", xtr, xte, (8, 8), ytr, yte)
+
+
+# --- MNIST IDX files ---------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) and check its magic number, rank and length."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
+    zero1, zero2, type_code, ndim = struct.unpack(">BBBB", raw[:4])
+    if zero1 != 0 or zero2 != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path}: wrong IDX magic number 0x{raw[:4].hex()}")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header_len])
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    body = raw[header_len:]
+    if len(body) != expected:
+        raise DataError(
+            f"{path}: IDX header says shape {shape} ({expected} bytes) but the file holds "
+            f"{len(body)} bytes of data"
+        )
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.exists():
+            return candidate
+    raise DataError(f"{directory}: no {stem}[.gz] found")
+
+
+def load_mnist(directory: str | os.PathLike, binary: bool = True) -> Dataset:
+    """MNIST from the four standard IDX files in ``directory`` (gzipped or not).
+
+    Pixel values are scaled to [0, 1] and, with ``binary``, binarized once with a fixed seed.
+    Image and label counts must agree, and images must be rank 3 (N, H, W).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: not a directory of MNIST IDX files")
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images_path = _find(directory, f"{prefix}-images-idx3-ubyte")
+        labels_path = _find(directory, f"{prefix}-labels-idx1-ubyte")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3:
+            raise DataError(f"{images_path}: expected rank-3 images (N, H, W), got {images.shape}")
+        if labels.ndim != 1:
+            raise DataError(f"{labels_path}: expected rank-1 labels, got shape {labels.shape}")
+        if len(images) != len(labels):
+            raise DataError(
+                f"{images_path}: {len(images)} images but {labels_path.name} has "
+                f"{len(labels)} labels"
+            )
+        if len(images) == 0:
+            raise DataError(f"{images_path}: zero images")
+        x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+        parts[split] = (binarize(x, DATA_SEED + (split == "test")) if binary else x, labels)
+        shape = images.shape[1:]
+    return _dataset(
+        str(directory),
+        parts["train"][0],
+        parts["test"][0],
+        tuple(shape),
+        parts["train"][1],
+        parts["test"][1],
+    )
+
+
+# --- user arrays -------------------------------------------------------------------------------
+
+
+def _as_rows(x: np.ndarray, path: Path, what: str) -> tuple[np.ndarray, tuple[int, int] | None]:
+    if x.dtype == object or not (
+        np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
+    ):
+        raise DataError(f"{path}: {what} has non-numeric dtype {x.dtype}")
+    if x.ndim == 2:
+        rows, image_shape = x, None
+    elif x.ndim == 3:
+        rows, image_shape = x.reshape(x.shape[0], -1), (int(x.shape[1]), int(x.shape[2]))
+    else:
+        raise DataError(f"{path}: {what} must be N x D or N x H x W, got shape {x.shape}")
+    if rows.shape[0] == 0:
+        raise DataError(f"{path}: {what} has zero rows")
+    if rows.shape[1] == 0:
+        raise DataError(f"{path}: {what} has zero columns")
+    rows = rows.astype(np.float64)
+    if not np.all(np.isfinite(rows)):
+        bad = int(np.size(rows) - np.count_nonzero(np.isfinite(rows)))
+        raise DataError(f"{path}: {what} contains {bad} NaN/Inf value(s)")
+    return rows, image_shape
+
+
+def load_array(path: str | os.PathLike, test_fraction: float = TEST_FRACTION) -> Dataset:
+    """A user array from ``.npy`` or ``.npz`` (N x D, or N x H x W flattened to N x HW).
+
+    A ``.npz`` with arrays ``train`` and ``test`` is used as given; otherwise its one array (or
+    the one named ``x``/``data``) is split deterministically like the digits.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .npy or .npz file")
+    if path.suffix not in (".npy", ".npz"):
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .npy or .npz)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = {"data": loaded}
+        else:
+            with loaded:
+                arrays = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise DataError(f"{path}: cannot read array file ({msg})") from None
+    if "train" in arrays and "test" in arrays:
+        train, shape = _as_rows(arrays["train"], path, "array 'train'")
+        test, _ = _as_rows(arrays["test"], path, "array 'test'")
+        if train.shape[1] != test.shape[1]:
+            raise DataError(
+                f"{path}: 'train' has {train.shape[1]} columns but 'test' has {test.shape[1]}"
+            )
+        return _dataset(str(path), train, test, shape)
+    key = next((k for k in ("x", "data", "X") if k in arrays), None)
+    if key is None:
+        if len(arrays) != 1:
+            raise DataError(
+                f"{path}: expected arrays 'train' and 'test', or one array 'x'/'data'; "
+                f"found {sorted(arrays)}"
+            )
+        key = next(iter(arrays))
+    rows, shape = _as_rows(arrays[key], path, f"array {key!r}" if key != "data" else "array")
+    if rows.shape[0] < 2:
+        raise DataError(f"{path}: need at least 2 rows to split train/test, got {rows.shape[0]}")
+    train, test, _, _ = _split(rows, None, test_fraction, DATA_SEED)
+    return _dataset(str(path), train, test, shape)
+
+
+def check_support(data: Dataset, likelihood: str) -> None:
+    """Raise if the data lie outside the support of the decoder's likelihood.
+
+    ``"bernoulli"`` needs values in [0, 1]; ``"normal"`` accepts any finite value.
+    """
+    if likelihood == "bernoulli":
+        for split, x in (("train", data.train), ("test", data.test)):
+            if x.numel() and (x.min() < 0 or x.max() > 1):
+                raise DataError(
+                    f"{data.name}: {split} values lie in [{x.min().item():.4g}, "
+                    f"{x.max().item():.4g}], outside [0, 1] required by the Bernoulli decoder"
+                )
+
+
+def load_data(spec: str) -> Dataset:
+    """Load ``"digits"``, an MNIST IDX directory (``"mnist:DIR"`` or ``DIR``), or a .npy/.npz path."""
+    if spec == "digits":
+        return load_digits()
+    if spec.startswith("mnist:"):
+        return load_mnist(spec[len("mnist:") :])
+    path = Path(spec)
+    if path.is_dir():
+        return load_mnist(path)
+    if path.suffix in (".npy", ".npz") or path.exists():
+        return load_array(path)
+    raise DataError(f"{spec}: no such file (use 'digits', 'mnist:DIR', or a .npy/.npz path)")

@@ -1,0 +1,483 @@
+"""Stochastic variational inference for any Pyro model/guide pair, with per-epoch ELBO anatomy.
+
+The step is Pyro's own estimator used as a PyTorch module, ``loss = Trace_ELBO()(model, guide)``,
+with one ``torch.optim.Adam`` over every parameter the pair registers. Its value is exactly what
+``SVI.step()`` returns: loss = -ELBO = KL - E_q[log p(x | z)] (Kingma & Welling 2014).
+
+After each epoch the train and test splits are evaluated with :func:`inference.elbo.decompose`
+(analytic KL where valid, a fixed evaluation seed) and reported per datum in nats as
+``loss``, ``elbo``, ``reconstruction`` and ``kl``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import (
+    ELBO,
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+)
+from tqdm.auto import tqdm
+
+from .elbo import decompose
+from .errors import NumericalError, OptionError, RunError
+from .io import load_checkpoint, save_checkpoint, write_csv, write_json, write_jsonl
+
+__all__ = [
+    "ESTIMATORS",
+    "Interrupted",
+    "Metrics",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "fit",
+    "make_elbo",
+    "pyro_loss",
+]
+
+log = logging.getLogger(__name__)
+
+#: ELBO estimators by name: Monte-Carlo KL, analytic KL, and their JIT-compiled variants.
+ESTIMATORS: dict[str, type[ELBO]] = {
+    "trace": Trace_ELBO,
+    "meanfield": TraceMeanField_ELBO,
+    "jit": JitTrace_ELBO,
+    "jit-meanfield": JitTraceMeanField_ELBO,
+}
+
+CHECKPOINT = "checkpoint.pt"
+EVAL_SEED = 20140101  # the noise used for every evaluation: common random numbers across epochs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of :func:`fit`. ``batch_size=None`` means full batch."""
+
+    epochs: int = 200
+    batch_size: int | None = 128
+    learning_rate: float = 1e-3
+    seed: int = 0
+    estimator: str = "trace"
+    num_particles: int = 1
+    clip_norm: float | None = None
+    validate: bool = False
+    eval_batch_size: int | None = 1024
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "num_particles"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise OptionError(
+                    f"--{name.replace('_', '-')}: must be a positive integer, "
+                    f"got {getattr(self, name)!r}"
+                )
+        for name in ("batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise OptionError(
+                    f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}"
+                )
+        if not (
+            isinstance(self.learning_rate, float | int)
+            and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0
+        ):
+            raise OptionError(f"--lr: must be a positive number, got {self.learning_rate!r}")
+        if self.clip_norm is not None and not (
+            math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
+            raise OptionError(f"--clip-norm: must be a positive number, got {self.clip_norm!r}")
+        if self.estimator not in ESTIMATORS:
+            raise OptionError(
+                f"--estimator: unknown estimator {self.estimator!r} "
+                f"(choose from {', '.join(ESTIMATORS)})"
+            )
+
+
+class Metrics(NamedTuple):
+    """Per-datum ELBO anatomy of one split, in nats: loss = -elbo, elbo = reconstruction - kl."""
+
+    loss: float
+    elbo: float
+    reconstruction: float
+    kl: float
+    n: int
+
+
+class TrainResult(NamedTuple):
+    """What :func:`fit` returns: the per-epoch history and the final test (or train) metrics."""
+
+    history: list[dict[str, Any]]
+    final: Metrics
+    run_dir: Path | None
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after a checkpoint was written; ``signum`` says which."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"interrupted by signal {signum} at {where}; checkpoint written")
+        self.signum = signum
+
+
+def make_elbo(name: str, num_particles: int = 1) -> ELBO:
+    """Instantiate an estimator from :data:`ESTIMATORS` (vectorized particles for >1)."""
+    if name not in ESTIMATORS:
+        raise OptionError(
+            f"--estimator: unknown estimator {name!r} (choose from {', '.join(ESTIMATORS)})"
+        )
+    if num_particles == 1:
+        return ESTIMATORS[name]()
+    return ESTIMATORS[name](num_particles=num_particles, vectorize_particles=False)
+
+
+def takes_num_data(model: Callable) -> bool:
+    """Whether ``model`` accepts a ``num_data`` keyword to scale a mini-batch to the full data."""
+    try:
+        return "num_data" in inspect.signature(model).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --- random state --------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    """torch, numpy and Python RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (global state)
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind,  # noqa: NPY002 keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+@contextmanager
+def seeded(seed: int):
+    """Run a block under ``pyro.set_rng_seed(seed)`` and restore the caller's RNG state after."""
+    state = get_rng_state()
+    pyro.set_rng_seed(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    batch_size: int | None = 1024,
+    analytic_kl: bool = True,
+    seed: int = EVAL_SEED,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Metrics:
+    """Per-datum loss, ELBO, reconstruction and KL of ``x`` ``(N, D)`` under the guide.
+
+    Sums :func:`~inference.elbo.decompose` over batches (each with one particle) under a fixed
+    seed, then divides by N. ``batch_size=None`` evaluates all rows in one call, as models with
+    global latents need.
+    """
+    n = x.shape[0]
+    step = n if batch_size is None else batch_size
+    recon = kl = 0.0
+    with seeded(seed):
+        for start in range(0, n, step):
+            d = decompose(
+                model,
+                guide,
+                x[start : start + step],
+                analytic_kl=analytic_kl,
+                **dict(model_kwargs or {}),
+            )
+            recon += d.reconstruction
+            kl += d.kl
+    reconstruction, kl = recon / n, kl / n
+    elbo = reconstruction - kl
+    return Metrics(loss=-elbo, elbo=elbo, reconstruction=reconstruction, kl=kl, n=n)
+
+
+def pyro_loss(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    batch_size: int | None = 1024,
+    estimator: str = "meanfield",
+    seed: int = EVAL_SEED,
+) -> float:
+    """Per-datum loss of ``x`` as Pyro's own estimator computes it, with :func:`evaluate`'s noise.
+
+    An independent check on :func:`evaluate`: ``TraceMeanField_ELBO().loss`` summed over the
+    same batches under the same seed equals its ``kl - reconstruction``.
+    """
+    n = x.shape[0]
+    step = n if batch_size is None else batch_size
+    elbo_estimator = make_elbo(estimator)
+    total = 0.0
+    with seeded(seed):
+        for start in range(0, n, step):
+            total += elbo_estimator.loss(model, guide, x[start : start + step])
+    return total / n
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _collect_params(loss_fn: torch.nn.Module, x: torch.Tensor, kwargs) -> tuple[list[str], list]:
+    """Run the pair once (RNG forked) to create its parameters; return them sorted by name."""
+    with torch.random.fork_rng(devices=[]), poutine.trace(param_only=True) as capture:
+        loss_fn(x, **kwargs)
+    names = sorted(capture.trace.nodes)
+    store = pyro.get_param_store()
+    return names, [store.get_param(name).unconstrained() for name in names]
+
+
+class _SignalFlag:
+    """Records SIGINT/SIGTERM so the loop can finish its step and checkpoint before exiting."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.signum, self._old = enabled, None, {}
+
+    def __enter__(self):
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    train_x: torch.Tensor,
+    test_x: torch.Tensor | None = None,
+    config: TrainConfig = TrainConfig(),
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    handle_signals: bool = False,
+) -> TrainResult:
+    """Train ``guide`` (and the model's parameters) by SVI on ``train_x`` ``(N, D)``.
+
+    Each step minimizes loss = -ELBO with the chosen Pyro estimator on a mini-batch; a model
+    that takes ``num_data`` gets it, so its plate scales the batch by N / B. A model without it
+    is trained full batch. After every epoch, train (and test) metrics are appended to the
+    history and, with ``run_dir``, written to ``metrics.jsonl``/``metrics.csv`` together with an
+    atomic checkpoint (parameters, optimizer, config, RNG state, position).
+
+    Args:
+        model, guide: Pyro functions ``f(x, [num_data])`` with matching sample sites.
+        train_x, test_x: float tensors ``(N, D)``; test metrics are skipped when ``test_x`` is None.
+        config: a :class:`TrainConfig`.
+        run_dir: where metrics and checkpoints go (created if missing).
+        resume: continue from ``run_dir/checkpoint.pt`` (same config required).
+        metadata: JSON-able facts stored with the checkpoint (e.g. how to rebuild the model).
+        handle_signals: on SIGINT/SIGTERM finish the step, checkpoint, raise :class:`Interrupted`.
+
+    Returns:
+        A :class:`TrainResult`; ``final`` holds the last epoch's test metrics (train if no test).
+    """
+    n = train_x.shape[0]
+    if n == 0:
+        raise OptionError("training data has zero rows")
+    batch = n if config.batch_size is None else min(config.batch_size, n)
+    kwargs = {"num_data": n} if takes_num_data(model) else {}
+    if batch < n and not kwargs:
+        raise OptionError(
+            f"--batch-size: the model takes no 'num_data' argument, so mini-batches of {batch} "
+            f"of {n} rows would be scaled wrongly; train full batch (batch size >= {n})"
+        )
+    eval_kwargs = dict(batch_size=config.eval_batch_size if kwargs else None)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
+
+    pyro.set_rng_seed(config.seed)
+    loss_fn = make_elbo(config.estimator, config.num_particles)(model, guide)
+    with pyro.validation_enabled(True):
+        names, params = _collect_params(loss_fn, train_x[:batch], kwargs)
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, start_step, loss_sum = 0, 0, 0.0
+    if resume:
+        if checkpoint_path is None:
+            raise OptionError("--resume needs a run directory")
+        state = load_checkpoint(checkpoint_path)
+        if state["config"] != _config_for_checkpoint(config):
+            raise RunError(f"{checkpoint_path}: its training options differ from this run's")
+        _copy_params(names, params, state, checkpoint_path)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        history = list(state["history"])
+        start_epoch, start_step = state["position"]["epoch"], state["position"]["step"]
+        loss_sum = state["position"]["loss_sum"]
+
+    def checkpoint(epoch: int, step: int, running: float) -> None:
+        if checkpoint_path is None:
+            return
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "config": _config_for_checkpoint(config),
+                "metadata": dict(metadata or {}),
+                "param_names": names,
+                "params": {k: p.detach().clone() for k, p in zip(names, params, strict=True)},
+                "optimizer": optimizer.state_dict(),
+                "rng": get_rng_state(),
+                "position": {"epoch": epoch, "step": step, "loss_sum": running},
+                "history": history,
+            },
+        )
+
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            run_dir / "config.json", {"train": asdict(config), "metadata": dict(metadata or {})}
+        )
+
+    steps_per_epoch = math.ceil(n / batch)
+    final = None
+    bar = tqdm(
+        total=config.epochs,
+        initial=start_epoch,
+        disable=not config.progress,
+        desc="epochs",
+        unit="epoch",
+        leave=False,
+    )
+    validate_every_step = config.validate
+    with _SignalFlag(handle_signals) as flag, bar:
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
+            order = order.to(train_x.device)
+            for step in range(start_step, steps_per_epoch):
+                x = train_x[order[step * batch : (step + 1) * batch]]
+                with pyro.validation_enabled(validate_every_step or (epoch, step) == (0, 0)):
+                    loss = loss_fn(x, **kwargs)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NumericalError(
+                        f"epoch {epoch + 1}, step {step + 1}: loss is {loss_value}; stopped, "
+                        f"the last good checkpoint is kept"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, config.clip_norm if config.clip_norm else math.inf, foreach=True
+                )
+                if not torch.isfinite(grad_norm):
+                    raise NumericalError(
+                        f"epoch {epoch + 1}, step {step + 1}: gradient norm is "
+                        f"{grad_norm.item()}; stopped, the last good checkpoint is kept"
+                    )
+                optimizer.step()
+                loss_sum += loss_value * x.shape[0] / (n if kwargs else x.shape[0])
+                if flag.signum is not None:
+                    checkpoint(epoch, step + 1, loss_sum)
+                    raise Interrupted(flag.signum, f"epoch {epoch + 1}, step {step + 1}")
+            start_step = 0
+            seconds = time.perf_counter() - t0
+            rows = []
+            for split, xs in (("train", train_x), ("test", test_x)):
+                if xs is None:
+                    continue
+                m = evaluate(model, guide, xs, model_kwargs=None, **eval_kwargs)
+                row = {"epoch": epoch + 1, "split": split, **m._asdict()}
+                if split == "train":
+                    row["svi_loss"] = loss_sum / n  # mean of what the steps minimized
+                    row["seconds"] = seconds
+                rows.append(row)
+                final = m
+            history.extend(rows)
+            loss_sum = 0.0
+            checkpoint(epoch + 1, 0, 0.0)
+            if run_dir is not None:
+                write_jsonl(run_dir / "metrics.jsonl", history)
+                write_csv(run_dir / "metrics.csv", [_flat(r) for r in history])
+            bar.set_postfix(elbo=f"{rows[-1]['elbo']:.2f}")
+            bar.update(1)
+            log.info("epoch %d: %s", epoch + 1, rows)
+    if final is None:  # resumed a finished run: report the last recorded metrics
+        last = history[-1]
+        final = Metrics(*(last[k] for k in Metrics._fields))
+    return TrainResult(history, final, run_dir)
+
+
+def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
+    """The options that determine the numbers (progress bar and epochs excluded)."""
+    d = asdict(config)
+    d.pop("progress")
+    d.pop("epochs")
+    return d
+
+
+def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("epoch", "split", "loss", "elbo", "reconstruction", "kl", "n", "svi_loss", "seconds")
+    return {k: row.get(k, "") for k in keys}
+
+
+def restore(
+    model: Callable, guide: Callable, x: torch.Tensor, state: Mapping[str, Any], source: str = ""
+) -> None:
+    """Create the pair's parameters (one forward on ``x``) and overwrite them from a checkpoint."""
+    kwargs = {"num_data": x.shape[0]} if takes_num_data(model) else {}
+    names, params = _collect_params(Trace_ELBO()(model, guide), x, kwargs)
+    _copy_params(names, params, state, source)
+
+
+def _copy_params(names: list[str], params: list, state: Mapping[str, Any], source) -> None:
+    if state["param_names"] != names:
+        raise RunError(f"{source}: its parameters do not match this model and guide")
+    with torch.no_grad():
+        for name, p in zip(names, params, strict=True):
+            saved = state["params"][name]
+            if saved.shape != p.shape:
+                raise RunError(
+                    f"{source}: parameter {name!r} has shape {tuple(saved.shape)}, "
+                    f"this model has {tuple(p.shape)}"
+                )
+            p.copy_(saved.to(p))

@@ -93,7 +93,6 @@ def _labels(a: np.ndarray | None) -> torch.Tensor | None:
 
 
 def _dataset(name, train, test, image_shape=None, train_labels=None, test_labels=None) -> Dataset:
-    as_labels = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.int64)
     return Dataset(
         name,
         torch.as_tensor(np.ascontiguousarray(train), dtype=torch.float64),

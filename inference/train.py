@@ -178,7 +178,8 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind,  # noqa: NPY002 keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    legacy = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    np.random.set_state(legacy)  # noqa: NPY002 (global state)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,9 +16,20 @@ from pathlib import Path
 import pyro
 
 from .data import load_data
-from .errors import ElboLabError, NumericalError, OptionError
+from .errors import ElboLabError, NumericalError, OptionError, RunError
+from .io import load_checkpoint
+from .plots import write_training_figures
 from .run import DTYPES, MODELS, ModelSpec, build_model, load_run
-from .train import ESTIMATORS, Interrupted, Metrics, TrainConfig, evaluate, fit, pyro_loss
+from .train import (
+    CHECKPOINT,
+    ESTIMATORS,
+    Interrupted,
+    Metrics,
+    TrainConfig,
+    evaluate,
+    fit,
+    pyro_loss,
+)
 
 __all__ = ["main", "sign_report"]
 
@@ -144,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--json", action="store_true", help="print JSON with keys loss, elbo, reconstruction, kl, n"
     )
+
+    xp = sub.add_parser(
+        "explain",
+        help="why the loss is -ELBO: its parts, log p(x) and the gap, in the run's numbers",
+        description="Explain a trained run: what SVI minimized (loss = -ELBO), the ELBO split "
+        "into reconstruction and KL, log p(x) estimated by the importance-weighted bound L_K "
+        "and the gap L_K - ELBO read as KL(q(z|x) || p(z|x)); exact values for ppca/fa runs.",
+    )
+    xp.add_argument("run_dir", type=Path, help="a directory written by 'elbo-lab train'")
+    xp.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=1000,
+        help="importance samples K per data point for L_K (1000)",
+    )
+    xp.add_argument("--split", default="test", choices=["test", "train"], help="split (test)")
+    xp.add_argument("--data", default=None, help="explain other data of the same dimension")
+    xp.add_argument("--json", action="store_true", help="print the record as JSON")
     return parser
 
 
@@ -167,40 +197,67 @@ def sign_report(m: Metrics, pyro_value: float, split: str = "test") -> str:
     )
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Refuse early, before any work, an output directory that cannot be written."""
+    parent = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise OptionError(f"--run-dir: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"--run-dir: {parent} is not writable")
+
+
 def _train(args) -> int:
-    spec = ModelSpec(
-        model=args.model,
-        data=args.data,
-        latent_dim=args.latent_dim,
-        hidden_dims=args.hidden_dims,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        estimator=args.estimator,
-        num_particles=args.num_particles,
-        clip_norm=args.clip_norm,
-        validate=args.validate,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    progress = not args.no_progress and sys.stderr.isatty()
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
     run_dir = args.run_dir or Path("runs") / f"{args.model}-{data_name}-seed{args.seed}"
     if args.resume:
-        if not (run_dir / "checkpoint.pt").exists():
-            raise OptionError(f"--resume: {run_dir} holds no checkpoint.pt to resume from")
-    elif run_dir.exists():
-        if not args.force:
+        # A resumed run keeps its stored model, data and options; only --epochs may grow.
+        state = load_checkpoint(run_dir / CHECKPOINT)
+        try:
+            spec = ModelSpec.from_dict(state["metadata"]["model_spec"])
+            config = TrainConfig(**{**state["config"], "epochs": args.epochs, "progress": progress})
+        except (KeyError, TypeError) as exc:
+            raise RunError(
+                f"{run_dir / CHECKPOINT}: checkpoint lacks its options ({exc})"
+            ) from None
+        done = state["position"]["epoch"]
+        if args.epochs < done:
+            raise OptionError(f"--epochs: {args.epochs} is fewer than the {done} already run")
+    else:
+        if run_dir.exists() and not args.force:
             raise OptionError(
                 f"--run-dir: {run_dir} exists (use --force to replace it, --resume to continue it)"
             )
-    dataset = load_data(args.data).to(spec.device, DTYPES[spec.dtype])
+        spec = ModelSpec(
+            model=args.model,
+            data=args.data,
+            latent_dim=args.latent_dim,
+            hidden_dims=args.hidden_dims,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+            estimator=args.estimator,
+            num_particles=args.num_particles,
+            clip_norm=args.clip_norm,
+            validate=args.validate,
+            progress=progress,
+        )
+    _check_writable(run_dir)
+    dataset = load_data(spec.data).to(spec.device, DTYPES[spec.dtype])
+    if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
+        raise RunError(
+            f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in {run_dir} "
+            f"was trained on {spec.data_dim}"
+        )
     spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
     pyro.clear_param_store()
-    _, model, guide = build_model(spec, dataset)
+    pyro.set_rng_seed(config.seed)  # network initialization is part of "same seed, same numbers"
+    module, model, guide = build_model(spec, dataset)
     if not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)
     try:
@@ -216,11 +273,24 @@ def _train(args) -> int:
             handle_signals=True,
         )
     except Interrupted as exc:
-        print(f"elbo-lab: {exc}; continue with --resume --run-dir {run_dir}", file=sys.stderr)
+        print(
+            f"elbo-lab: {exc}; continue with: elbo-lab train --resume --run-dir {run_dir} "
+            f"--epochs {config.epochs}",
+            file=sys.stderr,
+        )
         return 128 + exc.signum
     except NumericalError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
         return 1
+    figures = write_training_figures(
+        run_dir,
+        result.history,
+        module,
+        dataset,
+        seed=config.seed,
+        title=f"{spec.model} on {data_name}",
+    )
+    log.info("figures: %s", ", ".join(str(p) for p in figures))
     if args.json:
         print(json.dumps({"run_dir": str(run_dir), "test": result.final._asdict()}, indent=2))
     else:
@@ -246,7 +316,15 @@ def _evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate}
+def _explain(args) -> int:
+    from .explain import explain
+
+    e = explain(args.run_dir, num_samples=args.num_samples, split=args.split, data=args.data)
+    print(json.dumps(e.to_dict(), indent=2) if args.json else e.report())
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "explain": _explain}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except ElboLabError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("elbo-lab: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import gzip
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def _split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     n = x.shape[0]
     order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(test_fraction * n)) if n > 1 else 0
+    # both parts non-empty for n >= 2 (round(0.2 * 2) = 0 would leave no test rows)
+    n_test = min(n - 1, max(1, int(round(test_fraction * n)))) if n > 1 else 0
     test_idx, train_idx = order[:n_test], order[n_test:]
     if labels is None:
         return x[train_idx], x[test_idx], None, None
@@ -89,7 +91,8 @@ def _split(
 
 
 def _labels(a: np.ndarray | None) -> torch.Tensor | None:
-    return None if a is None else torch.as_tensor(a, dtype=torch.int64)
+    # a copy: IDX labels are read-only views of the file's bytes
+    return None if a is None else torch.from_numpy(np.array(a, dtype=np.int64))
 
 
 def _dataset(name, train, test, image_shape=None, train_labels=None, test_labels=None) -> Dataset:
@@ -135,8 +138,9 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"{path}: cannot read ({exc.__class__.__name__}: {msg})") from None
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -180,12 +184,17 @@ def load_mnist(directory: str | os.PathLike, binary: bool = True) -> Dataset:
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory of MNIST IDX files")
     parts = {}
+    shape: tuple[int, ...] = ()
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images_path = _find(directory, f"{prefix}-images-idx3-ubyte")
         labels_path = _find(directory, f"{prefix}-labels-idx1-ubyte")
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3:
             raise DataError(f"{images_path}: expected rank-3 images (N, H, W), got {images.shape}")
+        if images.dtype != np.uint8:
+            raise DataError(
+                f"{images_path}: expected unsigned-byte pixels (magic 0x00000803), got {images.dtype}"
+            )
         if labels.ndim != 1:
             raise DataError(f"{labels_path}: expected rank-1 labels, got shape {labels.shape}")
         if len(images) != len(labels):
@@ -197,6 +206,10 @@ def load_mnist(directory: str | os.PathLike, binary: bool = True) -> Dataset:
             raise DataError(f"{images_path}: zero images")
         x = images.reshape(len(images), -1).astype(np.float64) / 255.0
         parts[split] = (binarize(x, DATA_SEED + (split == "test")) if binary else x, labels)
+        if split == "test" and images.shape[1:] != shape:
+            raise DataError(
+                f"{images_path}: test images are {images.shape[1:]} but training images are {shape}"
+            )
         shape = images.shape[1:]
     return _dataset(
         str(directory),
@@ -212,14 +225,17 @@ def load_mnist(directory: str | os.PathLike, binary: bool = True) -> Dataset:
 
 
 def _as_rows(x: np.ndarray, path: Path, what: str) -> tuple[np.ndarray, tuple[int, int] | None]:
-    if x.dtype == object or not (
-        np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
-    ):
+    if not isinstance(x, np.ndarray):  # a non-.npy member of a zip archive loads as bytes
+        raise DataError(f"{path}: {what} is not a NumPy array ({type(x).__name__})")
+    # kinds b/i/u/f: booleans, integers, floats; complex, timedelta, strings, records are refused
+    if x.dtype.kind not in "biuf":
         raise DataError(f"{path}: {what} has non-numeric dtype {x.dtype}")
     if x.ndim == 2:
         rows, image_shape = x, None
     elif x.ndim == 3:
-        rows, image_shape = x.reshape(x.shape[0], -1), (int(x.shape[1]), int(x.shape[2]))
+        # explicit width: reshape(N, -1) fails on empty arrays such as shape (0, 0, 0)
+        rows = x.reshape(x.shape[0], x.shape[1] * x.shape[2])
+        image_shape = (int(x.shape[1]), int(x.shape[2]))
     else:
         raise DataError(f"{path}: {what} must be N x D or N x H x W, got shape {x.shape}")
     if rows.shape[0] == 0:
@@ -247,21 +263,39 @@ def load_array(path: str | os.PathLike, test_fraction: float = TEST_FRACTION) ->
     if path.suffix not in (".npy", ".npz"):
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .npy or .npz)")
     try:
+        with path.open("rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.__class__.__name__}: {exc.strerror})") from None
+    # .npy files start with b"\x93NUMPY", .npz files are zip archives (b"PK...")
+    if not (head.startswith(b"\x93NUMPY") or head.startswith(b"PK")):
+        what = "empty file" if not head else f"starts with {head!r}"
+        raise DataError(f"{path}: not a NumPy .npy/.npz file ({what})")
+    try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             arrays = {"data": loaded}
         else:
             with loaded:
                 arrays = {k: loaded[k] for k in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        MemoryError,  # a header that claims a shape far larger than the file
+        zipfile.BadZipFile,
+        zlib.error,  # corrupt deflate stream in a compressed .npz
+    ) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise DataError(f"{path}: cannot read array file ({msg})") from None
     if "train" in arrays and "test" in arrays:
         train, shape = _as_rows(arrays["train"], path, "array 'train'")
-        test, _ = _as_rows(arrays["test"], path, "array 'test'")
-        if train.shape[1] != test.shape[1]:
+        test, test_shape = _as_rows(arrays["test"], path, "array 'test'")
+        if train.shape[1] != test.shape[1] or shape != test_shape:
             raise DataError(
-                f"{path}: 'train' has {train.shape[1]} columns but 'test' has {test.shape[1]}"
+                f"{path}: 'train' rows are {shape or train.shape[1]} but 'test' rows are "
+                f"{test_shape or test.shape[1]}"
             )
         return _dataset(str(path), train, test, shape)
     key = next((k for k in ("x", "data", "X") if k in arrays), None)
@@ -286,7 +320,8 @@ def check_support(data: Dataset, likelihood: str) -> None:
     """
     if likelihood == "bernoulli":
         for split, x in (("train", data.train), ("test", data.test)):
-            if x.numel() and (x.min() < 0 or x.max() > 1):
+            # written so that NaN counts as outside the support
+            if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
                 raise DataError(
                     f"{data.name}: {split} values lie in [{x.min().item():.4g}, "
                     f"{x.max().item():.4g}], outside [0, 1] required by the Bernoulli decoder"

@@ -18,8 +18,8 @@ from .train import CHECKPOINT, restore
 
 __all__ = ["MODELS", "LoadedRun", "ModelSpec", "build_model", "load_run"]
 
-#: Model names the command line knows.
-MODELS = ("vae",)
+#: Model names the command line knows: the Bernoulli VAE, probabilistic PCA, factor analysis.
+MODELS = ("vae", "ppca", "fa")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -82,6 +82,14 @@ def build_model(spec: ModelSpec, data: Dataset) -> tuple[nn.Module, Any, Any]:
 
         check_support(data, "bernoulli")
         module = VAE(data.data_dim, spec.latent_dim, spec.hidden_dims)
+    elif spec.model in ("ppca", "fa"):
+        from models.linear_gaussian import LinearGaussian
+
+        # Normal likelihood: any real data; hidden_dims do not apply to a linear model.
+        noise = "isotropic" if spec.model == "ppca" else "diagonal"
+        module = LinearGaussian(data.data_dim, spec.latent_dim, noise=noise)
+        with torch.no_grad():  # start mu at the data mean, as the ML solution has it
+            module.decoder.mu.copy_(data.train.mean(0))
     else:  # pragma: no cover - guarded by ModelSpec
         raise OptionError(f"--model: unknown model {spec.model!r}")
     module = module.to(device=spec.device, dtype=DTYPES[spec.dtype])

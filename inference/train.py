@@ -436,6 +436,8 @@ def fit(
             history.extend(rows)
             loss_sum = 0.0
             checkpoint(epoch + 1, 0, 0.0)
+            if flag.signum is not None and epoch + 1 < config.epochs:
+                raise Interrupted(flag.signum, f"the end of epoch {epoch + 1}")
             if run_dir is not None:
                 write_jsonl(run_dir / "metrics.jsonl", history)
                 write_csv(run_dir / "metrics.csv", [_flat(r) for r in history])

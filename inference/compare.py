@@ -1,0 +1,528 @@
+"""Comparing guides: several variational families fitted to one model under the same budget.
+
+Each guide is trained by :func:`inference.train.fit` with the same data, options and seed (the
+model's own parameters restored to the same initial values first), then evaluated on one split:
+
+    elbo = reconstruction - kl                        (K_elbo particles, analytic KL where valid)
+    L_K  = log (1/K) sum_k p(x, z_k) / q(z_k | x)     (Burda et al. 2016; inference.evidence)
+    gap  = L_K - elbo  ~  KL(q(z|x) || p(z|x))        (Kingma & Welling 2014, eq. 1)
+
+and the reliability of q as an importance proposal by the Pareto-k̂ of its log-weights, from
+ArviZ's own PSIS (:func:`arviz.psislw`): k̂ < 0.5 good, 0.5-0.7 usable, > 0.7 unreliable
+(Yao, Vehtari, Simpson & Gelman 2018, "Yes, but did it work?: Evaluating variational inference").
+All values are nats per datum. Amortized guides are evaluated on the test split; guides that
+describe the posterior of the data they were fit to (autoguides) on the training data.
+
+Draws from every guide's posterior are stored as an :class:`arviz.InferenceData` (posterior
+group, named dims and coords) in ``posterior_<guide>.nc``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+from matplotlib.figure import Figure
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from .data import Dataset
+from .elbo import decompose
+from .errors import OptionError
+from .evidence import iwae
+from .io import atomic_write_text, write_csv, write_json
+from .plots import save_figure
+from .train import EVAL_SEED, TrainConfig, fit, seeded, takes_num_data
+
+__all__ = [
+    "CompareConfig",
+    "Comparison",
+    "ComparisonRow",
+    "check_guides",
+    "compare",
+    "format_table",
+    "plot_comparison",
+    "posterior_draws",
+    "write_comparison",
+]
+
+log = logging.getLogger(__name__)
+
+#: k̂ above this makes importance sampling with q unreliable (Yao et al. 2018).
+KHAT_THRESHOLD = 0.7
+
+#: Estimators with an analytic KL term; flows have no registered KL to use there.
+ANALYTIC_ESTIMATORS = ("meanfield", "jit-meanfield")
+FLOW_GUIDES = ("flow", "AutoIAFNormal")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Options of the evaluation in :func:`compare`.
+
+    Attributes:
+        num_samples: K of L_K.
+        elbo_particles: draws per datum for the ELBO and its decomposition.
+        num_draws, num_chains: posterior draws saved per guide, as ``num_chains`` chains of
+            ``num_draws // num_chains`` independent draws (so ArviZ's multi-chain summaries run).
+        split: ``"auto"`` (test for amortized guides, train otherwise), ``"test"`` or ``"train"``.
+        chunk_size: particles vectorized at once in L_K (default: inference.evidence's choice).
+        eval_batch_size: data rows per evaluation call for mini-batched models.
+    """
+
+    num_samples: int = 1000
+    elbo_particles: int = 100
+    num_draws: int = 200
+    num_chains: int = 4
+    split: str = "auto"
+    chunk_size: int | None = None
+    eval_batch_size: int = 512
+
+    def __post_init__(self):
+        for name in ("num_samples", "elbo_particles", "num_draws", "num_chains", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise OptionError(f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}")
+        if self.num_draws < self.num_chains:
+            raise OptionError(
+                f"--num-draws: need at least one draw per chain ({self.num_chains}), got {self.num_draws}"
+            )
+        if self.split not in ("auto", "test", "train"):
+            raise OptionError(f"split: must be 'auto', 'test' or 'train', got {self.split!r}")
+
+
+class ComparisonRow(NamedTuple):
+    """One guide's numbers, nats per datum (``*_stderr``: Monte-Carlo standard errors)."""
+
+    guide: str
+    split: str
+    n: int
+    elbo: float
+    elbo_stderr: float
+    reconstruction: float
+    kl: float
+    log_px: float  # L_K
+    log_px_stderr: float
+    gap: float  # L_K - elbo
+    gap_stderr: float
+    khat_median: float
+    khat_share_bad: float  # share of data points (or the one global k̂) above 0.7
+    ess_median: float
+    seconds: float  # SVI steps only (evaluation excluded)
+    num_params: int  # the guide's parameters
+    note: str
+
+
+class Comparison(NamedTuple):
+    """The table of :func:`compare` with what it was computed from."""
+
+    rows: tuple[ComparisonRow, ...]
+    num_samples: int
+    train: dict[str, Any]
+    model: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "units": "nats per datum",
+            "num_samples": self.num_samples,
+            "khat_threshold": KHAT_THRESHOLD,
+            "train": self.train,
+            "rows": [r._asdict() for r in self.rows],
+        }
+
+
+# --- guides --------------------------------------------------------------------------------------
+
+
+def check_guides(names: Sequence[str], *, amortized: bool, estimator: str) -> None:
+    """Refuse guide names that do not fit the model kind or the estimator (OptionError).
+
+    ``amortized``: the model has a local latent per data point and takes ``diag``/``full``/
+    ``flow``; otherwise (global latents) it takes autoguide names.
+    """
+    from models.guides import AUTOGUIDES, GUIDE_FAMILIES, autoguide_name
+
+    if not names:
+        raise OptionError("--guides: name at least one guide")
+    if len(set(names)) != len(names):
+        raise OptionError(f"--guides: a guide is named twice in {','.join(names)}")
+    for name in names:
+        if amortized and name not in GUIDE_FAMILIES:
+            hint = " (an autoguide, for models with global latents)" if _is_autoguide(name) else ""
+            raise OptionError(
+                f"--guides: {name!r}{hint} does not fit this model; choose from "
+                f"{', '.join(GUIDE_FAMILIES)}"
+            )
+        if not amortized:
+            if name in GUIDE_FAMILIES:
+                raise OptionError(
+                    f"--guides: {name!r} is an amortized encoder for the built-in models; a user "
+                    f"model takes autoguides ({', '.join(AUTOGUIDES)})"
+                )
+            name = autoguide_name(name)
+        if estimator in ANALYTIC_ESTIMATORS and name in FLOW_GUIDES:
+            raise OptionError(
+                f"--estimator {estimator}: needs an analytic KL, which the flow guide {name!r} "
+                f"lacks; use --estimator trace"
+            )
+
+
+def _is_autoguide(name: str) -> bool:
+    from models.guides import autoguide_name
+
+    try:
+        autoguide_name(name)
+    except OptionError:
+        return False
+    return True
+
+
+def _build_guide(entry: Any, model: Callable) -> Callable:
+    """A guide from a dict entry: a guide, or a factory (a class / ``functools.partial`` of one)
+    that takes the model, such as ``AutoNormal``."""
+    target = getattr(entry, "func", entry)
+    if isinstance(target, type):
+        return entry(model)
+    if callable(entry):
+        return entry
+    raise OptionError(f"guide {entry!r} is neither a guide nor a guide factory")
+
+
+def _is_amortized(guide: Callable) -> bool:
+    from models.guides import AmortizedGuide
+
+    owner = getattr(guide, "__self__", guide)
+    return isinstance(owner, AmortizedGuide) or (
+        isinstance(owner, nn.Module) and hasattr(owner, "encoder")
+    )
+
+
+def _note(guide: Callable) -> str:
+    if isinstance(guide, AutoDelta):
+        return "point estimate: 'ELBO' = log p(x, z*) omits the entropy; L_K is not a bound"
+    return ""
+
+
+def _param_count(guide: Callable, x: torch.Tensor, kwargs: Mapping[str, Any]) -> int:
+    """Number of scalars in the parameters the guide registers (one traced run)."""
+    with torch.random.fork_rng(devices=[]):
+        trace = poutine.trace(guide, param_only=True).get_trace(x, **kwargs)
+    store = pyro.get_param_store()
+    return int(sum(store[name].numel() for name in trace.nodes))
+
+
+def _model_module(model: Callable) -> nn.Module | None:
+    owner = getattr(model, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+class _Evaluation(NamedTuple):
+    elbo: float
+    elbo_var: float
+    reconstruction: float
+    kl: float
+    log_px: float
+    log_px_var: float
+    log_weights: torch.Tensor  # (K, N) local or (K,) global
+
+
+def _evaluate(
+    model: Callable, guide: Callable, x: torch.Tensor, options: CompareConfig, batched: bool
+) -> _Evaluation:
+    """Totals over ``x`` of the ELBO (decomposed) and of L_K, with Monte-Carlo variances."""
+    step = options.eval_batch_size if batched else x.shape[0]
+    elbo = elbo_var = recon = kl = log_px = log_px_var = 0.0
+    weights = []
+    with seeded(EVAL_SEED):
+        for start in range(0, x.shape[0], step):
+            xb = x[start : start + step]
+            d = decompose(model, guide, xb, num_particles=options.elbo_particles, analytic_kl=True)
+            elbo, recon, kl = elbo + d.elbo, recon + d.reconstruction, kl + d.kl
+            elbo_var += d.elbo_stderr**2 if math.isfinite(d.elbo_stderr) else 0.0
+            est = iwae(model, guide, xb, num_samples=options.num_samples, chunk_size=options.chunk_size)
+            log_px += est.log_px
+            log_px_var += est.stderr**2 if math.isfinite(est.stderr) else 0.0
+            weights.append(est.log_weights)
+    if len(weights) > 1 and weights[0].dim() != 2:
+        raise OptionError("a model with global latents must be evaluated in one batch")
+    log_w = torch.cat(weights, dim=-1)
+    return _Evaluation(elbo, elbo_var, recon, kl, log_px, log_px_var, log_w)
+
+
+def psis_khat(log_weights: torch.Tensor) -> np.ndarray:
+    """Pareto k̂ of importance log-weights by ArviZ's PSIS: ``(K, N)`` -> ``(N,)``, ``(K,)`` -> ``()``.
+
+    Draws are independent, so the relative efficiency is 1 (Vehtari et al. 2024).
+    """
+    lw = log_weights.detach().cpu().numpy().astype(np.float64)
+    lw = lw.T if lw.ndim == 2 else lw  # ArviZ wants draws last
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, khat = az.psislw(lw, reff=1.0)
+    return np.asarray(khat, dtype=np.float64)
+
+
+def posterior_draws(
+    model: Callable, guide: Callable, x: torch.Tensor, num_draws: int, seed: int = EVAL_SEED
+) -> dict[str, torch.Tensor]:
+    """``num_draws`` independent draws of every latent site from the guide, ``(S, *site shape)``.
+
+    Amortized guides with a ``distribution(x)`` are sampled in one vectorized call; any other
+    guide is traced ``num_draws`` times. Only latent sites of the model are returned.
+    """
+    with torch.no_grad(), seeded(seed):
+        if hasattr(guide, "distribution") and hasattr(guide, "site"):
+            return {guide.site: guide.distribution(x).sample((num_draws,))}
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        names = [
+            name
+            for name, site in model_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        ]
+        draws: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for _ in range(num_draws):
+            trace = poutine.trace(guide).get_trace(x)
+            for name in names:
+                draws[name].append(trace.nodes[name]["value"].detach())
+    return {name: torch.stack(values) for name, values in draws.items()}
+
+
+def _inference_data(
+    draws: Mapping[str, torch.Tensor], options: CompareConfig, *, local: bool, attrs: Mapping
+) -> az.InferenceData:
+    """Draws ``(S, ...)`` -> InferenceData with dims (chain, draw, ...), named dims and coords."""
+    chains = options.num_chains
+    per_chain = next(iter(draws.values())).shape[0] // chains
+    posterior, dims, coords = {}, {}, {}
+    for name, value in draws.items():
+        array = value[: chains * per_chain].cpu().numpy()
+        array = array.reshape(chains, per_chain, *array.shape[1:])
+        posterior[name] = array
+        if local and array.ndim == 4:  # (chain, draw, datum, latent)
+            dims[name] = ["datum", f"{name}_dim"]
+            coords["datum"] = np.arange(array.shape[2])
+            coords[f"{name}_dim"] = np.arange(array.shape[3])
+        else:
+            dims[name] = [f"{name}_dim_{i}" for i in range(array.ndim - 2)]
+            coords.update({f"{name}_dim_{i}": np.arange(s) for i, s in enumerate(array.shape[2:])})
+    idata = az.from_dict(posterior=posterior, dims=dims, coords=coords)
+    idata.posterior.attrs.update({k: str(v) for k, v in attrs.items()})
+    return idata
+
+
+def _save_netcdf(idata: az.InferenceData, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    idata.to_netcdf(str(tmp))
+    os.replace(tmp, path)
+
+
+# --- the comparison ------------------------------------------------------------------------------
+
+
+def compare(
+    model: Callable,
+    guides: Mapping[str, Any],
+    data: Dataset | torch.Tensor,
+    config: TrainConfig = TrainConfig(),
+    options: CompareConfig = CompareConfig(),
+    *,
+    out_dir: str | os.PathLike | None = None,
+    model_name: str = "",
+) -> Comparison:
+    """Train every guide on the same data with the same options and seed; tabulate what each buys.
+
+    For each guide in turn: the param store is cleared, the model's module (if ``model`` is a
+    bound method of an ``nn.Module``, e.g. ``VAE.model``) is reset to its initial parameters,
+    the guide is built (a factory such as ``AutoNormal`` gets the model), trained by
+    :func:`inference.train.fit` under ``config`` and evaluated as described in the module
+    docstring. The trained guide's parameters stay in the param store until the next guide.
+
+    Args:
+        model: a Pyro model ``model(x[, num_data])``.
+        guides: name -> guide (a callable with the model's signature, e.g. an
+            :class:`~models.guides.AmortizedGuide`) or guide factory (a class or
+            ``functools.partial`` of one, called with the model).
+        data: a :class:`~inference.data.Dataset` (train and test split) or a tensor ``(N, D)``
+            (training data only).
+        config: training options shared by all guides.
+        options: evaluation options.
+        out_dir: with it, per-guide run directories ``runs/<guide>/`` (metrics, checkpoint) and
+            posterior draws ``posterior_<guide>.nc`` are written there.
+        model_name: how the model is named in the outputs.
+
+    Returns:
+        A :class:`Comparison`; its rows follow the order of ``guides``.
+    """
+    train_x, test_x = (data.train, data.test) if isinstance(data, Dataset) else (data, None)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    module = _model_module(model)
+    initial = copy.deepcopy(module.state_dict()) if module is not None else None
+    batched = takes_num_data(model)
+    rows = []
+    for name, entry in guides.items():
+        pyro.clear_param_store()
+        if module is not None:
+            module.load_state_dict(initial)
+        with seeded(config.seed):
+            guide = _build_guide(entry, model)
+        amortized = _is_amortized(guide)
+        split = options.split if options.split != "auto" else "test" if amortized else "train"
+        if split == "test" and test_x is None:
+            split = "train"
+        if config.estimator in ANALYTIC_ESTIMATORS and (
+            getattr(guide, "family", "") == "flow" or type(guide).__name__ == "AutoIAFNormal"
+        ):
+            raise OptionError(
+                f"--estimator {config.estimator}: guide {name!r} is a flow without analytic KL"
+            )
+        eval_x = test_x if split == "test" else train_x
+        log.info("comparing guides: training %s", name)
+        result = fit(
+            model,
+            guide,
+            train_x,
+            test_x if split == "test" else None,
+            config,
+            run_dir=out_dir / "runs" / name if out_dir is not None else None,
+            metadata={"guide": name, "model": model_name},
+        )
+        seconds = sum(r.get("seconds", 0.0) for r in result.history if r["split"] == "train")
+        kwargs = {"num_data": train_x.shape[0]} if batched else {}
+        num_params = _param_count(guide, train_x[: min(2, train_x.shape[0])] if batched else train_x, kwargs)
+        ev = _evaluate(model, guide, eval_x, options, batched and amortized)
+        local = ev.log_weights.dim() == 2
+        n = eval_x.shape[0]
+        khat = psis_khat(ev.log_weights)
+        ess = torch.exp(
+            2 * torch.logsumexp(ev.log_weights, 0) - torch.logsumexp(2 * ev.log_weights, 0)
+        )
+        rows.append(
+            ComparisonRow(
+                guide=name,
+                split=split,
+                n=n,
+                elbo=ev.elbo / n,
+                elbo_stderr=math.sqrt(ev.elbo_var) / n,
+                reconstruction=ev.reconstruction / n,
+                kl=ev.kl / n,
+                log_px=ev.log_px / n,
+                log_px_stderr=math.sqrt(ev.log_px_var) / n,
+                gap=(ev.log_px - ev.elbo) / n,
+                gap_stderr=math.sqrt(ev.elbo_var + ev.log_px_var) / n,
+                khat_median=float(np.median(khat)),
+                khat_share_bad=float(np.mean(khat > KHAT_THRESHOLD)),
+                ess_median=float(ess.median()),
+                seconds=seconds,
+                num_params=num_params,
+                note=_note(guide),
+            )
+        )
+        if out_dir is not None:
+            draws = posterior_draws(model, guide, eval_x, options.num_draws)
+            attrs = {
+                "guide": name,
+                "model": model_name,
+                "split": split,
+                "note": "independent draws from the guide q (not MCMC); chains split them evenly",
+            }
+            _save_netcdf(
+                _inference_data(draws, options, local=local, attrs=attrs),
+                out_dir / f"posterior_{name}.nc",
+            )
+    train = {k: v for k, v in asdict(config).items() if k != "progress"}
+    return Comparison(tuple(rows), options.num_samples, train, model_name)
+
+
+# --- output --------------------------------------------------------------------------------------
+
+COLUMNS = (
+    ("guide", "guide", "{}"),
+    ("elbo", "ELBO", "{:.3f}"),
+    ("reconstruction", "E[log p(x|z)]", "{:.3f}"),
+    ("kl", "KL(q||p(z))", "{:.3f}"),
+    ("log_px", "L_K", "{:.3f}"),
+    ("gap", "L_K - ELBO", "{:.3f}"),
+    ("khat_median", "k̂ median", "{:.2f}"),
+    ("khat_share_bad", "k̂ > 0.7", "{:.0%}"),
+    ("seconds", "train s", "{:.1f}"),
+    ("num_params", "params", "{}"),
+)
+
+
+def format_table(comparison: Comparison) -> str:
+    """A Markdown table of the comparison (nats per datum), with notes below it."""
+    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" if k == "guide" else "---:" for k, _, _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for row in comparison.rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = getattr(row, key)
+            cells.append("nan" if isinstance(value, float) and math.isnan(value) else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    splits = sorted({(r.split, r.n) for r in comparison.rows})
+    lines.append("")
+    lines.append(
+        f"nats per datum on the {', '.join(f'{s} split ({n} rows)' for s, n in splits)}; "
+        f"L_K with K = {comparison.num_samples}; k̂: PSIS Pareto shape of the log-weights "
+        f"(ArviZ; > 0.7 unreliable, Yao et al. 2018)."
+    )
+    for row in comparison.rows:
+        if row.note:
+            lines.append(f"{row.guide}: {row.note}.")
+    return "\n".join(lines)
+
+
+def plot_comparison(comparison: Comparison, path: str | os.PathLike | None = None) -> Figure:
+    """ELBO and L_K per guide with ±2 standard-error bars (nats per datum)."""
+    rows = comparison.rows
+    fig = Figure(figsize=(1.6 + 1.3 * len(rows), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    xs = np.arange(len(rows))
+    for offset, key, label, marker in (
+        (-0.1, "elbo", "ELBO", "o"),
+        (0.1, "log_px", f"L_K (K = {comparison.num_samples})", "s"),
+    ):
+        values = [getattr(r, key) for r in rows]
+        errors = [2 * getattr(r, f"{key}_stderr") for r in rows]
+        ax.errorbar(xs + offset, values, yerr=errors, fmt=marker, capsize=4, label=label)
+    ax.set_xticks(xs, [r.guide for r in rows])
+    ax.set_ylabel("nats per datum")
+    ax.set_title(f"{comparison.model or 'model'}: ELBO ≤ L_K ≤ log p(x), ±2 s.e.")
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``comparison.csv``, ``.json``, ``.md`` and ``.png`` to ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"comparison.{ext}" for ext in ("csv", "json", "md", "png")}
+    write_csv(paths["csv"], [r._asdict() for r in comparison.rows])
+    write_json(paths["json"], comparison.to_dict())
+    atomic_write_text(paths["md"], format_table(comparison) + "\n")
+    plot_comparison(comparison, paths["png"])
+    return paths
+

@@ -1,0 +1,271 @@
+"""Importance-sampled evidence: the IWAE bound L_K on log p(x) (Burda et al. 2016).
+
+For K draws z_k ~ q(z | x) from the guide,
+
+    log w_k = log p(x, z_k) - log q(z_k | x)
+    L_K     = log (1/K) sum_k w_k = logsumexp_k(log w_k) - log K
+
+E[L_1] = ELBO <= E[L_K] <= E[L_{K+1}] <= log p(x), and L_K -> log p(x) as K -> infinity; the
+gap log p(x) - ELBO is KL(q(z | x) || p(z | x)) (Kingma & Welling 2014, eq. 1).
+
+*Local* models, whose every sample site (model and guide) lies in one plate over the data (the
+VAE's ``"data"`` plate), factorize over data points, so L_K is computed per datum and summed.
+Any other model gets one weight per draw for the whole data set (*global*).
+
+Particles are vectorized: model and guide run inside a ``pyro.plate`` of ``chunk_size`` draws at
+dim ``-(max_plate_nesting + 1)``, as Pyro's ``vectorize_particles`` does, one chunk at a time so
+memory stays bounded. A model that does not broadcast over that leftmost dim falls back to one
+draw at a time.
+
+Reference: Y. Burda, R. Grosse and R. Salakhutdinov, "Importance Weighted Autoencoders",
+ICLR 2016.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+
+from .errors import OptionError
+
+__all__ = ["EvidenceEstimate", "PARTICLE_PLATE", "iwae", "log_weights"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the plate that vectorizes draws from the guide.
+PARTICLE_PLATE = "_evidence_particles"
+
+#: Default work per chunk: particles x data rows (about 8 MB per float32 hidden unit of width 128).
+CHUNK_ROWS = 16384
+
+
+class EvidenceEstimate(NamedTuple):
+    """L_K with its Monte-Carlo standard error, effective sample size and log-weights.
+
+    Attributes:
+        log_px: L_K, nats: the sum of per-datum L_K for local models, else the whole-data value.
+        stderr: Monte-Carlo standard error of ``log_px`` (delta method, see :func:`iwae`).
+        per_datum: ``(N,)`` per-datum L_K for local models, else None.
+        ess: effective sample size (sum w)^2 / sum w^2 of the weights, ``(N,)`` local or ``()``.
+        log_weights: ``(K, N)`` local or ``(K,)`` global, log p(x, z_k) - log q(z_k | x), float64.
+        num_samples: K.
+    """
+
+    log_px: float
+    stderr: float
+    per_datum: torch.Tensor | None
+    ess: torch.Tensor
+    log_weights: torch.Tensor
+    num_samples: int
+
+
+class _Layout(NamedTuple):
+    """How a model/guide pair's log-densities are laid out: plate nesting and the data plate."""
+
+    max_plate_nesting: int
+    data_plate: str | None  # the plate every site lies in, or None (global)
+    data_dim: int | None  # its dim (negative)
+    data_size: int  # rows per draw: the data plate's (subsample) size, else the largest plate's
+    data_scale: float  # full_size / subsample size of the data plate (1 if not subsampled)
+
+
+def _sample_sites(trace) -> list[dict]:
+    """Sample sites of a trace, without the sites that plates record for their subsample."""
+    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+
+
+def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
+    """Run the pair once to find the plate nesting and whether one plate holds every site."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    sites = _sample_sites(model_trace) + _sample_sites(guide_trace)
+    for site in sites:
+        if site["infer"].get("enumerate"):
+            raise OptionError(
+                f"site {site['name']!r} is enumerated; evidence supports no enumeration"
+            )
+    guide_names = {s["name"] for s in _sample_sites(guide_trace)}
+    for site in _sample_sites(model_trace):
+        if not site["is_observed"] and site["name"] not in guide_names:
+            raise OptionError(f"latent site {site['name']!r} of the model has no site in the guide")
+    frames = [[f for f in s["cond_indep_stack"] if f.vectorized] for s in sites]
+    all_frames = [f for fs in frames for f in fs]
+    nesting = max((-f.dim for f in all_frames), default=0)
+    common = set(frames[0]) if frames else set()
+    for fs in frames[1:]:
+        common &= set(fs)
+    if common:
+        named = [f for f in common if f.name == "data"]
+        plate = named[0] if named else min(common, key=lambda f: f.dim)  # outermost
+        full = plate.full_size if plate.full_size is not None else plate.size
+        return _Layout(nesting, plate.name, plate.dim, int(plate.size), full / plate.size)
+    size = max((int(f.size) for f in all_frames), default=1)
+    return _Layout(nesting, None, None, size, 1.0)
+
+
+def _reduce(log_p: torch.Tensor, layout: _Layout, particles: int | None) -> torch.Tensor:
+    """Sum a site's log-density over every batch dim except the particle and data dims.
+
+    ``log_p`` has up to ``max_plate_nesting (+ 1 with particles)`` dims, right-aligned. Returns
+    ``(particles or 1, N)`` for local layouts and ``(particles or 1,)`` for global ones.
+    """
+    width = layout.max_plate_nesting + (1 if particles is not None else 0)
+    if log_p.dim() > width:
+        raise ValueError(
+            f"log-density of shape {tuple(log_p.shape)} has batch dims outside any plate"
+        )
+    log_p = log_p.reshape((1,) * (width - log_p.dim()) + tuple(log_p.shape))
+    keep = [0] if particles is not None else []
+    if layout.data_dim is not None:
+        keep.append(width + layout.data_dim)
+    summed = [d for d in range(width) if d not in keep]
+    if summed:
+        log_p = log_p.sum(dim=summed)
+    target = ((particles,) if particles is not None else (1,)) + (
+        (layout.data_size,) if layout.data_dim is not None else ()
+    )
+    if particles is None:
+        log_p = log_p.unsqueeze(0)
+    if any(s not in (1, t) for s, t in zip(log_p.shape, target, strict=True)):
+        raise ValueError(f"log-density of shape {tuple(log_p.shape)} does not match {target}")
+    return log_p.expand(target)
+
+
+def _draw(
+    model: Callable, guide: Callable, args, kwargs, layout: _Layout, particles: int | None
+) -> torch.Tensor:
+    """log w for ``particles`` vectorized draws (or one unvectorized draw when None)."""
+
+    def run(fn):
+        if particles is None:
+            return poutine.trace(fn)
+        dim = -(layout.max_plate_nesting + 1)
+
+        def vectorized(*a, **k):
+            with pyro.plate(PARTICLE_PLATE, particles, dim=dim):
+                return fn(*a, **k)
+
+        return poutine.trace(vectorized)
+
+    guide_trace = run(guide).get_trace(*args, **kwargs)
+    model_trace = run(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    # log w = sum over model sites log p - sum over guide sites log q (scaled as in the ELBO)
+    log_w = 0.0
+    for site in _sample_sites(model_trace):
+        log_w = log_w + _reduce(site["log_prob"], layout, particles)
+    for site in _sample_sites(guide_trace):
+        log_w = log_w - _reduce(site["log_prob"], layout, particles)
+    if not torch.is_tensor(log_w):  # a pair without sites: p(x) = 1
+        shape = (particles or 1,) + ((layout.data_size,) if layout.data_dim is not None else ())
+        log_w = torch.zeros(shape)
+    # per-datum weights carry no subsampling scale N / B
+    return log_w.to(torch.float64) / layout.data_scale
+
+
+@torch.no_grad()
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Importance log-weights log w_k = log p(x, z_k) - log q(z_k | x), z_k ~ q(z | x).
+
+    Args:
+        model, guide: Pyro functions with the same signature; ``*args, **kwargs`` go to both.
+        num_samples: K, independent draws from the guide.
+        chunk_size: draws vectorized at once; default keeps chunk_size x N near
+            :data:`CHUNK_ROWS`, N the data plate's size.
+
+    Returns:
+        float64 ``(K, N)`` for local models (one column per row of the data plate, subsampling
+        scale removed), ``(K,)`` for global models.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise OptionError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise OptionError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    layout = _layout(model, guide, args, kwargs)
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ROWS // max(layout.data_size, 1))
+    chunks: list[torch.Tensor] = []
+    vectorize = True
+    done = 0
+    while done < num_samples:
+        size = min(chunk_size, num_samples - done)
+        if vectorize:
+            try:
+                chunks.append(_draw(model, guide, args, kwargs, layout, size))
+                done += size
+                continue
+            except (RuntimeError, ValueError) as exc:
+                log.warning("model does not vectorize over particles (%s); one draw at a time", exc)
+                vectorize = False
+        chunks.append(_draw(model, guide, args, kwargs, layout, None))
+        done += 1
+    return torch.cat(chunks, dim=0)
+
+
+def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+def _ess(log_w: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / sum w^2 along dim 0, computed in log space."""
+    return torch.exp(2 * torch.logsumexp(log_w, dim=0) - torch.logsumexp(2 * log_w, dim=0))
+
+
+def iwae(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 1000,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> EvidenceEstimate:
+    """The importance-weighted bound L_K on log p(x) with its standard error.
+
+        L_K = logsumexp_k(log w_k) - log K,   per datum for local models, summed over data.
+
+    The standard error is the delta method for the log of a sample mean of K weights,
+    Var[log mean w] ~ s_w^2 / (K mean(w)^2) = (K / ESS - 1) / (K - 1), summed over data points
+    (independent); NaN when K = 1. It ignores the O(1/K) bias of L_K, which is negative.
+
+    Args: as :func:`log_weights`.
+
+    Returns:
+        An :class:`EvidenceEstimate`; ``log_weights`` ``(K, N)`` local, ``(K,)`` global.
+
+    Reference: Burda, Grosse & Salakhutdinov (2016), eq. (8).
+    """
+    log_w = log_weights(
+        model, guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
+    )
+    bound = _log_mean_exp(log_w)  # (N,) or ()
+    ess = _ess(log_w)
+    k = log_w.shape[0]
+    if k > 1:
+        variance = ((k / ess - 1) / (k - 1)).clamp(min=0)
+        stderr = float(variance.sum().sqrt())
+    else:
+        stderr = math.nan
+    local = log_w.dim() == 2
+    return EvidenceEstimate(
+        log_px=float(bound.sum()),
+        stderr=stderr,
+        per_datum=bound if local else None,
+        ess=ess,
+        log_weights=log_w,
+        num_samples=k,
+    )

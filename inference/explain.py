@@ -1,0 +1,184 @@
+"""Why the VAE loss looks "backwards": the ELBO anatomy of a trained run, in its own numbers.
+
+Three numbers and two inequalities (Kingma & Welling 2014, eqs. 1-3):
+
+    loss = -ELBO                                    (what SVI minimized)
+    ELBO = E_q[log p(x | z)] - KL(q(z | x) || p(z)) (reconstruction - kl)
+    ELBO <= L_K <= log p(x),   log p(x) - ELBO = KL(q(z | x) || p(z | x))
+
+with L_K the importance-weighted bound (Burda et al. 2016) as the estimate of log p(x). For
+linear-Gaussian runs (``ppca``, ``fa``) log p(x), the ELBO and the gap are also exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, NamedTuple
+
+import torch
+
+from .errors import OptionError
+from .evidence import iwae
+from .run import load_run
+from .train import EVAL_SEED, evaluate, pyro_loss, seeded
+
+__all__ = ["Explanation", "explain"]
+
+SPLITS = ("train", "test")
+
+
+class Explanation(NamedTuple):
+    """The ELBO anatomy of one split of a run, per datum in nats.
+
+    Attributes:
+        loss, elbo, reconstruction, kl: :func:`~inference.train.evaluate` (analytic KL, fixed
+            noise): loss = -elbo, elbo = reconstruction - kl.
+        pyro_loss: ``TraceMeanField_ELBO().loss`` on the same data and noise (an independent check).
+        log_px, log_px_stderr: L_K, the importance-weighted estimate of log p(x).
+        elbo_mc, elbo_mc_stderr: the ELBO from the same K draws, mean_k log w_k.
+        gap, gap_stderr: L_K - elbo_mc >= 0, a lower bound on KL(q(z | x) || p(z | x)) that
+            tightens as K grows.
+        ess: mean over data points of the effective sample size of the K weights.
+        exact_log_px, exact_elbo, exact_gap: closed forms for linear-Gaussian runs, else None;
+            exact_gap = KL(q(z | x) || p(z | x)).
+    """
+
+    run_dir: str
+    model: str
+    data: str
+    split: str
+    n: int
+    loss: float
+    elbo: float
+    reconstruction: float
+    kl: float
+    pyro_loss: float
+    num_samples: int
+    log_px: float
+    log_px_stderr: float
+    elbo_mc: float
+    elbo_mc_stderr: float
+    gap: float
+    gap_stderr: float
+    ess: float
+    exact_log_px: float | None
+    exact_elbo: float | None
+    exact_gap: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+    def report(self) -> str:
+        """The worked answer as text for people."""
+        lines = [
+            f"{self.run_dir}: {self.model} on {self.data}, {self.split} split, {self.n} data points;"
+            " nats per data point",
+            "",
+            "1. What SVI minimized: the loss, which is minus the ELBO",
+            f"   loss = -ELBO = KL - E_q[log p(x|z)] = {self.kl:.3f} - ({self.reconstruction:.3f})"
+            f" = {self.loss:.3f}",
+            f"   (Pyro's own TraceMeanField_ELBO().loss on the same noise: {self.pyro_loss:.3f})",
+            "",
+            "2. The ELBO, which training maximized, split with its signs",
+            f"   ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = {self.reconstruction:.3f} - "
+            f"{self.kl:.3f} = {self.elbo:.3f}",
+            "   reconstruction E_q[log p(x|z)]: how well codes z explain x (higher is better)",
+            "   kl KL(q(z|x) || p(z)) >= 0: what the codes cost against the prior",
+            "",
+            "3. The evidence log p(x), which the ELBO bounds from below",
+            f"   log p(x) ~ L_K = {self.log_px:.3f} +- {self.log_px_stderr:.3f} "
+            f"(importance-weighted, K = {self.num_samples}, mean ESS {self.ess:.1f})",
+            f"   ELBO from the same draws = {self.elbo_mc:.3f} +- {self.elbo_mc_stderr:.3f}",
+            f"   gap L_K - ELBO = {self.gap:.3f} +- {self.gap_stderr:.3f} >= 0: "
+            "KL(q(z|x) || p(z|x)), how far the guide is from the true posterior",
+            "   (a lower bound on that KL; it grows towards it with K)",
+        ]
+        if self.exact_log_px is not None:
+            lines += [
+                "",
+                "4. Exact, in closed form (linear-Gaussian model)",
+                f"   log p(x) = {self.exact_log_px:.3f}   ELBO = {self.exact_elbo:.3f}   "
+                f"gap = KL(q(z|x) || p(z|x)) = {self.exact_gap:.3f}",
+                f"   L_K - exact log p(x) = {self.log_px - self.exact_log_px:+.3f}",
+            ]
+        return "\n".join(lines)
+
+
+def explain(
+    run_dir: str | os.PathLike,
+    *,
+    num_samples: int = 1000,
+    split: str = "test",
+    data: str | None = None,
+    chunk_size: int | None = None,
+    seed: int = EVAL_SEED,
+) -> Explanation:
+    """Compute the ELBO anatomy of a trained run on one of its splits.
+
+    Args:
+        run_dir: a directory written by ``elbo-lab train``.
+        num_samples: K for the importance-weighted bound.
+        split: ``"test"`` or ``"train"``.
+        data: other data of the same dimension (default: the run's).
+        chunk_size: particles vectorized at once (see :func:`inference.evidence.log_weights`).
+        seed: the noise of every estimate.
+
+    Returns:
+        An :class:`Explanation` (per-datum values). L_K and the ELBO are computed on the whole
+        split at once (no subsampling scale).
+    """
+    if split not in SPLITS:
+        raise OptionError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
+    run = load_run(run_dir, data=data)
+    x = run.data.test if split == "test" else run.data.train
+    n = x.shape[0]
+    if n == 0:
+        raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
+    metrics = evaluate(run.model, run.guide, x, seed=seed)
+    checked = pyro_loss(run.model, run.guide, x, seed=seed)
+    with seeded(seed):
+        estimate = iwae(run.model, run.guide, x, num_samples=num_samples, chunk_size=chunk_size)
+    log_w = estimate.log_weights  # (K, N) local, (K,) global
+    k = log_w.shape[0]
+    # ELBO from the same draws: mean_k log w_k, its stderr across draws of the data-set total
+    total_per_draw = log_w.sum(-1) if log_w.dim() == 2 else log_w
+    elbo_mc = float(total_per_draw.mean()) / n
+    elbo_mc_stderr = float(total_per_draw.std()) / math.sqrt(k) / n if k > 1 else math.nan
+    log_px = estimate.log_px / n
+    log_px_stderr = estimate.stderr / n
+    exact = _exact(run.module, x)
+    return Explanation(
+        run_dir=str(run_dir),
+        model=run.spec.model,
+        data=run.spec.data,
+        split=split,
+        n=n,
+        loss=metrics.loss,
+        elbo=metrics.elbo,
+        reconstruction=metrics.reconstruction,
+        kl=metrics.kl,
+        pyro_loss=checked,
+        num_samples=k,
+        log_px=log_px,
+        log_px_stderr=log_px_stderr,
+        elbo_mc=elbo_mc,
+        elbo_mc_stderr=elbo_mc_stderr,
+        gap=log_px - elbo_mc,
+        gap_stderr=math.hypot(log_px_stderr, elbo_mc_stderr),
+        ess=float(estimate.ess.to(torch.float64).mean()),
+        **exact,
+    )
+
+
+def _exact(module: torch.nn.Module, x: torch.Tensor) -> dict[str, float | None]:
+    """Closed-form log p(x), ELBO and KL(q || p(z | x)) per datum for linear-Gaussian modules."""
+    from models.linear_gaussian import LinearGaussian
+
+    if not isinstance(module, LinearGaussian):
+        return {"exact_log_px": None, "exact_elbo": None, "exact_gap": None}
+    return {
+        "exact_log_px": float(module.log_marginal(x).mean()),
+        "exact_elbo": float(module.exact_elbo(x).elbo.mean()),
+        "exact_gap": float(module.kl_to_posterior(x).mean()),
+    }

@@ -1,0 +1,446 @@
+"""Figures that show the sign convention: loss = -ELBO falls while the ELBO rises, and ELBO <= L_K.
+
+Every function builds a fresh :class:`matplotlib.figure.Figure` (no pyplot, so no global figure
+state and no display backend) and returns it; with ``path`` it also writes a PNG atomically
+(:func:`inference.io.atomic_write_bytes`). Arrays may be numpy arrays or torch tensors.
+
+- :func:`plot_training_curves`: loss = -ELBO (minimized) and ELBO (maximized), train and test,
+  with E_q[log p(x|z)] and KL(q(z|x) || p(z)) in panels of their own (Kingma & Welling 2014, eq. 3).
+- :func:`plot_reconstructions`, :func:`plot_samples`: images in, images out, images from the prior.
+- :func:`plot_latent_space`: the guide's means, coloured by label (a 2-D PCA projection for L > 2).
+- :func:`plot_bound`: per-datum ELBO against the importance-weighted bound L_K (Burda et al. 2016);
+  log p(x) >= L_K >= ELBO puts every point above the diagonal. With the exact log p(x)
+  (linear-Gaussian models) the exact gap KL(q(z|x) || p(z|x)) = log p(x) - ELBO is drawn too.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .errors import OptionError
+from .io import atomic_write_bytes
+
+__all__ = [
+    "pca_2d",
+    "plot_bound",
+    "plot_latent_space",
+    "plot_reconstructions",
+    "plot_samples",
+    "plot_training_curves",
+    "save_figure",
+    "write_training_figures",
+]
+
+DPI = 100
+SEPARATOR = "#9ec5e8"  # between tiled images: neither ink (black) nor paper (white)
+SPLIT_STYLE = {"train": {"color": "C0", "ls": "-"}, "test": {"color": "C1", "ls": "--"}}
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> None:
+    """Render ``fig`` to PNG in memory and write it to ``path`` atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _numpy(a: Any) -> np.ndarray:
+    """A float64 numpy copy of a numpy array or a torch tensor (detached, on the CPU)."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+# --- training curves ---------------------------------------------------------------------------
+
+
+def _series(history: Sequence[Mapping[str, Any]], split: str, key: str) -> tuple[list, list]:
+    rows = [r for r in history if r.get("split") == split and r.get(key) not in (None, "")]
+    return [int(r["epoch"]) for r in rows], [float(r[key]) for r in rows]
+
+
+def plot_training_curves(
+    history: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Four panels from :func:`inference.train.fit`'s history rows (per datum, in nats).
+
+    Top: ``loss = -ELBO`` (what SVI minimized, with the running mean of the step losses on the
+    training mini-batches) and ``ELBO`` (what the VAE maximizes). Bottom: the two terms of
+    ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)). Train solid, test dashed.
+
+    Args:
+        history: rows with ``epoch``, ``split`` ("train"/"test"), ``loss``, ``elbo``,
+            ``reconstruction``, ``kl`` and, for train rows, optionally ``svi_loss``.
+        title: a suptitle, e.g. the model and data.
+        path: write the PNG here as well.
+    """
+    if not any(r.get("split") in SPLIT_STYLE for r in history):
+        raise OptionError("plot_training_curves: the history has no train or test rows")
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True)
+    panels = [
+        (axes[0, 0], "loss", "loss = −ELBO  (nats/datum)", "loss = −ELBO: minimized by SVI  ↓"),
+        (axes[0, 1], "elbo", "ELBO  (nats/datum)", "ELBO = E[log p(x|z)] − KL: maximized  ↑"),
+        (
+            axes[1, 0],
+            "reconstruction",
+            "E_q[log p(x|z)]  (nats/datum)",
+            "reconstruction E_q[log p(x|z)]: maximized  ↑",
+        ),
+        (
+            axes[1, 1],
+            "kl",
+            "KL(q(z|x) ‖ p(z))  (nats/datum)",
+            "KL(q(z|x) ‖ p(z)) ≥ 0: subtracted from the ELBO",
+        ),
+    ]
+    for ax, key, ylabel, heading in panels:
+        for split, style in SPLIT_STYLE.items():
+            epochs, values = _series(history, split, key)
+            if epochs:
+                ax.plot(epochs, values, label=split, lw=1.6, **style)
+        if key == "loss":
+            epochs, values = _series(history, "train", "svi_loss")
+            if epochs:
+                ax.plot(epochs, values, color="0.5", ls=":", lw=1.4, label="svi.step(), epoch mean")
+        ax.set_ylabel(ylabel)
+        ax.set_title(heading, fontsize=11)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, frameon=False)
+    for ax in axes.flat:
+        _zoom_to_tail(ax)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def _zoom_to_tail(ax) -> None:
+    """Leave the first epoch off scale when it lies far outside the rest, so the rest is readable.
+
+    "Far" means more than three times the later values' range beyond it; the panel then
+    says so in its legend title.
+    """
+    lines = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
+    first = np.concatenate([y[:1] for y in lines])
+    rest = np.concatenate([y[1:] for y in lines])
+    rest = rest[np.isfinite(rest)]
+    if rest.size < 2:
+        return
+    lo, hi = rest.min(), rest.max()
+    width = max(hi - lo, 1e-9)
+    if np.all((first >= lo - 3 * width) & (first <= hi + 3 * width)):
+        return
+    ax.set_ylim(lo - 0.05 * width, hi + 0.05 * width)
+    ax.get_legend().set_title("epoch 1 off scale", prop={"size": 8})
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def _image_grid(ax, images: np.ndarray, image_shape: tuple[int, int], ncols: int) -> None:
+    """Tile ``images`` ``(n, H*W)`` into one array separated by coloured one-pixel lines; show it."""
+    from matplotlib import colormaps
+
+    h, w = image_shape
+    n = images.shape[0]
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * (h + 1) + 1, ncols * (w + 1) + 1), np.nan)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[
+            i
+        ].reshape(h, w)
+    cmap = colormaps["gray_r"].with_extremes(bad=SEPARATOR)
+    ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _check_images(name: str, images: np.ndarray, image_shape: Sequence[int]) -> tuple[int, int]:
+    if (
+        images.ndim != 2
+        or len(image_shape) != 2
+        or images.shape[1] != image_shape[0] * image_shape[1]
+    ):
+        raise OptionError(
+            f"{name}: expected images of shape (n, {'x'.join(map(str, image_shape))}) "
+            f"flattened, got {tuple(images.shape)}"
+        )
+    return int(image_shape[0]), int(image_shape[1])
+
+
+def plot_reconstructions(
+    x: Any,
+    x_hat: Any,
+    image_shape: Sequence[int],
+    *,
+    title: str | None = "inputs x (top) and reconstructions E[x | z = z_loc(x)] (bottom)",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Inputs ``x`` ``(n, H*W)`` in the top row, their reconstructions ``x_hat`` below.
+
+    ``x_hat`` is typically the decoder's Bernoulli mean at the guide's mean,
+    sigmoid(decoder(z_loc(x))) (:meth:`models.vae.VAE.reconstruct`), in [0, 1].
+    """
+    x, x_hat = _numpy(x), _numpy(x_hat)
+    shape = _check_images("plot_reconstructions", x, image_shape)
+    _check_images("plot_reconstructions", x_hat, image_shape)
+    if x.shape != x_hat.shape:
+        raise OptionError(
+            f"plot_reconstructions: x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} differ"
+        )
+    n = x.shape[0]
+    fig = Figure(figsize=(max(4.0, 0.8 * n), 2.2), layout="constrained")
+    top, bottom = fig.subplots(2, 1)
+    _image_grid(top, x, shape, n)
+    _image_grid(bottom, x_hat, shape, n)
+    top.set_ylabel("input", fontsize=10)
+    bottom.set_ylabel("recon.", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_samples(
+    samples: Any,
+    image_shape: Sequence[int],
+    *,
+    ncols: int = 10,
+    title: str | None = "samples from the prior: E[x | z], z ~ N(0, I)",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """A grid of images ``(n, H*W)`` in [0, 1], e.g. decoder means of prior draws."""
+    samples = _numpy(samples)
+    shape = _check_images("plot_samples", samples, image_shape)
+    ncols = min(ncols, samples.shape[0])
+    nrows = math.ceil(samples.shape[0] / ncols)
+    fig = Figure(figsize=(0.6 * ncols + 0.4, 0.6 * nrows + 0.5), layout="constrained")
+    ax = fig.subplots()
+    _image_grid(ax, samples, shape, ncols)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _finish(fig, path)
+
+
+# --- latent space ------------------------------------------------------------------------------
+
+
+def pca_2d(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project ``z`` ``(n, L)`` on its two leading principal axes.
+
+    Returns the projection ``(n, 2)`` and the share of variance each axis explains ``(2,)``.
+    """
+    zc = z - z.mean(axis=0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
+    explained = s**2 / max(float(np.sum(s**2)), np.finfo(float).tiny)
+    return zc @ vt[:2].T, explained[:2]
+
+
+def plot_latent_space(
+    z: Any,
+    labels: Any | None = None,
+    *,
+    title: str | None = "latent space: guide means z_loc(x)",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Scatter the guide's means ``z`` ``(n, L)``, coloured by ``labels`` ``(n,)`` when given.
+
+    For L = 2 the axes are z_1 and z_2; for L > 2 the points are projected on their two leading
+    principal components (the axis labels give the share of variance), for L = 1 against index.
+    """
+    z = _numpy(z)
+    if z.ndim != 2 or z.shape[0] == 0:
+        raise OptionError(f"plot_latent_space: expected z of shape (n, L), got {tuple(z.shape)}")
+    fig = Figure(figsize=(6.0, 5.0), layout="constrained")
+    ax = fig.subplots()
+    if z.shape[1] == 1:
+        xy = np.column_stack([np.arange(len(z)), z[:, 0]])
+        xlabel, ylabel = "datum index", "z_1"
+    elif z.shape[1] == 2:
+        xy, xlabel, ylabel = z, "z_1", "z_2"
+    else:
+        xy, explained = pca_2d(z)
+        xlabel = f"principal component 1 ({100 * explained[0]:.0f}% of variance)"
+        ylabel = f"principal component 2 ({100 * explained[1]:.0f}% of variance)"
+        title = f"{title} (L = {z.shape[1]}, PCA)" if title else title
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=10, alpha=0.7, color="C0")
+    else:
+        labels = np.asarray(_numpy(labels), dtype=np.int64)
+        classes = np.unique(labels)
+        cmap = _label_colors(len(classes))
+        for color, c in zip(cmap, classes, strict=True):
+            keep = labels == c
+            ax.scatter(xy[keep, 0], xy[keep, 1], s=10, alpha=0.75, color=color, label=str(c))
+        ax.legend(
+            title="label",
+            fontsize=8,
+            title_fontsize=9,
+            markerscale=1.8,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            frameon=False,
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return _finish(fig, path)
+
+
+def _label_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+# --- the bound ---------------------------------------------------------------------------------
+
+
+def plot_bound(
+    elbo: Any,
+    log_px_estimate: Any,
+    *,
+    num_samples: int | None = None,
+    exact_log_px: Any | None = None,
+    title: str | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Per-datum ELBO against the importance-weighted bound L_K, and the gap between them.
+
+    Left: each datum is a point (ELBO_n, L_K,n); since log p(x_n) >= L_K,n >= ELBO_n in
+    expectation (Burda et al. 2016), points lie above the diagonal y = x. Right: histogram of
+    the estimated gap L_K,n - ELBO_n ~ KL(q(z|x_n) || p(z|x_n)). With ``exact_log_px`` the exact
+    log p(x_n) is drawn against the ELBO too, and the exact gap log p(x_n) - ELBO_n (Kingma &
+    Welling 2014, eq. 1) beside the estimated one.
+
+    Args:
+        elbo: per-datum ELBO ``(N,)`` in nats.
+        log_px_estimate: per-datum L_K ``(N,)`` (e.g. ``EvidenceEstimate.per_datum``).
+        num_samples: K, for the labels.
+        exact_log_px: per-datum exact log p(x) ``(N,)``, when the model has one.
+    """
+    elbo, lk = _numpy(elbo).reshape(-1), _numpy(log_px_estimate).reshape(-1)
+    if elbo.shape != lk.shape or elbo.size == 0:
+        raise OptionError(
+            f"plot_bound: elbo {tuple(elbo.shape)} and L_K {tuple(lk.shape)} must be equal, non-empty"
+        )
+    exact = None if exact_log_px is None else _numpy(exact_log_px).reshape(-1)
+    if exact is not None and exact.shape != elbo.shape:
+        raise OptionError(
+            f"plot_bound: exact log p(x) {tuple(exact.shape)} and elbo {tuple(elbo.shape)} differ"
+        )
+    k = f"L_{num_samples}" if num_samples else "L_K"
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=(1.1, 1.0))
+
+    ys = [lk] if exact is None else [lk, exact]
+    lo = min(elbo.min(), *(y.min() for y in ys))
+    hi = max(elbo.max(), *(y.max() for y in ys))
+    pad = 0.03 * max(hi - lo, 1e-9)
+    lims = (lo - pad, hi + pad)
+    left.plot(lims, lims, color="0.3", lw=1, label="y = ELBO (no gap)")
+    left.scatter(elbo, lk, s=9, alpha=0.6, color="C0", label=f"{k} (importance-weighted)")
+    if exact is not None:
+        left.scatter(elbo, exact, s=9, alpha=0.6, color="C3", marker="x", label="exact log p(x)")
+    left.set_xlim(lims)
+    left.set_ylim(lims)
+    left.set_aspect("equal")
+    left.set_xlabel("ELBO per datum (nats)")
+    left.set_ylabel(f"{k} ≈ log p(x) per datum (nats)")
+    share = float(np.mean(lk >= elbo))
+    left.set_title(
+        f"log p(x) ≥ {k} ≥ ELBO: {100 * share:.0f}% of points on or above y = x", fontsize=10
+    )
+    left.grid(alpha=0.3)
+    left.legend(fontsize=9, loc="upper left")
+
+    gaps = [(lk - elbo, "C0", f"{k} − ELBO (estimated)")]
+    if exact is not None:
+        gaps.append((exact - elbo, "C3", "log p(x) − ELBO (exact)"))
+    all_gaps = np.concatenate([g for g, _, _ in gaps])
+    bins = np.linspace(min(0.0, all_gaps.min()), all_gaps.max() + 1e-9, 40)
+    for gap, color, label in gaps:
+        right.hist(gap, bins=bins, color=color, alpha=0.55, label=f"{label}: mean {gap.mean():.3f}")
+    right.axvline(0.0, color="0.3", lw=1)
+    right.set_xlabel("gap per datum (nats) ≈ KL(q(z|x) ‖ p(z|x)) ≥ 0")
+    right.set_ylabel("number of data points")
+    right.set_title("the gap the ELBO leaves below log p(x)", fontsize=10)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+# --- a run's figures ---------------------------------------------------------------------------
+
+
+def write_training_figures(
+    run_dir: str | os.PathLike,
+    history: Sequence[Mapping[str, Any]],
+    module: Any,
+    data: Any,
+    *,
+    num_images: int = 10,
+    num_samples: int = 40,
+    seed: int = 0,
+    title: str | None = None,
+) -> list[Path]:
+    """Write a trained run's figures into ``run_dir`` and return their paths.
+
+    Always ``curves.png`` (:func:`plot_training_curves`). For image data (``data.image_shape``)
+    and a module with ``reconstruct``/``sample`` (e.g. :class:`models.vae.VAE`) also
+    ``reconstructions.png`` of the first ``num_images`` test images and ``samples.png`` of
+    ``num_samples`` prior draws (generator seeded with ``seed``), and for a module with an
+    amortized ``encoder`` ``latent.png`` of the test split's guide means, coloured by label.
+
+    Args:
+        history: :attr:`inference.train.TrainResult.history`.
+        module: the trained model's ``nn.Module``.
+        data: an :class:`inference.data.Dataset` on the module's device and dtype.
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    paths = [run_dir / "curves.png"]
+    plot_training_curves(history, title=title, path=paths[-1])
+    x = data.test if len(data.test) else data.train
+    labels = data.test_labels if len(data.test) else data.train_labels
+    with torch.no_grad():
+        if data.image_shape is not None and hasattr(module, "reconstruct"):
+            paths.append(run_dir / "reconstructions.png")
+            xs = x[:num_images]
+            plot_reconstructions(xs, module.reconstruct(xs), data.image_shape, path=paths[-1])
+        if data.image_shape is not None and hasattr(module, "sample"):
+            paths.append(run_dir / "samples.png")
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+            samples = module.sample(num_samples, generator=generator)
+            plot_samples(samples, data.image_shape, path=paths[-1])
+        if data.image_shape is not None and hasattr(module, "encoder"):
+            paths.append(run_dir / "latent.png")
+            z_loc = module.encoder(x)[0]
+            plot_latent_space(z_loc, labels, path=paths[-1])
+    return paths

@@ -1,0 +1,255 @@
+"""Variational families (guides) for the models in this package, side by side.
+
+Amortized guides for models with one local latent site ``"z"`` per data point (the VAE, the
+linear-Gaussian models): an encoder network reads x_n and outputs the parameters of q(z_n | x_n),
+
+    diag  q(z | x) = N(m(x), diag s(x)^2)                    mean field (the VAE's own guide)
+    full  q(z | x) = N(m(x), L(x) L(x)^T)                    L lower triangular, diag L > 0
+    flow  q(z | x) = (T_2 o T_1)_# N(m(x), diag s(x)^2)      T_i = IAF conditioned on h(x)
+
+with the density of the flow by the change of variables, log q(z) = log N(u) - sum_i log|det dT_i/du|,
+so it is a proper density for importance sampling. ``hidden_dims=()`` gives a linear encoder,
+which contains the exact posterior of a linear-Gaussian model (its mean is linear in x and its
+covariance constant). Each guide has the model's signature ``guide(x, num_data=None)``, samples
+site ``"z"`` (event dim 1) in the plate ``"data"``, and registers itself with ``pyro.module``.
+
+Global-latent models (the user's own) get Pyro's autoguides by name (:data:`AUTOGUIDES`).
+``AutoDelta`` is a point estimate: its "ELBO" is log p(x, z*) with no entropy term.
+
+References: Kingma & Welling (2014); Kingma et al., "Improving Variational Inference with Inverse
+Autoregressive Flow", NeurIPS 2016; Rezende & Mohamed, "Variational Inference with Normalizing
+Flows", ICML 2015; Bishop, PRML (2006) section 10.1.2 (the mean-field gap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.transforms import ConditionalAffineAutoregressive
+from pyro.infer import autoguide
+from pyro.nn import ConditionalAutoRegressiveNN
+from torch import nn
+
+from inference.errors import OptionError
+
+from .vae import mlp
+
+__all__ = [
+    "AUTOGUIDES",
+    "GUIDE_FAMILIES",
+    "AmortizedGuide",
+    "DiagonalNormalGuide",
+    "FlowGuide",
+    "FullNormalGuide",
+    "data_plate",
+    "make_autoguide",
+    "make_guide",
+]
+
+#: Pyro's autoguides for models with global latents, by name.
+AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
+    "AutoDelta": autoguide.AutoDelta,
+    "AutoNormal": autoguide.AutoNormal,
+    "AutoMultivariateNormal": autoguide.AutoMultivariateNormal,
+    "AutoLowRankMultivariateNormal": autoguide.AutoLowRankMultivariateNormal,
+    "AutoIAFNormal": autoguide.AutoIAFNormal,
+}
+
+#: What each autoguide's "ELBO" means, for the comparison table.
+AUTOGUIDE_NOTES = {
+    "AutoDelta": "point estimate: its ELBO is log p(x, z*) without the entropy term, not a bound",
+}
+
+
+def data_plate(x: torch.Tensor, num_data: int | None, name: str = "data") -> pyro.plate:
+    """The plate over the rows of ``x`` ``(B, D)``; with ``num_data`` = N a subsample scaled N / B."""
+    batch = x.shape[0]
+    if num_data is None or num_data == batch:
+        return pyro.plate(name, batch, dim=-1)
+    return pyro.plate(name, num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
+
+
+class AmortizedGuide(nn.Module):
+    """An encoder body x ``(B, D)`` -> features h ``(B, H)`` and a family q(z | x) on top of it.
+
+    Subclasses implement :meth:`distribution`, returning q(z | x) with batch shape ``(B,)`` and
+    event shape ``(L,)``. Calling the module (or :meth:`guide`) runs it as a Pyro guide.
+
+    Args:
+        data_dim: D.
+        latent_dim: L.
+        hidden_dims: widths of the encoder's hidden layers (softplus); ``()`` is a linear encoder.
+        name: the ``pyro.module`` name (parameters appear as ``name$$$...``).
+        site, plate: the model's latent site and data-plate names.
+    """
+
+    family: str = ""
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (200,),
+        *,
+        name: str | None = None,
+        site: str = "z",
+        plate: str = "data",
+    ):
+        super().__init__()
+        if int(latent_dim) < 1 or int(data_dim) < 1:
+            raise OptionError(
+                f"guide: data and latent dimensions must be positive, got {data_dim}, {latent_dim}"
+            )
+        self.data_dim, self.latent_dim = int(data_dim), int(latent_dim)
+        self.hidden_dims = tuple(int(h) for h in hidden_dims)
+        self.name = name or f"guide_{self.family}"
+        self.site, self.plate = site, plate
+        self.body = mlp([self.data_dim, *self.hidden_dims])
+        self.act = nn.Softplus() if self.hidden_dims else nn.Identity()
+        self.width = self.hidden_dims[-1] if self.hidden_dims else self.data_dim
+        self.loc = nn.Linear(self.width, self.latent_dim)
+        self.log_scale = nn.Linear(self.width, self.latent_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """h(x) ``(B, H)``: the encoder's last hidden layer (x itself for a linear encoder)."""
+        return self.act(self.body(x))
+
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | x), batch shape ``(B,)``, event shape ``(L,)``."""
+        raise NotImplementedError
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
+        """Sample z ~ q(z | x) at the model's site; ``x`` ``(B, D)``, returns z ``(B, L)``."""
+        pyro.module(self.name, self)
+        with data_plate(x, num_data, self.plate):
+            return pyro.sample(self.site, self.distribution(x))
+
+    def forward(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
+        return self.guide(x, num_data)
+
+
+class DiagonalNormalGuide(AmortizedGuide):
+    """Mean field: q(z | x) = N(m(x), diag s(x)^2), s = exp(log-scale head); the VAE's own guide."""
+
+    family = "diag"
+
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        h = self.features(x)
+        return dist.Normal(self.loc(h), torch.exp(self.log_scale(h))).to_event(1)
+
+
+class FullNormalGuide(AmortizedGuide):
+    """Full covariance: q(z | x) = N(m(x), L(x) L(x)^T), the encoder outputs the Cholesky factor.
+
+    L(x) = diag(exp(log-scale head)) + strictly-lower(off-diagonal head), L(L-1)/2 outputs; the
+    off-diagonal head starts at zero, so training starts from the mean-field guide.
+    """
+
+    family = "full"
+
+    def __init__(self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (200,), **kw):
+        super().__init__(data_dim, latent_dim, hidden_dims, **kw)
+        rows, cols = torch.tril_indices(self.latent_dim, self.latent_dim, offset=-1)
+        self.register_buffer("tril_rows", rows, persistent=False)
+        self.register_buffer("tril_cols", cols, persistent=False)
+        self.off_diagonal = nn.Linear(self.width, rows.numel())
+        nn.init.zeros_(self.off_diagonal.weight)
+        nn.init.zeros_(self.off_diagonal.bias)
+
+    def scale_tril(self, h: torch.Tensor) -> torch.Tensor:
+        """L(x) ``(B, L, L)`` from features ``(B, H)``."""
+        off_diagonal = h.new_zeros(*h.shape[:-1], self.latent_dim, self.latent_dim)
+        off_diagonal[..., self.tril_rows, self.tril_cols] = self.off_diagonal(h)
+        return torch.diag_embed(torch.exp(self.log_scale(h))) + off_diagonal
+
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        h = self.features(x)
+        return dist.MultivariateNormal(self.loc(h), scale_tril=self.scale_tril(h))
+
+
+class FlowGuide(AmortizedGuide):
+    """Normalizing flow: N(m(x), diag s(x)^2) pushed through conditional affine IAFs.
+
+    z = T_K o ... o T_1 (u), u ~ N(m(x), diag s(x)^2), each T_i an affine autoregressive map
+    u_j -> mu_j(u_<j, h) + sigma_j(u_<j, h) u_j conditioned on the encoder features h(x)
+    (``ConditionalAffineAutoregressive``), with alternating variable orders. Log-density by the
+    change of variables (Kingma et al. 2016; Rezende & Mohamed 2015).
+
+    Args:
+        num_flows: K >= 2 transforms.
+        flow_hidden_dims: hidden widths of each autoregressive network (default ``(4 L,)``).
+    """
+
+    family = "flow"
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (200,),
+        *,
+        num_flows: int = 2,
+        flow_hidden_dims: Sequence[int] | None = None,
+        **kw,
+    ):
+        super().__init__(data_dim, latent_dim, hidden_dims, **kw)
+        if self.latent_dim < 2:
+            raise OptionError(f"flow guide: needs latent dimension >= 2, got {self.latent_dim}")
+        if num_flows < 2:
+            raise OptionError(f"flow guide: needs at least 2 transforms, got {num_flows}")
+        widths = list(flow_hidden_dims or (4 * self.latent_dim,))
+        order = torch.arange(self.latent_dim)
+        self.flows = nn.ModuleList(
+            ConditionalAffineAutoregressive(
+                ConditionalAutoRegressiveNN(
+                    self.latent_dim,
+                    self.width,
+                    widths,
+                    permutation=order if i % 2 == 0 else order.flip(0),
+                )
+            )
+            for i in range(num_flows)
+        )
+
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        h = self.features(x)
+        base = dist.Normal(self.loc(h), torch.exp(self.log_scale(h))).to_event(1)
+        return dist.TransformedDistribution(base, [t.condition(h) for t in self.flows])
+
+
+#: Amortized families by the name the command line uses.
+GUIDE_FAMILIES: dict[str, type[AmortizedGuide]] = {
+    "diag": DiagonalNormalGuide,
+    "full": FullNormalGuide,
+    "flow": FlowGuide,
+}
+
+
+def make_guide(
+    family: str, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (200,), **kw
+) -> AmortizedGuide:
+    """An amortized guide of the named family (``diag``, ``full``, ``flow``)."""
+    if family not in GUIDE_FAMILIES:
+        raise OptionError(
+            f"--guides: unknown guide {family!r} (choose from {', '.join(GUIDE_FAMILIES)})"
+        )
+    return GUIDE_FAMILIES[family](data_dim, latent_dim, hidden_dims, **kw)
+
+
+def autoguide_name(name: str) -> str:
+    """The canonical autoguide name for ``name`` (case-insensitive, ``Auto`` prefix optional)."""
+    wanted = name.lower().removeprefix("auto")
+    for canonical in AUTOGUIDES:
+        if canonical.lower().removeprefix("auto") == wanted:
+            return canonical
+    raise OptionError(
+        f"--guides: unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)})"
+    )
+
+
+def make_autoguide(name: str, model: Callable, **kw) -> autoguide.AutoGuide:
+    """Pyro's autoguide ``name`` (see :data:`AUTOGUIDES`) for ``model``."""
+    return AUTOGUIDES[autoguide_name(name)](model, **kw)

@@ -1,0 +1,173 @@
+"""Figures: each plot writes a readable PNG, labels state the signs, and no pyplot state leaks."""
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from inference.data import Dataset
+from inference.errors import OptionError
+from inference.plots import (
+    pca_2d,
+    plot_bound,
+    plot_latent_space,
+    plot_reconstructions,
+    plot_samples,
+    plot_training_curves,
+    save_figure,
+    write_training_figures,
+)
+from models.vae import VAE
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def history(epochs: int = 6) -> list[dict]:
+    """Rows as :func:`inference.train.fit` writes them: ELBO rising, loss = -ELBO falling."""
+    rows = []
+    for e in range(1, epochs + 1):
+        for split, offset in (("train", 0.0), ("test", 0.3)):
+            recon, kl = -30.0 + 5.0 * (1 - np.exp(-e)) - offset, 2.0 + 0.5 * e
+            row = {"epoch": e, "split": split, "reconstruction": recon, "kl": kl, "n": 100}
+            row["elbo"] = recon - kl
+            row["loss"] = -row["elbo"]
+            if split == "train":
+                row["svi_loss"] = row["loss"] + 0.1
+            rows.append(row)
+    return rows
+
+
+def assert_png(path, min_bytes=2_000, max_bytes=200_000):
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_SIGNATURE
+    assert min_bytes < len(raw) < max_bytes
+    image = imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 50
+    assert not list(path.parent.glob(".*.tmp")), "a temporary file was left behind"
+
+
+@pytest.fixture
+def no_pyplot_leak():
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    yield
+    assert plt.get_fignums() == before
+
+
+def test_training_curves_label_loss_and_elbo_with_their_signs(tmp_path, no_pyplot_leak):
+    path = tmp_path / "curves.png"
+    fig = plot_training_curves(history(), title="vae on digits", path=path)
+    assert_png(path)
+    loss_ax, elbo_ax, recon_ax, kl_ax = fig.axes
+    assert "loss = −ELBO" in loss_ax.get_ylabel() and "minimized" in loss_ax.get_title()
+    assert loss_ax.get_ylabel().startswith("loss")
+    assert elbo_ax.get_ylabel().startswith("ELBO") and "maximized" in elbo_ax.get_title()
+    assert "log p(x|z)" in recon_ax.get_ylabel()
+    assert "KL" in kl_ax.get_ylabel()
+    legend = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    assert legend == ["train", "test", "svi.step(), epoch mean"]
+    # the plotted ELBO is minus the plotted loss, point for point
+    loss_train, elbo_train = loss_ax.get_lines()[0].get_ydata(), elbo_ax.get_lines()[0].get_ydata()
+    np.testing.assert_allclose(elbo_train, -np.asarray(loss_train))
+
+
+def test_training_curves_need_rows():
+    with pytest.raises(OptionError, match="no train or test rows"):
+        plot_training_curves([])
+
+
+def test_reconstructions_put_inputs_above_outputs(tmp_path, no_pyplot_leak):
+    x = (torch.rand(8, 64) > 0.5).double()
+    path = tmp_path / "reconstructions.png"
+    fig = plot_reconstructions(x, 0.5 * torch.ones(8, 64), (8, 8), path=path)
+    assert_png(path, min_bytes=1_000)
+    top, bottom = fig.axes
+    assert top.get_ylabel() == "input" and bottom.get_ylabel().startswith("recon")
+    # the top panel holds the inputs: ink where x = 1 (8 x 8 tiles, 1-pixel separators)
+    tile = top.get_images()[0].get_array()[1:9, 1:9]
+    np.testing.assert_array_equal(tile, x[0].reshape(8, 8).numpy())
+
+
+def test_images_must_match_their_shape():
+    with pytest.raises(OptionError, match=r"expected images of shape \(n, 8x8\)"):
+        plot_samples(torch.rand(4, 63), (8, 8))
+    with pytest.raises(OptionError, match="differ"):
+        plot_reconstructions(torch.rand(4, 64), torch.rand(3, 64), (8, 8))
+
+
+def test_samples_grid(tmp_path, no_pyplot_leak):
+    path = tmp_path / "samples.png"
+    plot_samples(torch.rand(25, 64), (8, 8), ncols=10, path=path)
+    assert_png(path, min_bytes=1_000)
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2, 5], ids=["L1-index", "L2-scatter", "L5-pca"])
+def test_latent_space(tmp_path, latent_dim, no_pyplot_leak):
+    z = torch.randn(60, latent_dim)
+    path = tmp_path / "latent.png"
+    fig = plot_latent_space(z, torch.arange(60) % 10, path=path)
+    assert_png(path)
+    ax = fig.axes[0]
+    expected = {1: "datum index", 2: "z_1", 5: "principal component 1"}[latent_dim]
+    assert ax.get_xlabel().startswith(expected)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [str(d) for d in range(10)]
+
+
+def test_pca_of_points_in_a_plane_keeps_their_distances():
+    """Points on a 2-D plane in R^6: two components explain all variance, distances are kept."""
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.normal(size=(6, 2)))
+    z = rng.normal(size=(50, 2)) @ basis.T + 3.0
+    xy, explained = pca_2d(z)
+    np.testing.assert_allclose(explained.sum(), 1.0, atol=1e-12)
+    d = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(d(xy), d(z), atol=1e-10)
+
+
+def test_bound_picture_with_exact_evidence(tmp_path, no_pyplot_leak):
+    rng = np.random.default_rng(0)
+    elbo = rng.normal(-25.0, 3.0, 200)
+    exact = elbo + rng.gamma(2.0, 0.25, 200)  # log p(x) - ELBO = KL(q || posterior) >= 0
+    lk = exact - 0.01
+    path = tmp_path / "bound.png"
+    fig = plot_bound(elbo, lk, num_samples=1000, exact_log_px=exact, path=path)
+    assert_png(path)
+    scatter_ax, gap_ax = fig.axes
+    assert "100% of points on or above" in scatter_ax.get_title()
+    assert scatter_ax.get_xlabel().startswith("ELBO") and "L_1000" in scatter_ax.get_ylabel()
+    legend = " ".join(t.get_text() for t in gap_ax.get_legend().get_texts())
+    assert f"mean {(exact - elbo).mean():.3f}" in legend and "exact" in legend
+
+
+def test_bound_picture_shapes_must_agree():
+    with pytest.raises(OptionError, match="must be equal"):
+        plot_bound(np.zeros(3), np.zeros(4))
+
+
+def test_save_figure_is_atomic_png(tmp_path):
+    fig = plot_samples(torch.rand(4, 64), (8, 8))
+    save_figure(fig, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def _dataset(image_shape):
+    x = (torch.rand(30, 64) > 0.5).double()
+    labels = torch.arange(30) % 10
+    return Dataset("toy", x[:20], x[20:], image_shape, labels[:20], labels[20:])
+
+
+def test_run_figures_for_image_data(tmp_path, no_pyplot_leak):
+    vae = VAE(64, latent_dim=2, hidden_dims=(16,)).double()
+    paths = write_training_figures(tmp_path, history(3), vae, _dataset((8, 8)))
+    names = [p.name for p in paths]
+    assert names == ["curves.png", "reconstructions.png", "samples.png", "latent.png"]
+    for p in paths:
+        assert_png(p, min_bytes=1_000)
+
+
+def test_run_figures_for_non_image_data_are_curves_only(tmp_path):
+    vae = VAE(64, latent_dim=2, hidden_dims=(16,)).double()
+    paths = write_training_figures(tmp_path, history(3), vae, _dataset(None))
+    assert [p.name for p in paths] == ["curves.png"]

@@ -1,0 +1,284 @@
+"""The SVI loop: reproducibility, resume, the sign identities in every row, and evaluation
+checked against a plain-PyTorch ELBO (Kingma & Welling 2014, eq. 10) on a trained checkpoint."""
+
+import csv
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro.distributions import constraints
+
+from inference.data import load_digits
+from inference.errors import OptionError
+from inference.io import load_checkpoint
+from inference.run import ModelSpec, build_model, load_run
+from inference.train import (
+    CHECKPOINT,
+    EVAL_SEED,
+    TrainConfig,
+    evaluate,
+    fit,
+    pyro_loss,
+)
+from models.vae import VAE
+
+TINY = TrainConfig(epochs=2, batch_size=64, seed=3, progress=False, eval_batch_size=100)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    """(train, test): 192 and 64 float32 rows of the binarized digits."""
+    return digits.train[:192].float(), digits.test[:64].float()
+
+
+def _vae(seed=0, dtype=torch.float32, hidden=(16,)):
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    return VAE(64, latent_dim=2, hidden_dims=hidden).to(dtype)
+
+
+def _params(vae):
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
+def _numbers(history):
+    """History without wall-clock time."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def _assert_sign_identities(row):
+    # loss = -elbo and elbo = reconstruction - kl, to float precision
+    scale = max(1.0, abs(row["elbo"]))
+    assert row["loss"] == -row["elbo"]
+    assert abs(row["elbo"] - (row["reconstruction"] - row["kl"])) <= 1e-12 * scale
+
+
+def test_same_seed_same_numbers(small):
+    train, test = small
+    runs = []
+    for _ in range(2):
+        vae = _vae()
+        result = fit(vae.model, vae.guide, train, test, TINY)
+        runs.append((_numbers(result.history), _params(vae), result.final))
+    (h1, p1, f1), (h2, p2, f2) = runs
+    assert h1 == h2 and f1 == f2
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k
+    # a different seed gives different numbers
+    vae = _vae()
+    other = fit(vae.model, vae.guide, train, test, TrainConfig(**{**TINY.__dict__, "seed": 4}))
+    assert _numbers(other.history) != h1
+
+
+def test_every_row_satisfies_the_sign_identities(small, tmp_path):
+    train, test = small
+    vae = _vae()
+    result = fit(vae.model, vae.guide, train, test, TINY, run_dir=tmp_path)
+    assert [(r["epoch"], r["split"]) for r in result.history] == [
+        (1, "train"),
+        (1, "test"),
+        (2, "train"),
+        (2, "test"),
+    ]
+    for row in result.history:
+        _assert_sign_identities(row)
+        assert row["kl"] > 0 and row["reconstruction"] < 0
+        assert row["n"] == (192 if row["split"] == "train" else 64)
+    assert tuple(result.final) == tuple(
+        result.history[-1][k] for k in ("loss", "elbo", "reconstruction", "kl", "n")
+    )
+    # the files hold the same rows
+    jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert jsonl == result.history
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    for row, expected in zip(rows, result.history, strict=True):
+        assert float(row["elbo"]) == expected["elbo"] and row["split"] == expected["split"]
+        _assert_sign_identities(
+            {k: float(row[k]) for k in ("loss", "elbo", "reconstruction", "kl")}
+        )
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["train"]["epochs"] == 2 and config["train"]["batch_size"] == 64
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert state["position"] == {"epoch": 2, "step": 0, "loss_sum": 0.0}
+    assert state["history"] == result.history
+    for name, value in zip(state["param_names"], state["params"].values(), strict=True):
+        assert torch.equal(value, pyro.get_param_store().get_param(name).detach()), name
+
+
+def test_resume_at_an_epoch_boundary_is_bit_identical(small, tmp_path):
+    train, test = small
+    four = TrainConfig(**{**TINY.__dict__, "epochs": 4})
+    vae = _vae()
+    whole = fit(vae.model, vae.guide, train, test, four)
+    whole_params = _params(vae)
+
+    vae = _vae()
+    fit(vae.model, vae.guide, train, test, TINY, run_dir=tmp_path)
+    vae = _vae(seed=99)  # fresh, differently initialized networks: the checkpoint overwrites them
+    torch.manual_seed(12345)  # and disturbed global RNG: the checkpoint restores it
+    resumed = fit(vae.model, vae.guide, train, test, four, run_dir=tmp_path, resume=True)
+    assert _numbers(resumed.history) == _numbers(whole.history)
+    assert resumed.final == whole.final
+    for k, v in _params(vae).items():
+        assert torch.equal(v, whole_params[k]), k
+
+
+def _plain_elbo(vae, x, batch_size):
+    """Per-image ELBO by hand: -BCE-with-logits(sum) - KL(N(m, s^2) || N(0, 1)), same noise."""
+    total = 0.0
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EVAL_SEED)
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size]
+            z_loc, z_scale = vae.encoder(xb)
+            z = z_loc + z_scale * torch.randn_like(z_loc)  # reparameterized draw, as rsample
+            log_p_x_given_z = -F.binary_cross_entropy_with_logits(
+                vae.decoder(z), xb, reduction="sum"
+            )
+            # KL(N(m, s^2) || N(0, 1)) = 1/2 (s^2 + m^2 - 1) - log s
+            kl = (0.5 * (z_scale**2 + z_loc**2 - 1) - torch.log(z_scale)).sum()
+            total += (log_p_x_given_z - kl).item()
+    return total / x.shape[0]
+
+
+@pytest.mark.parametrize("batch_size", [100, 1024], ids=["batched", "one-batch"])
+def test_evaluate_on_a_checkpoint_equals_plain_pytorch(digits, tmp_path_factory, batch_size):
+    run_dir = tmp_path_factory.getbasetemp() / "trained"
+    if not run_dir.exists():
+        spec = ModelSpec(hidden_dims=(16,), data_dim=64)
+        pyro.clear_param_store()
+        _, model, guide = build_model(spec, digits.to("cpu", torch.float32))
+        config = TrainConfig(epochs=1, progress=False)
+        fit(
+            model,
+            guide,
+            digits.train.float(),
+            digits.test.float(),
+            config,
+            run_dir=run_dir,
+            metadata={"model_spec": spec.to_dict()},
+        )
+    run = load_run(run_dir)
+    x = run.data.test
+    m = evaluate(run.model, run.guide, x, batch_size=batch_size)
+    plain = _plain_elbo(run.module, x, batch_size)
+    assert m.n == 359
+    assert abs(m.elbo - plain) <= 1e-4 * abs(plain)
+    assert pyro_loss(run.model, run.guide, x, batch_size=batch_size) == pytest.approx(
+        m.loss, rel=1e-6
+    )
+    # evaluation leaves the caller's random stream where it was
+    torch.manual_seed(0)
+    evaluate(run.model, run.guide, x, batch_size=batch_size)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))
+
+
+@pytest.mark.parametrize(
+    "estimator, compiled",
+    [("trace", "jit"), ("meanfield", "jit-meanfield")],
+    ids=["trace", "meanfield"],
+)
+def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
+    """Each estimator trains in float64; a JIT estimator gives its plain twin's numbers."""
+    train, test = (t.double() for t in small)
+    histories = {}
+    for name in (estimator, compiled):
+        vae = _vae(dtype=torch.float64, hidden=(8,))
+        config = TrainConfig(epochs=1, batch_size=80, estimator=name, progress=False)  # ragged
+        with pyro.validation_enabled(not name.startswith("jit")):
+            result = fit(vae.model, vae.guide, train, test, config)
+        assert all(p.dtype == torch.float64 for p in vae.parameters())
+        for row in result.history:
+            _assert_sign_identities(row)
+        assert math.isfinite(result.history[0]["svi_loss"]) and result.final.n == 64
+        histories[name] = _numbers(result.history)
+    for a, b in zip(histories[estimator], histories[compiled], strict=True):
+        assert a.keys() == b.keys() and a["split"] == b["split"]
+        for k in a.keys() - {"split"}:
+            assert b[k] == pytest.approx(a[k], rel=1e-9), k
+
+
+# --- a user's own model: Bayesian linear regression with global latents -------------------------
+
+SIGMA = 0.5  # known observation noise
+
+
+def _regression_data(n=40, p=2, seed=0):
+    """Columns: p features, then the target y = X w + b + noise."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = X @ torch.tensor([1.5, -2.0], dtype=torch.float64) + 0.5
+    y = y + SIGMA * torch.randn(n, generator=g, dtype=torch.float64)
+    return torch.cat([X, y[:, None]], dim=1)
+
+
+def regression_model(data):
+    """w ~ N(0, I), b ~ N(0, 1), y_n ~ N(x_n . w + b, SIGMA^2)."""
+    X, y = data[:, :-1], data[:, -1]
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+    b = pyro.sample("b", dist.Normal(X.new_zeros(()), 1.0))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ w + b, SIGMA), obs=y)
+
+
+def regression_guide(data):
+    p = data.shape[1] - 1
+    w_loc = pyro.param("w_loc", data.new_zeros(p))
+    w_scale = pyro.param("w_scale", data.new_ones(p), constraint=constraints.positive)
+    b_loc = pyro.param("b_loc", data.new_zeros(()))
+    b_scale = pyro.param("b_scale", data.new_ones(()), constraint=constraints.positive)
+    pyro.sample("w", dist.Normal(w_loc, w_scale).to_event(1))
+    pyro.sample("b", dist.Normal(b_loc, b_scale))
+
+
+def test_a_user_model_with_global_latents_trains_full_batch(float64):
+    data = _regression_data()
+    config = TrainConfig(
+        epochs=150, batch_size=None, learning_rate=0.1, estimator="meanfield", progress=False
+    )
+    result = fit(regression_model, regression_guide, data[:32], data[32:], config)
+    assert len(result.history) == 300
+    for row in result.history:
+        _assert_sign_identities(row)
+    first, last = result.history[0], result.history[-2]
+    assert last["split"] == "train" and last["elbo"] > first["elbo"]
+    # The exact posterior is Gaussian and a mean-field Gaussian guide's optimum has its mean;
+    # the single-sample SVI iterate fluctuates about it by a fraction of a posterior sd.
+    # Posterior precision A = I + Phi^T Phi / sigma^2, mean = A^{-1} Phi^T y / sigma^2.
+    phi = torch.cat([data[:32, :-1], torch.ones(32, 1, dtype=torch.float64)], dim=1)
+    precision = torch.eye(3, dtype=torch.float64) + phi.T @ phi / SIGMA**2
+    mean = torch.linalg.solve(precision, phi.T @ data[:32, -1] / SIGMA**2)
+    store = pyro.get_param_store()
+    fitted = torch.cat([store["w_loc"], store["b_loc"][None]]).detach()
+    posterior_sd = torch.linalg.inv(precision).diagonal().sqrt()
+    assert torch.all((fitted - mean).abs() < 2 * posterior_sd)
+
+
+def test_minibatches_need_num_data():
+    data = _regression_data()
+    config = TrainConfig(epochs=1, batch_size=10, progress=False)
+    with pytest.raises(OptionError, match="num_data"):
+        fit(regression_model, regression_guide, data, None, config)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"epochs": 0}, {"learning_rate": -1.0}, {"estimator": "nope"}, {"batch_size": 0}],
+    ids=["epochs", "lr", "estimator", "batch-size"],
+)
+def test_bad_config_raises_option_error(options):
+    with pytest.raises(OptionError):
+        TrainConfig(**options)

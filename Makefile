@@ -34,10 +34,18 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/evidence.py
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/reference_vae.py
 
+# The README's figures from default settings: train (curves, reconstructions, samples, latent),
+# explain (bound), compare (comparison); copied to docs/.
+FIGURES := curves reconstructions samples latent bound
 figures: $(STAMP)
-	$(BIN)/elbo-lab train --force --run-dir runs/figures
-	cp runs/figures/*.png docs/
+	$(BIN)/elbo-lab train --force --run-dir runs/figures --no-progress
+	$(BIN)/elbo-lab explain runs/figures > runs/figures/explain.txt
+	$(BIN)/elbo-lab compare --force --out runs/figures-compare > runs/figures-compare.txt
+	mkdir -p docs
+	cp $(FIGURES:%=runs/figures/%.png) runs/figures-compare/comparison.png docs/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

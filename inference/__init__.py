@@ -1,7 +1,15 @@
 """Inference for elbo-lab: data, SVI training, ELBO decomposition, and the command line."""
 
+from .compare import CompareConfig as CompareConfig
+from .compare import Comparison as Comparison
+from .compare import ComparisonRow as ComparisonRow
+from .compare import compare as compare
+from .compare import compare_guides as compare_guides
 from .data import Dataset as Dataset
 from .data import load_data as load_data
+from .distributed import DistributedError as DistributedError
+from .distributed import World as World
+from .distributed import init_from_env as init_from_env
 from .elbo import ElboDecomposition as ElboDecomposition
 from .elbo import SiteTerm as SiteTerm
 from .elbo import decompose as decompose
@@ -9,6 +17,11 @@ from .errors import DataError as DataError
 from .errors import ElboLabError as ElboLabError
 from .errors import OptionError as OptionError
 from .errors import RunError as RunError
+from .evidence import EvidenceEstimate as EvidenceEstimate
+from .evidence import iwae as iwae
+from .evidence import log_weights as log_weights
+from .explain import Explanation as Explanation
+from .explain import explain as explain
 from .train import Metrics as Metrics
 from .train import TrainConfig as TrainConfig
 from .train import TrainResult as TrainResult
@@ -16,18 +29,31 @@ from .train import evaluate as evaluate
 from .train import fit as fit
 
 __all__ = [
+    "CompareConfig",
+    "Comparison",
+    "ComparisonRow",
     "DataError",
     "Dataset",
+    "DistributedError",
     "ElboDecomposition",
     "ElboLabError",
+    "EvidenceEstimate",
+    "Explanation",
     "Metrics",
     "OptionError",
     "RunError",
     "SiteTerm",
     "TrainConfig",
     "TrainResult",
+    "World",
+    "compare",
+    "compare_guides",
     "decompose",
     "evaluate",
+    "explain",
     "fit",
+    "init_from_env",
+    "iwae",
     "load_data",
+    "log_weights",
 ]

@@ -11,11 +11,13 @@ import logging
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyro
 
 from .data import load_data
+from .distributed import device_for, init_from_env, shutdown
 from .errors import ElboLabError, NumericalError, OptionError, RunError
 from .io import load_checkpoint
 from .plots import write_training_figures
@@ -111,13 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same numbers")
     t.add_argument(
         "--estimator",
-        default="trace",
+        default=TrainConfig.estimator,
         choices=list(ESTIMATORS),
-        help="ELBO estimator: trace = Trace_ELBO (Monte-Carlo KL), meanfield = "
-        "TraceMeanField_ELBO (analytic KL), jit / jit-meanfield = their JIT versions",
+        help="ELBO estimator: meanfield = TraceMeanField_ELBO (analytic KL where registered, "
+        "the default), trace = Trace_ELBO (Monte-Carlo KL), jit / jit-meanfield = their "
+        "JIT-compiled versions",
     )
     t.add_argument(
         "--num-particles", type=_positive_int, default=1, help="samples of z per step (1)"
+    )
+    t.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=1,
+        help="evaluate train/test metrics every N epochs and after the last (1)",
     )
     t.add_argument(
         "--clip-norm",
@@ -174,7 +183,82 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--split", default="test", choices=["test", "train"], help="split (test)")
     xp.add_argument("--data", default=None, help="explain other data of the same dimension")
     xp.add_argument("--json", action="store_true", help="print the record as JSON")
+    _add_compare_parser(sub)
     return parser
+
+
+def _add_compare_parser(sub) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="fit several guides to one model under the same budget and compare them",
+        description="Train each guide with the same data, options and seed, then tabulate on "
+        "the test split (training data for autoguides) the ELBO, reconstruction, KL, L_K, the "
+        "gap L_K - ELBO, PSIS k-hat, training time and parameter count (nats per datum). "
+        "Writes comparison.csv/.json/.md/.png and posterior_<guide>.nc (ArviZ) to --out.",
+    )
+    c.add_argument(
+        "--model",
+        default="vae",
+        help=f"{', '.join(MODELS)}, or your Pyro model model(x) as FILE.py:NAME or "
+        "package.module:NAME (then --guides are autoguide names) (default: vae)",
+    )
+    c.add_argument(
+        "--guides",
+        default=None,
+        help="comma-separated: diag,full,flow for the built-in models (default: all three); "
+        "AutoDelta,AutoNormal,AutoMultivariateNormal,AutoLowRankMultivariateNormal,"
+        "AutoIAFNormal for a user model (default: AutoNormal,AutoMultivariateNormal)",
+    )
+    c.add_argument("--data", default="digits", help="as for 'train' (digits)")
+    c.add_argument("--latent-dim", type=_positive_int, default=10, help="latent dimension (10)")
+    c.add_argument(
+        "--hidden-dims",
+        type=_hidden_dims,
+        default=(200,),
+        help="VAE encoder/decoder widths (200); linear-Gaussian guides are linear",
+    )
+    c.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=TrainConfig.epochs,
+        help=f"passes over the training split, the same for every guide ({TrainConfig.epochs})",
+    )
+    c.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="mini-batch size (128; full batch for a user model without num_data)",
+    )
+    c.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    c.add_argument("--seed", type=int, default=0, help="random seed, the same for every guide (0)")
+    c.add_argument(
+        "--estimator", default="trace", choices=list(ESTIMATORS), help="ELBO estimator (trace)"
+    )
+    c.add_argument(
+        "--num-samples", type=_positive_int, default=1000, help="importance samples K of L_K (1000)"
+    )
+    c.add_argument(
+        "--elbo-particles",
+        type=_positive_int,
+        default=100,
+        help="draws per datum for the ELBO and its standard error (100)",
+    )
+    c.add_argument(
+        "--num-draws",
+        type=_positive_int,
+        default=200,
+        help="posterior draws per guide saved for ArviZ, as 4 chains (200)",
+    )
+    c.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    c.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
+    c.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: runs/compare-<model>-<data>-seed<seed>)",
+    )
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
 def sign_report(m: Metrics, pyro_value: float, split: str = "test") -> str:
@@ -243,12 +327,15 @@ def _train(args) -> int:
             seed=args.seed,
             estimator=args.estimator,
             num_particles=args.num_particles,
+            eval_every=args.eval_every,
             clip_norm=args.clip_norm,
             validate=args.validate,
             progress=progress,
         )
     _check_writable(run_dir)
-    dataset = load_data(spec.data).to(spec.device, DTYPES[spec.dtype])
+    world = init_from_env(spec.device)  # one process, or a rank under torchrun
+    device = device_for(spec.device, world)  # cuda -> cuda:LOCAL_RANK
+    dataset = load_data(spec.data).to(device, DTYPES[spec.dtype])
     if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
         raise RunError(
             f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in {run_dir} "
@@ -257,8 +344,8 @@ def _train(args) -> int:
     spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)  # network initialization is part of "same seed, same numbers"
-    module, model, guide = build_model(spec, dataset)
-    if not args.resume and run_dir.exists():
+    module, model, guide = build_model(replace(spec, device=device), dataset)
+    if not args.resume and run_dir.exists() and world.is_writer:
         shutil.rmtree(run_dir)
     try:
         result = fit(
@@ -271,6 +358,7 @@ def _train(args) -> int:
             resume=args.resume,
             metadata={"model_spec": spec.to_dict()},
             handle_signals=True,
+            world=world,
         )
     except Interrupted as exc:
         print(
@@ -282,6 +370,9 @@ def _train(args) -> int:
     except NumericalError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
         return 1
+    shutdown(world)
+    if not world.is_writer:  # rank 0 writes the figures and the report
+        return 0
     figures = write_training_figures(
         run_dir,
         result.history,
@@ -299,7 +390,10 @@ def _train(args) -> int:
             f"{len(dataset.test)} test images) for {config.epochs} epochs with "
             f"{ESTIMATORS[config.estimator].__name__}; run directory: {run_dir}"
         )
-        print(sign_report(result.final, pyro_loss(model, guide, dataset.test)))
+        # The check needs Pyro's loss on the same noise: shards drew other noise, so rank 0
+        # re-evaluates the whole test split for it.
+        final = result.final if world.size == 1 else evaluate(model, guide, dataset.test)
+        print(sign_report(final, pyro_loss(model, guide, dataset.test)))
     return 0
 
 
@@ -319,12 +413,57 @@ def _evaluate(args) -> int:
 def _explain(args) -> int:
     from .explain import explain
 
-    e = explain(args.run_dir, num_samples=args.num_samples, split=args.split, data=args.data)
+    e = explain(
+        args.run_dir,
+        num_samples=args.num_samples,
+        split=args.split,
+        data=args.data,
+        bound_figure=args.run_dir / "bound.png",
+    )
     print(json.dumps(e.to_dict(), indent=2) if args.json else e.report())
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "explain": _explain}
+def _compare(args) -> int:
+    from .compare import CompareConfig, compare_guides, format_table, write_comparison
+
+    data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
+    model_name = Path(args.model.rpartition(":")[0]).stem if ":" in args.model else args.model
+    out = args.out or Path("runs") / f"compare-{model_name}-{data_name}-seed{args.seed}"
+    if out.exists() and not args.force:
+        raise OptionError(f"--out: {out} exists (use --force to replace it)")
+    _check_writable(out)
+    options = CompareConfig(
+        num_samples=args.num_samples, elbo_particles=args.elbo_particles, num_draws=args.num_draws
+    )
+    comparison = compare_guides(
+        args.model,
+        args.guides.split(",") if args.guides else None,
+        args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        estimator=args.estimator,
+        latent_dim=args.latent_dim,
+        hidden_dims=args.hidden_dims,
+        device=args.device,
+        dtype=args.dtype,
+        options=options,
+        out_dir=out,
+        replace=args.force,
+        progress=sys.stderr.isatty(),
+    )
+    write_comparison(comparison, out)
+    if args.json:
+        print(json.dumps({"out": str(out), **comparison.to_dict()}, indent=2))
+    else:
+        print(format_table(comparison))
+        print(f"wrote comparison.csv, .json, .md, .png and posterior_<guide>.nc to {out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "explain": _explain, "compare": _compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 import os
-import time
+import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +36,7 @@ import pyro
 import torch
 from matplotlib.figure import Figure
 from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.infer.autoguide import AutoDelta
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
@@ -53,6 +53,7 @@ __all__ = [
     "Comparison",
     "ComparisonRow",
     "check_guides",
+    "compare_guides",
     "compare",
     "format_table",
     "plot_comparison",
@@ -96,7 +97,9 @@ class CompareConfig:
         for name in ("num_samples", "elbo_particles", "num_draws", "num_chains", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise OptionError(f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}")
+                raise OptionError(
+                    f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}"
+                )
         if self.num_draws < self.num_chains:
             raise OptionError(
                 f"--num-draws: need at least one draw per chain ({self.num_chains}), got {self.num_draws}"
@@ -134,6 +137,8 @@ class Comparison(NamedTuple):
     num_samples: int
     train: dict[str, Any]
     model: str
+    #: per-datum PSIS k̂ of each guide (one value for global models; NaN for a point mass)
+    khats: dict[str, np.ndarray] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -257,7 +262,9 @@ def _evaluate(
             d = decompose(model, guide, xb, num_particles=options.elbo_particles, analytic_kl=True)
             elbo, recon, kl = elbo + d.elbo, recon + d.reconstruction, kl + d.kl
             elbo_var += d.elbo_stderr**2 if math.isfinite(d.elbo_stderr) else 0.0
-            est = iwae(model, guide, xb, num_samples=options.num_samples, chunk_size=options.chunk_size)
+            est = iwae(
+                model, guide, xb, num_samples=options.num_samples, chunk_size=options.chunk_size
+            )
             log_px += est.log_px
             log_px_var += est.stderr**2 if math.isfinite(est.stderr) else 0.0
             weights.append(est.log_weights)
@@ -342,7 +349,7 @@ def compare(
     model: Callable,
     guides: Mapping[str, Any],
     data: Dataset | torch.Tensor,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     options: CompareConfig = CompareConfig(),
     *,
     out_dir: str | os.PathLike | None = None,
@@ -363,21 +370,24 @@ def compare(
             ``functools.partial`` of one, called with the model).
         data: a :class:`~inference.data.Dataset` (train and test split) or a tensor ``(N, D)``
             (training data only).
-        config: training options shared by all guides.
+        config: training options shared by all guides (default ``TrainConfig()``).
         options: evaluation options.
-        out_dir: with it, per-guide run directories ``runs/<guide>/`` (metrics, checkpoint) and
-            posterior draws ``posterior_<guide>.nc`` are written there.
+        out_dir: with it, each guide's posterior draws are written there as
+            ``posterior_<guide>.nc`` (no per-epoch checkpoints: they would cost more than the
+            small models' steps).
         model_name: how the model is named in the outputs.
 
     Returns:
         A :class:`Comparison`; its rows follow the order of ``guides``.
     """
+    config = config if config is not None else TrainConfig()
     train_x, test_x = (data.train, data.test) if isinstance(data, Dataset) else (data, None)
     out_dir = Path(out_dir) if out_dir is not None else None
     module = _model_module(model)
     initial = copy.deepcopy(module.state_dict()) if module is not None else None
     batched = takes_num_data(model)
     rows = []
+    khats: dict[str, np.ndarray] = {}
     for name, entry in guides.items():
         pyro.clear_param_store()
         if module is not None:
@@ -402,16 +412,19 @@ def compare(
             train_x,
             test_x if split == "test" else None,
             config,
-            run_dir=out_dir / "runs" / name if out_dir is not None else None,
-            metadata={"guide": name, "model": model_name},
         )
         seconds = sum(r.get("seconds", 0.0) for r in result.history if r["split"] == "train")
         kwargs = {"num_data": train_x.shape[0]} if batched else {}
-        num_params = _param_count(guide, train_x[: min(2, train_x.shape[0])] if batched else train_x, kwargs)
+        num_params = _param_count(
+            guide, train_x[: min(2, train_x.shape[0])] if batched else train_x, kwargs
+        )
         ev = _evaluate(model, guide, eval_x, options, batched and amortized)
         local = ev.log_weights.dim() == 2
         n = eval_x.shape[0]
-        khat = psis_khat(ev.log_weights)
+        # a point mass has no density to importance-sample with: k̂ is undefined
+        point = isinstance(guide, AutoDelta)
+        khat = np.full(1, np.nan) if point else psis_khat(ev.log_weights)
+        khats[name] = khat
         ess = torch.exp(
             2 * torch.logsumexp(ev.log_weights, 0) - torch.logsumexp(2 * ev.log_weights, 0)
         )
@@ -429,7 +442,7 @@ def compare(
                 gap=(ev.log_px - ev.elbo) / n,
                 gap_stderr=math.sqrt(ev.elbo_var + ev.log_px_var) / n,
                 khat_median=float(np.median(khat)),
-                khat_share_bad=float(np.mean(khat > KHAT_THRESHOLD)),
+                khat_share_bad=math.nan if point else float(np.mean(khat > KHAT_THRESHOLD)),
                 ess_median=float(ess.median()),
                 seconds=seconds,
                 num_params=num_params,
@@ -437,6 +450,7 @@ def compare(
             )
         )
         if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
             draws = posterior_draws(model, guide, eval_x, options.num_draws)
             attrs = {
                 "guide": name,
@@ -446,10 +460,10 @@ def compare(
             }
             _save_netcdf(
                 _inference_data(draws, options, local=local, attrs=attrs),
-                out_dir / f"posterior_{name}.nc",
+                Path(out_dir) / f"posterior_{name}.nc",
             )
     train = {k: v for k, v in asdict(config).items() if k != "progress"}
-    return Comparison(tuple(rows), options.num_samples, train, model_name)
+    return Comparison(tuple(rows), options.num_samples, train, model_name, khats)
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -477,7 +491,9 @@ def format_table(comparison: Comparison) -> str:
         cells = []
         for key, _, fmt in COLUMNS:
             value = getattr(row, key)
-            cells.append("nan" if isinstance(value, float) and math.isnan(value) else fmt.format(value))
+            cells.append(
+                "nan" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+            )
         lines.append("| " + " | ".join(cells) + " |")
     splits = sorted({(r.split, r.n) for r in comparison.rows})
     lines.append("")
@@ -526,3 +542,98 @@ def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> dict
     plot_comparison(comparison, paths["png"])
     return paths
 
+
+# --- by name, as the command line asks -----------------------------------------------------------
+
+#: Default guides per kind of model.
+DEFAULT_GUIDES = {
+    "amortized": ("diag", "full", "flow"),
+    "user": ("AutoNormal", "AutoMultivariateNormal"),
+}
+
+
+def compare_guides(
+    model: str,
+    guides: Sequence[str] | None,
+    data: str,
+    *,
+    epochs: int = TrainConfig.epochs,
+    batch_size: int | None = None,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    estimator: str = "trace",
+    latent_dim: int = 10,
+    hidden_dims: Sequence[int] = (200,),
+    device: str = "cpu",
+    dtype: str = "float32",
+    options: CompareConfig = CompareConfig(),
+    out_dir: str | os.PathLike | None = None,
+    replace: bool = False,
+    progress: bool = False,
+) -> Comparison:
+    """:func:`compare` for a model and guides named as on the command line.
+
+    ``model`` is a built-in name (``vae``, ``ppca``, ``fa``: amortized ``diag``/``full``/``flow``
+    guides, linear encoders for the linear-Gaussian models) or a user model ``FILE.py:NAME`` /
+    ``package.module:NAME`` taking the data tensor (autoguides by name). ``batch_size=None`` is
+    128 for the built-in models and the full data for a user model without ``num_data``.
+    Incompatible combinations raise :class:`~inference.errors.OptionError` before any work.
+    """
+    from models.guides import AUTOGUIDES, autoguide_name, make_guide
+
+    from .data import load_data
+    from .run import DTYPES, MODELS, ModelSpec, build_model
+    from .user_model import is_user_model, load_user_model
+
+    user = is_user_model(model)
+    if not user and model not in MODELS:
+        raise OptionError(
+            f"--model: unknown model {model!r} (choose from {', '.join(MODELS)}, or FILE.py:NAME)"
+        )
+    names = [g.strip() for g in guides if g.strip()] if guides is not None else None
+    names = names if names is not None else list(DEFAULT_GUIDES["user" if user else "amortized"])
+    check_guides(names, amortized=not user, estimator=estimator)
+    spec = None
+    if not user:  # validate the model options before loading anything
+        spec = ModelSpec(
+            model=model,
+            data=data,
+            latent_dim=latent_dim,
+            hidden_dims=tuple(hidden_dims),
+            device=device,
+            dtype=dtype,
+        )
+    elif dtype not in DTYPES:
+        raise OptionError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dataset = load_data(data).to(device, DTYPES[dtype])
+    pyro.clear_param_store()
+    if user:
+        model_fn = load_user_model(model)
+        entries: dict[str, Any] = {autoguide_name(n): AUTOGUIDES[autoguide_name(n)] for n in names}
+        batched = takes_num_data(model_fn)
+        label = model
+    else:
+        with seeded(seed):
+            module, model_fn, _ = build_model(spec, dataset)
+            widths = tuple(hidden_dims) if model == "vae" else ()  # linear encoders: exact family
+            entries = {
+                n: make_guide(n, dataset.data_dim, latent_dim, widths).to(device, DTYPES[dtype])
+                for n in names
+            }
+        batched, label = True, model
+    if batch_size is None:
+        batch_size = 128 if batched else None
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        estimator=estimator,
+        progress=progress,
+    )
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and replace:
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return compare(model_fn, entries, dataset, config, options, out_dir=out_dir, model_name=label)

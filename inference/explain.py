@@ -21,7 +21,7 @@ import torch
 from .errors import OptionError
 from .evidence import iwae
 from .run import load_run
-from .train import EVAL_SEED, evaluate, pyro_loss, seeded
+from .train import EVAL_SEED, evaluate, pyro_loss, seeded, takes_num_data
 
 __all__ = ["Explanation", "explain"]
 
@@ -90,9 +90,10 @@ class Explanation(NamedTuple):
             f"   log p(x) ~ L_K = {self.log_px:.3f} +- {self.log_px_stderr:.3f} "
             f"(importance-weighted, K = {self.num_samples}, mean ESS {self.ess:.1f})",
             f"   ELBO from the same draws = {self.elbo_mc:.3f} +- {self.elbo_mc_stderr:.3f}",
-            f"   gap L_K - ELBO = {self.gap:.3f} +- {self.gap_stderr:.3f} >= 0: "
-            "KL(q(z|x) || p(z|x)), how far the guide is from the true posterior",
-            "   (a lower bound on that KL; it grows towards it with K)",
+            f"   gap L_K - ELBO = {self.gap:.3f} +- {self.gap_stderr:.3f} >= 0, read as "
+            "KL(q(z|x) || p(z|x)):",
+            "   how far the guide is from the true posterior (a lower bound on that KL,",
+            "   tightening as K grows)",
         ]
         if self.exact_log_px is not None:
             lines += [
@@ -113,6 +114,7 @@ def explain(
     data: str | None = None,
     chunk_size: int | None = None,
     seed: int = EVAL_SEED,
+    bound_figure: str | os.PathLike | None = None,
 ) -> Explanation:
     """Compute the ELBO anatomy of a trained run on one of its splits.
 
@@ -123,6 +125,8 @@ def explain(
         data: other data of the same dimension (default: the run's).
         chunk_size: particles vectorized at once (see :func:`inference.evidence.log_weights`).
         seed: the noise of every estimate.
+        bound_figure: write the per-datum bound picture here as PNG
+            (:func:`inference.plots.plot_bound`; models with local latents only).
 
     Returns:
         An :class:`Explanation` (per-datum values). L_K and the ELBO are computed on the whole
@@ -135,8 +139,10 @@ def explain(
     n = x.shape[0]
     if n == 0:
         raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
-    metrics = evaluate(run.model, run.guide, x, seed=seed)
-    checked = pyro_loss(run.model, run.guide, x, seed=seed)
+    # a model without num_data has global latents: evaluate all rows at once, as fit does
+    batch_size = 1024 if takes_num_data(run.model) else None
+    metrics = evaluate(run.model, run.guide, x, batch_size=batch_size, seed=seed)
+    checked = pyro_loss(run.model, run.guide, x, batch_size=batch_size, seed=seed)
     with seeded(seed):
         estimate = iwae(run.model, run.guide, x, num_samples=num_samples, chunk_size=chunk_size)
     log_w = estimate.log_weights  # (K, N) local, (K,) global
@@ -148,6 +154,8 @@ def explain(
     log_px = estimate.log_px / n
     log_px_stderr = estimate.stderr / n
     exact = _exact(run.module, x)
+    if bound_figure is not None and estimate.per_datum is not None:
+        _bound_figure(bound_figure, run, x, log_w, estimate.per_datum)
     return Explanation(
         run_dir=str(run_dir),
         model=run.spec.model,
@@ -169,6 +177,23 @@ def explain(
         ess=float(estimate.ess.to(torch.float64).mean()),
         **exact,
     )
+
+
+def _bound_figure(path, run, x: torch.Tensor, log_w: torch.Tensor, log_px: torch.Tensor) -> None:
+    """Per-datum ELBO against L_K: the mean of the K log-weights (never above L_K), or the
+    closed-form ELBO with the exact log p(x) for linear-Gaussian models."""
+    from models.linear_gaussian import LinearGaussian
+
+    from .plots import plot_bound
+
+    title = (
+        f"{run.spec.model} on {os.path.basename(run.spec.data)}: ELBO ≤ L_K ≤ log p(x) per datum"
+    )
+    if isinstance(run.module, LinearGaussian):
+        elbo, exact = run.module.exact_elbo(x).elbo, run.module.log_marginal(x)
+    else:
+        elbo, exact = log_w.mean(0), None
+    plot_bound(elbo, log_px, num_samples=log_w.shape[0], exact_log_px=exact, title=title, path=path)
 
 
 def _exact(module: torch.nn.Module, x: torch.Tensor) -> dict[str, float | None]:

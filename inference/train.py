@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,17 +28,13 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import (
-    ELBO,
-    JitTrace_ELBO,
-    JitTraceMeanField_ELBO,
-    Trace_ELBO,
-    TraceMeanField_ELBO,
-)
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from .distributed import World, current_world
 from .elbo import decompose
 from .errors import NumericalError, OptionError, RunError
+from .estimators import JitTrace_ELBO, JitTraceMeanField_ELBO
 from .io import load_checkpoint, save_checkpoint, write_csv, write_json, write_jsonl
 
 __all__ = [
@@ -54,7 +51,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ELBO estimators by name: Monte-Carlo KL, analytic KL, and their JIT-compiled variants.
+
+#: ELBO estimators by name: Monte-Carlo KL, analytic KL, and their JIT-compiled variants
+#: (:mod:`inference.estimators`: traced once per shape, same noise and gradients as the plain).
 ESTIMATORS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO,
     "meanfield": TraceMeanField_ELBO,
@@ -74,15 +73,16 @@ class TrainConfig:
     batch_size: int | None = 128
     learning_rate: float = 1e-3
     seed: int = 0
-    estimator: str = "trace"
+    estimator: str = "meanfield"  # analytic KL: the same gradient as the textbook VAE loss
     num_particles: int = 1
     clip_norm: float | None = None
     validate: bool = False
     eval_batch_size: int | None = 1024
+    eval_every: int = 1  # evaluate train/test metrics every this many epochs (and the last)
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "num_particles"):
+        for name in ("epochs", "num_particles", "eval_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise OptionError(
                     f"--{name.replace('_', '-')}: must be a positive integer, "
@@ -260,6 +260,18 @@ def pyro_loss(
 # --- training ------------------------------------------------------------------------------------
 
 
+def adam(params: list[torch.Tensor], learning_rate: float) -> torch.optim.Adam:
+    """One ``torch.optim.Adam`` over all parameters, fused into one kernel where torch has it.
+
+    The update is Adam's (Kingma & Ba 2015) either way; the fused kernel (CPU and CUDA, float
+    parameters) replaces a Python loop over the tensors, which dominates small models' steps.
+    """
+    devices = {p.device.type for p in params}
+    floating = all(p.is_floating_point() for p in params)
+    fused = bool(params) and devices <= {"cpu", "cuda"} and floating
+    return torch.optim.Adam(params, lr=learning_rate, fused=fused or None)
+
+
 def _collect_params(loss_fn: torch.nn.Module, x: torch.Tensor, kwargs) -> tuple[list[str], list]:
     """Run the pair once (RNG forked) to create its parameters; return them sorted by name."""
     with torch.random.fork_rng(devices=[]), poutine.trace(param_only=True) as capture:
@@ -300,6 +312,7 @@ def fit(
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
     handle_signals: bool = False,
+    world: World | None = None,
 ) -> TrainResult:
     """Train ``guide`` (and the model's parameters) by SVI on ``train_x`` ``(N, D)``.
 
@@ -317,6 +330,9 @@ def fit(
         resume: continue from ``run_dir/checkpoint.pt`` (same config required).
         metadata: JSON-able facts stored with the checkpoint (e.g. how to rebuild the model).
         handle_signals: on SIGINT/SIGTERM finish the step, checkpoint, raise :class:`Interrupted`.
+        world: the data-parallel ranks (:mod:`inference.distributed`); default: the initialized
+            process group, else one process. Each rank steps on its shard of every global batch,
+            gradients and metrics are reduced across ranks, and rank 0 alone writes files.
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last epoch's test metrics (train if no test).
@@ -331,6 +347,8 @@ def fit(
             f"--batch-size: the model takes no 'num_data' argument, so mini-batches of {batch} "
             f"of {n} rows would be scaled wrongly; train full batch (batch size >= {n})"
         )
+    world = current_world() if world is None else world
+    world.check_batches(n, batch, scaled=bool(kwargs))
     eval_kwargs = dict(batch_size=config.eval_batch_size if kwargs else None)
     run_dir = Path(run_dir) if run_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
@@ -339,7 +357,9 @@ def fit(
     loss_fn = make_elbo(config.estimator, config.num_particles)(model, guide)
     with pyro.validation_enabled(True):
         names, params = _collect_params(loss_fn, train_x[:batch], kwargs)
-    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    world.broadcast_(params)  # every rank starts from rank 0's parameters
+    world.seed(config.seed)  # ranks 1.. draw their own noise
+    optimizer = adam(params, config.learning_rate)
 
     history: list[dict[str, Any]] = []
     start_epoch, start_step, loss_sum = 0, 0, 0.0
@@ -351,13 +371,21 @@ def fit(
             raise RunError(f"{checkpoint_path}: its training options differ from this run's")
         _copy_params(names, params, state, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
         history = list(state["history"])
         start_epoch, start_step = state["position"]["epoch"], state["position"]["step"]
-        loss_sum = state["position"]["loss_sum"]
+        loss_sum = state["position"]["loss_sum"] if world.is_writer else 0.0  # a global sum
+        rng = world.rng_state(state)
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # written by a world of another size: this rank's stream is derived afresh
+            world.seed(config.seed, start_epoch, start_step)
 
     def checkpoint(epoch: int, step: int, running: float) -> None:
         if checkpoint_path is None:
+            return
+        rng_by_rank = world.all_gather(get_rng_state(), "gathering RNG states")
+        running = world.sum([running], "reducing the training loss")[0]
+        if not world.is_writer:
             return
         save_checkpoint(
             checkpoint_path,
@@ -367,13 +395,14 @@ def fit(
                 "param_names": names,
                 "params": {k: p.detach().clone() for k, p in zip(names, params, strict=True)},
                 "optimizer": optimizer.state_dict(),
-                "rng": get_rng_state(),
+                "rng": rng_by_rank[0],
                 "position": {"epoch": epoch, "step": step, "loss_sum": running},
                 "history": history,
+                **({"rng_by_rank": rng_by_rank} if world.size > 1 else {}),
             },
         )
 
-    if run_dir is not None:
+    if run_dir is not None and world.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(
             run_dir / "config.json", {"train": asdict(config), "metadata": dict(metadata or {})}
@@ -384,7 +413,7 @@ def fit(
     bar = tqdm(
         total=config.epochs,
         initial=start_epoch,
-        disable=not config.progress,
+        disable=not config.progress or not world.is_writer,
         desc="epochs",
         unit="epoch",
         leave=False,
@@ -396,7 +425,8 @@ def fit(
             order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
             order = order.to(train_x.device)
             for step in range(start_step, steps_per_epoch):
-                x = train_x[order[step * batch : (step + 1) * batch]]
+                batch_rows = order[step * batch : (step + 1) * batch]  # the global batch
+                x = train_x[world.shard(batch_rows)]
                 with pyro.validation_enabled(validate_every_step or (epoch, step) == (0, 0)):
                     loss = loss_fn(x, **kwargs)
                 loss_value = loss.item()
@@ -407,6 +437,7 @@ def fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                world.all_reduce_gradients(params, weight=x.shape[0] / batch_rows.shape[0])
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, config.clip_norm if config.clip_norm else math.inf, foreach=True
                 )
@@ -417,16 +448,22 @@ def fit(
                     )
                 optimizer.step()
                 loss_sum += loss_value * x.shape[0] / (n if kwargs else x.shape[0])
-                if flag.signum is not None:
+                if world.any(flag.signum is not None):  # all ranks stop at the same step
                     checkpoint(epoch, step + 1, loss_sum)
-                    raise Interrupted(flag.signum, f"epoch {epoch + 1}, step {step + 1}")
+                    raise Interrupted(
+                        flag.signum or signal.SIGTERM, f"epoch {epoch + 1}, step {step + 1}"
+                    )
             start_step = 0
             seconds = time.perf_counter() - t0
+            loss_sum = world.sum([loss_sum], "reducing the training loss")[0]
             rows = []
+            evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
             for split, xs in (("train", train_x), ("test", test_x)):
-                if xs is None:
+                if xs is None or not evaluated:
                     continue
-                m = evaluate(model, guide, xs, model_kwargs=None, **eval_kwargs)
+                m = world.evaluate(
+                    partial(evaluate, model, guide), xs, model_kwargs=None, **eval_kwargs
+                )
                 row = {"epoch": epoch + 1, "split": split, **m._asdict()}
                 if split == "train":
                     row["svi_loss"] = loss_sum / n  # mean of what the steps minimized
@@ -435,13 +472,14 @@ def fit(
                 final = m
             history.extend(rows)
             loss_sum = 0.0
-            checkpoint(epoch + 1, 0, 0.0)
-            if flag.signum is not None and epoch + 1 < config.epochs:
-                raise Interrupted(flag.signum, f"the end of epoch {epoch + 1}")
-            if run_dir is not None:
+            if run_dir is not None and world.is_writer:
                 write_jsonl(run_dir / "metrics.jsonl", history)
                 write_csv(run_dir / "metrics.csv", [_flat(r) for r in history])
-            bar.set_postfix(elbo=f"{rows[-1]['elbo']:.2f}")
+            checkpoint(epoch + 1, 0, 0.0)
+            if world.any(flag.signum is not None) and epoch + 1 < config.epochs:
+                raise Interrupted(flag.signum or signal.SIGTERM, f"the end of epoch {epoch + 1}")
+            if rows:
+                bar.set_postfix(elbo=f"{rows[-1]['elbo']:.2f}")
             bar.update(1)
             log.info("epoch %d: %s", epoch + 1, rows)
     if final is None:  # resumed a finished run: report the last recorded metrics

@@ -47,12 +47,16 @@ def load_user_model(spec: str) -> Callable:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(module_name, None)
-            raise OptionError(f"--model: {path}: failed to import ({type(exc).__name__}: {exc})") from None
+            raise OptionError(
+                f"--model: {path}: failed to import ({type(exc).__name__}: {exc})"
+            ) from None
     else:
         try:
             module = importlib.import_module(source)
         except Exception as exc:
-            raise OptionError(f"--model: cannot import {source!r} ({type(exc).__name__}: {exc})") from None
+            raise OptionError(
+                f"--model: cannot import {source!r} ({type(exc).__name__}: {exc})"
+            ) from None
     fn = getattr(module, name, None)
     if fn is None:
         raise OptionError(f"--model: {source} has no attribute {name!r}")

@@ -1,7 +1,23 @@
 """Generative models and the guides that serve them, as Pyro model/guide pairs."""
 
+from .guides import DiagonalNormalGuide as DiagonalNormalGuide
+from .guides import FlowGuide as FlowGuide
+from .guides import FullNormalGuide as FullNormalGuide
+from .guides import make_autoguide as make_autoguide
+from .guides import make_guide as make_guide
+from .linear_gaussian import LinearGaussian as LinearGaussian
 from .vae import VAE as VAE
 from .vae import Decoder as Decoder
 from .vae import Encoder as Encoder
 
-__all__ = ["VAE", "Decoder", "Encoder"]
+__all__ = [
+    "VAE",
+    "Decoder",
+    "DiagonalNormalGuide",
+    "Encoder",
+    "FlowGuide",
+    "FullNormalGuide",
+    "LinearGaussian",
+    "make_autoguide",
+    "make_guide",
+]

@@ -245,9 +245,7 @@ def autoguide_name(name: str) -> str:
     for canonical in AUTOGUIDES:
         if canonical.lower().removeprefix("auto") == wanted:
             return canonical
-    raise OptionError(
-        f"--guides: unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)})"
-    )
+    raise OptionError(f"--guides: unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)})")
 
 
 def make_autoguide(name: str, model: Callable, **kw) -> autoguide.AutoGuide:

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The networks in tests are tiny: one intra-op thread is fastest and avoids oversubscribing a
+# 2-core machine when subprocesses (notebooks, torchrun workers, CLI runs) compute beside us.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

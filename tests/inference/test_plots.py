@@ -158,16 +158,21 @@ def _dataset(image_shape):
     return Dataset("toy", x[:20], x[20:], image_shape, labels[:20], labels[20:])
 
 
-def test_run_figures_for_image_data(tmp_path, no_pyplot_leak):
-    vae = VAE(64, latent_dim=2, hidden_dims=(16,)).double()
-    paths = write_training_figures(tmp_path, history(3), vae, _dataset((8, 8)))
-    names = [p.name for p in paths]
-    assert names == ["curves.png", "reconstructions.png", "samples.png", "latent.png"]
-    for p in paths:
-        assert_png(p, min_bytes=1_000)
-
-
 def test_run_figures_for_non_image_data_are_curves_only(tmp_path):
     vae = VAE(64, latent_dim=2, hidden_dims=(16,)).double()
     paths = write_training_figures(tmp_path, history(3), vae, _dataset(None))
     assert [p.name for p in paths] == ["curves.png"]
+
+
+def test_train_and_explain_write_their_figures(tmp_path, capsys):
+    """`elbo-lab train` writes curves/reconstructions/samples/latent; `explain` adds bound.png."""
+    from inference.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--latent-dim", "2", "--hidden-dims", "8"]
+    assert main([*args, "--no-progress", "--run-dir", str(run)]) == 0
+    for name in ("curves", "reconstructions", "samples", "latent"):
+        assert_png(run / f"{name}.png", min_bytes=1_000)
+    assert main(["explain", str(run), "--num-samples", "8"]) == 0
+    assert_png(run / "bound.png")
+    capsys.readouterr()

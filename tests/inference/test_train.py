@@ -29,6 +29,15 @@ from models.vae import VAE
 TINY = TrainConfig(epochs=2, batch_size=64, seed=3, progress=False, eval_batch_size=100)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small networks on a shared CPU: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()
@@ -192,7 +201,11 @@ def test_evaluate_on_a_checkpoint_equals_plain_pytorch(digits, tmp_path_factory,
     ids=["trace", "meanfield"],
 )
 def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
-    """Each estimator trains in float64; a JIT estimator gives its plain twin's numbers."""
+    """Each estimator trains in float64; a JIT estimator gives its plain twin's numbers.
+
+    Same noise, so equal up to the compiled graph's rounding (~1e-12 per step in float64),
+    which Adam's division by sqrt(v) amplifies over the epoch.
+    """
     train, test = (t.double() for t in small)
     histories = {}
     for name in (estimator, compiled):
@@ -247,10 +260,10 @@ def regression_guide(data):
 def test_a_user_model_with_global_latents_trains_full_batch(float64):
     data = _regression_data()
     config = TrainConfig(
-        epochs=150, batch_size=None, learning_rate=0.1, estimator="meanfield", progress=False
+        epochs=60, batch_size=None, learning_rate=0.1, estimator="meanfield", progress=False
     )
     result = fit(regression_model, regression_guide, data[:32], data[32:], config)
-    assert len(result.history) == 300
+    assert len(result.history) == 120
     for row in result.history:
         _assert_sign_identities(row)
     first, last = result.history[0], result.history[-2]

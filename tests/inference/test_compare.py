@@ -1,0 +1,230 @@
+"""Comparing guides on a model with a known posterior, the files it writes, and the CLI.
+
+Conjugate Bayesian linear regression, y = X w + eps, w ~ N(0, I / alpha), eps ~ N(0, sigma^2):
+
+    p(w | y)  = N(m, Lambda^{-1}),  Lambda = alpha I + X^T X / sigma^2,  m = Lambda^{-1} X^T y / sigma^2
+    log p(y)  = log N(y; 0, sigma^2 I + X X^T / alpha)
+
+AutoMultivariateNormal contains the posterior, so its ELBO reaches log p(y); AutoNormal, mean
+field, stops short by 1/2 sum_j log Lambda_jj - 1/2 log |Lambda| (Bishop, PRML §10.1.2).
+"""
+
+import json
+import math
+import textwrap
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+from inference.cli import main
+from inference.compare import CompareConfig, check_guides, compare, write_comparison
+from inference.errors import OptionError
+from inference.train import TrainConfig
+from inference.user_model import load_user_model
+
+SIGMA, ALPHA = 1.0, 1.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def regression(data):
+    """Bayesian linear regression on data = [X | y] ``(N, d + 1)``; broadcasts over draws of w."""
+    X, y = data[:, :-1], data[:, -1]
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), ALPHA**-0.5).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((w * X).sum(-1), SIGMA), obs=y)
+
+
+def regression_data(n=10, d=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n, 1, generator=g)
+    X = shared + 0.5 * torch.randn(n, d, generator=g)  # correlated columns: a tilted posterior
+    y = X @ torch.tensor([1.0, -0.5, 0.3]) + SIGMA * torch.randn(n, generator=g)
+    return torch.cat([X, y[:, None]], dim=1)
+
+
+def exact_posterior(data):
+    X, y = data[:, :-1], data[:, -1]
+    n, d = X.shape
+    precision = ALPHA * torch.eye(d) + X.T @ X / SIGMA**2
+    covariance = torch.linalg.inv(precision)
+    mean = covariance @ X.T @ y / SIGMA**2
+    evidence = dist.MultivariateNormal(torch.zeros(n), SIGMA**2 * torch.eye(n) + X @ X.T / ALPHA)
+    return mean, covariance, precision, float(evidence.log_prob(y))
+
+
+@pytest.fixture(scope="module")
+def regression_comparison(tmp_path_factory):
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    try:
+        pyro.clear_param_store()
+        out = tmp_path_factory.mktemp("compare")
+        data = regression_data()
+        guides = {
+            "AutoNormal": AutoNormal,
+            "AutoMultivariateNormal": AutoMultivariateNormal(regression),
+        }
+        config = TrainConfig(epochs=1000, batch_size=None, learning_rate=0.01, progress=False)
+        options = CompareConfig(num_samples=1000, elbo_particles=300, num_draws=200)
+        with pyro.validation_enabled(False):  # fit validates its first step; speed
+            comparison = compare(
+                regression, guides, data, config, options, out_dir=out, model_name="blr"
+            )
+        # the last guide's parameters are still in the param store
+        posterior = guides["AutoMultivariateNormal"].get_posterior()
+        fitted = (posterior.mean.detach(), posterior.covariance_matrix.detach())
+        paths = write_comparison(comparison, out)
+        return data, comparison, fitted, out, paths
+    finally:
+        torch.set_default_dtype(old)
+        torch.set_num_threads(threads)
+        pyro.clear_param_store()
+
+
+def test_full_rank_autoguide_recovers_the_posterior(regression_comparison):
+    data, comparison, (mean, covariance), _, _ = regression_comparison
+    exact_mean, exact_cov, _, _ = exact_posterior(data)
+    sd = exact_cov.diagonal().sqrt()
+    assert ((mean - exact_mean).abs() < 0.15 * sd).all(), (mean, exact_mean)
+    relative = torch.linalg.matrix_norm(covariance - exact_cov) / torch.linalg.matrix_norm(
+        exact_cov
+    )
+    assert relative < 0.2, (covariance, exact_cov)
+
+
+def test_full_rank_elbo_reaches_the_log_evidence(regression_comparison):
+    data, comparison, _, _, _ = regression_comparison
+    *_, log_evidence = exact_posterior(data)
+    row = comparison.rows[1]
+    n = row.n
+    assert (row.guide, row.split, n) == ("AutoMultivariateNormal", "train", 10)
+    # ELBO <= log p(y), closely; L_K within 5 standard errors of log p(y)
+    assert -0.05 - 5 * row.elbo_stderr * n < row.elbo * n - log_evidence < 5 * row.elbo_stderr * n
+    assert abs(row.log_px * n - log_evidence) < 5 * row.log_px_stderr * n + 1e-3
+    assert row.khat_median < 0.5
+
+
+def test_mean_field_autoguide_shows_the_mean_field_gap(regression_comparison):
+    data, comparison, _, _, _ = regression_comparison
+    _, _, precision, log_evidence = exact_posterior(data)
+    expected = 0.5 * torch.log(precision.diagonal()).sum() - 0.5 * torch.logdet(precision)
+    row = comparison.rows[0]
+    gap = log_evidence - row.elbo * row.n
+    assert expected > 0.3
+    assert abs(gap - float(expected)) < 0.1 + 5 * row.elbo_stderr * row.n, (gap, expected)
+    assert row.gap > comparison.rows[1].gap
+
+
+def test_netcdf_posteriors_open_with_arviz(regression_comparison):
+    data, _, _, out, _ = regression_comparison
+    exact_mean, exact_cov, _, _ = exact_posterior(data)
+    idata = az.from_netcdf(out / "posterior_AutoMultivariateNormal.nc")
+    assert dict(idata.posterior.sizes) == {"chain": 4, "draw": 50, "w_dim_0": 3}
+    assert idata.posterior.attrs["guide"] == "AutoMultivariateNormal"
+    summary = az.summary(idata, kind="stats")
+    assert list(summary.index) == ["w[0]", "w[1]", "w[2]"]
+    draws = idata.posterior["w"].values.reshape(-1, 3)
+    sd = exact_cov.diagonal().sqrt().numpy()
+    # the fit is within 0.15 sd of the exact mean; the draws add 5 standard errors of their own
+    tolerance = 0.15 * sd + 5 * sd / math.sqrt(draws.shape[0])
+    assert (np.abs(draws.mean(0) - exact_mean.numpy()) < tolerance).all()
+
+
+def test_written_tables_and_figure(regression_comparison):
+    _, comparison, _, _, paths = regression_comparison
+    record = json.loads(paths["json"].read_text())
+    assert record["units"] == "nats per datum" and record["num_samples"] == 1000
+    assert [r["guide"] for r in record["rows"]] == ["AutoNormal", "AutoMultivariateNormal"]
+    header = paths["csv"].read_text().splitlines()[0].split(",")
+    assert {"elbo", "log_px", "gap", "khat_median", "khat_share_bad", "seconds"} <= set(header)
+    assert "| AutoNormal |" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "names, amortized, estimator, message",
+    [
+        (["diag", "AutoNormal"], True, "trace", "autoguide"),
+        (["diag"], False, "trace", "amortized encoder"),
+        (["flow"], True, "meanfield", "analytic KL"),
+        (["AutoIAFNormal"], False, "jit-meanfield", "analytic KL"),
+        (["diag", "diag"], True, "trace", "named twice"),
+        (["AutoLaplace"], False, "trace", "unknown autoguide"),
+    ],
+    ids=["vae-autoguide", "user-diag", "meanfield-flow", "meanfield-iaf", "twice", "unknown"],
+)
+def test_incompatible_guides_are_option_errors(names, amortized, estimator, message):
+    with pytest.raises(OptionError, match=message):
+        check_guides(names, amortized=amortized, estimator=estimator)
+
+
+MODEL_FILE = """
+import pyro, pyro.distributions as dist, torch
+
+def model(data):
+    X, y = data[:, :-1], data[:, -1]
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((w * X).sum(-1), 1.0), obs=y)
+"""
+
+
+def test_load_user_model(tmp_path):
+    path = tmp_path / "my_models.py"
+    path.write_text(textwrap.dedent(MODEL_FILE))
+    assert callable(load_user_model(f"{path}:model"))
+    assert load_user_model("inference.train:fit").__name__ == "fit"
+    for spec, message in [
+        (f"{path}:nope", "no attribute 'nope'"),
+        (f"{tmp_path}/missing.py:model", "no such file"),
+        ("no_such_package_xyz:model", "cannot import"),
+        (f"{path}", "expected FILE.py:NAME"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            load_user_model(spec)
+
+
+def test_cli_compare_vae(tmp_path, capsys):
+    out = tmp_path / "vae"
+    argv = ["compare", "--guides", "diag,flow", "--epochs", "1", "--latent-dim", "2"]
+    argv += ["--hidden-dims", "16", "--num-samples", "16", "--elbo-particles", "2"]
+    argv += ["--num-draws", "20", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| diag |" in printed and "| flow |" in printed
+    for name in ("comparison.csv", "comparison.json", "comparison.md", "comparison.png"):
+        assert (out / name).exists()
+    idata = az.from_netcdf(out / "posterior_flow.nc")
+    assert dict(idata.posterior.sizes) == {"chain": 4, "draw": 5, "datum": 359, "z_dim": 2}
+    assert main(argv) == 2  # exists without --force
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_compare_user_model(tmp_path, capsys):
+    path = tmp_path / "my_models.py"
+    path.write_text(textwrap.dedent(MODEL_FILE))
+    data = regression_data(n=20).numpy().astype(np.float32)
+    np.savez(tmp_path / "data.npz", train=data[:15], test=data[15:])
+    argv = ["compare", "--model", f"{path}:model", "--guides", "AutoDelta,AutoNormal"]
+    argv += ["--data", str(tmp_path / "data.npz"), "--epochs", "5", "--num-samples", "16"]
+    argv += ["--elbo-particles", "2", "--num-draws", "20", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| AutoDelta |" in printed and "omits the entropy" in printed
+    assert az.summary(az.from_netcdf(tmp_path / "out" / "posterior_AutoNormal.nc")).shape[0] == 3
+    assert main(argv[:4] + ["diag"] + argv[5:] + ["--force"]) == 2
+    assert "amortized encoder" in capsys.readouterr().err

@@ -1,0 +1,152 @@
+"""The command line: train reports loss = -ELBO, evaluate prints exact JSON keys, every --help is
+complete, and every user mistake is one line ``elbo-lab: error: ...`` with exit status 2."""
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.cli import build_parser, main
+
+
+def _run(argv) -> int:
+    """``main``'s exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small networks on a shared CPU: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-epoch run of the default VAE (hidden 16) on the digits, and what train printed."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(
+            [
+                "train",
+                "--epochs",
+                "2",
+                "--hidden-dims",
+                "16",
+                "--run-dir",
+                str(run_dir),
+                "--no-progress",
+            ]
+        )
+    assert code == 0
+    return run_dir, out.getvalue()
+
+
+def test_train_prints_the_sign_report(trained):
+    run_dir, out = trained
+    assert "loss = -ELBO" in out and "(ok)" in out and "MISMATCH" not in out
+    # "loss = -ELBO = KL - E[log p(x|z)] = a - (b) = c nats/image" with c = a - b
+    m = re.search(r"= (-?[\d.]+) - \((-?[\d.]+)\) = (-?[\d.]+) nats/image", out)
+    kl, reconstruction, loss = map(float, m.groups())
+    assert kl > 0 and loss == pytest.approx(kl - reconstruction, abs=0.011)
+    for name in ("metrics.csv", "metrics.jsonl", "config.json", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_evaluate_json_has_exactly_the_documented_keys(trained, capsys):
+    run_dir, _ = trained
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"loss", "elbo", "reconstruction", "kl", "n"}
+    assert result["n"] == 359
+    assert result["loss"] == -result["elbo"]
+    assert result["elbo"] == pytest.approx(result["reconstruction"] - result["kl"], rel=1e-12)
+    # the checkpoint's test row, recomputed from disk with the same noise
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["split"] == "test" and result["elbo"] == pytest.approx(last["elbo"], rel=1e-6)
+
+
+def test_evaluate_text_report(trained, capsys):
+    run_dir, _ = trained
+    assert main(["evaluate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "loss = -ELBO" in out and "(ok)" in out
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+COMMANDS = sorted(_subparsers(build_parser()))
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=COMMANDS)
+def test_help_lists_every_option(command, capsys):
+    assert _run([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for action in _subparsers(build_parser())[command]._actions:
+        for option in action.option_strings:
+            assert option in out, option
+        if not action.option_strings:  # positional
+            assert action.dest in out or (action.metavar or "") in out
+        if action.help and action.help is not argparse.SUPPRESS:
+            assert action.help.split()[0] in out
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    assert _run(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in COMMANDS)
+
+
+BAD = {
+    "epochs-zero": (["train", "--epochs", "0"], "--epochs"),
+    "negative-lr": (["train", "--lr", "-1"], "--lr"),
+    "unknown-estimator": (["train", "--estimator", "nope"], "--estimator"),
+    "unknown-model": (["train", "--model", "nope"], "--model"),
+    "hidden-dims": (["train", "--hidden-dims", "16,x"], "--hidden-dims"),
+    "missing-data-file": (["train", "--data", "{tmp}/missing.npy"], "missing.npy"),
+    "existing-run-dir": (["train", "--run-dir", "{run}"], "--force"),
+    "evaluate-missing-dir": (["evaluate", "{tmp}/no-run"], "no-run"),
+    "no-command": ([], "required"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_options_are_one_line_errors(case, trained, tmp_path, capsys):
+    argv, named = BAD[case]
+    run_dir, _ = trained
+    argv = [a.format(tmp=tmp_path, run=run_dir) for a in argv]
+    if argv and argv[0] == "train" and "--run-dir" not in argv:
+        argv += ["--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert _run(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("elbo-lab: error:") and named in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert not (tmp_path / "run").exists()  # nothing written on a refused command
+
+
+def test_installed_console_script():
+    script = Path(sys.executable).parent / "elbo-lab"
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: elbo-lab")
+    assert "train" in result.stdout and "evaluate" in result.stdout

@@ -213,7 +213,9 @@ def log_weights(
                     done += size
                     continue
                 except (RuntimeError, ValueError) as exc:
-                    log.warning("model does not vectorize over particles (%s); one draw at a time", exc)
+                    log.warning(
+                        "model does not vectorize over particles (%s); one draw at a time", exc
+                    )
                     vectorize = False
             chunks.append(_draw(model, guide, args, kwargs, layout, None))
             done += 1

@@ -21,7 +21,7 @@ from .distributed import device_for, init_from_env, shutdown
 from .errors import ElboLabError, NumericalError, OptionError, RunError
 from .io import load_checkpoint
 from .plots import write_training_figures
-from .run import DTYPES, MODELS, ModelSpec, build_model, load_run
+from .run import DEFAULT_AUTOGUIDE, DTYPES, MODELS, ModelSpec, build_model, load_run
 from .train import (
     CHECKPOINT,
     ESTIMATORS,
@@ -31,7 +31,9 @@ from .train import (
     evaluate,
     fit,
     pyro_loss,
+    takes_num_data,
 )
+from .user_model import is_user_model, resolve_model_spec, user_model_label
 
 __all__ = ["main", "sign_report"]
 
@@ -88,7 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model/guide pair by SVI on a data set; write metrics, a checkpoint "
         "and a report of the sign convention to the run directory.",
     )
-    t.add_argument("--model", default="vae", choices=MODELS, help="model to train (default: vae)")
+    t.add_argument(
+        "--model",
+        default="vae",
+        help=f"{', '.join(MODELS)} (default: vae), or your own Pyro model model(x) of the data "
+        "tensor as FILE.py:NAME or package.module:NAME",
+    )
+    t.add_argument(
+        "--guide",
+        default=None,
+        help="for your own model, a Pyro autoguide: AutoNormal (default), AutoDelta, "
+        "AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoIAFNormal; the built-in "
+        "models train their own mean-field encoder, diag",
+    )
     t.add_argument(
         "--data",
         default="digits",
@@ -108,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig.epochs,
         help=f"passes over the training split ({TrainConfig.epochs})",
     )
-    t.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (128)")
+    t.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="mini-batch size (128; all rows for your own model unless it takes num_data)",
+    )
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
     t.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same numbers")
     t.add_argument(
@@ -180,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="importance samples K per data point for L_K (1000)",
     )
-    xp.add_argument("--split", default="test", choices=["test", "train"], help="split (test)")
+    xp.add_argument(
+        "--split",
+        default=None,
+        choices=["test", "train"],
+        help="split (test; train for your own model: the data its posterior describes)",
+    )
     xp.add_argument("--data", default=None, help="explain other data of the same dimension")
     xp.add_argument("--json", action="store_true", help="print the record as JSON")
     _add_compare_parser(sub)
@@ -293,7 +317,10 @@ def _check_writable(run_dir: Path) -> None:
 def _train(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
-    run_dir = args.run_dir or Path("runs") / f"{args.model}-{data_name}-seed{args.seed}"
+    model_name = args.model
+    if is_user_model(args.model):
+        model_name = f"{user_model_label(args.model)}-{args.guide or DEFAULT_AUTOGUIDE}"
+    run_dir = args.run_dir or Path("runs") / f"{model_name}-{data_name}-seed{args.seed}"
     if args.resume:
         # A resumed run keeps its stored model, data and options; only --epochs may grow.
         state = load_checkpoint(run_dir / CHECKPOINT)
@@ -313,16 +340,20 @@ def _train(args) -> int:
                 f"--run-dir: {run_dir} exists (use --force to replace it, --resume to continue it)"
             )
         spec = ModelSpec(
-            model=args.model,
+            model=resolve_model_spec(args.model),
             data=args.data,
             latent_dim=args.latent_dim,
             hidden_dims=args.hidden_dims,
             device=args.device,
             dtype=args.dtype,
+            guide=args.guide,
         )
+        batch_size = args.batch_size
+        if batch_size is None and not spec.user_model:
+            batch_size = 128
         config = TrainConfig(
             epochs=args.epochs,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             learning_rate=args.lr,
             seed=args.seed,
             estimator=args.estimator,
@@ -345,6 +376,11 @@ def _train(args) -> int:
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)  # network initialization is part of "same seed, same numbers"
     module, model, guide = build_model(replace(spec, device=device), dataset)
+    if config.batch_size is None and takes_num_data(model):  # mini-batches scale by num_data
+        config = replace(config, batch_size=128)
+    # a user model's autoguide describes the posterior given the rows it was fit to: those
+    # are its train and evaluation split; a test split would need another posterior
+    test_x, split = (None, "train") if spec.user_model else (dataset.test, "test")
     if not args.resume and run_dir.exists() and world.is_writer:
         shutil.rmtree(run_dir)
     try:
@@ -352,7 +388,7 @@ def _train(args) -> int:
             model,
             guide,
             dataset.train,
-            dataset.test,
+            test_x,
             config,
             run_dir=run_dir,
             resume=args.resume,
@@ -383,30 +419,44 @@ def _train(args) -> int:
     )
     log.info("figures: %s", ", ".join(str(p) for p in figures))
     if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "test": result.final._asdict()}, indent=2))
+        print(json.dumps({"run_dir": str(run_dir), split: result.final._asdict()}, indent=2))
     else:
+        if spec.user_model:
+            what = f"{spec.model} with {spec.guide} on {spec.data} ({len(dataset.train)} rows"
+            what += ", all at once)" if config.batch_size is None else ")"
+        else:
+            what = (
+                f"{spec.model} on {spec.data} ({len(dataset.train)} train / "
+                f"{len(dataset.test)} test images)"
+            )
         print(
-            f"Trained {spec.model} on {args.data} ({len(dataset.train)} train / "
-            f"{len(dataset.test)} test images) for {config.epochs} epochs with "
+            f"Trained {what} for {config.epochs} epochs with "
             f"{ESTIMATORS[config.estimator].__name__}; run directory: {run_dir}"
         )
         # The check needs Pyro's loss on the same noise: shards drew other noise, so rank 0
-        # re-evaluates the whole test split for it.
-        final = result.final if world.size == 1 else evaluate(model, guide, dataset.test)
-        print(sign_report(final, pyro_loss(model, guide, dataset.test)))
+        # re-evaluates the whole split for it.
+        x = dataset.train if spec.user_model else dataset.test
+        batch = None if spec.user_model else 1024  # global latents: all rows at once
+        final = result.final
+        if world.size > 1:
+            final = evaluate(model, guide, x, batch_size=batch)
+        print(sign_report(final, pyro_loss(model, guide, x, batch_size=batch), split))
     return 0
 
 
 def _evaluate(args) -> int:
     run = load_run(args.run_dir, data=args.data)
-    m = evaluate(run.model, run.guide, run.data.test)
+    # a user model: the rows its autoguide was fit to, all at once (global latents), / N
+    split, batch = ("train", None) if run.spec.user_model else ("test", 1024)
+    x = run.data.train if run.spec.user_model else run.data.test
+    m = evaluate(run.model, run.guide, x, batch_size=batch)
     if args.json:
         print(json.dumps(m._asdict()))
     else:
-        print(f"{args.run_dir}: test split, {m.n} images, nats per image (analytic KL)")
+        print(f"{args.run_dir}: {split} split, {m.n} data points, nats per point (analytic KL)")
         for k in ("loss", "elbo", "reconstruction", "kl"):
             print(f"  {k:<15} {getattr(m, k):>10.4f}")
-        print(sign_report(m, pyro_loss(run.model, run.guide, run.data.test)))
+        print(sign_report(m, pyro_loss(run.model, run.guide, x, batch_size=batch), split))
     return 0
 
 

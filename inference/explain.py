@@ -8,6 +8,10 @@ Three numbers and two inequalities (Kingma & Welling 2014, eqs. 1-3):
 
 with L_K the importance-weighted bound (Burda et al. 2016) as the estimate of log p(x). For
 linear-Gaussian runs (``ppca``, ``fa``) log p(x), the ELBO and the gap are also exact.
+
+A user model (``FILE.py:NAME`` with an autoguide) has *global* latents z shared by all N rows:
+then every value is a whole-data total, log p(x_1, ..., x_N) and its ELBO, divided by N, and the
+split is the training data the guide's posterior describes.
 """
 
 from __future__ import annotations
@@ -42,10 +46,15 @@ class Explanation(NamedTuple):
         ess: mean over data points of the effective sample size of the K weights.
         exact_log_px, exact_elbo, exact_gap: closed forms for linear-Gaussian runs, else None;
             exact_gap = KL(q(z | x) || p(z | x)).
+        guide: the guide's name (``diag`` for a built-in model, an autoguide for a user model).
+        latents: ``"local"`` (one z per data point; L_K per datum, summed) or ``"global"`` (z
+            shared by all rows; L_K and the ELBO are whole-data values divided by N).
     """
 
     run_dir: str
     model: str
+    guide: str
+    latents: str
     data: str
     split: str
     n: int
@@ -72,8 +81,19 @@ class Explanation(NamedTuple):
     def report(self) -> str:
         """The worked answer as text for people."""
         lines = [
-            f"{self.run_dir}: {self.model} on {self.data}, {self.split} split, {self.n} data points;"
-            " nats per data point",
+            f"{self.run_dir}: {self.model} with guide {self.guide} on {self.data}, {self.split} "
+            f"split, {self.n} data points; nats per data point",
+        ]
+        if self.latents == "global":
+            lines += [
+                f"(z are global latents shared by all {self.n} points: log p(x), the ELBO and the",
+                f" gap below are whole-data values log p(x_1..x_{self.n}), ... divided by N = "
+                f"{self.n})",
+            ]
+            weights = f"one weight per draw for all {self.n} points, K = {self.num_samples}, ESS"
+        else:
+            weights = f"per data point, K = {self.num_samples}, mean ESS"
+        lines += [
             "",
             "1. What SVI minimized: the loss, which is minus the ELBO",
             f"   loss = -ELBO = KL - E_q[log p(x|z)] = {self.kl:.3f} - ({self.reconstruction:.3f})"
@@ -88,7 +108,7 @@ class Explanation(NamedTuple):
             "",
             "3. The evidence log p(x), which the ELBO bounds from below",
             f"   log p(x) ~ L_K = {self.log_px:.3f} +- {self.log_px_stderr:.3f} "
-            f"(importance-weighted, K = {self.num_samples}, mean ESS {self.ess:.1f})",
+            f"(importance-weighted, {weights} {self.ess:.1f})",
             f"   ELBO from the same draws = {self.elbo_mc:.3f} +- {self.elbo_mc_stderr:.3f}",
             f"   gap L_K - ELBO = {self.gap:.3f} +- {self.gap_stderr:.3f} >= 0, read as "
             "KL(q(z|x) || p(z|x)):",
@@ -110,7 +130,7 @@ def explain(
     run_dir: str | os.PathLike,
     *,
     num_samples: int = 1000,
-    split: str = "test",
+    split: str | None = None,
     data: str | None = None,
     chunk_size: int | None = None,
     seed: int = EVAL_SEED,
@@ -121,7 +141,8 @@ def explain(
     Args:
         run_dir: a directory written by ``elbo-lab train``.
         num_samples: K for the importance-weighted bound.
-        split: ``"test"`` or ``"train"``.
+        split: ``"test"`` or ``"train"``; default ``"test"``, ``"train"`` for a user model
+            (the data its autoguide's posterior describes).
         data: other data of the same dimension (default: the run's).
         chunk_size: particles vectorized at once (see :func:`inference.evidence.log_weights`).
         seed: the noise of every estimate.
@@ -130,17 +151,19 @@ def explain(
 
     Returns:
         An :class:`Explanation` (per-datum values). L_K and the ELBO are computed on the whole
-        split at once (no subsampling scale).
+        split at once (no subsampling scale); for global latents they are whole-data values / N.
     """
-    if split not in SPLITS:
+    if split is not None and split not in SPLITS:
         raise OptionError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
     run = load_run(run_dir, data=data)
+    split = split or ("train" if run.spec.user_model else "test")
     x = run.data.test if split == "test" else run.data.train
     n = x.shape[0]
     if n == 0:
         raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
-    # a model without num_data has global latents: evaluate all rows at once, as fit does
-    batch_size = 1024 if takes_num_data(run.model) else None
+    # global latents (a user model, or any model without num_data): all rows at once, as fit
+    # trains them; batches would count KL(q(z) || p(z)) once per batch
+    batch_size = 1024 if takes_num_data(run.model) and not run.spec.user_model else None
     metrics = evaluate(run.model, run.guide, x, batch_size=batch_size, seed=seed)
     checked = pyro_loss(run.model, run.guide, x, batch_size=batch_size, seed=seed)
     with seeded(seed):
@@ -159,6 +182,8 @@ def explain(
     return Explanation(
         run_dir=str(run_dir),
         model=run.spec.model,
+        guide=run.spec.guide,
+        latents="local" if log_w.dim() == 2 else "global",
         data=run.spec.data,
         split=split,
         n=n,

@@ -1,4 +1,10 @@
-"""A run: which model was trained on which data, and how to rebuild it from its directory."""
+"""A run: which model was trained on which data, and how to rebuild it from its directory.
+
+A model is a built-in name (:data:`MODELS`, trained with its own mean-field encoder, the ``diag``
+family of :mod:`models.guides`) or the user's Pyro model ``FILE.py:NAME`` / ``package.module:NAME``
+(:mod:`inference.user_model`) with a Pyro autoguide chosen by name
+(:data:`models.guides.AUTOGUIDES`, default ``AutoNormal``).
+"""
 
 from __future__ import annotations
 
@@ -15,18 +21,30 @@ from .data import Dataset, check_support, load_data
 from .errors import OptionError, RunError
 from .io import load_checkpoint
 from .train import CHECKPOINT, restore
+from .user_model import check_user_model, is_user_model, load_user_model
 
-__all__ = ["MODELS", "LoadedRun", "ModelSpec", "build_model", "load_run"]
+__all__ = ["BUILTIN_GUIDE", "MODELS", "LoadedRun", "ModelSpec", "build_model", "load_run"]
 
 #: Model names the command line knows: the Bernoulli VAE, probabilistic PCA, factor analysis.
 MODELS = ("vae", "ppca", "fa")
+
+#: The guide a built-in model trains with: its own amortized mean-field encoder.
+BUILTIN_GUIDE = "diag"
+#: The autoguide a user model gets unless ``--guide`` names another.
+DEFAULT_AUTOGUIDE = "AutoNormal"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to rebuild a run's model: its name, data and sizes (stored in the checkpoint)."""
+    """How to rebuild a run's model: its name, guide, data and sizes (stored in the checkpoint).
+
+    ``model`` is a name from :data:`MODELS` or a user model ``FILE.py:NAME`` /
+    ``package.module:NAME``; ``guide`` is then an autoguide name (canonicalized, default
+    ``AutoNormal``) and ``latent_dim``/``hidden_dims`` do not apply. A built-in model's guide is
+    its own encoder, ``"diag"``.
+    """
 
     model: str = "vae"
     data: str = "digits"
@@ -35,12 +53,15 @@ class ModelSpec:
     device: str = "cpu"
     dtype: str = "float32"
     data_dim: int | None = field(default=None)
+    guide: str | None = None
 
     def __post_init__(self):
-        if self.model not in MODELS:
+        if self.model not in MODELS and not is_user_model(self.model):
             raise OptionError(
-                f"--model: unknown model {self.model!r} (choose from {', '.join(MODELS)})"
+                f"--model: unknown model {self.model!r} (choose from {', '.join(MODELS)}, "
+                "or your own as FILE.py:NAME or package.module:NAME)"
             )
+        object.__setattr__(self, "guide", _check_guide(self.model, self.guide))
         if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
             raise OptionError(f"--latent-dim: must be a positive integer, got {self.latent_dim!r}")
         if any((not isinstance(h, int)) or h < 1 for h in self.hidden_dims):
@@ -54,6 +75,11 @@ class ModelSpec:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionError(f"--device: {self.device!r} requested but CUDA is not available")
 
+    @property
+    def user_model(self) -> bool:
+        """Whether the model is the user's own (``FILE.py:NAME``), with global latents."""
+        return is_user_model(self.model)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden_dims"] = list(self.hidden_dims)
@@ -64,19 +90,67 @@ class ModelSpec:
         return cls(**{**d, "hidden_dims": tuple(d["hidden_dims"])})
 
 
+def _check_guide(model: str, guide: str | None) -> str:
+    """The canonical guide name for ``model``, or an OptionError naming ``--guide``."""
+    from models.guides import AUTOGUIDES, GUIDE_FAMILIES
+
+    if is_user_model(model):
+        if guide is None:
+            return DEFAULT_AUTOGUIDE
+        if guide in GUIDE_FAMILIES:
+            raise OptionError(
+                f"--guide: {guide!r} is an amortized encoder for the built-in models; "
+                f"your model takes an autoguide ({', '.join(AUTOGUIDES)})"
+            )
+        wanted = guide.lower().removeprefix("auto")
+        for name in AUTOGUIDES:
+            if name.lower().removeprefix("auto") == wanted:
+                return name
+        raise OptionError(
+            f"--guide: unknown autoguide {guide!r} (choose from {', '.join(AUTOGUIDES)})"
+        )
+    if guide is None or guide == BUILTIN_GUIDE:
+        return BUILTIN_GUIDE
+    if guide in GUIDE_FAMILIES:
+        raise OptionError(
+            f"--guide: {model} trains with its own mean-field encoder ({BUILTIN_GUIDE!r}); to fit "
+            f"{guide!r} use: elbo-lab compare --model {model} --guides {','.join(GUIDE_FAMILIES)}"
+        )
+    raise OptionError(
+        f"--guide: {guide!r} does not fit {model}, which trains with its own mean-field encoder "
+        f"({BUILTIN_GUIDE!r}); autoguides are for your own model (--model FILE.py:NAME)"
+    )
+
+
 class LoadedRun(NamedTuple):
-    """A trained run rebuilt from disk: the module, its model/guide pair, data and checkpoint."""
+    """A trained run rebuilt from disk: the module, its model/guide pair, data and checkpoint.
+
+    ``module`` is the built-in model's ``nn.Module``, None for a user model (whose guide is an
+    autoguide and whose model is the user's function).
+    """
 
     spec: ModelSpec
-    module: nn.Module
+    module: nn.Module | None
     model: Any
     guide: Any
     data: Dataset
     state: dict[str, Any]
 
 
-def build_model(spec: ModelSpec, data: Dataset) -> tuple[nn.Module, Any, Any]:
-    """Instantiate the model named by ``spec`` for ``data``; returns (module, model, guide)."""
+def build_model(spec: ModelSpec, data: Dataset) -> tuple[nn.Module | None, Any, Any]:
+    """Instantiate the model named by ``spec`` for ``data``; returns (module, model, guide).
+
+    A user model is imported, paired with its autoguide and run once on ``data.train`` (which
+    must already be on the run's device and dtype), so that a model that rejects the data fails
+    here with a :class:`~inference.errors.DataError`; ``module`` is then None.
+    """
+    if spec.user_model:
+        from models.guides import make_autoguide
+
+        model = load_user_model(spec.model)
+        guide = make_autoguide(spec.guide, model)
+        check_user_model(model, guide, data.train, spec=spec.model, data=spec.data)
+        return None, model, guide
     if spec.model == "vae":
         from models.vae import VAE
 
@@ -119,5 +193,7 @@ def load_run(run_dir: str | os.PathLike, data: str | None = None) -> LoadedRun:
     dataset = dataset.to(spec.device, DTYPES[spec.dtype])
     pyro.clear_param_store()
     module, model, guide = build_model(spec, dataset)
-    restore(model, guide, dataset.train[:2], state, str(run_dir / CHECKPOINT))
+    # a user model's parameters may depend on the rows it sees: rebuild them on all of them
+    x = dataset.train if spec.user_model else dataset.train[:2]
+    restore(model, guide, x, state, str(run_dir / CHECKPOINT))
     return LoadedRun(spec, module, model, guide, dataset, state)

@@ -35,6 +35,7 @@ from torch import nn
 
 from inference.errors import OptionError
 
+from .plate import data_plate
 from .vae import mlp
 
 __all__ = [
@@ -62,14 +63,6 @@ AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
 AUTOGUIDE_NOTES = {
     "AutoDelta": "point estimate: its ELBO is log p(x, z*) without the entropy term, not a bound",
 }
-
-
-def data_plate(x: torch.Tensor, num_data: int | None, name: str = "data") -> pyro.plate:
-    """The plate over the rows of ``x`` ``(B, D)``; with ``num_data`` = N a subsample scaled N / B."""
-    batch = x.shape[0]
-    if num_data is None or num_data == batch:
-        return pyro.plate(name, batch, dim=-1)
-    return pyro.plate(name, num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
 
 
 class AmortizedGuide(nn.Module):

@@ -30,6 +30,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .plate import data_plate
+
 __all__ = [
     "COVARIANCES",
     "NOISES",
@@ -271,16 +273,10 @@ class LinearGaussian(nn.Module):
             module.decoder.log_psi.copy_(psi.log())
         return module
 
-    def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
-        batch = x.shape[0]
-        if num_data is None or num_data == batch:
-            return pyro.plate("data", batch, dim=-1)
-        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
-
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """p(x, z) = N(z; 0, I) N(x; W z + mu, Psi). ``x``: ``(B, D)``; returns z ``(..., B, Q)``."""
         pyro.module("decoder", self.decoder)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             z_loc = x.new_zeros(x.shape[0], self.latent_dim)
             z = pyro.sample("z", dist.Normal(z_loc, torch.ones_like(z_loc)).to_event(1))
             loc = self.decoder(z)
@@ -292,14 +288,14 @@ class LinearGaussian(nn.Module):
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """q(z | x) = N(z; V x + b, S). ``x``: ``(B, D)``; returns z ``(..., B, Q)``."""
         pyro.module("encoder", self.encoder)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             return pyro.sample("z", self.encoder.distribution(x))
 
     def posterior_guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """The exact posterior p(z | x) as a guide: every importance weight equals p(x)."""
         pyro.module("decoder", self.decoder)
         loc, covariance = posterior(x, self.decoder.W, self.decoder.mu, self.decoder.psi)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             scale_tril = torch.linalg.cholesky(covariance)
             return pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
 

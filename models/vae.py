@@ -22,6 +22,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .plate import data_plate
+
 __all__ = ["VAE", "Decoder", "Encoder", "mlp"]
 
 
@@ -78,16 +80,10 @@ class VAE(nn.Module):
         self.encoder = Encoder(self.data_dim, self.latent_dim, self.hidden_dims)
         self.decoder = Decoder(self.data_dim, self.latent_dim, self.hidden_dims)
 
-    def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
-        batch = x.shape[0]
-        if num_data is None or num_data == batch:
-            return pyro.plate("data", batch, dim=-1)
-        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
-
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """p(x, z) = N(z; 0, I) Bernoulli(x; decoder(z)). ``x``: ``(B, D)``; returns z ``(B, L)``."""
         pyro.module("decoder", self.decoder)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             z_loc = x.new_zeros(x.shape[0], self.latent_dim)
             z = pyro.sample("z", dist.Normal(z_loc, torch.ones_like(z_loc)).to_event(1))
             logits = self.decoder(z)
@@ -98,7 +94,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """q(z | x) = N(z; z_loc(x), diag z_scale(x)^2). ``x``: ``(B, D)``; returns z ``(B, L)``."""
         pyro.module("encoder", self.encoder)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             z_loc, z_scale = self.encoder(x)
             return pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
 

@@ -285,22 +285,23 @@ def _add_compare_parser(sub) -> None:
     c.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
-def sign_report(m: Metrics, pyro_value: float, split: str = "test") -> str:
+def sign_report(m: Metrics, pyro_value: float, split: str = "test", unit: str = "image") -> str:
     """The sign convention in the run's own numbers, checked against Pyro's own loss.
 
     ``pyro_value`` is ``TraceMeanField_ELBO().loss`` per image on the same data and noise
     (:func:`inference.train.pyro_loss`), computed independently of the decomposition.
+    ``unit`` names a data point (``"point"`` for a user model, whose values are totals / N).
     """
     residual = pyro_value - (m.kl - m.reconstruction)
     ok = abs(residual) <= 1e-5 * max(1.0, abs(m.loss))
     return "\n".join(
         [
             f"Pyro minimized loss = -ELBO = KL - E[log p(x|z)] = {m.kl:.2f} - ({m.reconstruction:.2f})"
-            f" = {m.loss:.2f} nats/image",
+            f" = {m.loss:.2f} nats/{unit}",
             f"  ELBO = E[log p(x|z)] - KL = {m.reconstruction:.2f} - {m.kl:.2f} = {m.elbo:.2f} "
-            f"nats/image (maximized; a lower bound on log p(x))",
+            f"nats/{unit} (maximized; a lower bound on log p(x))",
             f"  checked: Pyro's TraceMeanField_ELBO().loss = {pyro_value:.4f}; minus (KL - E[log p(x|z)])"
-            f" = {residual:.1e} ({'ok' if ok else 'MISMATCH'}), {split} split, {m.n} images",
+            f" = {residual:.1e} ({'ok' if ok else 'MISMATCH'}), {split} split, {m.n} {unit}s",
         ]
     )
 
@@ -440,7 +441,8 @@ def _train(args) -> int:
         final = result.final
         if world.size > 1:
             final = evaluate(model, guide, x, batch_size=batch)
-        print(sign_report(final, pyro_loss(model, guide, x, batch_size=batch), split))
+        unit = "point" if spec.user_model else "image"
+        print(sign_report(final, pyro_loss(model, guide, x, batch_size=batch), split, unit))
     return 0
 
 
@@ -453,10 +455,12 @@ def _evaluate(args) -> int:
     if args.json:
         print(json.dumps(m._asdict()))
     else:
-        print(f"{args.run_dir}: {split} split, {m.n} data points, nats per point (analytic KL)")
+        unit = "point" if run.spec.user_model else "image"
+        print(f"{args.run_dir}: {split} split, {m.n} {unit}s, nats per {unit} (analytic KL)")
         for k in ("loss", "elbo", "reconstruction", "kl"):
             print(f"  {k:<15} {getattr(m, k):>10.4f}")
-        print(sign_report(m, pyro_loss(run.model, run.guide, x, batch_size=batch), split))
+        pyro_value = pyro_loss(run.model, run.guide, x, batch_size=batch)
+        print(sign_report(m, pyro_value, split, unit))
     return 0
 
 

@@ -86,13 +86,15 @@ class Explanation(NamedTuple):
         ]
         if self.latents == "global":
             lines += [
-                f"(z are global latents shared by all {self.n} points: log p(x), the ELBO and the",
-                f" gap below are whole-data values log p(x_1..x_{self.n}), ... divided by N = "
-                f"{self.n})",
+                f"z: global latents, shared by all N = {self.n} points, so every value below is",
+                "a whole-data value / N: L_K estimates log p(x_1, ..., x_N) / N, the ELBO bounds it",
+                "and the gap is KL(q(z) || p(z | x_1, ..., x_N)) / N",
             ]
             weights = f"one weight per draw for all {self.n} points, K = {self.num_samples}, ESS"
+            codes = "the latents z"
         else:
             weights = f"per data point, K = {self.num_samples}, mean ESS"
+            codes = "codes z"
         lines += [
             "",
             "1. What SVI minimized: the loss, which is minus the ELBO",
@@ -103,8 +105,8 @@ class Explanation(NamedTuple):
             "2. The ELBO, which training maximized, split with its signs",
             f"   ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = {self.reconstruction:.3f} - "
             f"{self.kl:.3f} = {self.elbo:.3f}",
-            "   reconstruction E_q[log p(x|z)]: how well codes z explain x (higher is better)",
-            "   kl KL(q(z|x) || p(z)) >= 0: what the codes cost against the prior",
+            f"   reconstruction E_q[log p(x|z)]: how well {codes} explain x (higher is better)",
+            f"   kl KL(q(z|x) || p(z)) >= 0: what {codes} cost against the prior",
             "",
             "3. The evidence log p(x), which the ELBO bounds from below",
             f"   log p(x) ~ L_K = {self.log_px:.3f} +- {self.log_px_stderr:.3f} "

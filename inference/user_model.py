@@ -74,19 +74,23 @@ def load_user_model(spec: str) -> Callable:
             raise OptionError(f"--model: {path}: cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
+        # no __pycache__ beside the user's file: elbo-lab writes only to its run directories
+        dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(module_name, None)
             raise OptionError(
-                f"--model: {path}: failed to import ({type(exc).__name__}: {exc})"
+                f"--model: {path}: failed to import ({type(exc).__name__}: {_first_line(exc)})"
             ) from None
+        finally:
+            sys.dont_write_bytecode = dont_write_bytecode
     else:
         try:
             module = importlib.import_module(source)
         except Exception as exc:
             raise OptionError(
-                f"--model: cannot import {source!r} ({type(exc).__name__}: {exc})"
+                f"--model: cannot import {source!r} ({type(exc).__name__}: {_first_line(exc)})"
             ) from None
     fn = getattr(module, name, None)
     if fn is None:
@@ -94,6 +98,11 @@ def load_user_model(spec: str) -> Callable:
     if not callable(fn):
         raise OptionError(f"--model: {source}:{name} is not callable")
     return fn
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def check_user_model(
@@ -121,7 +130,6 @@ def check_user_model(
     except ElboLabError:
         raise
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DataError(
-            f"{data}: rejected by the model {spec} ({type(exc).__name__}: {message})"
+            f"{data}: rejected by the model {spec} ({type(exc).__name__}: {_first_line(exc)})"
         ) from None

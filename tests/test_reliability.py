@@ -20,6 +20,19 @@ from models.vae import VAE
 
 TINY = ["--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2", "--no-progress"]
 
+#: A user's regression model (target in column 0) whose prior fixes three features.
+USER_MODEL = """
+import pyro
+import pyro.distributions as dist
+import torch
+
+
+def model(data):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("y", dist.Normal((w * data[:, 1:]).sum(-1), 1.0), obs=data[:, 0])
+"""
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -35,6 +48,8 @@ def files(tmp_path_factory):
     (d / "garbage.npy").write_bytes(b"this is not numpy")
     (d / "garbage.npz").write_bytes(b"PK\x03\x04 broken zip")
     (d / "data.csv").write_text("1,2\n")
+    (d / "my_models.py").write_text(USER_MODEL)
+    (d / "broken_model.py").write_text("import no_such_module_xyz\n")
     good = d / "good.npy"
     np.save(good, (np.random.default_rng(0).random((40, 64)) > 0.5) * 1.0)
     np.save(d / "truncated.npy", np.zeros((50, 64)))
@@ -94,6 +109,26 @@ CASES = [
     ("evaluate-foreign", ["evaluate", "{D}/foreign"], "not an elbo-lab"),
     ("evaluate-truncated", ["evaluate", "{D}/truncated_run"], "truncated"),
     ("evaluate-other-dim", ["evaluate", "{D}/run", "--data", "{D}/other_dim.npy"], "columns"),
+    ("user-model-no-file", ["train", "--model", "{D}/nope.py:model"], "no such file"),
+    ("user-model-import-fails", ["train", "--model", "{D}/broken_model.py:model"], "import"),
+    ("user-model-no-name", ["train", "--model", "{D}/my_models.py:nope"], "no attribute 'nope'"),
+    (
+        "user-model-unknown-guide",
+        ["train", "--model", "{D}/my_models.py:model", "--guide", "AutoMagic"],
+        "unknown autoguide",
+    ),
+    (
+        "user-model-amortized-guide",
+        ["train", "--model", "{D}/my_models.py:model", "--guide", "flow"],
+        "amortized encoder",
+    ),
+    (
+        "user-model-rejects-data",
+        ["train", "--model", "{D}/my_models.py:model", "--data", "{D}/good.npy"],
+        "rejected by the model",
+    ),
+    ("builtin-model-autoguide", ["train", "--guide", "AutoNormal"], "your own model"),
+    ("builtin-model-flow-guide", ["train", "--guide", "flow"], "elbo-lab compare"),
     ("no-command", [], "required"),
     ("unknown-command", ["fly"], "invalid choice"),
 ]

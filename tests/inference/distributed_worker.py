@@ -30,6 +30,7 @@ from pyro.infer import Trace_ELBO
 from inference.data import load_digits
 from inference.distributed import DistributedError, World, init_from_env
 from inference.train import TrainConfig, _collect_params, fit
+from models.plate import data_plate
 from models.vae import VAE
 
 DATA_DIM, LATENT_DIM, GLOBAL_BATCH = 64, 2, 63
@@ -50,7 +51,7 @@ def shared_noise_pair(vae: VAE):
     def guide(x, num_data=None):
         pyro.module("encoder", vae.encoder)
         pixels, eps = x[:, :DATA_DIM], x[:, DATA_DIM:]
-        with vae._plate(x, num_data):
+        with data_plate(x, num_data):
             z_loc, z_scale = vae.encoder(pixels)
             log_density = dist.Normal(0.0, 1.0).log_prob(eps).sum(-1)
             base = dist.Delta(eps, log_density=log_density, event_dim=1)

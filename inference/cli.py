@@ -103,41 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoIAFNormal; the built-in "
         "models train their own mean-field encoder, diag",
     )
-    t.add_argument(
-        "--data",
-        default="digits",
-        help="'digits' (embedded, default), 'mnist:DIR' or a DIR of MNIST IDX files, "
-        "or a .npy/.npz file (N x D or N x H x W)",
-    )
-    t.add_argument("--latent-dim", type=_positive_int, default=10, help="latent dimension L (10)")
-    t.add_argument(
-        "--hidden-dims",
-        type=_hidden_dims,
-        default=(200,),
-        help="comma-separated hidden widths of encoder/decoder (200)",
-    )
-    t.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=TrainConfig.epochs,
-        help=f"passes over the training split ({TrainConfig.epochs})",
-    )
-    t.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help="mini-batch size (128; all rows for your own model unless it takes num_data)",
-    )
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same numbers")
-    t.add_argument(
-        "--estimator",
-        default=TrainConfig.estimator,
-        choices=list(ESTIMATORS),
-        help="ELBO estimator: meanfield = TraceMeanField_ELBO (analytic KL where registered, "
-        "the default), trace = Trace_ELBO (Monte-Carlo KL), jit / jit-meanfield = their "
-        "JIT-compiled versions",
-    )
+    _add_training_options(t, estimator=TrainConfig.estimator, every="")
     t.add_argument(
         "--num-particles", type=_positive_int, default=1, help="samples of z per step (1)"
     )
@@ -158,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run Pyro's argument validation on every step (the first always is)",
     )
-    t.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
-    t.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
     t.add_argument(
         "--run-dir",
         type=Path,
@@ -211,6 +175,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: str) -> None:
+    """The options that say what is trained on which data, shared by train and compare."""
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (embedded, default), 'mnist:DIR' or a DIR of MNIST IDX files, "
+        "or a .npy/.npz file (N x D or N x H x W)",
+    )
+    p.add_argument("--latent-dim", type=_positive_int, default=10, help="latent dimension L (10)")
+    p.add_argument(
+        "--hidden-dims",
+        type=_hidden_dims,
+        default=(200,),
+        help="comma-separated hidden widths of the VAE encoder/decoder (200)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=TrainConfig.epochs,
+        help=f"passes over the training split{every} ({TrainConfig.epochs})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="mini-batch size (128; all rows for your own model unless it takes num_data)",
+    )
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    p.add_argument(
+        "--seed", type=int, default=0, help=f"random seed{every} (0); same seed, same numbers"
+    )
+    p.add_argument(
+        "--estimator",
+        default=estimator,
+        choices=list(ESTIMATORS),
+        help="ELBO estimator: meanfield = TraceMeanField_ELBO (analytic KL where registered), "
+        "trace = Trace_ELBO (Monte-Carlo KL), jit / jit-meanfield = their JIT-compiled "
+        f"versions ({estimator})",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
+
+
 def _add_compare_parser(sub) -> None:
     c = sub.add_parser(
         "compare",
@@ -233,31 +240,8 @@ def _add_compare_parser(sub) -> None:
         "AutoDelta,AutoNormal,AutoMultivariateNormal,AutoLowRankMultivariateNormal,"
         "AutoIAFNormal for a user model (default: AutoNormal,AutoMultivariateNormal)",
     )
-    c.add_argument("--data", default="digits", help="as for 'train' (digits)")
-    c.add_argument("--latent-dim", type=_positive_int, default=10, help="latent dimension (10)")
-    c.add_argument(
-        "--hidden-dims",
-        type=_hidden_dims,
-        default=(200,),
-        help="VAE encoder/decoder widths (200); linear-Gaussian guides are linear",
-    )
-    c.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=TrainConfig.epochs,
-        help=f"passes over the training split, the same for every guide ({TrainConfig.epochs})",
-    )
-    c.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help="mini-batch size (128; full batch for a user model without num_data)",
-    )
-    c.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
-    c.add_argument("--seed", type=int, default=0, help="random seed, the same for every guide (0)")
-    c.add_argument(
-        "--estimator", default="trace", choices=list(ESTIMATORS), help="ELBO estimator (trace)"
-    )
+    # Flow guides have no closed-form KL, so guides are compared under Trace_ELBO by default.
+    _add_training_options(c, estimator="trace", every=", the same for every guide")
     c.add_argument(
         "--num-samples", type=_positive_int, default=1000, help="importance samples K of L_K (1000)"
     )
@@ -273,8 +257,6 @@ def _add_compare_parser(sub) -> None:
         default=200,
         help="posterior draws per guide saved for ArviZ, as 4 chains (200)",
     )
-    c.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
-    c.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
     c.add_argument(
         "--out",
         type=Path,

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from inference.cli import build_parser, main
 
@@ -22,15 +21,6 @@ def _run(argv) -> int:
         return main(argv)
     except SystemExit as exc:
         return exc.code
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small networks on a shared CPU: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

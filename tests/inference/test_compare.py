@@ -30,15 +30,6 @@ from inference.user_model import load_user_model
 SIGMA, ALPHA = 1.0, 1.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regression(data):
     """Bayesian linear regression on data = [X | y] ``(N, d + 1)``; broadcasts over draws of w."""
     X, y = data[:, :-1], data[:, -1]

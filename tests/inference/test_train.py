@@ -29,15 +29,6 @@ from models.vae import VAE
 TINY = TrainConfig(epochs=2, batch_size=64, seed=3, progress=False, eval_batch_size=100)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small networks on a shared CPU: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()

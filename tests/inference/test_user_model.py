@@ -46,15 +46,6 @@ MODEL_FILE = f'''
 '''
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regression_rows(n, seed=1):
     """[y | X] ``(n, 1 + d)`` with correlated features, so the posterior is tilted."""
     g = torch.Generator().manual_seed(seed)

@@ -34,15 +34,6 @@ from models.linear_gaussian import LinearGaussian, exact_elbo, log_marginal, pos
 FAMILIES = ("diag", "full", "flow")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_guide_samples_site_z_in_the_data_plate(family):
     guide = make_guide(family, data_dim=6, latent_dim=3, hidden_dims=(8,))

@@ -25,12 +25,14 @@ from .run import DEFAULT_AUTOGUIDE, DTYPES, MODELS, ModelSpec, build_model, load
 from .train import (
     CHECKPOINT,
     ESTIMATORS,
+    JIT_MODES,
     Interrupted,
     Metrics,
     TrainConfig,
     evaluate,
     fit,
     pyro_loss,
+    resolve_estimator,
     takes_num_data,
 )
 from .user_model import is_user_model, resolve_model_spec, user_model_label
@@ -214,6 +216,14 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
         "trace = Trace_ELBO (Monte-Carlo KL), jit / jit-meanfield = their JIT-compiled "
         f"versions ({estimator})",
     )
+    p.add_argument(
+        "--jit",
+        default=TrainConfig.jit,
+        choices=list(JIT_MODES),
+        help="compile the estimator with torch.jit (same loss and gradients, less Python per "
+        "step): on, off, or auto = when model and guide are declared static, as every "
+        f"built-in one is ({TrainConfig.jit})",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
 
@@ -297,6 +307,13 @@ def _check_writable(run_dir: Path) -> None:
         raise OptionError(f"--run-dir: {parent} is not writable")
 
 
+def _estimator_label(config: TrainConfig, model, guide) -> str:
+    """``TraceMeanField_ELBO``, or ``TraceMeanField_ELBO (JIT-compiled)`` for its traced form."""
+    name = resolve_estimator(config, model, guide)
+    label = ESTIMATORS[name].__mro__[2 if name.startswith("jit") else 0].__name__
+    return f"{label} (JIT-compiled)" if name.startswith("jit") else label
+
+
 def _train(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
@@ -309,7 +326,9 @@ def _train(args) -> int:
         state = load_checkpoint(run_dir / CHECKPOINT)
         try:
             spec = ModelSpec.from_dict(state["metadata"]["model_spec"])
-            config = TrainConfig(**{**state["config"], "epochs": args.epochs, "progress": progress})
+            config = TrainConfig(
+                **{**state["config"], "epochs": args.epochs, "progress": progress, "jit": args.jit}
+            )
         except (KeyError, TypeError) as exc:
             raise RunError(
                 f"{run_dir / CHECKPOINT}: checkpoint lacks its options ({exc})"
@@ -340,6 +359,7 @@ def _train(args) -> int:
             learning_rate=args.lr,
             seed=args.seed,
             estimator=args.estimator,
+            jit=args.jit,
             num_particles=args.num_particles,
             eval_every=args.eval_every,
             clip_norm=args.clip_norm,
@@ -414,7 +434,7 @@ def _train(args) -> int:
             )
         print(
             f"Trained {what} for {config.epochs} epochs with "
-            f"{ESTIMATORS[config.estimator].__name__}; run directory: {run_dir}"
+            f"{_estimator_label(config, model, guide)}; run directory: {run_dir}"
         )
         # The check needs Pyro's loss on the same noise: shards drew other noise, so rank 0
         # re-evaluates the whole split for it.
@@ -481,6 +501,7 @@ def _compare(args) -> int:
         learning_rate=args.lr,
         seed=args.seed,
         estimator=args.estimator,
+        jit=args.jit,
         latent_dim=args.latent_dim,
         hidden_dims=args.hidden_dims,
         device=args.device,

@@ -564,6 +564,7 @@ def compare_guides(
     learning_rate: float = 1e-3,
     seed: int = 0,
     estimator: str = "trace",
+    jit: str = TrainConfig.jit,
     latent_dim: int = 10,
     hidden_dims: Sequence[int] = (200,),
     device: str = "cpu",
@@ -631,6 +632,7 @@ def compare_guides(
         learning_rate=learning_rate,
         seed=seed,
         estimator=estimator,
+        jit=jit,
         progress=progress,
     )
     if out_dir is not None:

@@ -31,10 +31,12 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from models.structure import has_static_structure
+
 from .distributed import World, current_world
 from .elbo import decompose
 from .errors import NumericalError, OptionError, RunError
-from .estimators import JitTrace_ELBO, JitTraceMeanField_ELBO
+from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO
 from .io import load_checkpoint, save_checkpoint, write_csv, write_json, write_jsonl
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "fit",
     "make_elbo",
     "pyro_loss",
+    "resolve_estimator",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,9 @@ ESTIMATORS: dict[str, type[ELBO]] = {
     "jit-meanfield": JitTraceMeanField_ELBO,
 }
 
+#: When :func:`fit` compiles its estimator (``TrainConfig.jit``).
+JIT_MODES = ("auto", "on", "off")
+
 CHECKPOINT = "checkpoint.pt"
 EVAL_SEED = 20140101  # the noise used for every evaluation: common random numbers across epochs
 
@@ -74,6 +80,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     estimator: str = "meanfield"  # analytic KL: the same gradient as the textbook VAE loss
+    jit: str = "auto"  # compile the estimator: on, off, auto = when model and guide are static
     num_particles: int = 1
     clip_norm: float | None = None
     validate: bool = False
@@ -109,6 +116,8 @@ class TrainConfig:
                 f"--estimator: unknown estimator {self.estimator!r} "
                 f"(choose from {', '.join(ESTIMATORS)})"
             )
+        if self.jit not in JIT_MODES:
+            raise OptionError(f"--jit: must be one of {', '.join(JIT_MODES)}, got {self.jit!r}")
 
 
 class Metrics(NamedTuple):
@@ -146,6 +155,29 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
     if num_particles == 1:
         return ESTIMATORS[name]()
     return ESTIMATORS[name](num_particles=num_particles, vectorize_particles=False)
+
+
+def resolve_estimator(config: TrainConfig, model: Callable, guide: Callable) -> str:
+    """The estimator :func:`fit` runs: ``config.estimator``, compiled when ``config.jit`` says.
+
+    ``jit="auto"`` compiles (``trace`` -> ``jit``, ``meanfield`` -> ``jit-meanfield``) when the
+    model and the guide are both declared static (:func:`models.structure.static_structure`:
+    every built-in model and guide is) and per-step validation is off, which needs the eager
+    path. A compiled estimator computes the same loss and gradients as the plain one, bit for
+    bit for shared noise; it only removes Pyro's per-step Python work. Undeclared functions run
+    eagerly: a traced graph would silently freeze a data-dependent branch.
+    """
+    name = config.estimator
+    if name not in COMPILED:  # already a compiled estimator
+        return name
+    if config.jit == "on" or (
+        config.jit == "auto"
+        and not config.validate
+        and has_static_structure(model)
+        and has_static_structure(guide)
+    ):
+        return COMPILED[name]
+    return name
 
 
 def takes_num_data(model: Callable) -> bool:
@@ -281,6 +313,14 @@ def _collect_params(loss_fn: torch.nn.Module, x: torch.Tensor, kwargs) -> tuple[
     return names, [store.get_param(name).unconstrained() for name in names]
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite (a NaN or inf makes its tensor's sum, and
+    the sum of sums, non-finite; so does an overflowing sum, which is as much a warning)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack([t.sum() for t in tensors]).sum()))
+
+
 class _SignalFlag:
     """Records SIGINT/SIGTERM so the loop can finish its step and checkpoint before exiting."""
 
@@ -354,7 +394,7 @@ def fit(
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
 
     pyro.set_rng_seed(config.seed)
-    loss_fn = make_elbo(config.estimator, config.num_particles)(model, guide)
+    loss_fn = make_elbo(resolve_estimator(config, model, guide), config.num_particles)(model, guide)
     with pyro.validation_enabled(True):
         names, params = _collect_params(loss_fn, train_x[:batch], kwargs)
     world.broadcast_(params)  # every rank starts from rank 0's parameters
@@ -438,13 +478,17 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 world.all_reduce_gradients(params, weight=x.shape[0] / batch_rows.shape[0])
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, config.clip_norm if config.clip_norm else math.inf, foreach=True
-                )
-                if not torch.isfinite(grad_norm):
+                if config.clip_norm:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        params, config.clip_norm, foreach=True
+                    )
+                    finite = bool(torch.isfinite(grad_norm))
+                else:
+                    finite = _all_finite([p.grad for p in params if p.grad is not None])
+                if not finite:
                     raise NumericalError(
-                        f"epoch {epoch + 1}, step {step + 1}: gradient norm is "
-                        f"{grad_norm.item()}; stopped, the last good checkpoint is kept"
+                        f"epoch {epoch + 1}, step {step + 1}: the gradient is not finite; "
+                        f"stopped before the update, the last good checkpoint is kept"
                     )
                 optimizer.step()
                 loss_sum += loss_value * x.shape[0] / (n if kwargs else x.shape[0])
@@ -493,6 +537,7 @@ def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
     d = asdict(config)
     d.pop("progress")
     d.pop("epochs")
+    d.pop("jit")  # compiled or not, the numbers are the same
     return d
 
 

@@ -6,6 +6,8 @@ from .guides import FullNormalGuide as FullNormalGuide
 from .guides import make_autoguide as make_autoguide
 from .guides import make_guide as make_guide
 from .linear_gaussian import LinearGaussian as LinearGaussian
+from .structure import has_static_structure as has_static_structure
+from .structure import static_structure as static_structure
 from .vae import VAE as VAE
 from .vae import Decoder as Decoder
 from .vae import Encoder as Encoder
@@ -19,5 +21,7 @@ __all__ = [
     "FullNormalGuide",
     "LinearGaussian",
     "make_autoguide",
+    "has_static_structure",
     "make_guide",
+    "static_structure",
 ]

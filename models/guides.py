@@ -36,6 +36,7 @@ from torch import nn
 from inference.errors import OptionError
 
 from .plate import data_plate
+from .structure import static_structure as declare_static
 from .vae import mlp
 
 __all__ = [
@@ -80,6 +81,9 @@ class AmortizedGuide(nn.Module):
     """
 
     family: str = ""
+    #: every family here samples the same sites through the same operations for any x; a
+    #: subclass whose ``distribution`` branches on tensor values must set this to False
+    static_structure = True
 
     def __init__(
         self,
@@ -114,6 +118,7 @@ class AmortizedGuide(nn.Module):
         """q(z | x), batch shape ``(B,)``, event shape ``(L,)``."""
         raise NotImplementedError
 
+    @declare_static
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """Sample z ~ q(z | x) at the model's site; ``x`` ``(B, D)``, returns z ``(B, L)``."""
         pyro.module(self.name, self)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .plate import data_plate
+from .structure import static_structure
 
 __all__ = [
     "COVARIANCES",
@@ -273,6 +274,7 @@ class LinearGaussian(nn.Module):
             module.decoder.log_psi.copy_(psi.log())
         return module
 
+    @static_structure
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """p(x, z) = N(z; 0, I) N(x; W z + mu, Psi). ``x``: ``(B, D)``; returns z ``(..., B, Q)``."""
         pyro.module("decoder", self.decoder)
@@ -285,12 +287,14 @@ class LinearGaussian(nn.Module):
             )
         return z
 
+    @static_structure
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """q(z | x) = N(z; V x + b, S). ``x``: ``(B, D)``; returns z ``(..., B, Q)``."""
         pyro.module("encoder", self.encoder)
         with data_plate(x, num_data):
             return pyro.sample("z", self.encoder.distribution(x))
 
+    @static_structure
     def posterior_guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """The exact posterior p(z | x) as a guide: every importance weight equals p(x)."""
         pyro.module("decoder", self.decoder)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .plate import data_plate
+from .structure import static_structure
 
 __all__ = ["VAE", "Decoder", "Encoder", "mlp"]
 
@@ -80,6 +81,7 @@ class VAE(nn.Module):
         self.encoder = Encoder(self.data_dim, self.latent_dim, self.hidden_dims)
         self.decoder = Decoder(self.data_dim, self.latent_dim, self.hidden_dims)
 
+    @static_structure
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """p(x, z) = N(z; 0, I) Bernoulli(x; decoder(z)). ``x``: ``(B, D)``; returns z ``(B, L)``."""
         pyro.module("decoder", self.decoder)
@@ -91,6 +93,7 @@ class VAE(nn.Module):
             pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x)
         return z
 
+    @static_structure
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """q(z | x) = N(z; z_loc(x), diag z_scale(x)^2). ``x``: ``(B, D)``; returns z ``(B, L)``."""
         pyro.module("encoder", self.encoder)

@@ -48,6 +48,7 @@ def trained(tmp_path_factory):
 def test_train_prints_the_sign_report(trained):
     run_dir, out = trained
     assert "loss = -ELBO" in out and "(ok)" in out and "MISMATCH" not in out
+    assert "with TraceMeanField_ELBO (JIT-compiled);" in out  # the default, for a static VAE
     # "loss = -ELBO = KL - E[log p(x|z)] = a - (b) = c nats/image" with c = a - b
     m = re.search(r"= (-?[\d.]+) - \((-?[\d.]+)\) = (-?[\d.]+) nats/image", out)
     kl, reconstruction, loss = map(float, m.groups())
@@ -107,6 +108,7 @@ BAD = {
     "epochs-zero": (["train", "--epochs", "0"], "--epochs"),
     "negative-lr": (["train", "--lr", "-1"], "--lr"),
     "unknown-estimator": (["train", "--estimator", "nope"], "--estimator"),
+    "unknown-jit": (["train", "--jit", "maybe"], "--jit"),
     "unknown-model": (["train", "--model", "nope"], "--model"),
     "hidden-dims": (["train", "--hidden-dims", "16,x"], "--hidden-dims"),
     "missing-data-file": (["train", "--data", "{tmp}/missing.npy"], "missing.npy"),

@@ -189,7 +189,7 @@ def test_nan_loss_on_command_line_exits_nonzero_with_message(tmp_path, capsys):
 
 def _train_cmd(run_dir, *extra):
     return [
-        sys.executable, "-m", "inference.cli", "train", "--epochs", "3", "--batch-size", "8",
+        sys.executable, "-m", "inference.cli", "train", "--epochs", "8", "--batch-size", "8",
         "--hidden-dims", "16", "--no-progress", "--run-dir", str(run_dir), *extra,
     ]  # fmt: skip
 

@@ -4,6 +4,7 @@ checked against a plain-PyTorch ELBO (Kingma & Welling 2014, eq. 10) on a traine
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pyro
 import pyro.distributions as dist
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 
 from inference.data import load_digits
-from inference.errors import OptionError
+from inference.errors import NumericalError, OptionError
 from inference.io import load_checkpoint
 from inference.run import ModelSpec, build_model, load_run
 from inference.train import (
@@ -23,6 +24,7 @@ from inference.train import (
     evaluate,
     fit,
     pyro_loss,
+    resolve_estimator,
 )
 from models.vae import VAE
 
@@ -192,16 +194,15 @@ def test_evaluate_on_a_checkpoint_equals_plain_pytorch(digits, tmp_path_factory,
     ids=["trace", "meanfield"],
 )
 def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
-    """Each estimator trains in float64; a JIT estimator gives its plain twin's numbers.
-
-    Same noise, so equal up to the compiled graph's rounding (~1e-12 per step in float64),
-    which Adam's division by sqrt(v) amplifies over the epoch.
-    """
+    """Each estimator trains in float64; a JIT estimator gives its plain twin's numbers, bit
+    for bit (same noise, same operations in the same order)."""
     train, test = (t.double() for t in small)
     histories = {}
     for name in (estimator, compiled):
         vae = _vae(dtype=torch.float64, hidden=(8,))
-        config = TrainConfig(epochs=1, batch_size=80, estimator=name, progress=False)  # ragged
+        config = TrainConfig(  # a ragged last batch; the plain estimator run eagerly
+            epochs=1, batch_size=80, estimator=name, jit="off", progress=False
+        )
         with pyro.validation_enabled(not name.startswith("jit")):
             result = fit(vae.model, vae.guide, train, test, config)
         assert all(p.dtype == torch.float64 for p in vae.parameters())
@@ -211,8 +212,81 @@ def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
         histories[name] = _numbers(result.history)
     for a, b in zip(histories[estimator], histories[compiled], strict=True):
         assert a.keys() == b.keys() and a["split"] == b["split"]
-        for k in a.keys() - {"split"}:
-            assert b[k] == pytest.approx(a[k], rel=1e-9), k
+        assert a == b
+
+
+def test_default_training_is_compiled_and_identical_to_eager(small):
+    """``fit``'s default compiles the built-in VAE's estimator; the history and the trained
+    parameters are those of Pyro's eager TraceMeanField_ELBO, bit for bit, in float32."""
+    train, test = small
+    config = TrainConfig(epochs=2, batch_size=80, progress=False)
+    vae = _vae()
+    assert resolve_estimator(config, vae.model, vae.guide) == "jit-meanfield"
+    results = {}
+    for jit in ("auto", "off"):
+        vae = _vae()
+        result = fit(vae.model, vae.guide, train, test, replace(config, jit=jit))
+        results[jit] = (_numbers(result.history), _params(vae))
+    assert results["auto"][0] == results["off"][0]
+    for name, value in results["auto"][1].items():
+        assert torch.equal(value, results["off"][1][name]), name
+
+
+def _plain_model(x):
+    pyro.sample("x", dist.Normal(0.0, 1.0).expand(x.shape).to_event(2), obs=x)
+
+
+def _plain_guide(x):
+    pass
+
+
+@pytest.mark.parametrize(
+    "pair, jit, validate, expected",
+    [
+        ("vae", "auto", False, "jit-meanfield"),
+        ("vae", "off", False, "meanfield"),
+        ("vae", "auto", True, "meanfield"),  # per-step validation needs the eager path
+        ("undeclared", "auto", False, "meanfield"),  # never traced by guessing
+        ("undeclared model", "auto", False, "meanfield"),
+        ("undeclared", "on", False, "jit-meanfield"),
+        ("guide object", "auto", False, "jit-meanfield"),
+        ("guide says not static", "auto", False, "meanfield"),
+    ],
+)
+def test_resolve_estimator(pair, jit, validate, expected):
+    from models.guides import DiagonalNormalGuide
+
+    vae = _vae()
+    unstatic = DiagonalNormalGuide(64, 2, (16,))
+    unstatic.static_structure = False  # e.g. a subclass whose distribution branches on values
+    model, guide = {
+        "vae": (vae.model, vae.guide),
+        "undeclared": (_plain_model, _plain_guide),
+        "undeclared model": (_plain_model, vae.guide),
+        "guide object": (vae.model, DiagonalNormalGuide(64, 2, (16,))),
+        "guide says not static": (vae.model, unstatic.guide),
+    }[pair]
+    config = TrainConfig(jit=jit, validate=validate)
+    assert resolve_estimator(config, model, guide) == expected
+    assert resolve_estimator(replace(config, estimator="jit"), model, guide) == "jit"
+
+
+def test_a_non_finite_gradient_stops_before_the_update(float64):
+    """A finite loss whose gradient is infinite (d sqrt(u)/du at u = 0) is refused."""
+
+    def model(x):
+        c = pyro.param("c", torch.tensor(1.0, dtype=x.dtype))
+        shift = torch.sqrt(c - c.detach())  # 0 in value, infinite derivative
+        pyro.sample("x", dist.Normal(shift, 1.0).expand(x.shape).to_event(2), obs=x)
+
+    def guide(x):
+        pass
+
+    data = torch.zeros(4, 2, dtype=torch.float64)
+    config = TrainConfig(epochs=1, batch_size=None, progress=False)
+    with pytest.raises(NumericalError, match=r"epoch 1, step 1: the gradient is not"):
+        fit(model, guide, data, None, config)
+    assert pyro.param("c").item() == 1.0  # not updated
 
 
 # --- a user's own model: Bayesian linear regression with global latents -------------------------
@@ -280,8 +354,14 @@ def test_minibatches_need_num_data():
 
 @pytest.mark.parametrize(
     "options",
-    [{"epochs": 0}, {"learning_rate": -1.0}, {"estimator": "nope"}, {"batch_size": 0}],
-    ids=["epochs", "lr", "estimator", "batch-size"],
+    [
+        {"epochs": 0},
+        {"learning_rate": -1.0},
+        {"estimator": "nope"},
+        {"batch_size": 0},
+        {"jit": "yes"},
+    ],
+    ids=["epochs", "lr", "estimator", "batch-size", "jit"],
 )
 def test_bad_config_raises_option_error(options):
     with pytest.raises(OptionError):

@@ -71,11 +71,14 @@ class TracedLoss:
 
     ``fn`` is a Pyro function returning a scalar tensor. Its parameters (``pyro.param`` and
     ``pyro.module`` sites) become inputs of the graph, so gradients flow to the param store.
-    ``compilations`` counts the graphs traced so far.
+    ``compilations`` counts the graphs traced so far. ``differentiable=False`` (for graphs only
+    ever run without gradients) allows rewrites that keep every value but would accumulate a
+    gradient in another order.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor]):
+    def __init__(self, fn: Callable[..., torch.Tensor], differentiable: bool = True):
         self.fn = fn
+        self.differentiable = differentiable
         self.compilations = 0
         self._graphs: dict[Hashable, tuple[list[str], Any]] = {}
 
@@ -119,10 +122,12 @@ class TracedLoss:
                 warnings.simplefilter("ignore")  # TracerWarnings on Python ints from shapes
                 traced = torch.jit.trace(replayed, params + tuple(args), check_trace=False)
         self.compilations += 1
-        return names, torch._C._create_function_from_graph("elbo_loss", _lean(traced.graph))
+        return names, torch._C._create_function_from_graph(
+            "elbo_loss", _lean(traced.graph, self.differentiable)
+        )
 
 
-def _lean(graph: torch.Graph) -> torch.Graph:
+def _lean(graph: torch.Graph, differentiable: bool = True) -> torch.Graph:
     """A copy of a traced loss graph without the work that only tracing put there.
 
     A graph is traced (and looked up) for one set of argument shapes, so the shape arithmetic
@@ -136,13 +141,47 @@ def _lean(graph: torch.Graph) -> torch.Graph:
     """
     graph = graph.copy()
     torch._C._jit_pass_peephole(graph, False)  # aten::size of a tensor of known shape -> constant
+    torch._C._jit_pass_constant_pooling(graph)
+    torch._C._jit_pass_cse(graph)  # one size list for zeros(size) and ones(size)
+    _drop_identities(graph)
+    _fold_fills(graph)
+    _drop_fill_arithmetic(graph)  # before constant propagation folds the fills into tensors
+    if not differentiable:  # same values; a gradient would sum over the copies in another order
+        _elementwise_before_expand(graph)
+    torch._C._jit_pass_dce(graph)
     torch._C._jit_pass_constant_propagation(graph)
     torch._C._jit_pass_constant_pooling(graph)
     torch._C._jit_pass_cse(graph)
     _drop_identities(graph)
-    _drop_fill_arithmetic(graph)
+    torch._C._jit_pass_dce(graph)
+    _sum_before_negation(graph)
     torch._C._jit_pass_dce(graph)
     return graph
+
+
+def _sum_before_negation(graph: torch.Graph) -> None:
+    """Rewrite ``sum(-a, dims)`` as ``-sum(a, dims)`` where ``-a`` has no other use.
+
+    A log-density such as Bernoulli's, ``-binary_cross_entropy_with_logits(...)``, is negated
+    element by element and then summed over its event dims; negating the sums instead saves a
+    pass over the largest tensor of the graph. Rounding to nearest is symmetric in sign, so
+    the same additions in the same order give exactly the negated sum, and the gradient is
+    the same -1 per element.
+    """
+    for node in graph.nodes():
+        if node.kind() != "aten::sum" or node.inputsAt(0).node().kind() != "aten::neg":
+            continue
+        negated = node.inputsAt(0)
+        if len(negated.uses()) != 1 or len(list(node.inputs())) != 4:
+            continue
+        source = negated.node().inputsAt(0)
+        summed = graph.create("aten::sum", [source, *list(node.inputs())[1:]])
+        summed.insertBefore(node)
+        summed.output().setType(node.output().type())
+        flipped = graph.create("aten::neg", [summed.output()])
+        flipped.insertBefore(node)
+        flipped.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(flipped.output())
 
 
 _FILLS = {
@@ -230,6 +269,83 @@ def _drop_fill_arithmetic(graph: torch.Graph) -> None:
             draw.insertBefore(node)
             draw.output().setType(node.output().type())
             node.output().replaceAllUsesWith(draw.output())
+
+
+#: Elementwise ops of one tensor (and scalar constants) whose result at every element depends
+#: only on that element.
+_UNARY = {
+    "aten::exp",
+    "aten::log",
+    "aten::neg",
+    "aten::sqrt",
+    "aten::reciprocal",
+    "aten::pow",
+    "aten::mul",
+    "aten::div",
+    "aten::add",
+    "aten::sub",
+    "aten::log1p",
+    "aten::softplus",
+}
+
+
+def _is_scalar_constant(value: torch.Value) -> bool:
+    return isinstance(_constant(value), int | float) and not isinstance(_constant(value), bool)
+
+
+def _elementwise_before_expand(graph: torch.Graph) -> None:
+    """Compute ``f(expand(a))`` as ``expand(f(a))`` for an elementwise ``f`` of one tensor.
+
+    A distribution of a guide inside a particle plate expands its (N, L) parameters to
+    (K, N, L); its log-density then takes ``scale ** 2`` and ``log(scale)`` of every copy.
+    Every element of the result is ``f`` of the same source element either way.
+    """
+    for node in graph.nodes():
+        if node.kind() not in _UNARY:
+            continue
+        inputs = list(node.inputs())
+        if not inputs or inputs[0].node().kind() != "aten::expand":
+            continue
+        if not all(_is_scalar_constant(v) for v in inputs[1:]):
+            continue
+        expand = inputs[0].node()
+        source = expand.inputsAt(0)
+        if (
+            not isinstance(source.type(), torch._C.TensorType)
+            or source.type().dtype() is None
+            or source.type().dtype() != node.output().type().dtype()
+            or _sizes(source) is None
+            or _sizes(node.output()) != _sizes(expand.output())
+        ):
+            continue
+        applied = graph.create(node.kind(), [source, *inputs[1:]])
+        applied.insertBefore(node)
+        applied.output().setType(source.type())
+        expanded = graph.create("aten::expand", [applied.output(), *list(expand.inputs())[1:]])
+        expanded.insertBefore(node)
+        expanded.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(expanded.output())
+
+
+def _fold_fills(graph: torch.Graph) -> None:
+    """``pow(ones, p)`` is ones and ``log(ones)`` is zeros, element for element."""
+    for node in graph.nodes():
+        kind = node.kind()
+        if not list(node.inputs()) or _fill(node.inputsAt(0)) != 1.0:
+            continue
+        source = node.inputsAt(0)
+        if not _same_tensor_type(source, node.output()):
+            continue
+        if kind == "aten::pow" and _is_scalar_constant(node.inputsAt(1)):
+            node.output().replaceAllUsesWith(source)
+        elif kind == "aten::log" and len(list(node.inputs())) == 1:
+            none = graph.create("prim::Constant")
+            none.output().setType(torch._C.NoneType.get())
+            none.insertBefore(node)
+            zeros = graph.create("aten::zeros_like", [source] + [none.output()] * 5)
+            zeros.insertBefore(node)
+            zeros.output().setType(node.output().type())
+            node.output().replaceAllUsesWith(zeros.output())
 
 
 def _float_constant(graph: torch.Graph, value: float, before: torch.Node) -> torch.Value:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import pyro
@@ -33,7 +33,10 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from models.structure import has_static_structure
+
 from .errors import OptionError
+from .estimators import TracedLoss, _identity
 
 __all__ = ["EvidenceEstimate", "PARTICLE_PLATE", "iwae", "log_weights"]
 
@@ -178,6 +181,7 @@ def log_weights(
     *args,
     num_samples: int,
     chunk_size: int | None = None,
+    compiled: bool | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Importance log-weights log w_k = log p(x, z_k) - log q(z_k | x), z_k ~ q(z | x).
@@ -187,6 +191,8 @@ def log_weights(
         num_samples: K, independent draws from the guide.
         chunk_size: draws vectorized at once; default keeps chunk_size x N near
             :data:`CHUNK_ROWS`, N the data plate's size.
+        compiled: run each chunk as a traced graph (same noise, same values); default: when
+            model and guide are declared static (:func:`models.structure.static_structure`).
 
     Returns:
         float64 ``(K, N)`` for local models (one column per row of the data plate, subsampling
@@ -201,6 +207,7 @@ def log_weights(
         chunk_size = max(1, CHUNK_ROWS // max(layout.data_size, 1))
     chunks: list[torch.Tensor] = []
     vectorize = True
+    draw = _drawer(model, guide, layout, compiled)
     done = 0
     # The probe above ran under the caller's validation setting; repeating Pyro's argument
     # checks on every chunk of draws costs time and finds nothing new.
@@ -209,7 +216,7 @@ def log_weights(
             size = min(chunk_size, num_samples - done)
             if vectorize:
                 try:
-                    chunks.append(_draw(model, guide, args, kwargs, layout, size))
+                    chunks.append(draw(args, kwargs, size))
                     done += size
                     continue
                 except (RuntimeError, ValueError) as exc:
@@ -220,6 +227,42 @@ def log_weights(
             chunks.append(_draw(model, guide, args, kwargs, layout, None))
             done += 1
     return torch.cat(chunks, dim=0)
+
+
+def _drawer(
+    model: Callable, guide: Callable, layout: _Layout, compiled: bool | None
+) -> Callable[[tuple, dict, int], torch.Tensor]:
+    """``draw(args, kwargs, particles)`` -> log w of one chunk: eager, or a graph traced once per
+    chunk size (:class:`~inference.estimators.TracedLoss`) for a pair declared static, which
+    draws the same noise and computes the same log-weights without Pyro's Python work."""
+    if compiled is None:
+        compiled = has_static_structure(model) and has_static_structure(guide)
+    if not compiled:
+        return lambda args, kwargs, particles: _draw(model, guide, args, kwargs, layout, particles)
+    key = (_identity(model), _identity(guide), layout)
+    entry = _GRAPHS.pop(key, None)
+    if entry is None:
+        # the entry holds model and guide, so their ids cannot be reused while it lives
+        entry = (
+            model,
+            guide,
+            TracedLoss(
+                lambda *args, particles, **kwargs: _draw(
+                    model, guide, args, kwargs, layout, particles
+                ),
+                differentiable=False,  # log_weights runs without gradients
+            ),
+        )
+    _GRAPHS[key] = entry  # most recently used last
+    while len(_GRAPHS) > _GRAPHS_KEPT:
+        _GRAPHS.pop(next(iter(_GRAPHS)))
+    traced = entry[2]
+    return lambda args, kwargs, particles: traced(*args, particles=particles, **kwargs)
+
+
+#: Traced log-weight graphs of the most recently used static model/guide pairs.
+_GRAPHS: dict[Hashable, tuple[Callable, Callable, TracedLoss]] = {}
+_GRAPHS_KEPT = 4
 
 
 def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
@@ -237,6 +280,7 @@ def iwae(
     *args,
     num_samples: int = 1000,
     chunk_size: int | None = None,
+    compiled: bool | None = None,
     **kwargs,
 ) -> EvidenceEstimate:
     """The importance-weighted bound L_K on log p(x) with its standard error.
@@ -255,7 +299,13 @@ def iwae(
     Reference: Burda, Grosse & Salakhutdinov (2016), eq. (8).
     """
     log_w = log_weights(
-        model, guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        compiled=compiled,
+        **kwargs,
     )
     bound = _log_mean_exp(log_w)  # (N,) or ()
     ess = _ess(log_w)

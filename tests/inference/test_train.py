@@ -366,3 +366,25 @@ def test_minibatches_need_num_data():
 def test_bad_config_raises_option_error(options):
     with pytest.raises(OptionError):
         TrainConfig(**options)
+
+
+def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eager(float64):
+    """An autoguide is as static as its model: declared, the pair trains compiled, with the
+    eager run's numbers bit for bit."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from models.structure import static_structure
+
+    model = static_structure(lambda data: regression_model(data))
+    data = _regression_data()
+    config = TrainConfig(epochs=3, batch_size=None, learning_rate=0.05, progress=False)
+    pyro.clear_param_store()
+    assert resolve_estimator(config, model, AutoNormal(model)) == "jit-meanfield"
+    assert resolve_estimator(config, regression_model, AutoNormal(regression_model)) == "meanfield"
+    runs = {}
+    for jit in ("auto", "off"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        result = fit(model, AutoNormal(model), data, None, replace(config, jit=jit))
+        runs[jit] = _numbers(result.history)
+    assert runs["auto"] == runs["off"]

@@ -265,7 +265,7 @@ def main(argv=None) -> None:
         )
         print(f"  {'implementation':16s} {'ms/step':>8s} {'IQR':>13s} {'ratio':>6s} {'paired':>6s}")
         for name, t in times.items():
-            q = statistics.quantiles(t, n=4)
+            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0], t[0], t[0]]
             med = statistics.median(t)
             print(
                 f"  {name:16s} {med * 1e3:8.3f} {q[0] * 1e3:6.2f}-{q[2] * 1e3:<6.2f} "

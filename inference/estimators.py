@@ -31,6 +31,8 @@ Reference: D. P. Kingma and M. Welling, "Auto-Encoding Variational Bayes", ICLR 
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from collections.abc import Callable, Hashable
 from contextlib import contextmanager
@@ -45,6 +47,8 @@ from pyro.infer.util import is_identically_zero
 from pyro.poutine.runtime import _PYRO_STACK
 
 __all__ = ["COMPILED", "JitTrace_ELBO", "JitTraceMeanField_ELBO", "TracedLoss"]
+
+log = logging.getLogger(__name__)
 
 
 def _identity(fn: Callable) -> Hashable:
@@ -73,7 +77,8 @@ class TracedLoss:
     ``pyro.module`` sites) become inputs of the graph, so gradients flow to the param store.
     ``compilations`` counts the graphs traced so far. ``differentiable=False`` (for graphs only
     ever run without gradients) allows rewrites that keep every value but would accumulate a
-    gradient in another order.
+    gradient in another order, and :meth:`call` with a memo, which computes the part of the
+    graph that draws no random numbers once for repeated calls on the same inputs.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], differentiable: bool = True):
@@ -83,6 +88,12 @@ class TracedLoss:
         self._graphs: dict[Hashable, tuple[list[str], Any]] = {}
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.call(None, *args, **kwargs)
+
+    def call(self, memo: dict | None, *args, **kwargs) -> torch.Tensor:
+        """``fn(*args, **kwargs)``; with a ``memo`` (``differentiable=False`` only), the values
+        that do not depend on random draws are computed at the first call and kept in it. The
+        caller promises that parameters and arguments stay the same while it uses the memo."""
         key = (_freeze(args), _freeze(kwargs))
         entry = self._graphs.get(key)
         if entry is None:
@@ -97,6 +108,8 @@ class TracedLoss:
         # executor's optimization would replace backward kernels such as softplus_backward by
         # symbolic formulas of elementwise ops: about 1.5x slower on CPU at full batch.
         with torch.jit.optimized_execution(False):
+            if isinstance(graph, _Hoisted):
+                return graph((*params, *args), memo, key)
             return graph(*params, *args)
 
     def _trace(self, args: tuple, kwargs: dict) -> tuple[list[str], Any]:
@@ -120,11 +133,150 @@ class TracedLoss:
                 _default_dtype(args),
             ):
                 warnings.simplefilter("ignore")  # TracerWarnings on Python ints from shapes
-                traced = torch.jit.trace(replayed, params + tuple(args), check_trace=False)
+                try:
+                    traced = torch.jit.trace(replayed, params + tuple(args), check_trace=False)
+                except RuntimeError as exc:  # an op TorchScript cannot record
+                    log.warning("cannot trace the loss, running it eagerly: %s", exc)
+                    self.compilations += 1
+                    return names, _Eager(self.fn, len(names), kwargs)
+                # constant propagation creates tensors at the default dtype, as tracing did
+                try:
+                    lean = _lean(traced.graph, self.differentiable)
+                except RuntimeError as exc:  # a TorchScript pass that cannot handle an op
+                    log.warning("running the traced graph unoptimized: %s", exc)
+                    lean = traced.graph.copy()
         self.compilations += 1
-        return names, torch._C._create_function_from_graph(
-            "elbo_loss", _lean(traced.graph, self.differentiable)
-        )
+        if not self.differentiable:
+            return names, _Hoisted(lean)
+        return names, torch._C._create_function_from_graph("elbo_loss", lean)
+
+
+class _Eager:
+    """Stands in for a graph that could not be traced: runs ``fn`` itself (same numbers)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], num_params: int, kwargs: dict):
+        self.fn, self.num_params, self.kwargs = fn, num_params, kwargs
+
+    def __call__(self, *params_and_args) -> torch.Tensor:
+        return self.fn(*params_and_args[self.num_params :], **self.kwargs)
+
+
+class _Hoisted:
+    """A graph split into a prefix, the values that draw no random numbers (an encoder's output
+    for fixed data, say), and the rest, which takes them as extra inputs. Without gradients the
+    prefix's values are the same at every call on the same inputs, so a memo keeps them."""
+
+    def __init__(self, graph: torch.Graph):
+        try:
+            split = _split_invariant(graph)
+        except RuntimeError as exc:  # a TorchScript pass that cannot handle an op
+            log.warning("not hoisting the invariant part of the graph: %s", exc)
+            split = None
+        if split is None:
+            self.prefix, self.main = None, torch._C._create_function_from_graph("draw", graph)
+        else:
+            prefix, main = split
+            self.prefix = torch._C._create_function_from_graph("invariant", prefix)
+            self.main = torch._C._create_function_from_graph("draw", main)
+
+    def __call__(self, inputs: tuple, memo: dict | None, key: Hashable) -> torch.Tensor:
+        if self.prefix is None:
+            return self.main(*inputs)
+        values = memo.get(key) if memo is not None else None
+        if values is None:
+            values = self.prefix(*inputs)
+            values = values if isinstance(values, tuple) else (values,)
+            if memo is not None:
+                memo[key] = values
+        return self.main(*inputs, *values)
+
+
+#: Structural nodes that compute nothing random.
+_STRUCTURAL = {
+    "prim::Constant",
+    "prim::ListConstruct",
+    "prim::ListUnpack",
+    "prim::TupleConstruct",
+    "prim::TupleUnpack",
+    "prim::NumToTensor",
+}
+
+#: Words in the names of ATen's random ops (JIT's own list misses some, e.g. _standard_gamma).
+_RANDOM_WORDS = (
+    "rand",
+    "normal",
+    "bernoulli",
+    "poisson",
+    "multinomial",
+    "gamma",
+    "dirichlet",
+    "binomial",
+    "exponential",
+    "geometric",
+    "cauchy",
+    "uniform",
+    "dropout",
+)
+
+
+def _deterministic(node: torch.Node) -> bool:
+    """Whether ``node`` certainly draws no random numbers: an ATen op outside the random ones,
+    or a structural node. A Python autograd function (``prim::PythonOp``, e.g. the Beta's
+    rsample) or anything else unknown counts as random."""
+    kind = node.kind()
+    if kind in _STRUCTURAL:
+        return True
+    if not kind.startswith("aten::") or node.isNondeterministic():
+        return False
+    return not any(word in kind for word in _RANDOM_WORDS)
+
+
+def _split_invariant(graph: torch.Graph) -> tuple[torch.Graph, torch.Graph] | None:
+    """(prefix, main) for :class:`_Hoisted`, or None when nothing is worth hoisting or the graph
+    mutates a tensor in place (a kept value must not change between calls)."""
+    main = graph.copy()
+    nodes = list(main.nodes())
+    if any(node.kind().endswith("_") or list(node.blocks()) for node in nodes):
+        return None
+    invariant = set(main.inputs())
+    hoisted = []
+    for node in nodes:
+        if not _deterministic(node) or not all(v in invariant for v in node.inputs()):
+            continue
+        invariant.update(node.outputs())
+        hoisted.append(node)
+    inside = set(hoisted)
+    boundary = []  # tensors computed by the prefix and used by the rest
+    for node in hoisted:
+        if node.kind() == "prim::Constant":
+            continue
+        for out in node.outputs():
+            if not isinstance(out.type(), torch._C.TensorType):
+                continue
+            if any(use.user not in inside for use in out.uses()):  # the rest, or the return
+                boundary.append(out)
+    if not boundary:
+        return None
+    prefix = torch._C.Graph()
+    mapping = {}
+    for value in main.inputs():
+        mapping[value] = prefix.addInput()
+        mapping[value].setType(value.type())
+    for node in hoisted:
+        clone = prefix.createClone(node, lambda v: mapping[v])
+        prefix.appendNode(clone)
+        for old, new in zip(node.outputs(), clone.outputs(), strict=True):
+            mapping[old] = new
+    for value in boundary:
+        prefix.registerOutput(mapping[value])
+    prefix.makeMultiOutputIntoTuple()
+    torch._C._jit_pass_dce(prefix)
+    for value in boundary:
+        replacement = main.addInput()
+        replacement.setType(value.type())
+        value.replaceAllUsesWith(replacement)
+    torch._C._jit_pass_dce(main)
+    return prefix, main
 
 
 def _lean(graph: torch.Graph, differentiable: bool = True) -> torch.Graph:
@@ -138,25 +290,38 @@ def _lean(graph: torch.Graph, differentiable: bool = True) -> torch.Graph:
     records ``torch.normal(zeros, ones)`` where the eager code draws ``empty().normal_()``.
     Removing all of these changes no value and no gradient, bit for bit (checked in the tests
     against the plain estimators); it removes three quarters of the nodes.
+
+    The hand-written rewrites reroute values to aliases, so a graph that mutates any tensor in
+    place (``mask[0] = 0`` on a tensor of ones, say) gets only TorchScript's own passes.
     """
     graph = graph.copy()
+    mutates = any(_in_place(node) for node in graph.nodes())
     torch._C._jit_pass_peephole(graph, False)  # aten::size of a tensor of known shape -> constant
     torch._C._jit_pass_constant_pooling(graph)
     torch._C._jit_pass_cse(graph)  # one size list for zeros(size) and ones(size)
-    _drop_identities(graph)
-    _fold_fills(graph)
-    _drop_fill_arithmetic(graph)  # before constant propagation folds the fills into tensors
-    if not differentiable:  # same values; a gradient would sum over the copies in another order
-        _elementwise_before_expand(graph)
-    torch._C._jit_pass_dce(graph)
+    if not mutates:
+        _drop_identities(graph)
+        _fold_fills(graph)
+        _drop_fill_arithmetic(graph)  # before constant propagation folds the fills into tensors
+        if not differentiable:  # same values; a gradient would add up in another order
+            _negate_the_smaller_operand(graph)
+            _elementwise_before_expand(graph)
+        torch._C._jit_pass_dce(graph)
     torch._C._jit_pass_constant_propagation(graph)
     torch._C._jit_pass_constant_pooling(graph)
     torch._C._jit_pass_cse(graph)
-    _drop_identities(graph)
-    torch._C._jit_pass_dce(graph)
-    _sum_before_negation(graph)
+    if not mutates:
+        _drop_identities(graph)
+        torch._C._jit_pass_dce(graph)
+        _sum_before_negation(graph)
     torch._C._jit_pass_dce(graph)
     return graph
+
+
+def _in_place(node: torch.Node) -> bool:
+    """An ATen op that writes into one of its inputs (``add_``, ``copy_``, ``fill_``...)."""
+    kind = node.kind()
+    return kind.endswith("_") and not kind.endswith("__")
 
 
 def _sum_before_negation(graph: torch.Graph) -> None:
@@ -165,8 +330,8 @@ def _sum_before_negation(graph: torch.Graph) -> None:
     A log-density such as Bernoulli's, ``-binary_cross_entropy_with_logits(...)``, is negated
     element by element and then summed over its event dims; negating the sums instead saves a
     pass over the largest tensor of the graph. Rounding to nearest is symmetric in sign, so
-    the same additions in the same order give exactly the negated sum, and the gradient is
-    the same -1 per element.
+    the same additions in the same order (same layout) give exactly the negated sum, and the
+    gradient is the same -1 per element. (A sum of only -0.0 becomes -0.0 instead of +0.0.)
     """
     for node in graph.nodes():
         if node.kind() != "aten::sum" or node.inputsAt(0).node().kind() != "aten::neg":
@@ -175,6 +340,8 @@ def _sum_before_negation(graph: torch.Graph) -> None:
         if len(negated.uses()) != 1 or len(list(node.inputs())) != 4:
             continue
         source = negated.node().inputsAt(0)
+        if not (_floating(source) and _same_tensor_type(source, negated)):
+            continue  # integers wrap; another memory layout sums in another order
         summed = graph.create("aten::sum", [source, *list(node.inputs())[1:]])
         summed.insertBefore(node)
         summed.output().setType(node.output().type())
@@ -200,14 +367,28 @@ def _fill(value: torch.Value) -> float | None:
 
 
 def _same_tensor_type(a: torch.Value, b: torch.Value) -> bool:
+    """Whether ``a`` can stand for ``b``: same static shape, strides, dtype and device."""
     ta, tb = a.type(), b.type()
     return (
         isinstance(ta, torch._C.TensorType)
         and isinstance(tb, torch._C.TensorType)
         and _sizes(a) is not None
         and _sizes(a) == _sizes(b)
+        and ta.strides() is not None
+        and ta.strides() == tb.strides()
         and ta.dtype() is not None
         and ta.dtype() == tb.dtype()
+        and ta.device() is not None
+        and ta.device() == tb.device()
+    )
+
+
+def _floating(value: torch.Value) -> bool:
+    kind = value.type()
+    return (
+        isinstance(kind, torch._C.TensorType)
+        and kind.dtype() is not None
+        and kind.dtype().is_floating_point
     )
 
 
@@ -221,7 +402,7 @@ def _constant(value: torch.Value) -> Any:
 
 
 def _drop_fill_arithmetic(graph: torch.Graph) -> None:
-    """Reroute a / ones, a - zeros, a + zeros (alpha 1), a * ones to ``a`` and turn
+    """Reroute a / ones, a - zeros (alpha 1), a * ones, a / 1, a * 1 to ``a`` and turn
     ``normal(zeros, ones)`` into ``normal(0.0, 1.0, size)``, where shapes and dtypes agree."""
     for node in graph.nodes():
         kind = node.kind()
@@ -230,10 +411,10 @@ def _drop_fill_arithmetic(graph: torch.Graph) -> None:
             a, b = inputs[0], inputs[1]
             if kind == "aten::div" and len(inputs) != 2:
                 continue  # rounding-mode variant
+            if kind == "aten::add":  # -0.0 + 0.0 is +0.0: not an identity
+                continue
             neutral = 1.0 if kind in ("aten::div", "aten::mul") else 0.0
-            if kind in ("aten::sub", "aten::add") and (
-                len(inputs) != 3 or not _is_one(_constant(inputs[2]))
-            ):
+            if kind == "aten::sub" and (len(inputs) != 3 or not _is_one(_constant(inputs[2]))):
                 continue
             scalar = _constant(b)
             if kind in ("aten::div", "aten::mul") and isinstance(scalar, int | float):
@@ -271,22 +452,42 @@ def _drop_fill_arithmetic(graph: torch.Graph) -> None:
             node.output().replaceAllUsesWith(draw.output())
 
 
-#: Elementwise ops of one tensor (and scalar constants) whose result at every element depends
-#: only on that element.
-_UNARY = {
-    "aten::exp",
-    "aten::log",
-    "aten::neg",
-    "aten::sqrt",
-    "aten::reciprocal",
-    "aten::pow",
-    "aten::mul",
-    "aten::div",
-    "aten::add",
-    "aten::sub",
-    "aten::log1p",
-    "aten::softplus",
-}
+#: Elementwise ops of one tensor (and scalar constants) that compute every element the same
+#: way wherever it lies: IEEE arithmetic. (ATen's vectorized loops and scalar tails evaluate
+#: transcendental functions such as exp, log or softplus slightly differently, so moving those
+#: before an expand could change the last bit of some elements.)
+_UNARY = {"aten::neg", "aten::mul", "aten::div", "aten::add", "aten::sub", "aten::pow"}
+
+
+def _numel(value: torch.Value) -> int | None:
+    sizes = _sizes(value)
+    return None if sizes is None else math.prod(sizes)
+
+
+def _negate_the_smaller_operand(graph: torch.Graph) -> None:
+    """``(-a) / b`` as ``a / (-b)`` where ``b`` broadcasts from fewer elements: a Normal
+    log-density divides ``-(z - m) ** 2`` by ``2 s ** 2``, with ``s`` shared by K draws of z.
+    Division is correctly rounded and rounding is symmetric in sign: the same value."""
+    for node in graph.nodes():
+        if node.kind() != "aten::div" or len(list(node.inputs())) != 2:
+            continue
+        negated, divisor = node.inputs()
+        if negated.node().kind() != "aten::neg" or len(negated.uses()) != 1:
+            continue
+        small, large = _numel(divisor), _numel(node.output())
+        if small is None or large is None or small >= large:
+            continue
+        if not _same_tensor_type(negated, node.output()) or not (
+            _floating(divisor) and divisor.type().dtype() == node.output().type().dtype()
+        ):
+            continue
+        flipped = graph.create("aten::neg", [divisor])
+        flipped.insertBefore(node)
+        flipped.output().setType(divisor.type())
+        quotient = graph.create("aten::div", [negated.node().inputsAt(0), flipped.output()])
+        quotient.insertBefore(node)
+        quotient.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(quotient.output())
 
 
 def _is_scalar_constant(value: torch.Value) -> bool:
@@ -297,8 +498,9 @@ def _elementwise_before_expand(graph: torch.Graph) -> None:
     """Compute ``f(expand(a))`` as ``expand(f(a))`` for an elementwise ``f`` of one tensor.
 
     A distribution of a guide inside a particle plate expands its (N, L) parameters to
-    (K, N, L); its log-density then takes ``scale ** 2`` and ``log(scale)`` of every copy.
-    Every element of the result is ``f`` of the same source element either way.
+    (K, N, L); its log-density then takes ``scale ** 2`` and ``2 * var`` of every copy.
+    Every element of the result is ``f`` of the same source element either way. The result is
+    a broadcast view, so results that are viewed (``aten::view``) are left alone.
     """
     for node in graph.nodes():
         if node.kind() not in _UNARY:
@@ -307,6 +509,10 @@ def _elementwise_before_expand(graph: torch.Graph) -> None:
         if not inputs or inputs[0].node().kind() != "aten::expand":
             continue
         if not all(_is_scalar_constant(v) for v in inputs[1:]):
+            continue
+        if node.kind() == "aten::pow" and _constant(inputs[1]) != 2:
+            continue  # x ** 2 is x * x everywhere; other powers go through pow()
+        if not _floating(inputs[0]):
             continue
         expand = inputs[0].node()
         source = expand.inputsAt(0)
@@ -318,12 +524,14 @@ def _elementwise_before_expand(graph: torch.Graph) -> None:
             or _sizes(node.output()) != _sizes(expand.output())
         ):
             continue
+        if any(use.user.kind() == "aten::view" for use in node.output().uses()):
+            continue
         applied = graph.create(node.kind(), [source, *inputs[1:]])
         applied.insertBefore(node)
         applied.output().setType(source.type())
         expanded = graph.create("aten::expand", [applied.output(), *list(expand.inputs())[1:]])
         expanded.insertBefore(node)
-        expanded.output().setType(node.output().type())
+        expanded.output().setType(expand.output().type())  # a broadcast view, as before
         node.output().replaceAllUsesWith(expanded.output())
 
 

@@ -256,8 +256,8 @@ def _drawer(
     _GRAPHS[key] = entry  # most recently used last
     while len(_GRAPHS) > _GRAPHS_KEPT:
         _GRAPHS.pop(next(iter(_GRAPHS)))
-    traced = entry[2]
-    return lambda args, kwargs, particles: traced(*args, particles=particles, **kwargs)
+    traced, memo = entry[2], {}  # what draws no noise is computed once per call of log_weights
+    return lambda args, kwargs, particles: traced.call(memo, *args, particles=particles, **kwargs)
 
 
 #: Traced log-weight graphs of the most recently used static model/guide pairs.

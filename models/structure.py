@@ -10,6 +10,11 @@ branch, so nothing is marked by guessing.
 
     @static_structure
     def model(x, num_data=None): ...
+
+While a float64 model is traced, the default dtype is float64: a tensor the model creates at
+the default dtype (``torch.tensor(0.5)``, ``dist.Normal(0.0, 1.0)`` with no tensor argument)
+is then float64 where the eager run makes it float32. Create such tensors with the data's
+dtype (``x.new_tensor(0.5)``, ``torch.zeros((), dtype=x.dtype)``), as the built-in models do.
 """
 
 from __future__ import annotations

@@ -173,3 +173,34 @@ def test_fill_arithmetic_that_broadcasts_is_kept():
     want = Trace_ELBO().differentiable_loss(model, guide, x)
     got = JitTrace_ELBO().differentiable_loss(model, guide, x)
     assert torch.equal(got, want)
+
+
+def _mask_model(x):
+    """A mask made from ones and edited in place: not a tensor of ones any more."""
+    w = pyro.param("w", torch.full((3,), 0.5))
+    mask = torch.ones(3)
+    mask[0] = 0.0
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", pyro.distributions.Normal(w * mask, 1.0).to_event(1), obs=x)
+
+
+def _bits_model(x):
+    """``view(dtype)``, which TorchScript's alias analysis cannot handle: the graph runs as
+    traced, unoptimized."""
+    w = pyro.param("w", torch.full((3,), 0.5))
+    odd = (x.view(torch.int32) & 1).to(x.dtype)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", pyro.distributions.Normal(w + odd, 1.0).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("model", [_mask_model, _bits_model], ids=["mask", "view-dtype"])
+def test_graphs_that_mutate_or_defeat_the_passes_still_equal_eager(model):
+    x = torch.randn(4, 3)
+    pyro.clear_param_store()
+    model(x)  # create w
+    w = pyro.param("w").unconstrained()
+
+    def guide(x):
+        pass
+
+    _bitwise_equal_to_plain(Trace_ELBO, JitTrace_ELBO, model, guide, x, None, [w])

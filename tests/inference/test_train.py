@@ -388,3 +388,19 @@ def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eag
         result = fit(model, AutoNormal(model), data, None, replace(config, jit=jit))
         runs[jit] = _numbers(result.history)
     assert runs["auto"] == runs["off"]
+
+
+@pytest.mark.cuda
+def test_default_training_on_cuda_is_compiled_and_identical_to_eager(small):
+    """On a GPU too the compiled step gives the eager estimator's numbers (same CUDA noise)."""
+    train, test = (t.cuda() for t in small)
+    config = TrainConfig(epochs=1, batch_size=80, progress=False)
+    results = {}
+    for jit in ("auto", "off"):
+        vae = _vae().cuda()
+        torch.cuda.manual_seed_all(0)
+        result = fit(vae.model, vae.guide, train, test, replace(config, jit=jit))
+        results[jit] = (_numbers(result.history), _params(vae))
+    assert results["auto"][0] == results["off"][0]
+    for name, value in results["auto"][1].items():
+        assert torch.equal(value, results["off"][1][name]), name

@@ -187,3 +187,28 @@ def test_data_the_model_rejects_is_a_data_error(tmp_path):
     spec = ModelSpec(model=f"{bad}:model", data=str(tmp_path / "wide.npy"))
     with pytest.raises(DataError, match=r"wide.npy: rejected by the model .*bad.py:model"):
         build_model(spec, load_data(spec.data).to("cpu", torch.float32))
+
+
+def test_a_user_model_marked_static_trains_compiled_with_the_same_numbers(tmp_path, capsys):
+    """``@static_structure`` in the user's file compiles the estimator (autoguide included); the
+    run's metrics are those of the eager run, bit for bit."""
+    source = textwrap.dedent(MODEL_FILE).replace(
+        "import torch\n", "import torch\n\nfrom models import static_structure\n"
+    )
+    source = source.replace("def model(data):", "@static_structure\ndef model(data):")
+    (tmp_path / "marked.py").write_text(source)
+    rows = regression_rows(N_TRAIN)
+    data = tmp_path / "rows.npy"
+    np.save(data, rows.numpy())
+    histories = {}
+    for jit in ("auto", "off"):
+        run_dir = tmp_path / f"run-{jit}"
+        argv = ["train", "--model", f"{tmp_path / 'marked.py'}:model", "--data", str(data)]
+        argv += ["--dtype", "float64", "--epochs", "20", "--lr", "0.02", "--no-progress"]
+        argv += ["--jit", jit, "--run-dir", str(run_dir), "--eval-every", "10"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert ("(JIT-compiled)" in out) == (jit == "auto"), out
+        rows_ = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        histories[jit] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows_]
+    assert histories["auto"] == histories["off"]

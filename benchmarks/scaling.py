@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     digits = load_digits().train.float()
     config = TrainConfig(epochs=1, progress=False)
     print(
-        f"one epoch of fit, batch {config.batch_size}, estimator {config.estimator}, "
+        f"one epoch of fit, batch {config.batch_size}, estimator {config.estimator} (--jit {config.jit}: compiled for the VAE), "
         f"threads {torch.get_num_threads()}, device {args.device}"
     )
     print(

@@ -12,7 +12,7 @@ result by site: observed sites make up ``reconstruction``, latent sites make up 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import torch
@@ -21,7 +21,10 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.inspect import get_dependencies
 from torch.distributions import kl_divergence
 
+from models.structure import has_static_structure
+
 from .errors import OptionError
+from .estimators import _freeze, _identity
 
 __all__ = ["ElboDecomposition", "SiteTerm", "decompose", "latent_parents"]
 
@@ -74,6 +77,37 @@ def latent_parents(model: Callable, *args, **kwargs) -> dict[str, set[str]]:
     return {name: {p for p in parents if p != name and p in deps} for name, parents in deps.items()}
 
 
+#: latent_parents of recently used static models: their dependencies cannot change between
+#: calls on arguments of the same shapes (each entry keeps its model alive, so ids stay unique).
+_PARENTS: dict[Hashable, tuple[Callable, dict[str, set[str]] | None]] = {}
+_PARENTS_KEPT = 8
+
+
+def _latent_parents_once(model: Callable, args: tuple, kwargs: dict) -> dict | None:
+    """:func:`latent_parents` (None where provenance tracking fails), computed once per static
+    model and argument shapes: it runs the model under provenance tracking, which costs as
+    much as the rest of a decomposition."""
+    key = None
+    if has_static_structure(model):
+        try:
+            key = (_identity(model), _freeze(args), _freeze(kwargs))
+        except TypeError:  # an unhashable argument
+            key = None
+    if key is not None and key in _PARENTS:
+        _PARENTS[key] = _PARENTS.pop(key)  # most recently used last
+        return _PARENTS[key][1]
+    try:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's noise untouched
+            parents = latent_parents(model, *args, **kwargs)
+    except Exception:  # provenance tracking fails on some models: fall back to Monte Carlo
+        parents = None
+    if key is not None:
+        _PARENTS[key] = (model, parents)
+        while len(_PARENTS) > _PARENTS_KEPT:
+            _PARENTS.pop(next(iter(_PARENTS)))
+    return parents
+
+
 def _stderr(values: list[float]) -> float:
     if len(values) < 2:
         return math.nan
@@ -116,11 +150,7 @@ def decompose(
         raise OptionError(f"num_particles must be positive, got {num_particles}")
     parents: dict[str, set[str]] | None = None
     if analytic_kl:
-        try:
-            with torch.random.fork_rng(devices=[]):  # leave the caller's noise untouched
-                parents = latent_parents(model, *args, **kwargs)
-        except Exception:  # provenance tracking fails on some models: fall back to Monte Carlo
-            parents = None
+        parents = _latent_parents_once(model, args, kwargs)
 
     per_site: dict[str, list[float]] = {}
     kinds: dict[str, tuple[str, str]] = {}

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 #: Name of the plate that vectorizes draws from the guide.
 PARTICLE_PLATE = "_evidence_particles"
 
-#: Default work per chunk: particles x data rows (about 8 MB per float32 hidden unit of width 128).
-CHUNK_ROWS = 16384
+#: Default work per chunk: particles x data rows (a float32 hidden layer of width 200 is 3 MB:
+#: small enough for the caches, large enough that a chunk's fixed costs do not matter).
+CHUNK_ROWS = 4096
 
 
 class EvidenceEstimate(NamedTuple):
@@ -216,7 +217,10 @@ def log_weights(
             size = min(chunk_size, num_samples - done)
             if vectorize:
                 try:
-                    chunks.append(draw(args, kwargs, size))
+                    if size == chunk_size:
+                        chunks.append(draw(args, kwargs, size))
+                    else:  # the one ragged last chunk: not worth a graph (nor its tracing)
+                        chunks.append(_draw(model, guide, args, kwargs, layout, size))
                     done += size
                     continue
                 except (RuntimeError, ValueError) as exc:

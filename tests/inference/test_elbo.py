@@ -126,3 +126,33 @@ def test_conditioned_prior_falls_back_to_monte_carlo():
         "z": "monte_carlo",
         "x": "monte_carlo",
     }
+
+
+def test_latent_parents_are_found_once_per_static_model_and_shape(monkeypatch):
+    """Provenance tracking runs once for a declared-static model and argument shape, at every
+    call for any other model; the decomposition is the same either way."""
+    import inference.elbo as elbo_module
+    from models.vae import VAE
+
+    calls = []
+    real = elbo_module.latent_parents
+
+    def counting(model, *args, **kwargs):
+        calls.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(elbo_module, "latent_parents", counting)
+    elbo_module._PARENTS.clear()
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(4,))
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+
+    def undeclared(x):
+        return vae.model(x)
+
+    results = []
+    for model in (vae.model, vae.model, undeclared, undeclared):
+        pyro.set_rng_seed(1)
+        results.append(elbo_module.decompose(model, vae.guide, x))
+    assert len(calls) == 3  # once for the static model, twice for the undeclared one
+    assert results[0] == results[1] == results[2] == results[3]

@@ -146,21 +146,28 @@ class World:
             for p in params:
                 dist.broadcast(p.data, src=0)
 
-    def all_reduce_gradients(self, params: Sequence[torch.Tensor], weight: float) -> None:
+    def all_reduce_gradients(
+        self, params: Sequence[torch.Tensor], weight: float, stop: bool = False
+    ) -> bool:
         """Replace each ``p.grad`` by sum_r w_r grad_r with this rank's weight w_r = b_r / B.
 
-        One flat buffer, one ``all_reduce`` per step; a missing gradient counts as zero.
+        One flat buffer, one ``all_reduce`` per step; a missing gradient counts as zero. The
+        buffer carries one more number, this rank's ``stop`` request, so that every rank learns
+        in the same collective whether any rank wants to stop; returns that (``stop`` itself in
+        a world of one process).
         """
         if self.size == 1:
-            return
+            return stop
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads]).mul_(weight)
+        flat = torch.cat([flat, flat.new_full((1,), float(stop))])
         with _collective(self, "averaging gradients"):
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for p, g in zip(params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
             offset += g.numel()
+        return bool(flat[-1] > 0)
 
     def sum(self, values: Sequence[float], what: str = "reducing metrics") -> list[float]:
         """sum_r values_r elementwise, in float64, on every rank."""

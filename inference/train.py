@@ -480,7 +480,10 @@ def fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                world.all_reduce_gradients(params, weight=x.shape[0] / batch_rows.shape[0])
+                # one collective per step: the gradients and whether any rank caught a signal
+                stop = world.all_reduce_gradients(
+                    params, weight=x.shape[0] / batch_rows.shape[0], stop=flag.signum is not None
+                )
                 if config.clip_norm:
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         params, config.clip_norm, foreach=True
@@ -495,7 +498,7 @@ def fit(
                     )
                 optimizer.step()
                 loss_sum += loss_value * x.shape[0] / (n if kwargs else x.shape[0])
-                if world.any(flag.signum is not None):  # all ranks stop at the same step
+                if stop or (world.size == 1 and flag.signum is not None):  # same step everywhere
                     checkpoint(epoch, step + 1, loss_sum)
                     raise Interrupted(
                         flag.signum or signal.SIGTERM, f"epoch {epoch + 1}, step {step + 1}"

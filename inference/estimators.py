@@ -298,7 +298,7 @@ def _lean(graph: torch.Graph, differentiable: bool = True) -> torch.Graph:
     mutates = any(_in_place(node) for node in graph.nodes())
     torch._C._jit_pass_peephole(graph, False)  # aten::size of a tensor of known shape -> constant
     torch._C._jit_pass_constant_pooling(graph)
-    torch._C._jit_pass_cse(graph)  # one size list for zeros(size) and ones(size)
+    _merge_lists(graph)  # one size list for zeros(size) and ones(size)
     if not mutates:
         _drop_identities(graph)
         _fold_fills(graph)
@@ -309,13 +309,31 @@ def _lean(graph: torch.Graph, differentiable: bool = True) -> torch.Graph:
         torch._C._jit_pass_dce(graph)
     torch._C._jit_pass_constant_propagation(graph)
     torch._C._jit_pass_constant_pooling(graph)
-    torch._C._jit_pass_cse(graph)
+    if not differentiable:
+        # Common subexpressions (an encoder run once per particle on the same x) are computed
+        # once: the same values. With gradients, autograd would then add the particles'
+        # contributions before the shared part instead of after: another rounding.
+        torch._C._jit_pass_cse(graph)
     if not mutates:
         _drop_identities(graph)
         torch._C._jit_pass_dce(graph)
         _sum_before_negation(graph)
     torch._C._jit_pass_dce(graph)
     return graph
+
+
+def _merge_lists(graph: torch.Graph) -> None:
+    """Give list constructions with the same inputs one value (after constant pooling, two
+    ``[B, L]`` size lists are the same constants), without touching any tensor op."""
+    seen: dict[tuple, torch.Value] = {}
+    for node in graph.nodes():
+        if node.kind() != "prim::ListConstruct":
+            continue
+        key = tuple(node.inputs())
+        if key in seen and seen[key].type() == node.output().type():
+            node.output().replaceAllUsesWith(seen[key])
+        else:
+            seen.setdefault(key, node.output())
 
 
 def _in_place(node: torch.Node) -> bool:
@@ -689,12 +707,17 @@ class JitTraceMeanField_ELBO(_Compiled, TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` traced once: loss = -ELBO with KL(q || p) in closed form."""
 
     def _surrogate(self, model, guide, args, kwargs) -> torch.Tensor:
-        # loss = (1/S) sum_s [KL(q || p) - log p(x | z_s)]
-        loss = 0.0
+        # loss = (1/S) sum_s [KL(q || p) - log p(x | z_s)]. Like Trace_ELBO, whose
+        # differentiable_loss it inherits, TraceMeanField_ELBO averages the particles' values as
+        # Python floats (float64) and their differentiable surrogates as tensors; so does this.
+        loss = surrogate = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            _, loss_particle = self._differentiable_loss_particle(model_trace, guide_trace)
-            loss = loss + loss_particle / self.num_particles
-        return loss
+            _, particle = self._differentiable_loss_particle(model_trace, guide_trace)
+            loss = loss + particle.detach().double() / self.num_particles
+            surrogate = surrogate + particle / self.num_particles
+        if self.num_particles == 1:  # -e in float64, rounded back, is -e: the same value
+            return surrogate
+        return loss.to(surrogate.dtype) + (surrogate - surrogate.detach())
 
 
 #: The compiled counterpart of each plain estimator name (see ``inference.train.ESTIMATORS``).

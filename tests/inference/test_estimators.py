@@ -204,3 +204,21 @@ def test_graphs_that_mutate_or_defeat_the_passes_still_equal_eager(model):
         pass
 
     _bitwise_equal_to_plain(Trace_ELBO, JitTrace_ELBO, model, guide, x, None, [w])
+
+
+@pytest.mark.parametrize("rows", [8, 64])
+@pytest.mark.parametrize("plain, traced", PAIRS, ids=["trace", "meanfield"])
+def test_several_particles_are_averaged_as_pyro_averages_them(plain, traced, rows):
+    """With S > 1 particles Pyro averages the values as Python floats and the surrogates as
+    tensors; the graph does the same, so value and gradients are still bit-identical (and an
+    encoder run once per particle is not merged into one run, which would reorder gradients)."""
+    torch.manual_seed(0)
+    vae = VAE(64, latent_dim=3, hidden_dims=(16, 8))
+    x = torch.bernoulli(torch.full((rows, 64), 0.3))
+
+    def make(cls):
+        return lambda: cls(num_particles=3, vectorize_particles=False)
+
+    _bitwise_equal_to_plain(
+        make(plain), make(traced), vae.model, vae.guide, x, 200, list(vae.parameters())
+    )

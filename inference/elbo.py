@@ -24,7 +24,7 @@ from torch.distributions import kl_divergence
 from models.structure import has_static_structure
 
 from .errors import OptionError
-from .estimators import _freeze, _identity
+from .estimators import TracedLoss, _freeze, _identity, is_static_pair
 
 __all__ = ["ElboDecomposition", "SiteTerm", "decompose", "latent_parents"]
 
@@ -108,6 +108,115 @@ def _latent_parents_once(model: Callable, args: tuple, kwargs: dict) -> dict | N
     return parents
 
 
+def _site_terms(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    analytic_kl: bool,
+    parents: dict[str, set[str]] | None,
+    layout: list[tuple[str, str, str]],
+) -> torch.Tensor:
+    """One draw z ~ q: every site's term as a float64 tensor, in site order, and (filled into
+    ``layout``) each term's (name, kind, method). Observed sites: log p(x | .); latent sites:
+    the registered KL where valid, else log q - log p; guide-only sites: log q."""
+    model_trace, guide_trace = get_importance_trace("flat", math.inf, model, guide, args, kwargs)
+    values: list[torch.Tensor] = []
+    sites: list[tuple[str, str, str]] = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["infer"].get("enumerate"):
+            raise OptionError(f"site {name!r} is enumerated; decompose supports no enumeration")
+        if site["is_observed"]:
+            values.append(_float64(site["log_prob_sum"]))
+            sites.append((name, "observed", "monte_carlo"))
+            continue
+        if name not in guide_trace.nodes:
+            raise OptionError(f"latent site {name!r} of the model has no site in the guide")
+        guide_site = guide_trace.nodes[name]
+        value = None
+        if analytic_kl and parents is not None and not parents.get(name):
+            try:
+                kl_qp = kl_divergence(guide_site["fn"], site["fn"])
+                kl_qp = scale_and_mask(kl_qp, guide_site["scale"], guide_site["mask"])
+                value = _float64(kl_qp.sum() if torch.is_tensor(kl_qp) else kl_qp)
+                method = "analytic"
+            except NotImplementedError:
+                value = None
+        if value is None:
+            value = _float64(guide_site["log_prob_sum"] - site["log_prob_sum"])
+            method = "monte_carlo"
+        values.append(value)
+        sites.append((name, "latent", method))
+    for name, guide_site in guide_trace.nodes.items():
+        if guide_site["type"] == "sample" and name not in model_trace.nodes:
+            values.append(_float64(guide_site["log_prob_sum"]))
+            sites.append((name, "auxiliary", "monte_carlo"))
+    layout[:] = sites
+    if not values:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack(values)
+
+
+def _float64(value: torch.Tensor | float) -> torch.Tensor:
+    """A 0-dim float64 tensor: float(value), exactly (a float32 widens without rounding)."""
+    if torch.is_tensor(value):
+        return value.detach().to(torch.float64).reshape(())
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+#: Traced site terms of recently used static pairs (each entry keeps its pair alive).
+_TERMS: dict[Hashable, tuple[Callable, Callable, TracedLoss, list]] = {}
+_TERMS_KEPT = 8
+
+
+def _terms_function(
+    model: Callable,
+    guide: Callable,
+    analytic_kl: bool,
+    parents: dict[str, set[str]] | None,
+    compiled: bool | None,
+) -> Callable[[tuple, dict], tuple[torch.Tensor, list[tuple[str, str, str]]]]:
+    """``terms(args, kwargs)`` -> (values, layout) of one draw, eager or traced."""
+    if compiled is None:
+        compiled = is_static_pair(model, guide)
+    if not compiled:
+
+        def eager(args, kwargs):
+            layout: list[tuple[str, str, str]] = []
+            values = _site_terms(model, guide, args, kwargs, analytic_kl, parents, layout)
+            return values, layout
+
+        return eager
+    frozen = (
+        None
+        if parents is None
+        else tuple(sorted((k, tuple(sorted(v))) for k, v in parents.items()))
+    )
+    key = (_identity(model), _identity(guide), analytic_kl, frozen)
+    entry = _TERMS.pop(key, None)
+    if entry is None:
+        layout: list[tuple[str, str, str]] = []
+        traced = TracedLoss(
+            lambda *args, **kwargs: _site_terms(
+                model, guide, args, kwargs, analytic_kl, parents, layout
+            ),
+            differentiable=False,
+        )
+        entry = (model, guide, traced, layout)
+    _TERMS[key] = entry  # most recently used last
+    while len(_TERMS) > _TERMS_KEPT:
+        _TERMS.pop(next(iter(_TERMS)))
+    _, _, traced, layout = entry
+
+    def compiled_terms(args, kwargs):
+        values = traced(*args, **kwargs)
+        return values, list(layout)  # filled when the graph was traced (static structure)
+
+    return compiled_terms
+
+
 def _stderr(values: list[float]) -> float:
     if len(values) < 2:
         return math.nan
@@ -122,6 +231,7 @@ def decompose(
     *args,
     num_particles: int = 1,
     analytic_kl: bool = True,
+    compiled: bool | None = None,
     **kwargs,
 ) -> ElboDecomposition:
     """Split the ELBO of a model/guide pair into reconstruction and KL, site by site.
@@ -143,6 +253,9 @@ def decompose(
         *args, **kwargs: passed to both.
         num_particles: independent draws from the guide; standard errors are across them.
         analytic_kl: use closed-form KL terms where valid.
+        compiled: run each draw as a traced graph (the same noise and the same numbers, bit
+            for bit, without Pyro's Python work); default: for a pair declared static
+            (:func:`inference.estimators.is_static_pair`).
 
     Reference: Kingma & Welling (2014), eq. (3).
     """
@@ -152,48 +265,20 @@ def decompose(
     if analytic_kl:
         parents = _latent_parents_once(model, args, kwargs)
 
+    terms = _terms_function(model, guide, analytic_kl, parents, compiled)
     per_site: dict[str, list[float]] = {}
     kinds: dict[str, tuple[str, str]] = {}
     recon_draws, kl_draws = [], []
     for _ in range(num_particles):
-        model_trace, guide_trace = get_importance_trace(
-            "flat", math.inf, model, guide, args, kwargs
-        )
+        values, layout = terms(args, kwargs)
         recon = kl = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["infer"].get("enumerate"):
-                raise OptionError(f"site {name!r} is enumerated; decompose supports no enumeration")
-            if site["is_observed"]:
-                value, kind, method = float(site["log_prob_sum"]), "observed", "monte_carlo"
+        for (name, kind, method), value in zip(layout, values.tolist(), strict=True):
+            if kind == "observed":
                 recon += value
             else:
-                if name not in guide_trace.nodes:
-                    raise OptionError(f"latent site {name!r} of the model has no site in the guide")
-                guide_site = guide_trace.nodes[name]
-                value = None
-                if analytic_kl and parents is not None and not parents.get(name):
-                    try:
-                        kl_qp = kl_divergence(guide_site["fn"], site["fn"])
-                        kl_qp = scale_and_mask(kl_qp, guide_site["scale"], guide_site["mask"])
-                        value = float(kl_qp.sum()) if torch.is_tensor(kl_qp) else float(kl_qp)
-                        method = "analytic"
-                    except NotImplementedError:
-                        value = None
-                if value is None:
-                    value = float(guide_site["log_prob_sum"] - site["log_prob_sum"])
-                    method = "monte_carlo"
-                kind = "latent"
                 kl += value
             per_site.setdefault(name, []).append(value)
             kinds[name] = (kind, method)
-        for name, guide_site in guide_trace.nodes.items():
-            if guide_site["type"] == "sample" and name not in model_trace.nodes:
-                value = float(guide_site["log_prob_sum"])
-                per_site.setdefault(name, []).append(value)
-                kinds[name] = ("auxiliary", "monte_carlo")
-                kl += value
         recon_draws.append(recon)
         kl_draws.append(kl)
 

@@ -42,13 +42,25 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 from pyro.poutine.runtime import _PYRO_STACK
 
-__all__ = ["COMPILED", "JitTrace_ELBO", "JitTraceMeanField_ELBO", "TracedLoss"]
+from models.structure import has_static_structure
+
+__all__ = ["COMPILED", "JitTrace_ELBO", "JitTraceMeanField_ELBO", "TracedLoss", "is_static_pair"]
 
 log = logging.getLogger(__name__)
+
+
+def is_static_pair(model: Callable, guide: Callable) -> bool:
+    """Whether a model and guide may be traced: both declared static
+    (:func:`models.structure.static_structure`), a Pyro autoguide counting as static as the
+    model it was built from."""
+    if not has_static_structure(model):
+        return False
+    return has_static_structure(guide) or isinstance(guide, AutoGuide)
 
 
 def _identity(fn: Callable) -> Hashable:
@@ -135,7 +147,7 @@ class TracedLoss:
                 warnings.simplefilter("ignore")  # TracerWarnings on Python ints from shapes
                 try:
                     traced = torch.jit.trace(replayed, params + tuple(args), check_trace=False)
-                except RuntimeError as exc:  # an op TorchScript cannot record
+                except (RuntimeError, TypeError, ValueError) as exc:  # cannot be recorded
                     log.warning("cannot trace the loss, running it eagerly: %s", exc)
                     self.compilations += 1
                     return names, _Eager(self.fn, len(names), kwargs)

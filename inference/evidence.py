@@ -33,10 +33,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from models.structure import has_static_structure
-
 from .errors import OptionError
-from .estimators import TracedLoss, _identity
+from .estimators import TracedLoss, _identity, is_static_pair
 
 __all__ = ["EvidenceEstimate", "PARTICLE_PLATE", "iwae", "log_weights"]
 
@@ -238,9 +236,10 @@ def _drawer(
 ) -> Callable[[tuple, dict, int], torch.Tensor]:
     """``draw(args, kwargs, particles)`` -> log w of one chunk: eager, or a graph traced once per
     chunk size (:class:`~inference.estimators.TracedLoss`) for a pair declared static, which
-    draws the same noise and computes the same log-weights without Pyro's Python work."""
+    draws the same noise and computes the same log-weights without Pyro's Python work (bit for
+    bit, except that a traced MultivariateNormal log-density can differ in the last bit)."""
     if compiled is None:
-        compiled = has_static_structure(model) and has_static_structure(guide)
+        compiled = is_static_pair(model, guide)
     if not compiled:
         return lambda args, kwargs, particles: _draw(model, guide, args, kwargs, layout, particles)
     key = (_identity(model), _identity(guide), layout)

@@ -32,15 +32,12 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoGuide
 from tqdm.auto import tqdm
-
-from models.structure import has_static_structure
 
 from .distributed import World, current_world
 from .elbo import decompose
 from .errors import NumericalError, OptionError, RunError
-from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO
+from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
 from .io import load_checkpoint, save_checkpoint, write_csv, write_json, write_jsonl
 
 __all__ = [
@@ -174,10 +171,8 @@ def resolve_estimator(config: TrainConfig, model: Callable, guide: Callable) -> 
     name = config.estimator
     if name not in COMPILED:  # already a compiled estimator
         return name
-    static_model = has_static_structure(model)
-    static_guide = has_static_structure(guide) or (static_model and isinstance(guide, AutoGuide))
     if config.jit == "on" or (
-        config.jit == "auto" and not config.validate and static_model and static_guide
+        config.jit == "auto" and not config.validate and is_static_pair(model, guide)
     ):
         return COMPILED[name]
     return name

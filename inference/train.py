@@ -4,7 +4,8 @@ The step is Pyro's own estimator used as a PyTorch module, ``loss = Trace_ELBO()
 with one fused ``torch.optim.Adam`` over every parameter the pair registers. Its value is exactly
 what ``SVI.step()`` returns: loss = -ELBO = KL - E_q[log p(x | z)] (Kingma & Welling 2014). For
 a model and guide declared static (every built-in one) the estimator is compiled by default
-(:mod:`inference.estimators`): the same loss and gradients, bit for bit, without Pyro's
+(:mod:`inference.estimators`): the same loss and gradients (bit for bit for the built-in
+models; to rounding in general), without Pyro's
 per-step Python work, which makes the step as fast as a hand-written PyTorch VAE's.
 
 After each epoch the train and test splits are evaluated with :func:`inference.elbo.decompose`

@@ -109,6 +109,7 @@ BAD = {
     "negative-lr": (["train", "--lr", "-1"], "--lr"),
     "unknown-estimator": (["train", "--estimator", "nope"], "--estimator"),
     "unknown-jit": (["train", "--jit", "maybe"], "--jit"),
+    "threads-zero": (["train", "--threads", "0"], "--threads"),
     "unknown-model": (["train", "--model", "nope"], "--model"),
     "hidden-dims": (["train", "--hidden-dims", "16,x"], "--hidden-dims"),
     "missing-data-file": (["train", "--data", "{tmp}/missing.npy"], "missing.npy"),
@@ -142,3 +143,16 @@ def test_installed_console_script():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: elbo-lab")
     assert "train" in result.stdout and "evaluate" in result.stdout
+
+
+def test_threads_sets_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        argv = ["train", "--epochs", "1", "--hidden-dims", "8", "--threads", "1"]
+        assert main([*argv, "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

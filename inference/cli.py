@@ -19,6 +19,7 @@ import pyro
 from .data import load_data
 from .distributed import device_for, init_from_env, shutdown
 from .errors import ElboLabError, NumericalError, OptionError, RunError
+from .estimators import COMPILED
 from .io import load_checkpoint
 from .plots import write_training_figures
 from .run import DEFAULT_AUTOGUIDE, DTYPES, MODELS, ModelSpec, build_model, load_run
@@ -317,8 +318,10 @@ def _check_writable(run_dir: Path) -> None:
 def _estimator_label(config: TrainConfig, model, guide) -> str:
     """``TraceMeanField_ELBO``, or ``TraceMeanField_ELBO (JIT-compiled)`` for its traced form."""
     name = resolve_estimator(config, model, guide)
-    label = ESTIMATORS[name].__mro__[2 if name.startswith("jit") else 0].__name__
-    return f"{label} (JIT-compiled)" if name.startswith("jit") else label
+    plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(name)
+    if plain is None:
+        return ESTIMATORS[name].__name__
+    return f"{ESTIMATORS[plain].__name__} (JIT-compiled)"
 
 
 def _train(args) -> int:

@@ -12,7 +12,7 @@ result by site: observed sites make up ``reconstruction``, latent sites make up 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +24,7 @@ from torch.distributions import kl_divergence
 from models.structure import has_static_structure
 
 from .errors import OptionError
-from .estimators import TracedLoss, _freeze, _identity, is_static_pair
+from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
 
 __all__ = ["ElboDecomposition", "SiteTerm", "decompose", "latent_parents"]
 
@@ -78,34 +78,29 @@ def latent_parents(model: Callable, *args, **kwargs) -> dict[str, set[str]]:
 
 
 #: latent_parents of recently used static models: their dependencies cannot change between
-#: calls on arguments of the same shapes (each entry keeps its model alive, so ids stay unique).
-_PARENTS: dict[Hashable, tuple[Callable, dict[str, set[str]] | None]] = {}
-_PARENTS_KEPT = 8
+#: calls on arguments of the same shapes.
+_PARENTS = RecentByFunction(8)
 
 
 def _latent_parents_once(model: Callable, args: tuple, kwargs: dict) -> dict | None:
     """:func:`latent_parents` (None where provenance tracking fails), computed once per static
     model and argument shapes: it runs the model under provenance tracking, which costs as
     much as the rest of a decomposition."""
-    key = None
-    if has_static_structure(model):
+
+    def find() -> dict | None:
         try:
-            key = (_identity(model), _freeze(args), _freeze(kwargs))
-        except TypeError:  # an unhashable argument
-            key = None
-    if key is not None and key in _PARENTS:
-        _PARENTS[key] = _PARENTS.pop(key)  # most recently used last
-        return _PARENTS[key][1]
+            with torch.random.fork_rng(devices=[]):  # leave the caller's noise untouched
+                return latent_parents(model, *args, **kwargs)
+        except Exception:  # provenance tracking fails on some models: fall back to Monte Carlo
+            return None
+
+    if not has_static_structure(model):
+        return find()
     try:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's noise untouched
-            parents = latent_parents(model, *args, **kwargs)
-    except Exception:  # provenance tracking fails on some models: fall back to Monte Carlo
-        parents = None
-    if key is not None:
-        _PARENTS[key] = (model, parents)
-        while len(_PARENTS) > _PARENTS_KEPT:
-            _PARENTS.pop(next(iter(_PARENTS)))
-    return parents
+        shapes = (_freeze(args), _freeze(kwargs))
+    except TypeError:  # an unhashable argument
+        return find()
+    return _PARENTS.get((model,), shapes, find)
 
 
 def _site_terms(
@@ -166,9 +161,8 @@ def _float64(value: torch.Tensor | float) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float64)
 
 
-#: Traced site terms of recently used static pairs (each entry keeps its pair alive).
-_TERMS: dict[Hashable, tuple[Callable, Callable, TracedLoss, list]] = {}
-_TERMS_KEPT = 8
+#: Traced site terms of recently used static pairs, with the layout their tracing filled in.
+_TERMS = RecentByFunction(8)
 
 
 def _terms_function(
@@ -194,9 +188,8 @@ def _terms_function(
         if parents is None
         else tuple(sorted((k, tuple(sorted(v))) for k, v in parents.items()))
     )
-    key = (_identity(model), _identity(guide), analytic_kl, frozen)
-    entry = _TERMS.pop(key, None)
-    if entry is None:
+
+    def make() -> tuple[TracedLoss, list[tuple[str, str, str]]]:
         layout: list[tuple[str, str, str]] = []
         traced = TracedLoss(
             lambda *args, **kwargs: _site_terms(
@@ -204,11 +197,9 @@ def _terms_function(
             ),
             differentiable=False,
         )
-        entry = (model, guide, traced, layout)
-    _TERMS[key] = entry  # most recently used last
-    while len(_TERMS) > _TERMS_KEPT:
-        _TERMS.pop(next(iter(_TERMS)))
-    _, _, traced, layout = entry
+        return traced, layout
+
+    traced, layout = _TERMS.get((model, guide), (analytic_kl, frozen), make)
 
     def compiled_terms(args, kwargs):
         values = traced(*args, **kwargs)

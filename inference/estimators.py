@@ -77,6 +77,39 @@ def _identity(fn: Callable) -> Hashable:
     return id(fn)
 
 
+class RecentByFunction:
+    """The values last computed for a few model/guide functions, most recently used kept.
+
+    Keyed by the functions' identity (a bound method's owner and function, so ``vae.model``
+    finds its entry again) and an extra hashable key. Each entry holds the functions, so their
+    ids cannot be reused by other objects while it lives.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: dict[Hashable, tuple[tuple[Callable, ...], Any]] = {}
+
+    def get(self, fns: tuple[Callable, ...], key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value for ``fns`` and ``key``, computed by ``make()`` if absent."""
+        full = (tuple(_identity(fn) for fn in fns), key)
+        entry = self._entries.pop(full, None)
+        if entry is None:
+            entry = (fns, make())
+        self._entries[full] = entry  # most recently used last
+        while len(self._entries) > self.size:
+            self._entries.pop(next(iter(self._entries)))
+        return entry[1]
+
+    def values(self) -> list[Any]:
+        return [value for _, value in self._entries.values()]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def _freeze(value: Any) -> Hashable:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
@@ -95,13 +128,19 @@ class TracedLoss:
     ``pyro.module`` sites) become inputs of the graph, so gradients flow to the param store.
     ``compilations`` counts the graphs traced so far. ``differentiable=False`` (for graphs only
     ever run without gradients) allows rewrites that keep every value but would accumulate a
-    gradient in another order, and :meth:`call` with a memo, which computes the part of the
-    graph that draws no random numbers once for repeated calls on the same inputs.
+    gradient in another order; ``hoist=True`` on top of it splits off the part of the graph
+    that draws no random numbers, which :meth:`call` with a memo computes once for repeated
+    calls on the same inputs.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], differentiable: bool = True):
+    def __init__(
+        self, fn: Callable[..., torch.Tensor], differentiable: bool = True, hoist: bool = False
+    ):
+        if hoist and differentiable:
+            raise ValueError("hoisting is for graphs run without gradients (differentiable=False)")
         self.fn = fn
         self.differentiable = differentiable
+        self.hoist = hoist
         self.compilations = 0
         self._graphs: dict[Hashable, tuple[list[str], Any]] = {}
 
@@ -109,7 +148,7 @@ class TracedLoss:
         return self.call(None, *args, **kwargs)
 
     def call(self, memo: dict | None, *args, **kwargs) -> torch.Tensor:
-        """``fn(*args, **kwargs)``; with a ``memo`` (``differentiable=False`` only), the values
+        """``fn(*args, **kwargs)``; with a ``memo`` (``hoist=True`` only), the values
         that do not depend on random draws are computed at the first call and kept in it. The
         caller promises that parameters and arguments stay the same while it uses the memo."""
         key = (_freeze(args), _freeze(kwargs))
@@ -164,7 +203,7 @@ class TracedLoss:
                     log.warning("running the traced graph unoptimized: %s", exc)
                     lean = traced.graph.copy()
         self.compilations += 1
-        if not self.differentiable:
+        if self.hoist:
             return names, _Hoisted(lean)
         return names, torch._C._create_function_from_graph("elbo_loss", lean)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pyro
@@ -34,7 +34,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .errors import OptionError
-from .estimators import TracedLoss, _identity, is_static_pair
+from .estimators import RecentByFunction, TracedLoss, is_static_pair
 
 __all__ = ["EvidenceEstimate", "PARTICLE_PLATE", "iwae", "log_weights"]
 
@@ -242,30 +242,21 @@ def _drawer(
         compiled = is_static_pair(model, guide)
     if not compiled:
         return lambda args, kwargs, particles: _draw(model, guide, args, kwargs, layout, particles)
-    key = (_identity(model), _identity(guide), layout)
-    entry = _GRAPHS.pop(key, None)
-    if entry is None:
-        # the entry holds model and guide, so their ids cannot be reused while it lives
-        entry = (
-            model,
-            guide,
-            TracedLoss(
-                lambda *args, particles, **kwargs: _draw(
-                    model, guide, args, kwargs, layout, particles
-                ),
-                differentiable=False,  # log_weights runs without gradients
-            ),
-        )
-    _GRAPHS[key] = entry  # most recently used last
-    while len(_GRAPHS) > _GRAPHS_KEPT:
-        _GRAPHS.pop(next(iter(_GRAPHS)))
-    traced, memo = entry[2], {}  # what draws no noise is computed once per call of log_weights
+    traced = _GRAPHS.get(
+        (model, guide),
+        layout,
+        lambda: TracedLoss(
+            lambda *args, particles, **kwargs: _draw(model, guide, args, kwargs, layout, particles),
+            differentiable=False,  # log_weights runs without gradients
+            hoist=True,
+        ),
+    )
+    memo: dict = {}  # what draws no noise is computed once per call of log_weights
     return lambda args, kwargs, particles: traced.call(memo, *args, particles=particles, **kwargs)
 
 
 #: Traced log-weight graphs of the most recently used static model/guide pairs.
-_GRAPHS: dict[Hashable, tuple[Callable, Callable, TracedLoss]] = {}
-_GRAPHS_KEPT = 4
+_GRAPHS = RecentByFunction(4)
 
 
 def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:

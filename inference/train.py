@@ -5,8 +5,8 @@ with one fused ``torch.optim.Adam`` over every parameter the pair registers. Its
 what ``SVI.step()`` returns: loss = -ELBO = KL - E_q[log p(x | z)] (Kingma & Welling 2014). For
 a model and guide declared static (every built-in one) the estimator is compiled by default
 (:mod:`inference.estimators`): the same loss and gradients (bit for bit for the built-in
-models; to rounding in general), without Pyro's
-per-step Python work, which makes the step as fast as a hand-written PyTorch VAE's.
+models; to rounding in general), without Pyro's per-step Python work, which makes the step as
+fast as a hand-written PyTorch VAE's.
 
 After each epoch the train and test splits are evaluated with :func:`inference.elbo.decompose`
 (analytic KL where valid, a fixed evaluation seed) and reported per datum in nats as
@@ -165,9 +165,11 @@ def resolve_estimator(config: TrainConfig, model: Callable, guide: Callable) -> 
     ``jit="auto"`` compiles (``trace`` -> ``jit``, ``meanfield`` -> ``jit-meanfield``) when the
     model and the guide are both declared static (:func:`models.structure.static_structure`:
     every built-in model and guide is; a Pyro autoguide is as static as the model it was built
-    from) and per-step validation is off, which needs the eager path. A compiled estimator computes the same loss and gradients as the plain one, bit for
-    bit for shared noise; it only removes Pyro's per-step Python work. Undeclared functions run
-    eagerly: a traced graph would silently freeze a data-dependent branch.
+    from) and per-step validation is off, which needs the eager path. A compiled estimator
+    computes the plain one's loss and gradients for shared noise (bit for bit for the built-in
+    models, to rounding in general: :mod:`inference.estimators`); it only removes Pyro's
+    per-step Python work. Undeclared functions run eagerly: a traced graph would silently
+    freeze a data-dependent branch.
     """
     name = config.estimator
     if name not in COMPILED:  # already a compiled estimator
@@ -539,7 +541,7 @@ def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
     d = asdict(config)
     d.pop("progress")
     d.pop("epochs")
-    d.pop("jit")  # compiled or not, the numbers are the same
+    d.pop("jit")  # compiled or not, the same estimator: a run may resume either way
     return d
 
 

@@ -184,7 +184,7 @@ def load_run(run_dir: str | os.PathLike, data: str | None = None) -> LoadedRun:
         ) from None
     if data is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "data": data})
-    dataset = load_data(spec.data)
+    dataset = load_data(spec.data, split=not spec.user_model)
     if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
         raise RunError(
             f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in {run_dir} "

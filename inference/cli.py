@@ -561,7 +561,8 @@ def _compare(args) -> int:
     else:
         print(format_table(comparison))
         print(f"wrote comparison.csv, .json, .md, .png and posterior_<guide>.nc to {out}")
-    return 0
+    faults = [r.guide for r in comparison.rows if r.failed or r.bounds_ok is False]
+    return 1 if faults else 0
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "explain": _explain, "compare": _compare}

@@ -157,7 +157,13 @@ class Comparison(NamedTuple):
             "num_samples": self.num_samples,
             "khat_threshold": KHAT_THRESHOLD,
             "train": self.train,
-            "rows": [r._asdict() for r in self.rows],
+            "rows": [
+                {
+                    k: None if isinstance(v, float) and math.isnan(v) else v
+                    for k, v in r._asdict().items()
+                }
+                for r in self.rows
+            ],
         }
 
 
@@ -449,9 +455,13 @@ def compare(
         start = time.perf_counter()
         try:
             result = fit(model, guide, train_x, None, replace(config, eval_every=config.epochs))
-        except NumericalError as exc:  # keep the guides already compared; report this one
-            log.warning("guide %s failed: %s", name, exc)
-            rows.append(_failed_row(name, split, eval_x.shape[0], str(exc)))
+        except Exception as exc:  # keep the guides already compared; report this one
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if not isinstance(exc, NumericalError | OptionError):
+                reason = f"{type(exc).__name__}: {reason}"
+            log.warning("guide %s failed: %s", name, reason)
+            log.debug("guide %s failed", name, exc_info=True)
+            rows.append(_failed_row(name, split, eval_x.shape[0], reason))
             khats[name] = np.full(1, np.nan)
             continue
         seconds = time.perf_counter() - start

@@ -55,9 +55,11 @@ __all__ = [
 AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
     "AutoDelta": autoguide.AutoDelta,
     "AutoNormal": autoguide.AutoNormal,
+    "AutoDiagonalNormal": autoguide.AutoDiagonalNormal,
     "AutoMultivariateNormal": autoguide.AutoMultivariateNormal,
     "AutoLowRankMultivariateNormal": autoguide.AutoLowRankMultivariateNormal,
     "AutoIAFNormal": autoguide.AutoIAFNormal,
+    "AutoLaplaceApproximation": autoguide.AutoLaplaceApproximation,
 }
 
 #: What each autoguide's "ELBO" means, for the comparison table.

@@ -26,8 +26,7 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer import autoguide
+from pyro.infer import SVI, Trace_ELBO, autoguide
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -195,7 +195,10 @@ def check_guides(names: Sequence[str], *, amortized: bool, estimator: str) -> No
                     f"--guides: {name!r} is an amortized encoder for the built-in models; a user "
                     f"model takes autoguides ({', '.join(AUTOGUIDES)})"
                 )
-            name = autoguide_name(name)
+            try:
+                name = autoguide_name(name)
+            except ValueError as exc:
+                raise OptionError(f"--guides: {exc}") from None
         if estimator in ANALYTIC_ESTIMATORS and name in FLOW_GUIDES:
             raise OptionError(
                 f"--estimator {estimator}: needs an analytic KL, which the flow guide {name!r} "
@@ -208,7 +211,7 @@ def _is_autoguide(name: str) -> bool:
 
     try:
         autoguide_name(name)
-    except OptionError:
+    except ValueError:
         return False
     return True
 
@@ -697,10 +700,13 @@ def compare_guides(
         with seeded(seed):
             module, model_fn, _ = build_model(spec, dataset)
             widths = tuple(hidden_dims) if model == "vae" else ()  # linear encoders: exact family
-            entries = {
-                n: make_guide(n, dataset.data_dim, latent_dim, widths).to(device, DTYPES[dtype])
-                for n in names
-            }
+            try:
+                entries = {
+                    n: make_guide(n, dataset.data_dim, latent_dim, widths).to(device, DTYPES[dtype])
+                    for n in names
+                }
+            except ValueError as exc:  # models/ words it in model terms; the option is ours
+                raise OptionError(f"--guides: {exc}") from None
         batched, label = True, model
     if batch_size is None:
         batch_size = 128 if batched else None

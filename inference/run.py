@@ -148,7 +148,10 @@ def build_model(spec: ModelSpec, data: Dataset) -> tuple[nn.Module | None, Any, 
         from models.guides import make_autoguide
 
         model = load_user_model(spec.model)
-        guide = make_autoguide(spec.guide, model)
+        try:
+            guide = make_autoguide(spec.guide, model)
+        except ValueError as exc:
+            raise OptionError(f"--guide: {exc}") from None
         check_user_model(model, guide, data.train, spec=spec.model, data=spec.data)
         return None, model, guide
     if spec.model == "vae":

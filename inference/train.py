@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -145,6 +144,15 @@ class Metrics(NamedTuple):
     kl: float
     n: int
     elbo_stderr: float | None = None
+
+    @classmethod
+    def per_datum(
+        cls, reconstruction: float, kl: float, n: int, elbo_stderr: float | None = None
+    ) -> Metrics:
+        """From whole-split totals: elbo = reconstruction - kl, and loss = -elbo (the only
+        place elbo-lab turns the maximized ELBO into the minimized loss), all divided by n."""
+        elbo = (reconstruction - kl) / n
+        return cls(-elbo, elbo, reconstruction / n, kl / n, n, elbo_stderr)
 
 
 class TrainResult(NamedTuple):
@@ -313,16 +321,8 @@ def evaluate(
             recon += d.reconstruction
             kl += d.kl
             variance += d.elbo_stderr**2
-    reconstruction, kl = recon / n, kl / n
-    elbo = reconstruction - kl
-    return Metrics(
-        loss=-elbo,
-        elbo=elbo,
-        reconstruction=reconstruction,
-        kl=kl,
-        n=n,
-        elbo_stderr=math.sqrt(variance) / n if math.isfinite(variance) else None,
-    )
+    stderr = math.sqrt(variance) / n if math.isfinite(variance) else None
+    return Metrics.per_datum(recon, kl, n, stderr)
 
 
 def pyro_loss(
@@ -611,9 +611,7 @@ def fit(
             for split, xs in (("train", train_x), ("test", test_x)):
                 if xs is None or not evaluated:
                     continue
-                m = world.evaluate(
-                    partial(evaluate, model, guide), xs, model_kwargs=None, **eval_kwargs
-                )
+                m = _evaluate_split(world, model, guide, xs, **eval_kwargs)
                 row = {"epoch": epoch + 1, "split": split, **m._asdict()}
                 if split == "train":
                     row["svi_loss"] = loss_sum / n  # mean of what the steps minimized
@@ -636,6 +634,19 @@ def fit(
         last = history[-1]
         final = Metrics(*(last.get(k) for k in Metrics._fields))
     return TrainResult(history, final, run_dir, estimator)
+
+
+def _evaluate_split(world: World, model: Callable, guide: Callable, x: torch.Tensor, **kwargs):
+    """:func:`evaluate` of the whole split ``x``, each rank on its rows, sums reduced."""
+    if world.size == 1:
+        return evaluate(model, guide, x, **kwargs)
+
+    def totals(rows: torch.Tensor) -> list[float]:
+        m = evaluate(model, guide, rows, **kwargs)
+        return [m.reconstruction * m.n, m.kl * m.n, m.n]
+
+    recon_sum, kl_sum, n = world.sum_over_shards(totals, x)
+    return Metrics.per_datum(recon_sum, kl_sum, int(n))
 
 
 def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:

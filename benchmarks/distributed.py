@@ -68,7 +68,7 @@ def worker(args) -> None:
     train_log.setLevel(logging.INFO)
     train_log.addHandler(EpochClock())
     ends.append(time.perf_counter())
-    result = fit(vae.model, vae.guide, train, test, config, world=world)
+    result = fit(vae.model, vae.guide, train, test=test, config=config, world=world)
     shutdown(world)
     if world.is_writer:
         record = {

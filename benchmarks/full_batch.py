@@ -59,7 +59,7 @@ def run_fit(data, guide_name: str, steps: int, lr: float) -> float:
     guide = getattr(autoguide, guide_name)(model)
     config = TrainConfig(epochs=steps, batch_size=None, learning_rate=lr, progress=False)
     start = time.perf_counter()
-    fit(model, guide, data, None, config)
+    fit(model, guide, data, config=config)
     return time.perf_counter() - start
 
 

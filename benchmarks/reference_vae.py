@@ -185,7 +185,7 @@ def _compare(args: argparse.Namespace) -> int:
     identical_start = same_init(plain, vae)
 
     t0 = time.perf_counter()
-    result = fit(vae.model, vae.guide, train, test, config)
+    result = fit(vae.model, vae.guide, train, test=test, config=config)
     pyro_seconds = time.perf_counter() - t0
     plain_seconds = train_plain(plain, train, config, analytic_kl=args.plain_kl == "analytic")
 

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         vae = VAE(x.shape[1]).to(args.device)
         t0 = time.perf_counter()
-        result = fit(vae.model, vae.guide, x, None, config)
+        result = fit(vae.model, vae.guide, x, config=config)
         total = time.perf_counter() - t0
         train_s = result.history[0]["seconds"]
         data_mb = x.numel() * x.element_size() / 2**20

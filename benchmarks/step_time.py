@@ -146,7 +146,7 @@ def elbo_lab_step(x_all, batch, seed, **options) -> tuple[Callable, _Store]:
     estimator = resolve_estimator(config, vae.model, vae.guide, x_all[:batch], **kwargs)
     loss_fn = make_elbo(estimator, config.num_particles)(vae.model, vae.guide)
     with pyro.validation_enabled(True):
-        _, params = _collect_params(loss_fn, x_all[:batch], kwargs)
+        _, params = _collect_params(loss_fn, (x_all[:batch],), kwargs)
     optimizer = adam(params, LR)
 
     def step(x):

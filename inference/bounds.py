@@ -155,23 +155,23 @@ class CheckedMetrics(NamedTuple):
 def checked_metrics(
     model: Callable,
     guide: Callable,
-    x: torch.Tensor,
-    *,
+    *args,
     estimator: str,
     batched: bool,
     num_samples: int = 100,
     num_particles: int | None = None,
     exact_log_px: float | None = None,
     seed: int | None = None,
+    **kwargs,
 ) -> CheckedMetrics:
-    """Evaluate ``x`` ``(N, D)`` the way the estimator defines the ELBO, and check the bounds.
+    """Evaluate the model's arguments the way the estimator defines the ELBO; check the bounds.
 
     The ELBO is decomposed with the estimator's own KL terms (analytic for ``meanfield``,
     Monte Carlo for ``trace``), so Pyro's ``.loss`` for the same noise must equal
     KL - reconstruction; L_K with ``num_samples`` draws (whole split at once; per datum for
-    mini-batched models, whose latents are local) bounds it from above. ``num_particles``
-    defaults to 10 draws per datum for mini-batched models and 100 whole-data draws otherwise,
-    so the ELBO carries a standard error.
+    ``batched`` models, whose latents are local to rows) bounds it from above.
+    ``num_particles`` defaults to 10 draws per datum for batched models and 100 whole-data
+    draws otherwise, so the ELBO carries a standard error. Values are per datum (totals / N).
     """
     from .evidence import iwae
     from .train import COMPILED, EVAL_SEED, evaluate, pyro_loss, seeded
@@ -180,22 +180,14 @@ def checked_metrics(
     plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(estimator, estimator)
     particles = num_particles or (10 if batched else 100)
     batch = 1024 if batched else None
-    metrics = evaluate(
-        model,
-        guide,
-        x,
-        batch_size=batch,
-        analytic_kl=plain == "meanfield",
-        seed=seed,
-        num_particles=particles,
-    )
-    checked = pyro_loss(
-        model, guide, x, batch_size=batch, estimator=plain, seed=seed, num_particles=particles
-    )
-    n = x.shape[0]
+    common = dict(batch_size=batch, seed=seed, num_particles=particles)
+    metrics = evaluate(model, guide, *args, analytic_kl=plain == "meanfield", **common, **kwargs)
+    checked = pyro_loss(model, guide, *args, estimator=plain, **common, **kwargs)
+    n = metrics.n
     with seeded(seed + 1):
-        estimate = iwae(model, guide, x, num_samples=num_samples)
+        estimate = iwae(model, guide, *args, num_samples=num_samples, **kwargs)
     se = estimate.stderr / n if math.isfinite(estimate.stderr) else None
+    probe_args = (args[0][:2], *args[1:]) if batched else args
     bounds = check_bounds(
         metrics.elbo,
         metrics.elbo_stderr,
@@ -203,6 +195,6 @@ def checked_metrics(
         se,
         num_samples,
         exact_log_px,
-        point_estimate=is_point_estimate(guide, x[:batch] if batch else x),
+        point_estimate=is_point_estimate(guide, *probe_args, **kwargs),
     )
     return CheckedMetrics(metrics, checked, plain, bounds)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pyro
 
+from .batching import ModelArgs, takes_num_data
 from .bounds import CheckedMetrics, checked_metrics
-from .data import load_data
+from .data import load_data, load_model_data
 from .distributed import device_for, init_from_env, shutdown
 from .errors import ElboLabError, NumericalError, OptionError, RunError
 from .estimators import COMPILED
@@ -33,9 +34,14 @@ from .train import (
     TrainConfig,
     choose_estimator,
     fit,
-    takes_num_data,
 )
-from .user_model import is_user_model, resolve_model_spec, user_model_label
+from .user_model import (
+    guide_label,
+    is_user_model,
+    load_user_model,
+    resolve_model_spec,
+    user_model_label,
+)
 
 __all__ = ["main", "sign_report"]
 
@@ -341,10 +347,11 @@ def _estimator_label(name: str) -> str:
 
 def _train(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
-    data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
+    data_name = _data_label(args.data)
     model_name = args.model
     if is_user_model(args.model):
-        model_name = f"{user_model_label(args.model)}-{args.guide or DEFAULT_AUTOGUIDE}"
+        guide_name = guide_label(args.guide or DEFAULT_AUTOGUIDE)
+        model_name = f"{user_model_label(args.model)}-{guide_name}"
     run_dir = args.run_dir or Path("runs") / f"{model_name}-{data_name}-seed{args.seed}"
     if args.resume:
         # A resumed run keeps its stored model, data and options; only --epochs may grow.
@@ -394,35 +401,44 @@ def _train(args) -> int:
     _check_writable(run_dir)
     world = init_from_env(spec.device)  # one process, or a rank under torchrun
     device = device_for(spec.device, world)  # cuda -> cuda:LOCAL_RANK
-    dataset = load_data(spec.data, split=not spec.user_model).to(device, DTYPES[spec.dtype])
-    if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
-        raise RunError(
-            f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in {run_dir} "
-            f"was trained on {spec.data_dim}"
-        )
-    spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
     pyro.clear_param_store()
-    pyro.set_rng_seed(config.seed)  # network initialization is part of "same seed, same numbers"
-    module, model, guide = build_model(replace(spec, device=device), dataset)
+    if spec.user_model:
+        # the model's own arguments (--data FILE.py:NAME, a .npz bound by parameter name, or
+        # one array), all of them: a posterior describes the data it conditions on
+        user_model = load_user_model(spec.model)
+        dataset = load_model_data(spec.data, user_model).to(device, DTYPES[spec.dtype])
+        pyro.set_rng_seed(config.seed)
+        module, model, guide = build_model(replace(spec, device=device), dataset, user_model)
+        train_call, test_call, split = dataset.train, dataset.test, "train"
+    else:
+        dataset = load_data(spec.data).to(device, DTYPES[spec.dtype])
+        if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
+            raise RunError(
+                f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in "
+                f"{run_dir} was trained on {spec.data_dim}"
+            )
+        spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
+        pyro.set_rng_seed(config.seed)  # network initialization: "same seed, same numbers"
+        module, model, guide = build_model(replace(spec, device=device), dataset)
+        train_call = ModelArgs((dataset.train,), {})
+        test_call, split = ModelArgs((dataset.test,), {}), "test"
     if config.batch_size is None and takes_num_data(model):  # mini-batches scale by num_data
         config = replace(config, batch_size=128)
-    # a user model's autoguide describes the posterior given the rows it was fit to: those
-    # are its train and evaluation split; a test split would need another posterior
-    test_x, split = (None, "train") if spec.user_model else (dataset.test, "test")
     if not args.resume and run_dir.exists() and world.is_writer:
         shutil.rmtree(run_dir)
     try:
         result = fit(
             model,
             guide,
-            dataset.train,
-            test_x,
-            config,
+            *train_call.args,
+            test=test_call,
+            config=config,
             run_dir=run_dir,
             resume=args.resume,
             metadata={"model_spec": spec.to_dict()},
             handle_signals=True,
             world=world,
+            **train_call.kwargs,
         )
     except Interrupted as exc:
         print(
@@ -441,24 +457,32 @@ def _train(args) -> int:
         run_dir,
         result.history,
         module,
-        dataset,
+        None if spec.user_model else dataset,
         seed=config.seed,
         title=f"{spec.model} on {data_name}",
     )
     log.info("figures: %s", ", ".join(str(p) for p in figures))
     # The checks need the estimator's loss on the same noise: shards drew other noise, so
     # rank 0 re-evaluates the whole split; global latents: all rows at once.
-    x = dataset.train if spec.user_model else dataset.test
+    call = train_call if spec.user_model else test_call
     batched = takes_num_data(model) and not spec.user_model
-    exact = _exact_log_px(module, x)
+    exact = _exact_log_px(module, call)
     plain = {c: p for p, c in COMPILED.items()}.get(result.estimator, result.estimator)
-    checked = checked_metrics(model, guide, x, estimator=plain, batched=batched, exact_log_px=exact)
+    checked = checked_metrics(
+        model,
+        guide,
+        *call.args,
+        estimator=plain,
+        batched=batched,
+        exact_log_px=exact,
+        **call.kwargs,
+    )
     if args.json:
         report = {"run_dir": str(run_dir), "estimator": _estimator_label(result.estimator)}
         print(json.dumps({**report, split: _report_dict(checked)}, indent=2))
     else:
         if spec.user_model:
-            what = f"{spec.model} with {spec.guide} on {spec.data} ({len(dataset.train)} rows"
+            what = f"{spec.model} with {spec.guide} on {spec.data} ({checked.metrics.n} rows"
             what += ", all at once)" if config.batch_size is None else ")"
         else:
             what = (
@@ -474,29 +498,40 @@ def _train(args) -> int:
     return 0 if checked.bounds.ok else 1
 
 
-def _exact_log_px(module, x) -> float | None:
+def _exact_log_px(module, call: ModelArgs) -> float | None:
     """The closed-form log p(x) per datum where the model has one (linear-Gaussian)."""
     from models.linear_gaussian import LinearGaussian
 
     if isinstance(module, LinearGaussian):
-        return float(module.log_marginal(x).mean())
+        return float(module.log_marginal(call.args[0]).mean())
     return None
+
+
+def _data_label(data: str) -> str:
+    """A short name of ``--data`` for directory names."""
+    if data == "digits":
+        return data
+    source, sep, name = data.rpartition(":")
+    if sep and source and not source.startswith("mnist") and not Path(data).exists():
+        return f"{Path(source).stem}.{name}"
+    return Path(data.removeprefix("mnist:")).stem
 
 
 def _evaluate(args) -> int:
     run = load_run(args.run_dir, data=args.data)
-    # a user model: the rows its autoguide was fit to, all at once (global latents), / N
-    split = "train" if run.spec.user_model else "test"
-    x = run.data.train if run.spec.user_model else run.data.test
-    batched = takes_num_data(run.model) and not run.spec.user_model
-    estimator = choose_estimator("auto", run.model, run.guide, x[:2] if batched else x)
+    # a user model: the rows its guide was fit to, all at once (global latents), / N
+    split = run.default_split
+    call = run.split(split)
+    probe = run.probe(call)
+    estimator = choose_estimator("auto", run.model, run.guide, *probe.args, **probe.kwargs)
     c = checked_metrics(
         run.model,
         run.guide,
-        x,
+        *call.args,
         estimator=estimator,
-        batched=batched,
-        exact_log_px=_exact_log_px(run.module, x),
+        batched=run.batched,
+        exact_log_px=_exact_log_px(run.module, call),
+        **call.kwargs,
     )
     if args.json:
         print(json.dumps(_report_dict(c)))

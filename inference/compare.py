@@ -36,18 +36,20 @@ import pyro
 import torch
 from matplotlib.figure import Figure
 from pyro import poutine
+from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoDelta
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from .batching import ModelArgs, num_rows, takes_num_data
 from .bounds import check_bounds
-from .data import Dataset
+from .data import Dataset, ModelData
 from .elbo import decompose
 from .errors import NumericalError, OptionError
 from .evidence import iwae
 from .io import atomic_write_text, write_csv, write_json
 from .plots import save_figure
-from .train import ESTIMATORS, EVAL_SEED, TrainConfig, fit, seeded, takes_num_data
+from .train import ESTIMATORS, EVAL_SEED, TrainConfig, fit, seeded
 
 if TYPE_CHECKING:
     import arviz
@@ -189,6 +191,8 @@ def check_guides(names: Sequence[str], *, amortized: bool, estimator: str) -> No
                 f"--guides: {name!r}{hint} does not fit this model; choose from "
                 f"{', '.join(GUIDE_FAMILIES)}"
             )
+        if not amortized and ":" in name:  # the user's own guide, FILE.py:NAME
+            continue
         if not amortized:
             if name in GUIDE_FAMILIES:
                 raise OptionError(
@@ -242,10 +246,10 @@ def _note(guide: Callable) -> str:
     return ""
 
 
-def _param_count(guide: Callable, x: torch.Tensor, kwargs: Mapping[str, Any]) -> int:
+def _param_count(guide: Callable, call: ModelArgs) -> int:
     """Number of scalars in the parameters the guide registers (one traced run)."""
     with torch.random.fork_rng(devices=[]):
-        trace = poutine.trace(guide, param_only=True).get_trace(x, **kwargs)
+        trace = poutine.trace(guide, param_only=True).get_trace(*call.args, **call.kwargs)
     store = pyro.get_param_store()
     return int(sum(store[name].numel() for name in trace.nodes))
 
@@ -269,20 +273,34 @@ class _Evaluation(NamedTuple):
 
 
 def _evaluate(
-    model: Callable, guide: Callable, x: torch.Tensor, options: CompareConfig, batched: bool
+    model: Callable, guide: Callable, call: ModelArgs, options: CompareConfig, batched: bool
 ) -> _Evaluation:
-    """Totals over ``x`` of the ELBO (decomposed) and of L_K, with Monte-Carlo variances."""
-    step = options.eval_batch_size if batched else x.shape[0]
+    """Totals over the model's arguments of the ELBO (decomposed) and of L_K, with Monte-Carlo
+    variances; ``batched`` (local latents, one data tensor): in chunks of rows."""
+    n = call.args[0].shape[0] if batched else 1
+    step = options.eval_batch_size if batched else 1
     elbo = elbo_var = recon = kl = log_px = log_px_var = 0.0
     weights = []
     with seeded(EVAL_SEED):
-        for start in range(0, x.shape[0], step):
-            xb = x[start : start + step]
-            d = decompose(model, guide, xb, num_particles=options.elbo_particles, analytic_kl=True)
+        for start in range(0, n, step):
+            part = ModelArgs((call.args[0][start : start + step],), {}) if batched else call
+            d = decompose(
+                model,
+                guide,
+                *part.args,
+                num_particles=options.elbo_particles,
+                analytic_kl=True,
+                **part.kwargs,
+            )
             elbo, recon, kl = elbo + d.elbo, recon + d.reconstruction, kl + d.kl
             elbo_var += d.elbo_stderr**2 if math.isfinite(d.elbo_stderr) else 0.0
             est = iwae(
-                model, guide, xb, num_samples=options.num_samples, chunk_size=options.chunk_size
+                model,
+                guide,
+                *part.args,
+                num_samples=options.num_samples,
+                chunk_size=options.chunk_size,
+                **part.kwargs,
             )
             log_px += est.log_px
             log_px_var += est.stderr**2 if math.isfinite(est.stderr) else 0.0
@@ -309,29 +327,32 @@ def psis_khat(log_weights: torch.Tensor) -> np.ndarray:
 
 
 def posterior_draws(
-    model: Callable, guide: Callable, x: torch.Tensor, num_draws: int, seed: int = EVAL_SEED
+    model: Callable, guide: Callable, call: Any, num_draws: int, seed: int = EVAL_SEED
 ) -> dict[str, torch.Tensor]:
     """``num_draws`` independent draws of every latent site from the guide, ``(S, *site shape)``.
 
+    ``call``: the model's arguments (:class:`~inference.batching.ModelArgs` or one tensor).
     Amortized guides with a ``distribution(x)`` are sampled in one vectorized call; any other
-    guide is traced ``num_draws`` times. Only latent sites of the model are returned.
+    guide by Pyro's :class:`~pyro.infer.Predictive`, one guide run per draw. Only latent sites
+    of the model are returned.
     """
+    call = ModelArgs.of(call)
     with torch.no_grad(), seeded(seed):
         if hasattr(guide, "distribution") and hasattr(guide, "site"):
-            return {guide.site: guide.distribution(x).sample((num_draws,))}
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+            return {guide.site: guide.distribution(call.args[0]).sample((num_draws,))}
+        guide_trace = poutine.trace(guide).get_trace(*call.args, **call.kwargs)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(*call.args, **call.kwargs)
         names = [
             name
             for name, site in model_trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
         ]
-        draws: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for _ in range(num_draws):
-            trace = poutine.trace(guide).get_trace(x)
-            for name in names:
-                draws[name].append(trace.nodes[name]["value"].detach())
-    return {name: torch.stack(values) for name, values in draws.items()}
+        predictive = Predictive(model, guide=guide, num_samples=num_draws, return_sites=names)
+        draws = predictive(*call.args, **call.kwargs)
+    # Predictive pads every site to the model's plate nesting: back to each site's own shape
+    shapes = {name: model_trace.nodes[name]["value"].shape for name in names}
+    return {name: draws[name].detach().reshape(num_draws, *shapes[name]) for name in names}
 
 
 def _inference_data(
@@ -428,7 +449,12 @@ def compare(
         A :class:`Comparison`; its rows follow the order of ``guides``.
     """
     config = config if config is not None else TrainConfig()
-    train_x, test_x = (data.train, data.test) if isinstance(data, Dataset) else (data, None)
+    if isinstance(data, Dataset):
+        train_call, test_call = ModelArgs((data.train,), {}), ModelArgs((data.test,), {})
+    elif isinstance(data, ModelData):
+        train_call, test_call = data.train, data.test
+    else:
+        train_call, test_call = ModelArgs.of(data), None
     out_dir = Path(out_dir) if out_dir is not None else None
     module = _model_module(model)
     initial = copy.deepcopy(module.state_dict()) if module is not None else None
@@ -443,7 +469,7 @@ def compare(
             guide = _build_guide(entry, model)
         amortized = _is_amortized(guide)
         split = options.split if options.split != "auto" else "test" if amortized else "train"
-        if split == "test" and test_x is None:
+        if split == "test" and test_call is None:
             split = "train"
         if config.estimator in ANALYTIC_ESTIMATORS and (
             getattr(guide, "family", "") == "flow" or type(guide).__name__ == "AutoIAFNormal"
@@ -451,30 +477,38 @@ def compare(
             raise OptionError(
                 f"--estimator {config.estimator}: guide {name!r} is a flow without analytic KL"
             )
-        eval_x = test_x if split == "test" else train_x
+        eval_call = test_call if split == "test" else train_call
+        n = num_rows(model, eval_call.args, eval_call.kwargs, None)
         log.info("comparing guides: training %s", name)
         # The comparison evaluates each guide itself afterwards: fit's per-epoch metrics
         # would only cost time, so they are computed once, after the last epoch.
         start = time.perf_counter()
         try:
-            result = fit(model, guide, train_x, None, replace(config, eval_every=config.epochs))
+            result = fit(
+                model,
+                guide,
+                *train_call.args,
+                config=replace(config, eval_every=config.epochs),
+                **train_call.kwargs,
+            )
         except Exception as exc:  # keep the guides already compared; report this one
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             if not isinstance(exc, NumericalError | OptionError):
                 reason = f"{type(exc).__name__}: {reason}"
             log.warning("guide %s failed: %s", name, reason)
             log.debug("guide %s failed", name, exc_info=True)
-            rows.append(_failed_row(name, split, eval_x.shape[0], reason))
+            rows.append(_failed_row(name, split, n, reason))
             khats[name] = np.full(1, np.nan)
             continue
         seconds = time.perf_counter() - start
-        kwargs = {"num_data": train_x.shape[0]} if batched else {}
-        num_params = _param_count(
-            guide, train_x[: min(2, train_x.shape[0])] if batched else train_x, kwargs
-        )
-        ev = _evaluate(model, guide, eval_x, options, batched and amortized)
+        if batched:
+            x = train_call.args[0]
+            probe = ModelArgs((x[: min(2, x.shape[0])],), {"num_data": x.shape[0]})
+        else:
+            probe = train_call
+        num_params = _param_count(guide, probe)
+        ev = _evaluate(model, guide, eval_call, options, batched and amortized)
         local = ev.log_weights.dim() == 2
-        n = eval_x.shape[0]
         # a point mass has no density to importance-sample with: k̂ is undefined
         point = isinstance(guide, AutoDelta)
         khat = np.full(1, np.nan) if point else psis_khat(ev.log_weights)
@@ -517,7 +551,7 @@ def compare(
         )
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            draws = posterior_draws(model, guide, eval_x, options.num_draws)
+            draws = posterior_draws(model, guide, eval_call, options.num_draws)
             attrs = {
                 "guide": name,
                 "model": model_name,
@@ -665,9 +699,9 @@ def compare_guides(
     """
     from models.guides import AUTOGUIDES, autoguide_name, make_guide
 
-    from .data import load_data
+    from .data import load_data, load_model_data
     from .run import DTYPES, MODELS, ModelSpec, build_model
-    from .user_model import is_user_model, load_user_model
+    from .user_model import guide_label, is_user_model, load_user_guide, load_user_model
 
     user = is_user_model(model)
     if not user and model not in MODELS:
@@ -689,14 +723,21 @@ def compare_guides(
         )
     elif dtype not in DTYPES:
         raise OptionError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    dataset = load_data(data, split=not user).to(device, DTYPES[dtype])
     pyro.clear_param_store()
     if user:
         model_fn = load_user_model(model)
-        entries: dict[str, Any] = {autoguide_name(n): AUTOGUIDES[autoguide_name(n)] for n in names}
+        dataset = load_model_data(data, model_fn).to(device, DTYPES[dtype])
+        entries: dict[str, Any] = {}
+        for n in names:
+            if is_user_model(n):  # the user's own guide, FILE.py:NAME: built once, now
+                with seeded(seed):
+                    entries[guide_label(n)] = load_user_guide(n, model_fn, option="--guides")
+            else:
+                entries[autoguide_name(n)] = AUTOGUIDES[autoguide_name(n)]
         batched = takes_num_data(model_fn)
         label = model
     else:
+        dataset = load_data(data).to(device, DTYPES[dtype])
         with seeded(seed):
             module, model_fn, _ = build_model(spec, dataset)
             widths = tuple(hidden_dims) if model == "vae" else ()  # linear encoders: exact family

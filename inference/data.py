@@ -1,8 +1,11 @@
-"""Data sets for elbo-lab: embedded digits, MNIST IDX files, and user arrays (.npy/.npz).
+"""Data sets for elbo-lab: embedded digits, MNIST IDX files, user arrays (.npy/.npz), and the
+arguments a user's own model is conditioned on.
 
-Every loader returns a :class:`Dataset` of float tensors of shape ``(N, D)`` with a deterministic
-train/test split, and raises :class:`~inference.errors.DataError` with a one-line message that
-names the file and the problem for anything it cannot use.
+The built-in models' loaders return a :class:`Dataset` of float tensors of shape ``(N, D)`` with
+a deterministic train/test split. A user's model gets :class:`ModelData`: its own positional and
+keyword arguments, as ``SVI.step(*args, **kwargs)`` takes them (:func:`load_model_data`). Every
+loader raises :class:`~inference.errors.DataError` with a one-line message that names the file
+and the problem for anything it cannot use.
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from .batching import ModelArgs
 from .errors import DataError
 
 __all__ = [
     "Dataset",
+    "ModelData",
+    "load_model_data",
     "binarize",
     "check_support",
     "load_array",
@@ -350,3 +358,152 @@ def load_data(spec: str, *, split: bool = True) -> Dataset:
     if path.suffix in (".npy", ".npz") or path.exists():
         return load_array(path, TEST_FRACTION if split else 0.0)
     raise DataError(f"{spec}: no such file (use 'digits', 'mnist:DIR', or a .npy/.npz path)")
+
+
+# --- a user model's own arguments ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelData:
+    """The arguments a user's model is trained on (``train``) and, if given, held out (``test``).
+
+    Each is a :class:`~inference.batching.ModelArgs`: ``model(*train.args, **train.kwargs)``.
+    A model with global latents conditions on all of ``train``; nothing is split off unless
+    the user gives ``test``.
+    """
+
+    name: str
+    train: ModelArgs
+    test: ModelArgs | None = None
+
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> ModelData:
+        """Floating-point tensors (also inside lists, tuples and dicts) on ``device`` in
+        ``dtype``; integer and boolean tensors keep their dtype; other values are unchanged."""
+        return ModelData(
+            self.name,
+            _cast_args(self.train, device, dtype),
+            None if self.test is None else _cast_args(self.test, device, dtype),
+        )
+
+
+def _cast(value: Any, device, dtype) -> Any:
+    if torch.is_tensor(value):
+        value = value.to(device=device)
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, np.ndarray):
+        return _cast(torch.as_tensor(np.ascontiguousarray(value)), device, dtype)
+    if isinstance(value, list | tuple):
+        return type(value)(_cast(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def _cast_args(call: ModelArgs, device, dtype) -> ModelArgs:
+    return ModelArgs(
+        tuple(_cast(a, device, dtype) for a in call.args),
+        {k: _cast(v, device, dtype) for k, v in call.kwargs.items()},
+    )
+
+
+def _as_model_args(value: Any, where: str) -> ModelArgs:
+    """``(args, kwargs)``, a ``ModelArgs``, a dict of keyword arguments or a tuple of
+    positional ones, as a data function may return them."""
+    if isinstance(value, ModelArgs):
+        return value
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], tuple | list)
+        and isinstance(value[1], Mapping)
+    ):
+        return ModelArgs(tuple(value[0]), dict(value[1]))
+    if isinstance(value, Mapping):
+        return ModelArgs((), dict(value))
+    if isinstance(value, tuple):
+        return ModelArgs(value, {})
+    raise DataError(
+        f"{where}: expected (args, kwargs), a dict of keyword arguments or a tuple of positional "
+        f"ones, got {type(value).__name__}"
+    )
+
+
+def load_model_data(spec: str, model: Callable) -> ModelData:
+    """The arguments of a user's ``model`` named on the command line by ``--data``.
+
+    - ``FILE.py:NAME`` (or ``package.module:NAME``): ``NAME()`` returns ``(args, kwargs)``
+      (or a dict of keyword arguments, or a tuple of positional ones), or a dict
+      ``{"train": ..., "test": ...}`` of two of those.
+    - ``FILE.npz`` whose arrays are named after the model's parameters, e.g. ``X`` and ``y``
+      for ``model(X, y=None)``: bound by name. Names ``train_X`` / ``test_X`` give a held-out
+      set of the same parameters.
+    - any other data (``.npy``, a ``.npz`` with ``x``/``data``, or ``train``/``test``): one
+      ``(N, D)`` tensor, the model's first argument; all rows (no split) unless the file has
+      ``train`` and ``test``.
+    """
+    from .user_model import load_user_object
+
+    if ":" in spec and not Path(spec).exists():
+        fn = load_user_object(spec, option="--data")
+        try:
+            value = fn()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise DataError(f"{spec}: failed ({type(exc).__name__}: {first})") from None
+        if isinstance(value, Mapping) and set(value) == {"train", "test"}:
+            return ModelData(
+                spec,
+                _as_model_args(value["train"], spec),
+                _as_model_args(value["test"], spec),
+            )
+        return ModelData(spec, _as_model_args(value, spec))
+    path = Path(spec)
+    if path.suffix == ".npz" and path.is_file():
+        bound = _bind_npz(path, model)
+        if bound is not None:
+            return bound
+    dataset = load_data(spec, split=False)
+    test = ModelArgs((dataset.test,), {}) if dataset.test.shape[0] else None
+    return ModelData(dataset.name, ModelArgs((dataset.train,), {}), test)
+
+
+def _bind_npz(path: Path, model: Callable) -> ModelData | None:
+    """Arrays of a ``.npz`` named after the model's parameters, as keyword arguments (None when
+    no array is so named)."""
+    from .batching import signature
+
+    try:
+        parameters = set(signature(model).parameters)
+    except (TypeError, ValueError):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise DataError(f"{path}: cannot read array file ({msg})") from None
+    train = {k.removeprefix("train_"): v for k, v in arrays.items() if not k.startswith("test_")}
+    test = {k.removeprefix("test_"): v for k, v in arrays.items() if k.startswith("test_")}
+    if not set(train) & parameters:
+        if len(arrays) == 1 or {"train", "test"} <= set(arrays):
+            return None  # one data tensor: the model's first argument
+        raise DataError(
+            f"{path}: arrays {sorted(arrays)} name no parameter of the model "
+            f"({', '.join(sorted(parameters))}); name them after its parameters"
+        )
+    unknown = sorted((set(train) | set(test)) - parameters)
+    if unknown:
+        raise DataError(
+            f"{path}: arrays {unknown} name no parameter of the model "
+            f"({', '.join(sorted(parameters))})"
+        )
+    for name, values in {**train, **{f"test_{k}": v for k, v in test.items()}}.items():
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+            raise DataError(f"{path}: array {name!r} contains NaN/Inf values")
+
+    def call(arrays: dict) -> ModelArgs:
+        return ModelArgs(
+            (), {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
+
+    return ModelData(str(path), call(train), call(test) if test else None)

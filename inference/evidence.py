@@ -249,8 +249,10 @@ def log_weights(
                     done += size
                     continue
                 except (RuntimeError, ValueError) as exc:
-                    log.warning(
-                        "model does not vectorize over particles (%s); one draw at a time", exc
+                    # Pyro appends a trace-shape dump to the message: only its first line
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    log.info(
+                        "model does not vectorize over particles (%s); one draw at a time", first
                     )
                     vectorize = False
             chunks.append(_draw(model, guide, args, kwargs, layout, None))

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .batching import takes_num_data
 from .bounds import check_bounds, is_point_estimate
 from .errors import OptionError
 from .evidence import iwae
@@ -34,7 +35,6 @@ from .train import (
     evaluate,
     pyro_loss,
     seeded,
-    takes_num_data,
 )
 
 __all__ = ["Explanation", "explain"]
@@ -187,37 +187,27 @@ def explain(
     if split is not None and split not in SPLITS:
         raise OptionError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
     run = load_run(run_dir, data=data)
-    split = split or ("train" if run.spec.user_model else "test")
-    x = run.data.test if split == "test" else run.data.train
-    n = x.shape[0]
-    if n == 0:
-        raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
+    split = split or run.default_split
+    call = run.split(split)
+    args, kwargs = call.args, call.kwargs
     # global latents (a user model, or any model without num_data): all rows at once, as fit
     # trains them; batches would count KL(q(z) || p(z)) once per batch
-    batch_size = 1024 if takes_num_data(run.model) and not run.spec.user_model else None
-    probe = x if batch_size is None else x[:2]
-    estimator = choose_estimator("auto", run.model, run.guide, probe)
+    batch_size = 1024 if takes_num_data(run.model) and run.batched else None
+    probe = run.probe(call)
+    estimator = choose_estimator("auto", run.model, run.guide, *probe.args, **probe.kwargs)
     particles = 10 if batch_size else 100  # the ELBO with its standard error
+    common = dict(batch_size=batch_size, seed=seed, num_particles=particles)
     metrics = evaluate(
-        run.model,
-        run.guide,
-        x,
-        batch_size=batch_size,
-        seed=seed,
-        analytic_kl=estimator == "meanfield",
-        num_particles=particles,
+        run.model, run.guide, *args, analytic_kl=estimator == "meanfield", **common, **kwargs
     )
-    checked = pyro_loss(
-        run.model,
-        run.guide,
-        x,
-        batch_size=batch_size,
-        seed=seed,
-        estimator=estimator,
-        num_particles=particles,
-    )
+    n = metrics.n
+    if n == 0:
+        raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
+    checked = pyro_loss(run.model, run.guide, *args, estimator=estimator, **common, **kwargs)
     with seeded(seed):
-        estimate = iwae(run.model, run.guide, x, num_samples=num_samples, chunk_size=chunk_size)
+        estimate = iwae(
+            run.model, run.guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
+        )
     log_w = estimate.log_weights  # (K, N) local, (K,) global
     k = log_w.shape[0]
     # ELBO from the same draws: mean_k log w_k, its stderr across draws of the data-set total
@@ -226,8 +216,8 @@ def explain(
     elbo_mc_stderr = float(total_per_draw.std()) / math.sqrt(k) / n if k > 1 else math.nan
     log_px = estimate.log_px / n
     log_px_stderr = estimate.stderr / n
-    exact = _exact(run.module, x)
-    point = is_point_estimate(run.guide, probe)
+    exact = _exact(run.module, args[0] if run.batched else None)
+    point = is_point_estimate(run.guide, *probe.args, **probe.kwargs)
     bounds = check_bounds(
         metrics.elbo,
         metrics.elbo_stderr,
@@ -257,7 +247,7 @@ def explain(
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
     if bound_figure is not None and estimate.per_datum is not None:
-        _bound_figure(bound_figure, run, x, log_w, estimate.per_datum)
+        _bound_figure(bound_figure, run, args[0], log_w, estimate.per_datum)
     return Explanation(
         run_dir=str(run_dir),
         model=run.spec.model,

@@ -455,6 +455,8 @@ def write_training_figures(
     run_dir = Path(run_dir)
     paths = [run_dir / "curves.png"]
     plot_training_curves(history, title=title, path=paths[-1])
+    if module is None or data is None:  # a user's model: its arguments are not images
+        return paths
     x = data.test if len(data.test) else data.train
     labels = data.test_labels if len(data.test) else data.train_labels
     with torch.no_grad():

@@ -17,11 +17,18 @@ import pyro
 import torch
 from torch import nn
 
-from .data import Dataset, check_support, load_data
+from .batching import ModelArgs
+from .data import Dataset, ModelData, check_support, load_data, load_model_data
 from .errors import OptionError, RunError
 from .io import load_checkpoint
 from .train import CHECKPOINT, restore
-from .user_model import check_user_model, is_user_model, load_user_model
+from .user_model import (
+    check_user_model,
+    is_user_model,
+    load_user_guide,
+    load_user_model,
+    resolve_model_spec,
+)
 
 __all__ = ["BUILTIN_GUIDE", "MODELS", "LoadedRun", "ModelSpec", "build_model", "load_run"]
 
@@ -91,24 +98,26 @@ class ModelSpec:
 
 
 def _check_guide(model: str, guide: str | None) -> str:
-    """The canonical guide name for ``model``, or an OptionError naming ``--guide``."""
-    from models.guides import AUTOGUIDES, GUIDE_FAMILIES
+    """The canonical guide for ``model``: an autoguide name, the user's ``FILE.py:NAME`` (its
+    file made absolute), or ``diag`` for a built-in model; else an OptionError naming
+    ``--guide``."""
+    from models.guides import AUTOGUIDES, GUIDE_FAMILIES, autoguide_name
 
     if is_user_model(model):
         if guide is None:
             return DEFAULT_AUTOGUIDE
+        if is_user_model(guide):
+            return resolve_model_spec(guide)
         if guide in GUIDE_FAMILIES:
             raise OptionError(
-                f"--guide: {guide!r} is an amortized encoder for the built-in models; "
-                f"your model takes an autoguide ({', '.join(AUTOGUIDES)})"
+                f"--guide: {guide!r} is an amortized encoder for the built-in models; your "
+                f"model takes an autoguide ({', '.join(AUTOGUIDES)}) or your own guide as "
+                "FILE.py:NAME"
             )
-        wanted = guide.lower().removeprefix("auto")
-        for name in AUTOGUIDES:
-            if name.lower().removeprefix("auto") == wanted:
-                return name
-        raise OptionError(
-            f"--guide: unknown autoguide {guide!r} (choose from {', '.join(AUTOGUIDES)})"
-        )
+        try:
+            return autoguide_name(guide)
+        except ValueError as exc:
+            raise OptionError(f"--guide: {exc}, or your own guide as FILE.py:NAME") from None
     if guide is None or guide == BUILTIN_GUIDE:
         return BUILTIN_GUIDE
     if guide in GUIDE_FAMILIES:
@@ -133,25 +142,47 @@ class LoadedRun(NamedTuple):
     module: nn.Module | None
     model: Any
     guide: Any
-    data: Dataset
+    data: Dataset | ModelData  # ModelData (the model's own arguments) for a user model
     state: dict[str, Any]
 
+    @property
+    def default_split(self) -> str:
+        """``train`` for a user model (the data its posterior describes), else ``test``."""
+        return "train" if self.spec.user_model else "test"
 
-def build_model(spec: ModelSpec, data: Dataset) -> tuple[nn.Module | None, Any, Any]:
+    @property
+    def batched(self) -> bool:
+        """Whether the model's latents are local to rows evaluated in chunks (built-in)."""
+        return not self.spec.user_model
+
+    def split(self, name: str) -> ModelArgs:
+        """The model's arguments for split ``name`` (``train`` or ``test``)."""
+        if self.spec.user_model:
+            call = self.data.train if name == "train" else self.data.test
+            if call is None:
+                raise OptionError(f"--split: {self.spec.data} has no {name} data")
+            return call
+        return ModelArgs((self.data.train if name == "train" else self.data.test,), {})
+
+    def probe(self, call: ModelArgs) -> ModelArgs:
+        """A small call of the same structure, to choose the estimator on."""
+        return ModelArgs((call.args[0][:2],), {}) if self.batched else call
+
+
+def build_model(
+    spec: ModelSpec, data: Dataset | ModelData, model: Any = None
+) -> tuple[nn.Module | None, Any, Any]:
     """Instantiate the model named by ``spec`` for ``data``; returns (module, model, guide).
 
-    A user model is imported, paired with its autoguide and run once on ``data.train`` (which
-    must already be on the run's device and dtype), so that a model that rejects the data fails
-    here with a :class:`~inference.errors.DataError`; ``module`` is then None.
+    A user model (``model``, if already imported) is paired with its guide (an autoguide or the
+    user's own, :func:`~inference.user_model.load_user_guide`) and run once on
+    ``data.train`` (:class:`~inference.data.ModelData` already on the run's device and dtype),
+    so that a model that rejects the data fails here with a
+    :class:`~inference.errors.DataError`; ``module`` is then None.
     """
     if spec.user_model:
-        from models.guides import make_autoguide
-
-        model = load_user_model(spec.model)
-        try:
-            guide = make_autoguide(spec.guide, model)
-        except ValueError as exc:
-            raise OptionError(f"--guide: {exc}") from None
+        model = model if model is not None else load_user_model(spec.model)
+        guide = load_user_guide(spec.guide, model)
         check_user_model(model, guide, data.train, spec=spec.model, data=spec.data)
         return None, model, guide
     if spec.model == "vae":
@@ -187,16 +218,28 @@ def load_run(run_dir: str | os.PathLike, data: str | None = None) -> LoadedRun:
         ) from None
     if data is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "data": data})
-    dataset = load_data(spec.data, split=not spec.user_model)
+    pyro.clear_param_store()
+    if spec.user_model:
+        model = load_user_model(spec.model)
+        user_data = load_model_data(spec.data, model).to(spec.device, DTYPES[spec.dtype])
+        _, model, guide = build_model(spec, user_data, model)
+        # a user model's parameters may depend on the rows it sees: rebuild them on all of them
+        restore(
+            model,
+            guide,
+            *user_data.train.args,
+            state=state,
+            source=str(run_dir / CHECKPOINT),
+            **user_data.train.kwargs,
+        )
+        return LoadedRun(spec, None, model, guide, user_data, state)
+    dataset = load_data(spec.data)
     if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
         raise RunError(
             f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in {run_dir} "
             f"was trained on {spec.data_dim}"
         )
     dataset = dataset.to(spec.device, DTYPES[spec.dtype])
-    pyro.clear_param_store()
     module, model, guide = build_model(spec, dataset)
-    # a user model's parameters may depend on the rows it sees: rebuild them on all of them
-    x = dataset.train if spec.user_model else dataset.train[:2]
-    restore(model, guide, x, state, str(run_dir / CHECKPOINT))
+    restore(model, guide, dataset.train[:2], state=state, source=str(run_dir / CHECKPOINT))
     return LoadedRun(spec, module, model, guide, dataset, state)

@@ -15,7 +15,6 @@ After each epoch the train and test splits are evaluated with :func:`inference.e
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import random
@@ -34,6 +33,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from .batching import Batching, ModelArgs, default_batching, num_rows, take
 from .distributed import World, current_world
 from .elbo import decompose, meanfield_violations
 from .errors import NumericalError, OptionError, RunError
@@ -237,14 +237,6 @@ def resolve_estimator(
     return name
 
 
-def takes_num_data(model: Callable) -> bool:
-    """Whether ``model`` accepts a ``num_data`` keyword to scale a mini-batch to the full data."""
-    try:
-        return "num_data" in inspect.signature(model).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 # --- random state --------------------------------------------------------------------------------
 
 
@@ -290,33 +282,43 @@ def seeded(seed: int):
 def evaluate(
     model: Callable,
     guide: Callable,
-    x: torch.Tensor,
-    *,
+    *args,
     batch_size: int | None = 1024,
+    batching: Batching | None = None,
     analytic_kl: bool = True,
     seed: int = EVAL_SEED,
-    model_kwargs: Mapping[str, Any] | None = None,
     num_particles: int = 1,
+    **kwargs,
 ) -> Metrics:
-    """Per-datum loss, ELBO, reconstruction and KL of ``x`` ``(N, D)`` under the guide.
+    """Per-datum loss, ELBO, reconstruction and KL of the model's arguments under the guide.
 
-    Sums :func:`~inference.elbo.decompose` over batches (each with ``num_particles`` draws)
-    under a fixed seed, then divides by N. ``batch_size=None`` evaluates all rows in one call,
-    as models with global latents need. With several particles ``elbo_stderr`` is the standard
-    error of the per-datum ELBO (batches independent).
+    Sums :func:`~inference.elbo.decompose` (``num_particles`` draws) under a fixed seed, then
+    divides by N (:func:`inference.batching.num_rows`). With a ``batching`` (default: a
+    ``num_data`` model's, :func:`~inference.batching.default_batching`) and ``batch_size``,
+    the rows are evaluated in chunks, each a full plate (local latents sum over rows);
+    ``batch_size=None`` or no batching evaluates everything in one call, as models with global
+    latents need. With several particles ``elbo_stderr`` is the standard error of the
+    per-datum ELBO (chunks independent).
     """
-    n = x.shape[0]
-    step = n if batch_size is None else batch_size
+    batching = batching if batching is not None else default_batching(model)
+    n = num_rows(model, args, kwargs, batching)
+    step = n if batch_size is None or batching is None else batch_size
+    device = _device(args, kwargs)
     recon = kl = variance = 0.0
     with seeded(seed):
         for start in range(0, n, step):
+            if step == n:
+                call = ModelArgs(tuple(args), dict(kwargs))
+            else:
+                rows = torch.arange(start, min(start + step, n), device=device)
+                call = take(model, args, kwargs, batching, rows, None)
             d = decompose(
                 model,
                 guide,
-                x[start : start + step],
+                *call.args,
                 num_particles=num_particles,
                 analytic_kl=analytic_kl,
-                **dict(model_kwargs or {}),
+                **call.kwargs,
             )
             recon += d.reconstruction
             kl += d.kl
@@ -328,25 +330,31 @@ def evaluate(
 def pyro_loss(
     model: Callable,
     guide: Callable,
-    x: torch.Tensor,
-    *,
+    *args,
     batch_size: int | None = 1024,
+    batching: Batching | None = None,
     estimator: str = "meanfield",
     seed: int = EVAL_SEED,
     num_particles: int = 1,
+    **kwargs,
 ) -> float:
-    """Per-datum loss of ``x`` as Pyro's own estimator computes it, with :func:`evaluate`'s noise.
-
-    An independent check on :func:`evaluate`: ``TraceMeanField_ELBO().loss`` summed over the
-    same batches under the same seed equals its ``kl - reconstruction``.
-    """
-    n = x.shape[0]
-    step = n if batch_size is None else batch_size
+    """Per-datum loss as Pyro's own estimator computes it, with :func:`evaluate`'s chunks and
+    noise: an independent check on :func:`evaluate`, whose ``kl - reconstruction`` it equals
+    for the same estimator's KL terms."""
+    batching = batching if batching is not None else default_batching(model)
+    n = num_rows(model, args, kwargs, batching)
+    step = n if batch_size is None or batching is None else batch_size
+    device = _device(args, kwargs)
     elbo_estimator = make_elbo(estimator, num_particles)
     total = 0.0
     with seeded(seed):
         for start in range(0, n, step):
-            total += elbo_estimator.loss(model, guide, x[start : start + step])
+            if step == n:
+                call = ModelArgs(tuple(args), dict(kwargs))
+            else:
+                rows = torch.arange(start, min(start + step, n), device=device)
+                call = take(model, args, kwargs, batching, rows, None)
+            total += elbo_estimator.loss(model, guide, *call.args, **call.kwargs)
     return total / n
 
 
@@ -383,16 +391,18 @@ def default_dtype(dtype: torch.dtype | None):
         torch.set_default_dtype(old)
 
 
-def _collect_params(loss_fn: torch.nn.Module, x: torch.Tensor, kwargs) -> tuple[list[str], list]:
-    """Run the pair once (RNG forked, parameters created at ``x``'s dtype); return its
-    parameters sorted by name, each tensor once (a guide may register one tensor under two
-    names, as ``AutoIAFNormal`` does: the optimizer must step it once)."""
+def _collect_params(
+    loss_fn: torch.nn.Module, args: tuple, kwargs: Mapping
+) -> tuple[list[str], list]:
+    """Run the pair once on the model's arguments (RNG forked, parameters created at the
+    data's dtype); return its parameters sorted by name, each tensor once (a guide may register
+    one tensor under two names, as ``AutoIAFNormal`` does: the optimizer must step it once)."""
     with (
         torch.random.fork_rng(devices=[]),
-        default_dtype(x.dtype),
+        default_dtype(_floating_dtype(args, kwargs)),
         poutine.trace(param_only=True) as capture,
     ):
-        loss_fn(x, **kwargs)
+        loss_fn(*args, **kwargs)
     store = pyro.get_param_store()
     names, params, seen = [], [], set()
     for name in sorted(capture.trace.nodes):
@@ -433,31 +443,162 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
+class SVIState(NamedTuple):
+    """What :func:`init` returns and :func:`step` advances (NumPyro's ``SVIState``, BlackJAX's
+    state): the estimator run, as a module ``loss_fn(*args, **kwargs)``, the optimizer over
+    the pair's parameters (each tensor once), their names, and the steps taken. The tensors
+    and the optimizer are updated in place, as torch does."""
+
+    estimator: str
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    names: list[str]
+    params: list[torch.Tensor]
+    num_steps: int = 0
+
+
+class StepInfo(NamedTuple):
+    """One step's signed numbers: ``loss`` is what the step minimized (Pyro's value, what
+    ``SVI.step`` returns), and the ELBO it estimates is its negative."""
+
+    loss: float
+
+    @property
+    def elbo(self) -> float:
+        """The ELBO estimate of the step: maximized, minus the loss."""
+        return -self.loss
+
+
+def init(
+    model: Callable,
+    guide: Callable,
+    *args,
+    config: TrainConfig = TrainConfig(),
+    **kwargs,
+) -> SVIState:
+    """Choose the estimator for the pair, create its parameters on ``*args, **kwargs`` (one
+    run, RNG forked, at the data's dtype) and the optimizer (:func:`adam`).
+
+    ``config.estimator="auto"`` picks TraceMeanField_ELBO where its analytic KL is valid and
+    Trace_ELBO otherwise (:func:`choose_estimator`); ``config.jit`` decides compilation.
+    """
+    dtype = _floating_dtype(args, kwargs)
+    with default_dtype(dtype):  # a lazily built guide's parameters at the data's dtype
+        estimator = resolve_estimator(config, model, guide, *args, **kwargs)
+        loss_fn = make_elbo(estimator, config.num_particles)(model, guide)
+        with pyro.validation_enabled(True):
+            names, params = _collect_params(loss_fn, args, kwargs)
+    return SVIState(estimator, loss_fn, adam(params, config.learning_rate), names, params)
+
+
+def step(state: SVIState, *args, clip_norm: float | None = None, **kwargs):
+    """One SVI step on the model's arguments: loss = -ELBO, its gradient, one optimizer update.
+
+    Returns ``(state, StepInfo)``. A non-finite loss or gradient raises
+    :class:`~inference.errors.NumericalError` before the update.
+    """
+    info, _ = _step(state, args, kwargs, clip_norm=clip_norm, where="step")
+    return state._replace(num_steps=state.num_steps + 1), info
+
+
+def _step(
+    state: SVIState,
+    args: tuple,
+    kwargs: dict,
+    *,
+    clip_norm: float | None,
+    where: str,
+    world: World | None = None,
+    weight: float = 1.0,
+    stop: bool = False,
+) -> tuple[StepInfo, bool]:
+    """The step of :func:`step`, with the gradients all-reduced across ``world`` (this rank's
+    share ``weight``) and whether any rank asked to ``stop`` (one collective)."""
+    loss = state.loss_fn(*args, **kwargs)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise NumericalError(
+            f"{where}: loss is {loss_value}; stopped, the last good checkpoint is kept"
+        )
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world is not None:
+        # one collective per step: the gradients and whether any rank caught a signal
+        stop = world.all_reduce_gradients(state.params, weight=weight, stop=stop)
+    if clip_norm:
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.params, clip_norm, foreach=True)
+        finite = bool(torch.isfinite(grad_norm))
+    else:
+        finite = _all_finite([p.grad for p in state.params if p.grad is not None])
+    if not finite:
+        raise NumericalError(
+            f"{where}: the gradient is not finite; stopped before the update, "
+            "the last good checkpoint is kept"
+        )
+    state.optimizer.step()
+    return StepInfo(loss_value), stop
+
+
+def _floating_dtype(args: tuple, kwargs: Mapping) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor among the model's arguments."""
+    for value in (*args, *kwargs.values()):
+        values = value if isinstance(value, list | tuple) else (value,)
+        for v in values:
+            if torch.is_tensor(v) and v.is_floating_point():
+                return v.dtype
+    return None
+
+
+def _device(args: tuple, kwargs: Mapping) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value):
+            return value.device
+    return torch.device("cpu")
+
+
 def fit(
     model: Callable,
     guide: Callable,
-    train_x: torch.Tensor,
-    test_x: torch.Tensor | None = None,
+    *args,
     config: TrainConfig = TrainConfig(),
-    *,
+    test: Any = None,
+    batching: Batching | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
     handle_signals: bool = False,
     world: World | None = None,
+    **kwargs,
 ) -> TrainResult:
-    """Train ``guide`` (and the model's parameters) by SVI on ``train_x`` ``(N, D)``.
+    """Train ``guide`` (and the model's parameters) by SVI on the model's own arguments.
 
-    Each step minimizes loss = -ELBO with the chosen Pyro estimator on a mini-batch; a model
-    that takes ``num_data`` gets it, so its plate scales the batch by N / B. A model without it
-    is trained full batch. After every epoch, train (and test) metrics are appended to the
-    history and, with ``run_dir``, written to ``metrics.jsonl``/``metrics.csv`` together with an
-    atomic checkpoint (parameters, optimizer, config, RNG state, position).
+    ``fit(model, guide, *args, **kwargs)`` steps ``model(*args, **kwargs)`` as
+    ``SVI.step(*args, **kwargs)`` does: the loop of :func:`init` and :func:`step`, with
+    evaluation, metrics files, checkpoints and signal handling on top. Each step minimizes
+    loss = -ELBO with the chosen Pyro estimator.
+
+    Parameters are created by one run of the pair with the random state forked: the steps
+    draw the noise that ``pyro.set_rng_seed(config.seed)`` starts, whatever the guide's
+    initialization draws.
+
+    Full batch (``config.batch_size=None`` or no ``batching``) passes the arguments as given,
+    rows in their order, every step. Mini-batches need a declared :class:`Batching` (the
+    arguments sliced along dim 0 and the keyword that receives N, so the plate scales a batch
+    by N / B); a model that takes ``num_data`` has one by default (its first argument). An
+    "epoch" is one pass over the rows: one step at full batch.
+
+    After every ``config.eval_every`` epochs (default: about 20 times per run) the training
+    data (and ``test``) are evaluated and appended to the history; with ``run_dir`` they are
+    written to ``metrics.jsonl``/``metrics.csv`` with an atomic checkpoint (parameters,
+    optimizer, config, RNG state, position).
 
     Args:
-        model, guide: Pyro functions ``f(x, [num_data])`` with matching sample sites.
-        train_x, test_x: float tensors ``(N, D)``; test metrics are skipped when ``test_x`` is None.
+        model, guide: Pyro functions of the same arguments with matching sample sites.
+        *args, **kwargs: the model's arguments (the training data).
         config: a :class:`TrainConfig`.
+        test: held-out data in the same form: a tensor, an ``(args, kwargs)`` pair or a
+            :class:`~inference.batching.ModelArgs`; None skips test metrics.
+        batching: how mini-batches are cut (:class:`~inference.batching.Batching`).
         run_dir: where metrics and checkpoints go (created if missing).
         resume: continue from ``run_dir/checkpoint.pt`` (same config required).
         metadata: JSON-able facts stored with the checkpoint (e.g. how to rebuild the model).
@@ -467,54 +608,64 @@ def fit(
             gradients and metrics are reduced across ranks, and rank 0 alone writes files.
 
     Returns:
-        A :class:`TrainResult`; ``final`` holds the last epoch's test metrics (train if no test).
+        A :class:`TrainResult`; ``final`` holds the last evaluation's test metrics (train if no
+        test) and ``estimator`` the estimator that ran.
     """
-    n = train_x.shape[0]
+    batching = batching if batching is not None else default_batching(model)
+    try:
+        n = num_rows(model, args, kwargs, batching)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     if n == 0:
         raise OptionError("training data has zero rows")
     batch = n if config.batch_size is None else min(config.batch_size, n)
-    kwargs = {"num_data": n} if takes_num_data(model) else {}
-    if batch < n and not kwargs:
+    if batch < n and batching is None:
         raise OptionError(
-            f"--batch-size: the model takes no 'num_data' argument, so mini-batches of {batch} "
-            f"of {n} rows would be scaled wrongly; train full batch (batch size >= {n})"
+            f"--batch-size: mini-batches of {batch} of {n} rows need a declared batching "
+            "(which arguments hold the rows, and how the model's plate learns N: e.g. a "
+            f"'num_data' argument); train full batch (batch size >= {n})"
         )
     world = current_world() if world is None else world
-    world.check_batches(n, batch, scaled=bool(kwargs))
-    # global latents: all rows at once, several draws (a one-draw ELBO has no error bar)
+    world.check_batches(n, batch, scaled=batching is not None)
+    # a batch of B < N rows (or a rank's shard) is scaled by N / B through the declared size
+    scaled = batching is not None and (batch < n or world.size > 1)
+    device = _device(args, kwargs)
+    test_args = None if test is None else ModelArgs.of(test)
+    # local latents (declared batching): evaluated in chunks; global: all rows at once, with
+    # several draws (a one-draw ELBO has no error bar)
     eval_kwargs = (
-        dict(batch_size=config.eval_batch_size)
-        if kwargs
+        dict(batch_size=config.eval_batch_size, batching=batching)
+        if batching is not None
         else dict(batch_size=None, num_particles=config.eval_particles)
     )
     eval_every = config.eval_every or max(1, math.ceil(config.epochs / EVALUATIONS_PER_RUN))
     run_dir = Path(run_dir) if run_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
 
+    def batch_args(rows: torch.Tensor) -> ModelArgs:
+        return take(model, args, kwargs, batching, rows, n if scaled else None)
+
     pyro.set_rng_seed(config.seed)
-    with default_dtype(train_x.dtype):  # a lazily built guide's parameters at the data's dtype
-        estimator = resolve_estimator(config, model, guide, train_x[:batch], **kwargs)
-    loss_fn = make_elbo(estimator, config.num_particles)(model, guide)
-    with pyro.validation_enabled(True):
-        names, params = _collect_params(loss_fn, train_x[:batch], kwargs)
+    first = batch_args(torch.arange(batch, device=device))
+    state = init(model, guide, *first.args, config=config, **first.kwargs)
+    names, params, optimizer = state.names, state.params, state.optimizer
     world.broadcast_(params)  # every rank starts from rank 0's parameters
     world.seed(config.seed)  # ranks 1.. draw their own noise
-    optimizer = adam(params, config.learning_rate)
 
     history: list[dict[str, Any]] = []
     start_epoch, start_step, loss_sum = 0, 0, 0.0
     if resume:
         if checkpoint_path is None:
             raise OptionError("--resume needs a run directory")
-        state = load_checkpoint(checkpoint_path)
-        if state["config"] != _config_for_checkpoint(config):
+        saved = load_checkpoint(checkpoint_path)
+        if saved["config"] != _config_for_checkpoint(config):
             raise RunError(f"{checkpoint_path}: its training options differ from this run's")
-        _copy_params(names, params, state, checkpoint_path)
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        start_epoch, start_step = state["position"]["epoch"], state["position"]["step"]
-        loss_sum = state["position"]["loss_sum"] if world.is_writer else 0.0  # a global sum
-        rng = world.rng_state(state)
+        _copy_params(names, params, saved, checkpoint_path)
+        optimizer.load_state_dict(saved["optimizer"])
+        history = list(saved["history"])
+        start_epoch, start_step = saved["position"]["epoch"], saved["position"]["step"]
+        loss_sum = saved["position"]["loss_sum"] if world.is_writer else 0.0  # a global sum
+        rng = world.rng_state(saved)
         if rng is not None:
             set_rng_state(rng)
         else:  # written by a world of another size: this rank's stream is derived afresh
@@ -548,6 +699,7 @@ def fit(
             run_dir / "config.json", {"train": asdict(config), "metadata": dict(metadata or {})}
         )
 
+    splits = [("train", ModelArgs(tuple(args), dict(kwargs))), ("test", test_args)]
     steps_per_epoch = math.ceil(n / batch)
     final = None
     bar = tqdm(
@@ -562,56 +714,41 @@ def fit(
     with _SignalFlag(handle_signals) as flag, bar:
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
-            if batch < n:  # mini-batches: a fresh permutation of the rows every epoch
+            if scaled:  # mini-batches: a fresh permutation of the rows every epoch
                 generator = torch.Generator().manual_seed(config.seed + epoch)
-                order = torch.randperm(n, generator=generator).to(train_x.device)
+                order = torch.randperm(n, generator=generator).to(device)
             else:  # full batch: the rows as given, in their order (a time series stays one)
-                order = torch.arange(n, device=train_x.device)
-            for step in range(start_step, steps_per_epoch):
-                batch_rows = order[step * batch : (step + 1) * batch]  # the global batch
-                x = train_x[world.shard(batch_rows)]
-                with pyro.validation_enabled(validate_every_step or (epoch, step) == (0, 0)):
-                    loss = loss_fn(x, **kwargs)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NumericalError(
-                        f"epoch {epoch + 1}, step {step + 1}: loss is {loss_value}; stopped, "
-                        f"the last good checkpoint is kept"
+                order = torch.arange(n, device=device)
+            for step_index in range(start_step, steps_per_epoch):
+                batch_rows = order[step_index * batch : (step_index + 1) * batch]  # global batch
+                mine = world.shard(batch_rows)
+                call = batch_args(mine) if scaled else first
+                with pyro.validation_enabled(validate_every_step or (epoch, step_index) == (0, 0)):
+                    info, stop = _step(
+                        state,
+                        call.args,
+                        call.kwargs,
+                        clip_norm=config.clip_norm,
+                        where=f"epoch {epoch + 1}, step {step_index + 1}",
+                        world=world,
+                        weight=mine.shape[0] / batch_rows.shape[0],
+                        stop=flag.signum is not None,
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # one collective per step: the gradients and whether any rank caught a signal
-                stop = world.all_reduce_gradients(
-                    params, weight=x.shape[0] / batch_rows.shape[0], stop=flag.signum is not None
-                )
-                if config.clip_norm:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        params, config.clip_norm, foreach=True
-                    )
-                    finite = bool(torch.isfinite(grad_norm))
-                else:
-                    finite = _all_finite([p.grad for p in params if p.grad is not None])
-                if not finite:
-                    raise NumericalError(
-                        f"epoch {epoch + 1}, step {step + 1}: the gradient is not finite; "
-                        f"stopped before the update, the last good checkpoint is kept"
-                    )
-                optimizer.step()
-                loss_sum += loss_value * x.shape[0] / (n if kwargs else x.shape[0])
+                loss_sum += info.loss * mine.shape[0] / (n if scaled else mine.shape[0])
                 if stop or (world.size == 1 and flag.signum is not None):  # same step everywhere
-                    checkpoint(epoch, step + 1, loss_sum)
+                    checkpoint(epoch, step_index + 1, loss_sum)
                     raise Interrupted(
-                        flag.signum or signal.SIGTERM, f"epoch {epoch + 1}, step {step + 1}"
+                        flag.signum or signal.SIGTERM, f"epoch {epoch + 1}, step {step_index + 1}"
                     )
             start_step = 0
             seconds = time.perf_counter() - t0
             loss_sum = world.sum([loss_sum], "reducing the training loss")[0]
             rows = []
             evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == config.epochs
-            for split, xs in (("train", train_x), ("test", test_x)):
-                if xs is None or not evaluated:
+            for split, call in splits:
+                if call is None or not evaluated:
                     continue
-                m = _evaluate_split(world, model, guide, xs, **eval_kwargs)
+                m = _evaluate_split(world, model, guide, call, **eval_kwargs)
                 row = {"epoch": epoch + 1, "split": split, **m._asdict()}
                 if split == "train":
                     row["svi_loss"] = loss_sum / n  # mean of what the steps minimized
@@ -633,20 +770,27 @@ def fit(
     if final is None:  # resumed a finished run: report the last recorded metrics
         last = history[-1]
         final = Metrics(*(last.get(k) for k in Metrics._fields))
-    return TrainResult(history, final, run_dir, estimator)
+    return TrainResult(history, final, run_dir, state.estimator)
 
 
-def _evaluate_split(world: World, model: Callable, guide: Callable, x: torch.Tensor, **kwargs):
-    """:func:`evaluate` of the whole split ``x``, each rank on its rows, sums reduced."""
-    if world.size == 1:
-        return evaluate(model, guide, x, **kwargs)
+def _evaluate_split(
+    world: World, model: Callable, guide: Callable, call: ModelArgs, **kwargs
+) -> Metrics:
+    """:func:`evaluate` of one split's arguments; with several ranks each evaluates its share
+    of the batched rows and the sums are reduced."""
+    if world.size == 1 or kwargs.get("batching") is None:
+        return evaluate(model, guide, *call.args, **call.kwargs, **kwargs)
+    batching = kwargs["batching"]
+    n = num_rows(model, call.args, call.kwargs, batching)
 
     def totals(rows: torch.Tensor) -> list[float]:
-        m = evaluate(model, guide, rows, **kwargs)
+        part = take(model, call.args, call.kwargs, batching, rows, None)
+        m = evaluate(model, guide, *part.args, **part.kwargs, **kwargs)
         return [m.reconstruction * m.n, m.kl * m.n, m.n]
 
-    recon_sum, kl_sum, n = world.sum_over_shards(totals, x)
-    return Metrics.per_datum(recon_sum, kl_sum, int(n))
+    rows = torch.arange(n, device=_device(call.args, call.kwargs))
+    recon_sum, kl_sum, total = world.sum_over_shards(totals, rows)
+    return Metrics.per_datum(recon_sum, kl_sum, int(total))
 
 
 def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
@@ -675,11 +819,11 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def restore(
-    model: Callable, guide: Callable, x: torch.Tensor, state: Mapping[str, Any], source: str = ""
+    model: Callable, guide: Callable, *args, state: Mapping[str, Any], source: str = "", **kwargs
 ) -> None:
-    """Create the pair's parameters (one forward on ``x``) and overwrite them from a checkpoint."""
-    kwargs = {"num_data": x.shape[0]} if takes_num_data(model) else {}
-    names, params = _collect_params(Trace_ELBO()(model, guide), x, kwargs)
+    """Create the pair's parameters (one run on the model's arguments) and overwrite them from a
+    checkpoint."""
+    names, params = _collect_params(Trace_ELBO()(model, guide), args, kwargs)
     _copy_params(names, params, state, source)
 
 

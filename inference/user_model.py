@@ -14,6 +14,7 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -23,6 +24,9 @@ from .errors import DataError, ElboLabError, OptionError
 
 __all__ = [
     "check_user_model",
+    "guide_label",
+    "load_user_guide",
+    "load_user_object",
     "is_user_model",
     "load_user_model",
     "resolve_model_spec",
@@ -54,50 +58,100 @@ def user_model_label(spec: str) -> str:
     return f"{stem}.{name}"
 
 
-def load_user_model(spec: str) -> Callable:
-    """The callable ``NAME`` from ``FILE.py:NAME`` or ``package.module:NAME``.
+def load_user_object(spec: str, option: str = "--model") -> Any:
+    """The object ``NAME`` from ``FILE.py:NAME`` or ``package.module:NAME``; ``NAME`` may be a
+    dotted path into it (``FILE.py:vae.guide`` is the ``guide`` method of the module-level
+    ``vae``, as in Pyro's VAE tutorial).
 
     Raises:
-        OptionError: malformed spec, missing file or module, import failure, missing or
-            non-callable attribute (one line naming the spec).
+        OptionError: malformed spec, missing file or module, import failure, missing attribute
+            (one line naming ``option`` and the spec).
     """
     source, sep, name = spec.rpartition(":")
-    if not sep or not source or not name.isidentifier():
-        raise OptionError(f"--model: expected FILE.py:NAME or package.module:NAME, got {spec!r}")
+    if not sep or not source or not all(part.isidentifier() for part in name.split(".")):
+        raise OptionError(f"{option}: expected FILE.py:NAME or package.module:NAME, got {spec!r}")
     if _is_file_spec(source):
         path = Path(source)
         if not path.is_file():
-            raise OptionError(f"--model: {path}: no such file")
-        module_name = f"elbo_lab_user_{path.stem}_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise OptionError(f"--model: {path}: cannot be loaded as a Python module")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        # no __pycache__ beside the user's file: elbo-lab writes only to its run directories
-        dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
-            raise OptionError(
-                f"--model: {path}: failed to import ({type(exc).__name__}: {_first_line(exc)})"
-            ) from None
-        finally:
-            sys.dont_write_bytecode = dont_write_bytecode
+            raise OptionError(f"{option}: {path}: no such file")
+        module = _import_file(path, option)
     else:
         try:
             module = importlib.import_module(source)
         except Exception as exc:
             raise OptionError(
-                f"--model: cannot import {source!r} ({type(exc).__name__}: {_first_line(exc)})"
+                f"{option}: cannot import {source!r} ({type(exc).__name__}: {_first_line(exc)})"
             ) from None
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise OptionError(f"--model: {source} has no attribute {name!r}")
+    value = module
+    for part in name.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            raise OptionError(f"{option}: {source} has no attribute {name!r}")
+    return value
+
+
+def _import_file(path: Path, option: str) -> Any:
+    """Import a user's file once per process (the model, guide and data may share it)."""
+    module_name = f"elbo_lab_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise OptionError(f"{option}: {path}: cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    # no __pycache__ beside the user's file: elbo-lab writes only to its run directories
+    dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise OptionError(
+            f"{option}: {path}: failed to import ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    finally:
+        sys.dont_write_bytecode = dont_write_bytecode
+    return module
+
+
+def load_user_model(spec: str) -> Callable:
+    """The model ``NAME`` from ``FILE.py:NAME`` or ``package.module:NAME`` (a function, a
+    ``PyroModule``, or a bound ``model`` method such as ``FILE.py:vae.model``)."""
+    fn = load_user_object(spec, "--model")
     if not callable(fn):
-        raise OptionError(f"--model: {source}:{name} is not callable")
+        raise OptionError(f"--model: {spec} is not callable")
     return fn
+
+
+def load_user_guide(spec: str, model: Callable, option: str = "--guide") -> Callable:
+    """The guide named ``spec`` for ``model``: a Pyro autoguide by name (``AutoNormal``, any
+    class of :data:`models.guides.AUTOGUIDES`), or the user's own as ``FILE.py:NAME``:
+
+    - a function with ``pyro.param`` sites (SVI Part I's Beta guide);
+    - a ``PyroModule`` or ``nn.Module`` instance, or a bound ``guide`` method
+      (``FILE.py:vae.guide``);
+    - an autoguide class (``AutoGuide`` subclass), built for ``model``.
+    """
+    from pyro.infer.autoguide import AutoGuide
+
+    from models.guides import make_autoguide
+
+    if not is_user_model(spec):
+        try:
+            return make_autoguide(spec, model)
+        except ValueError as exc:
+            raise OptionError(f"{option}: {exc} or your own guide as FILE.py:NAME") from None
+    value = load_user_object(spec, option)
+    if isinstance(value, type) and issubclass(value, AutoGuide):
+        return value(model)
+    if not callable(value):
+        raise OptionError(f"{option}: {spec} is not callable")
+    return value
+
+
+def guide_label(spec: str) -> str:
+    """A guide's short name: the autoguide's, or ``NAME`` of ``FILE.py:NAME``."""
+    return spec.rpartition(":")[2] if is_user_model(spec) else spec
 
 
 def _first_line(exc: BaseException) -> str:
@@ -105,26 +159,31 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def check_user_model(
-    model: Callable, guide: Callable, x: torch.Tensor, *, spec: str, data: str
-) -> None:
-    """Run ``guide`` and ``model`` once on ``x`` ``(N, D)`` with Pyro's validation and every
+def check_user_model(model: Callable, guide: Callable, call: Any, *, spec: str, data: str) -> None:
+    """Run ``guide`` and ``model`` once on their arguments ``call`` (a
+    :class:`~inference.batching.ModelArgs`, or one data tensor) with Pyro's validation and every
     log-density computed, so data the model rejects fail here, before any training or writing.
 
-    The random state is restored afterwards; an autoguide creates its parameters in this run.
+    The random state is restored afterwards; an autoguide creates its parameters in this run,
+    at the data's dtype.
 
     Raises:
-        DataError: the model or guide raised on ``x`` (one line naming ``data`` and ``spec``).
+        DataError: the model or guide raised (one line naming ``data`` and ``spec``).
+        OptionError: the model has no latent site to infer.
     """
-    from .train import default_dtype, takes_num_data
+    from .batching import ModelArgs, takes_num_data
+    from .train import _floating_dtype, default_dtype
 
-    kwargs = {"num_data": x.shape[0]} if takes_num_data(model) else {}
+    call = ModelArgs.of(call)
+    args, kwargs = call.args, dict(call.kwargs)
+    if takes_num_data(model) and args and torch.is_tensor(args[0]) and "num_data" not in kwargs:
+        kwargs["num_data"] = args[0].shape[0]
     try:
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), default_dtype(x.dtype):
+        with torch.random.fork_rng(devices=[]), default_dtype(_floating_dtype(args, kwargs)):
             with pyro.validation_enabled(True):
-                guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 replayed = poutine.replay(model, trace=guide_trace)
-                model_trace = poutine.trace(replayed).get_trace(x, **kwargs)
+                model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
                 guide_trace.compute_log_prob()
                 model_trace.compute_log_prob()
     except ElboLabError:
@@ -133,3 +192,15 @@ def check_user_model(
         raise DataError(
             f"{data}: rejected by the model {spec} ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
+    sites = [
+        site
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample" and type(site["fn"]).__name__ != "_Subsample"
+    ]
+    if not any(site["is_observed"] for site in sites):
+        raise DataError(
+            f"{data}: the model {spec} observed nothing (no sample site got obs=...): did the "
+            "data reach the model's arguments?"
+        )
+    if all(site["is_observed"] for site in sites):
+        raise OptionError(f"--model: {spec} has no latent sample site: there is nothing to infer")

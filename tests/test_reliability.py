@@ -174,7 +174,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path):
 
     config = TrainConfig(epochs=5, batch_size=8, progress=False)
     with pytest.raises(NumericalError, match=r"epoch 3, step 3: loss is nan"):
-        fit(model, vae.guide, x, None, config, run_dir=tmp_path)
+        fit(model, vae.guide, x, config=config, run_dir=tmp_path)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["position"] == {"epoch": 2, "step": 0, "loss_sum": 0.0}
     assert all(torch.isfinite(p).all() for p in state["params"].values())

@@ -76,7 +76,7 @@ def step_gradients(world: World) -> dict[str, torch.Tensor]:
     model, guide = shared_noise_pair(vae)
     x, n = gradient_data()
     loss_fn = Trace_ELBO()(model, guide)
-    names, params = _collect_params(loss_fn, x, {"num_data": n})
+    names, params = _collect_params(loss_fn, (x,), {"num_data": n})
     world.broadcast_(params)
     rows = torch.arange(GLOBAL_BATCH)
     mine = x[world.shard(rows)]
@@ -96,7 +96,14 @@ def train_small(world: World, config: TrainConfig, run_dir: Path, resume: bool =
     vae = VAE(DATA_DIM, LATENT_DIM, hidden_dims=(16,))
     train, test = small_digits()
     result = fit(
-        vae.model, vae.guide, train, test, config, run_dir=run_dir, resume=resume, world=world
+        vae.model,
+        vae.guide,
+        train,
+        test=test,
+        config=config,
+        run_dir=run_dir,
+        resume=resume,
+        world=world,
     )
     params = {k: v.detach().clone() for k, v in vae.state_dict().items()}
     return result.history, params
@@ -141,7 +148,7 @@ def dead_rank(world: World, out: Path) -> None:
     train, test = small_digits()
     start = time.perf_counter()
     try:
-        fit(vae.model, dying_guide, train, test, TINY, world=world)
+        fit(vae.model, dying_guide, train, test=test, config=TINY, world=world)
     except DistributedError as exc:
         (out / "dead_rank.txt").write_text(f"{time.perf_counter() - start:.2f}\n{exc}\n")
         sys.exit(2)

@@ -135,17 +135,23 @@ def test_a_time_series_is_fit_in_order_as_pyro_fits_it(float64):
         x[t] = 0.8 * x[t - 1] + 0.5 * torch.randn((), generator=g, dtype=torch.float64)
     data = x[:, None]
     steps, lr = 200, 0.05
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    guide = AutoNormal(ar1_model)
+
+    def fresh_guide():
+        # fit creates parameters with the random state forked, SVI with its first step's:
+        # create them first, then start both from seed 0
+        pyro.clear_param_store()
+        guide = AutoNormal(ar1_model)
+        guide(data)
+        pyro.set_rng_seed(0)
+        return guide
+
+    guide = fresh_guide()
     config = TrainConfig(epochs=steps, batch_size=None, learning_rate=lr, progress=False)
-    result = fit(ar1_model, guide, data, None, config)
+    result = fit(ar1_model, guide, data, config=config)
     assert result.estimator == "meanfield"  # a Normal prior: the autoguide's Delta has no Jacobian
     ours = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    guide = AutoNormal(ar1_model)
+    guide = fresh_guide()
     svi = SVI(ar1_model, guide, pyro.optim.Adam({"lr": lr}), TraceMeanField_ELBO())
     for _ in range(steps):
         svi.step(data)
@@ -169,7 +175,7 @@ def test_iaf_in_float64_has_float64_parameters_each_stepped_once(tmp_path):
     pyro.set_rng_seed(0)
     guide = AutoIAFNormal(model, hidden_dim=[4])
     config = TrainConfig(epochs=2, batch_size=None, progress=False)
-    fit(model, guide, data, None, config, run_dir=tmp_path)
+    fit(model, guide, data, config=config, run_dir=tmp_path)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert {p.dtype for p in state["params"].values()} == {torch.float64}
     stepped = state["optimizer"]["param_groups"][0]["params"]

@@ -69,7 +69,7 @@ def test_same_seed_same_numbers(small):
     runs = []
     for _ in range(2):
         vae = _vae()
-        result = fit(vae.model, vae.guide, train, test, TINY)
+        result = fit(vae.model, vae.guide, train, test=test, config=TINY)
         runs.append((_numbers(result.history), _params(vae), result.final))
     (h1, p1, f1), (h2, p2, f2) = runs
     assert h1 == h2 and f1 == f2
@@ -77,14 +77,16 @@ def test_same_seed_same_numbers(small):
         assert torch.equal(p1[k], p2[k]), k
     # a different seed gives different numbers
     vae = _vae()
-    other = fit(vae.model, vae.guide, train, test, TrainConfig(**{**TINY.__dict__, "seed": 4}))
+    other = fit(
+        vae.model, vae.guide, train, test=test, config=TrainConfig(**{**TINY.__dict__, "seed": 4})
+    )
     assert _numbers(other.history) != h1
 
 
 def test_every_row_satisfies_the_sign_identities(small, tmp_path):
     train, test = small
     vae = _vae()
-    result = fit(vae.model, vae.guide, train, test, TINY, run_dir=tmp_path)
+    result = fit(vae.model, vae.guide, train, test=test, config=TINY, run_dir=tmp_path)
     assert [(r["epoch"], r["split"]) for r in result.history] == [
         (1, "train"),
         (1, "test"),
@@ -122,14 +124,16 @@ def test_resume_at_an_epoch_boundary_is_bit_identical(small, tmp_path):
     train, test = small
     four = TrainConfig(**{**TINY.__dict__, "epochs": 4})
     vae = _vae()
-    whole = fit(vae.model, vae.guide, train, test, four)
+    whole = fit(vae.model, vae.guide, train, test=test, config=four)
     whole_params = _params(vae)
 
     vae = _vae()
-    fit(vae.model, vae.guide, train, test, TINY, run_dir=tmp_path)
+    fit(vae.model, vae.guide, train, test=test, config=TINY, run_dir=tmp_path)
     vae = _vae(seed=99)  # fresh, differently initialized networks: the checkpoint overwrites them
     torch.manual_seed(12345)  # and disturbed global RNG: the checkpoint restores it
-    resumed = fit(vae.model, vae.guide, train, test, four, run_dir=tmp_path, resume=True)
+    resumed = fit(
+        vae.model, vae.guide, train, test=test, config=four, run_dir=tmp_path, resume=True
+    )
     assert _numbers(resumed.history) == _numbers(whole.history)
     assert resumed.final == whole.final
     for k, v in _params(vae).items():
@@ -166,8 +170,8 @@ def test_evaluate_on_a_checkpoint_equals_plain_pytorch(digits, tmp_path_factory,
             model,
             guide,
             digits.train.float(),
-            digits.test.float(),
-            config,
+            test=digits.test.float(),
+            config=config,
             run_dir=run_dir,
             metadata={"model_spec": spec.to_dict()},
         )
@@ -204,7 +208,7 @@ def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
             epochs=1, batch_size=80, estimator=name, jit="off", progress=False
         )
         with pyro.validation_enabled(not name.startswith("jit")):
-            result = fit(vae.model, vae.guide, train, test, config)
+            result = fit(vae.model, vae.guide, train, test=test, config=config)
         assert all(p.dtype == torch.float64 for p in vae.parameters())
         for row in result.history:
             _assert_sign_identities(row)
@@ -225,7 +229,7 @@ def test_default_training_is_compiled_and_identical_to_eager(small):
     results = {}
     for jit in ("auto", "off"):
         vae = _vae()
-        result = fit(vae.model, vae.guide, train, test, replace(config, jit=jit))
+        result = fit(vae.model, vae.guide, train, test=test, config=replace(config, jit=jit))
         results[jit] = (_numbers(result.history), _params(vae))
     assert results["auto"][0] == results["off"][0]
     for name, value in results["auto"][1].items():
@@ -286,7 +290,7 @@ def test_a_non_finite_gradient_stops_before_the_update(float64):
     data = torch.zeros(4, 2, dtype=torch.float64)
     config = TrainConfig(epochs=1, batch_size=None, progress=False)
     with pytest.raises(NumericalError, match=r"epoch 1, step 1: the gradient is not"):
-        fit(model, guide, data, None, config)
+        fit(model, guide, data, config=config)
     assert pyro.param("c").item() == 1.0  # not updated
 
 
@@ -328,7 +332,7 @@ def test_a_user_model_with_global_latents_trains_full_batch(float64):
     config = TrainConfig(
         epochs=60, batch_size=None, learning_rate=0.1, estimator="meanfield", progress=False
     )
-    result = fit(regression_model, regression_guide, data[:32], data[32:], config)
+    result = fit(regression_model, regression_guide, data[:32], test=data[32:], config=config)
     # one step per epoch; about 20 evaluations per run by default, every 3rd epoch here
     assert [r["epoch"] for r in result.history[::2]] == list(range(3, 61, 3))
     for row in result.history:
@@ -351,7 +355,7 @@ def test_minibatches_need_num_data():
     data = _regression_data()
     config = TrainConfig(epochs=1, batch_size=10, progress=False)
     with pytest.raises(OptionError, match="num_data"):
-        fit(regression_model, regression_guide, data, None, config)
+        fit(regression_model, regression_guide, data, config=config)
 
 
 @pytest.mark.parametrize(
@@ -391,7 +395,7 @@ def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eag
     for jit in ("auto", "off"):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        result = fit(model, AutoNormal(model), data, None, replace(config, jit=jit))
+        result = fit(model, AutoNormal(model), data, config=replace(config, jit=jit))
         runs[jit] = _numbers(result.history)
     assert runs["auto"] == runs["off"]
 
@@ -405,7 +409,7 @@ def test_default_training_on_cuda_is_compiled_and_identical_to_eager(small):
     for jit in ("auto", "off"):
         vae = _vae().cuda()
         torch.cuda.manual_seed_all(0)
-        result = fit(vae.model, vae.guide, train, test, replace(config, jit=jit))
+        result = fit(vae.model, vae.guide, train, test=test, config=replace(config, jit=jit))
         results[jit] = (_numbers(result.history), _params(vae))
     assert results["auto"][0] == results["off"][0]
     for name, value in results["auto"][1].items():

@@ -87,7 +87,9 @@ def test_train_stores_the_spec_and_fits_on_all_training_rows(user_run):
     assert run.spec.guide == "AutoMultivariateNormal" and run.module is None
     assert run.state["config"]["batch_size"] is None  # no num_data: full batch
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in history} == {"train"} and history[-1]["n"] == N_TRAIN
+    # the .npz holds train and test: both are evaluated; the guide fits the training rows
+    assert {r["split"] for r in history} == {"train", "test"}
+    assert [r["n"] for r in history[-2:]] == [N_TRAIN, N_TEST]
     assert (run_dir / "curves.png").exists()
 
 

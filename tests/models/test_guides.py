@@ -137,7 +137,7 @@ def trained_gaps():
                     progress=False,
                 )
                 with pyro.validation_enabled(False):
-                    fit(model.model, guide, x, None, config)
+                    fit(model.model, guide, x, config=config)
             with torch.no_grad():
                 q = guide.distribution(x)
                 if family == "flow":  # gap = E_q[log q(z|x) - log p(z|x)], 400 draws per datum

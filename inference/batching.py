@@ -1,0 +1,180 @@
+"""Which of a model's own arguments hold the data rows, and how a mini-batch reaches its plate.
+
+A Pyro model takes whatever arguments its author chose: ``model(data)``, ``model(X, y=None)``,
+``model(data, num_data=None)``, a list of scalar tensors. elbo-lab passes them through as
+``SVI.step(*args, **kwargs)`` does. Mini-batching is declared, never guessed from the signature
+(NumPyro's ``static_kwargs`` is the same idea from the other side): a :class:`Batching` names the
+arguments that are sliced along dim 0 and the keyword that receives the full size N, so the
+model's plate (``pyro.plate("data", N, subsample=...)`` or elbo-lab's
+``models.plate.data_plate(x, num_data)``) scales a batch of B rows by N / B and the mini-batch
+ELBO is unbiased for the whole data's.
+
+    model(X, y, num_data=None)  +  Batching(args=("X", "y"), size="num_data")
+
+A model that takes ``num_data`` and is given no batching gets the default of elbo-lab's own
+models: its first argument is the data rows, ``num_data`` the size.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = [
+    "Batching",
+    "ModelArgs",
+    "default_batching",
+    "num_rows",
+    "signature",
+    "takes_num_data",
+]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Mini-batching of a model's arguments.
+
+    Attributes:
+        args: names of the model's parameters whose values are indexed along dim 0 (tensors,
+            or lists/tuples of per-row values); every one must have the same number of rows.
+        size: the keyword that receives N, the number of rows of the whole data set, or None
+            when the model's plate needs no size (it is then given the subsample instead).
+        subsample: the keyword that receives the batch's row indices (``pyro.plate(...,
+            subsample=ind)``), or None.
+    """
+
+    args: tuple[str, ...]
+    size: str | None = "num_data"
+    subsample: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.args, str):
+            object.__setattr__(self, "args", (self.args,))
+        object.__setattr__(self, "args", tuple(self.args))
+        if not self.args:
+            raise ValueError("batching: name at least one batched argument")
+        if self.size is None and self.subsample is None:
+            raise ValueError(
+                "batching: the model must learn of the subsampling, through a size keyword "
+                "(e.g. num_data) or a subsample keyword, or its ELBO would not be scaled"
+            )
+
+
+class ModelArgs(NamedTuple):
+    """A model's positional and keyword arguments, as ``SVI.step(*args, **kwargs)`` takes them."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, value: Any) -> ModelArgs:
+        """``ModelArgs`` from itself, an ``(args, kwargs)`` pair, or one data tensor."""
+        if isinstance(value, ModelArgs):
+            return value
+        if (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and isinstance(value[0], tuple | list)
+            and isinstance(value[1], Mapping)
+        ):
+            return cls(tuple(value[0]), dict(value[1]))
+        return cls((value,), {})
+
+
+def takes_num_data(model: Callable) -> bool:
+    """Whether ``model`` accepts a ``num_data`` keyword to scale a mini-batch to the full data."""
+    return "num_data" in _parameters(model)
+
+
+def signature(model: Callable) -> inspect.Signature:
+    """The signature the model is called with: ``forward``'s for an ``nn.Module`` (whose own
+    ``__call__`` takes ``*args, **kwargs``)."""
+    target = model.forward if isinstance(model, torch.nn.Module) else model
+    return inspect.signature(target)
+
+
+def _parameters(model: Callable) -> Mapping[str, inspect.Parameter]:
+    try:
+        return signature(model).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def default_batching(model: Callable) -> Batching | None:
+    """elbo-lab's convention for a model that takes ``num_data``: its first parameter holds
+    the rows and ``num_data`` their number. None for any other model (trained full batch)."""
+    params = list(_parameters(model))
+    if "num_data" not in params or params[0] == "num_data":
+        return None
+    return Batching(args=(params[0],), size="num_data")
+
+
+def _bind(model: Callable, args: Sequence, kwargs: Mapping) -> inspect.BoundArguments:
+    try:
+        return signature(model).bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"the model's arguments do not fit its signature: {exc}") from None
+
+
+def _length(value: Any) -> int:
+    if torch.is_tensor(value):
+        if value.dim() == 0:
+            raise ValueError("a 0-dimensional tensor has no rows")
+        return int(value.shape[0])
+    return len(value)
+
+
+def num_rows(model: Callable, args: Sequence, kwargs: Mapping, batching: Batching | None) -> int:
+    """N: the rows of the batched arguments (all equal), else of the first argument that has
+    rows (a tensor's dim 0, a list's length), else 1. Per-datum values are totals / N."""
+    if batching is not None:
+        bound = _bind(model, args, kwargs).arguments
+        sizes = {}
+        for name in batching.args:
+            if name not in bound:
+                raise ValueError(f"batching: the model has no argument {name!r} in this call")
+            try:
+                sizes[name] = _length(bound[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"batching: argument {name!r} has no rows to batch") from None
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batching: the batched arguments differ in rows: {sizes}")
+        return next(iter(sizes.values()))
+    for value in (*args, *kwargs.values()):
+        try:
+            return _length(value)
+        except (TypeError, ValueError):
+            continue
+    return 1
+
+
+def take(
+    model: Callable,
+    args: Sequence,
+    kwargs: Mapping,
+    batching: Batching | None,
+    rows: torch.Tensor,
+    num_data: int | None,
+) -> ModelArgs:
+    """The model's arguments for ``rows`` of the data: batched arguments indexed by ``rows``;
+    the size keyword set to ``num_data`` (None: left out, the plate is then as large as the
+    batch, as evaluation in chunks needs) and the subsample keyword to ``rows``."""
+    if batching is None:
+        return ModelArgs(tuple(args), dict(kwargs))
+    bound = _bind(model, args, kwargs)
+    for name in batching.args:
+        value = bound.arguments[name]
+        if torch.is_tensor(value):
+            bound.arguments[name] = value[rows.to(value.device)]
+        else:
+            bound.arguments[name] = type(value)(value[i] for i in rows.tolist())
+    extra = {}
+    if batching.size is not None and num_data is not None:
+        extra[batching.size] = num_data
+    if batching.subsample is not None and num_data is not None:
+        extra[batching.subsample] = rows
+    return ModelArgs(tuple(bound.args), {**bound.kwargs, **extra})

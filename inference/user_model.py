@@ -9,6 +9,7 @@ latents are global: ELBO and L_K are then whole-data values, reported divided by
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -19,10 +20,11 @@ import pyro
 import torch
 from pyro import poutine
 
-from .errors import DataError, ElboLabError, OptionError
+from .errors import DataError, ElboLabError, OptionError, RunError
 
 __all__ = [
     "check_user_model",
+    "model_source_file",
     "is_user_model",
     "load_user_model",
     "resolve_model_spec",
@@ -54,8 +56,14 @@ def user_model_label(spec: str) -> str:
     return f"{stem}.{name}"
 
 
-def load_user_model(spec: str) -> Callable:
+def load_user_model(
+    spec: str, *, path: str | None = None, expected_sha256: str | None = None
+) -> Callable:
     """The callable ``NAME`` from ``FILE.py:NAME`` or ``package.module:NAME``.
+
+    ``path`` imports the model from that file whatever the spec names (a run directory's
+    recorded source). With ``expected_sha256`` (its recorded hash) the file's bytes are read once, hashed
+    and, only if the hash matches, compiled and run: the code imported is the code checked.
 
     Raises:
         OptionError: malformed spec, missing file or module, import failure, missing or
@@ -64,30 +72,39 @@ def load_user_model(spec: str) -> Callable:
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name.isidentifier():
         raise OptionError(f"--model: expected FILE.py:NAME or package.module:NAME, got {spec!r}")
-    if _is_file_spec(source):
-        path = Path(source)
+    if path is not None or _is_file_spec(source):
+        path = Path(source) if path is None else Path(path)
         if not path.is_file():
             raise OptionError(f"--model: {path}: no such file")
         module_name = f"elbo_lab_user_{path.stem}_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
             raise OptionError(f"--model: {path}: cannot be loaded as a Python module")
+        source_bytes = path.read_bytes()
+        if expected_sha256 is not None and hashlib.sha256(source_bytes).hexdigest() != (
+            expected_sha256
+        ):
+            raise RunError(f"{path}: the model file changed since training; not imported")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        # no __pycache__ beside the user's file: elbo-lab writes only to its run directories
-        dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
         try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
+            # the bytes hashed above, never a second read; no __pycache__ beside the file
+            exec(compile(source_bytes, str(path), "exec"), module.__dict__)
+        except (Exception, SystemExit) as exc:
             sys.modules.pop(module_name, None)
-            raise OptionError(
-                f"--model: {path}: failed to import ({type(exc).__name__}: {_first_line(exc)})"
-            ) from None
-        finally:
-            sys.dont_write_bytecode = dont_write_bytecode
+            what = (
+                f"called sys.exit({exc.code!r}) at import"
+                if isinstance(exc, SystemExit)
+                else f"failed to import ({type(exc).__name__}: {_first_line(exc)})"
+            )
+            raise OptionError(f"--model: {path}: {what}") from None
     else:
         try:
             module = importlib.import_module(source)
+        except SystemExit as exc:
+            raise OptionError(
+                f"--model: {source!r} called sys.exit({exc.code!r}) at import"
+            ) from None
         except Exception as exc:
             raise OptionError(
                 f"--model: cannot import {source!r} ({type(exc).__name__}: {_first_line(exc)})"
@@ -98,6 +115,13 @@ def load_user_model(spec: str) -> Callable:
     if not callable(fn):
         raise OptionError(f"--model: {source}:{name} is not callable")
     return fn
+
+
+def model_source_file(fn: Callable) -> str | None:
+    """The absolute path of the file that defines ``fn`` (what a run records and re-imports)."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    return str(Path(path).resolve()) if path else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -119,6 +143,26 @@ def check_user_model(
     from .train import takes_num_data
 
     kwargs = {"num_data": x.shape[0]} if takes_num_data(model) else {}
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            with pyro.validation_enabled(True):
+                prior_trace = poutine.trace(model).get_trace(x, **kwargs)
+    except ElboLabError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"{data}: rejected by the model {spec} ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    latent = [
+        name
+        for name, site in prior_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    ]
+    if not latent:
+        raise OptionError(
+            f"--model: {spec} has no latent sample sites (every pyro.sample is observed); "
+            "there is no posterior to approximate"
+        )
     try:
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             with pyro.validation_enabled(True):

@@ -172,7 +172,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path):
             x = x * float("nan")
         return vae.model(x, num_data)
 
-    config = TrainConfig(epochs=5, batch_size=8, progress=False)
+    config = TrainConfig(epochs=5, batch_size=8, progress=False, checkpoint_every=0)
     with pytest.raises(NumericalError, match=r"epoch 3, step 3: loss is nan"):
         fit(model, vae.guide, x, None, config, run_dir=tmp_path)
     state = load_checkpoint(tmp_path / "checkpoint.pt")

@@ -212,6 +212,8 @@ def load_mnist(directory: str | os.PathLike, binary: bool = True) -> Dataset:
             )
         if len(images) == 0:
             raise DataError(f"{images_path}: zero images")
+        if 0 in images.shape[1:]:
+            raise DataError(f"{images_path}: zero-size images {images.shape[1:]} (no pixels)")
         x = images.reshape(len(images), -1).astype(np.float64) / 255.0
         parts[split] = (binarize(x, DATA_SEED + (split == "test")) if binary else x, labels)
         if split == "test" and images.shape[1:] != shape:

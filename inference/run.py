@@ -221,6 +221,9 @@ def check_sources(
             raise RunError(f"{where}: {problem}; refusing (pass --allow-changed to use it anyway)")
         warn(f"{problem}; using it anyway (--allow-changed)")
 
+    result: tuple[str | None, str | None] = (None, None)
+    if is_user_model(str(spec.get("model", ""))):  # first: it decides what code may run
+        result = _check_model_source(provenance.get("model"), run_dir, where, changed)
     if data is None and spec.get("data") != "digits":
         check_absolute("data", str(spec.get("data", "")).removeprefix("mnist:"), where)
         recorded = provenance.get("data")
@@ -234,11 +237,13 @@ def check_sources(
             problem = verify_fingerprint("data", recorded, current)
             if problem:
                 changed(problem)
-    if not is_user_model(str(spec.get("model", ""))):
-        return None, None
-    recorded = provenance.get("model")
+    return result
+
+
+def _check_model_source(recorded, run_dir: Path, where: str, changed) -> tuple[str, str | None]:
+    """The recorded model file to import and its expected hash (None once a change is allowed)."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
-        raise RunError(f"{where}: the model {spec.get('model')} has no recorded source file")
+        raise RunError(f"{where}: the model has no recorded source file")
     source = check_absolute("model file", recorded["path"], where)
     resolved = source.resolve()
     if resolved.is_relative_to(run_dir.resolve()) or source.is_relative_to(run_dir.absolute()):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .errors import DataError, ElboLabError, OptionError, RunError
 
@@ -156,7 +157,9 @@ def check_user_model(
     latent = [
         name
         for name, site in prior_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)  # a plate's index site
     ]
     if not latent:
         raise OptionError(

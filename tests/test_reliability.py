@@ -1,7 +1,17 @@
-"""Issue 6: every user mistake is one clear line with exit 2 and nothing written; faults lose nothing."""
+"""Every user mistake and every fault is one clear line with its exit status; nothing is lost.
 
+Issue 6 (bad input) and issue 17 (races, full and read-only disks, hostile run directories):
+each row of :data:`CASES` gives a command, the text its one line must hold and exit 2, and the
+test asserts the inputs (every other run included) are byte-identical afterwards.
+"""
+
+import fcntl
+import gzip
+import json
+import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +24,7 @@ import torch
 
 from inference.cli import main
 from inference.errors import NumericalError
-from inference.io import load_checkpoint
+from inference.io import load_checkpoint, save_checkpoint
 from inference.train import TrainConfig, fit
 from models.vae import VAE
 
@@ -70,7 +80,91 @@ def files(tmp_path_factory):
     (d / "truncated_run" / "checkpoint.pt").write_bytes(raw[: len(raw) // 3])
     (d / "no_checkpoint").mkdir()
     (d / "a_file").write_text("x")
+    _hostile_inputs(d, run)
     return d
+
+
+#: A model whose import leaves a trace: it must never run from a run directory.
+PLANTED_MODEL = USER_MODEL + """
+import pathlib
+pathlib.Path(__file__).with_name("IMPORTED").write_text("planted code ran")
+"""
+
+
+def _craft(run: Path, dest: Path, edit) -> None:
+    """A copy of ``run`` whose checkpoint was edited by ``edit(state)`` and saved with a valid
+    checksum: a checkpoint that is well-formed on disk but wrong inside."""
+    shutil.copytree(run, dest)
+    state = load_checkpoint(dest / "checkpoint.pt")
+    edit(state)
+    save_checkpoint(dest / "checkpoint.pt", state)
+
+
+def _hostile_inputs(d: Path, run: Path) -> None:
+    """Corrupt, incomplete and hostile run directories, and inputs changed after training."""
+    rng = np.random.default_rng(0)
+    np.save(d / "zero_width.npy", np.zeros((10, 0)))
+    np.save(d / "zero_width_images.npy", np.zeros((10, 8, 0)))
+    np.save(d / "overflow32.npy", np.full((10, 3), 1e39))
+    mnist = d / "mnist_zero_width"
+    mnist.mkdir()
+    for prefix, n in (("train", 4), ("t10k", 2)):
+        head = b"\x00\x00\x08\x03" + n.to_bytes(4, "big") + (8).to_bytes(4, "big") + bytes(4)
+        (mnist / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(head))
+        labels = b"\x00\x00\x08\x01" + n.to_bytes(4, "big") + bytes(n)
+        (mnist / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    (d / "no_latent.py").write_text(
+        "import pyro, pyro.distributions as dist\n"
+        "def model(data):\n"
+        "    with pyro.plate('data', data.shape[0]):\n"
+        "        pyro.sample('y', dist.Normal(0.0, 1.0), obs=data[:, 0])\n"
+    )
+    (d / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    (d / "not_a_run").mkdir()
+    (d / "not_a_run" / "precious.txt").write_text("keep me")
+    (d / "link_to_run").symlink_to(run)
+    (d / "dangling").symlink_to(d / "nowhere_at_all")
+
+    state = load_checkpoint(run / "checkpoint.pt")
+    name = state["param_names"][0]
+    _craft(run, d / "missing_key", lambda s: s.pop("optimizer"))
+    _craft(run, d / "missing_param", lambda s: s["params"].pop(name))
+    _craft(run, d / "nan_param", lambda s: s["params"][name].fill_(float("nan")))
+    # one flipped bit inside a parameter's bytes: torch's zip reader does not check CRCs
+    (d / "flipped").mkdir()
+    shutil.copytree(run, d / "flipped", dirs_exist_ok=True)
+    raw = bytearray((run / "checkpoint.pt").read_bytes())
+    tensor = max(state["params"].values(), key=lambda t: t.numel())
+    at = raw.find(tensor.numpy().tobytes()[:64])
+    assert at > 0
+    raw[at + 40] ^= 0x01
+    (d / "flipped" / "checkpoint.pt").write_bytes(bytes(raw))
+
+    # a user model's run, then its model file and its data changed
+    x = rng.normal(size=(30, 3))
+    np.save(d / "reg.npy", np.column_stack([x @ [1.0, -1.0, 0.5] + rng.normal(size=30), x]))
+    (d / "changing_model.py").write_text(USER_MODEL)
+    shutil.copy(d / "reg.npy", d / "changing.npy")
+    user_run = d / "user_run"
+    assert main(["train", "--model", f"{d}/changing_model.py:model", "--data",
+                 str(d / "changing.npy"), "--epochs", "1", "--no-progress",
+                 "--run-dir", str(user_run)]) == 0  # fmt: skip
+    (d / "changing_model.py").write_text(USER_MODEL + "# edited after training\n")
+    (d / "data_changed_run").mkdir()
+    shutil.copytree(user_run, d / "data_changed_run", dirs_exist_ok=True)
+    np.save(d / "changing.npy", np.load(d / "reg.npy") + 1.0)  # same shape, other values
+
+    # a run whose recorded model file lies inside the run directory, or is relative
+    def planted(s):
+        s["metadata"]["provenance"]["model"]["path"] = str(d / "planted_run" / "model.py")
+
+    _craft(user_run, d / "planted_run", planted)
+    (d / "planted_run" / "model.py").write_text(PLANTED_MODEL)
+    _craft(
+        user_run,
+        d / "relative_run",
+        lambda s: s["metadata"]["provenance"]["model"].update(path="changing_model.py"),
+    )
 
 
 # (id, argv built from the fixture dir D, substring the one-line message must contain)
@@ -131,6 +225,62 @@ CASES = [
     ("builtin-model-flow-guide", ["train", "--guide", "flow"], "elbo-lab compare"),
     ("no-command", [], "required"),
     ("unknown-command", ["fly"], "invalid choice"),
+    # --- issue 17: bounds ---
+    ("seed-negative", ["train", "--seed", "-1"], "--seed"),
+    ("seed-huge", ["train", "--seed", "1e23"], "--seed"),
+    ("seed-too-large", ["train", "--seed", str(2**32)], "--seed"),
+    ("hidden-empty", ["train", "--hidden-dims", ""], "--hidden-dims"),
+    ("hidden-empty-item", ["train", "--hidden-dims", "10,,5"], "--hidden-dims"),
+    ("hidden-zero", ["train", "--hidden-dims", "0"], "--hidden-dims"),
+    ("threads-too-many", ["train", "--threads", "100000"], "--threads"),
+    (
+        "model-too-large",
+        ["train", "--hidden-dims", "2000000000", "--data", "{D}/good.npy"],
+        "GB",
+    ),
+    ("explain-K-too-large", ["explain", "{D}/run", "--num-samples", "100000000000"], "GB"),
+    ("zero-width", ["train", "--data", "{D}/zero_width.npy"], "zero columns"),
+    ("zero-width-images", ["train", "--data", "{D}/zero_width_images.npy"], "zero columns"),
+    ("zero-width-mnist", ["train", "--data", "mnist:{D}/mnist_zero_width"], "zero-size"),
+    ("overflow-float32", ["train", "--model", "ppca", "--data", "{D}/overflow32.npy"], "overflow"),
+    ("user-model-no-latents", ["train", "--model", "{D}/no_latent.py:model",
+                               "--data", "{D}/reg.npy"], "no latent"),  # fmt: skip
+    ("user-model-sys-exit", ["train", "--model", "{D}/exits.py:model"], "sys.exit(3)"),
+    # --- run directories that are not ours to replace ---
+    ("force-empty-string", ["train", "--run-dir", "", "--force"], "refusing"),
+    ("force-dot", ["train", "--run-dir", ".", "--force"], "refusing"),
+    ("force-dotdot", ["train", "--run-dir", "..", "--force"], "refusing"),
+    ("force-root", ["train", "--run-dir", "/", "--force"], "refusing"),
+    ("force-home", ["train", "--run-dir", "{HOME}", "--force"], "refusing"),
+    ("force-not-a-run", ["train", "--run-dir", "{D}/not_a_run", "--force"], "not an elbo-lab"),
+    ("force-symlink", ["train", "--run-dir", "{D}/link_to_run", "--force"], "symbolic link"),
+    ("run-dir-symlink", ["train", "--run-dir", "{D}/link_to_run", "--resume"], "symbolic link"),
+    ("run-dir-dangling", ["train", "--run-dir", "{D}/dangling"], "symbolic link"),
+    ("run-dir-proc", ["train", "--run-dir", "/proc/self/elbo-lab-run"], "/proc/self"),
+    ("run-dir-too-long", ["train", "--run-dir", "{D}/" + "x" * 300], "too long"),
+    ("compare-out-empty-force", ["compare", "--out", "", "--force"], "refusing"),
+    ("compare-out-not-ours", ["compare", "--out", "{D}/not_a_run", "--force"], "not an elbo-lab"),
+    # --- resume says what it does ---
+    ("resume-with-data", ["train", "--resume", "--run-dir", "{D}/run", "--data", "digits"],
+     "--data cannot change"),  # fmt: skip
+    ("resume-with-seed-model", ["train", "--resume", "--run-dir", "{D}/run", "--seed", "0",
+                                "--model", "ppca"], "--model, --seed cannot change"),  # fmt: skip
+    ("resume-with-force", ["train", "--resume", "--force", "--run-dir", "{D}/run"], "--force"),
+    # --- malformed, partial, corrupt checkpoints ---
+    ("evaluate-missing-key", ["evaluate", "{D}/missing_key"], "'optimizer'"),
+    ("evaluate-missing-param", ["evaluate", "{D}/missing_param"], "is missing"),
+    ("evaluate-nan-param", ["evaluate", "{D}/nan_param"], "NaN"),
+    ("evaluate-flipped-bit", ["evaluate", "{D}/flipped"], "checksum mismatch"),
+    ("resume-missing-param", ["train", "--resume", "--run-dir", "{D}/missing_param"], "missing"),
+    ("resume-flipped-bit", ["train", "--resume", "--run-dir", "{D}/flipped"], "checksum"),
+    # --- provenance: changed inputs, and code a run directory names ---
+    ("evaluate-model-changed", ["evaluate", "{D}/user_run"], "changed since training"),
+    ("explain-model-changed", ["explain", "{D}/user_run"], "changed since training"),
+    ("resume-model-changed", ["train", "--resume", "--run-dir", "{D}/user_run"],
+     "changed since training"),  # fmt: skip
+    ("evaluate-data-changed", ["evaluate", "{D}/data_changed_run"], "changed since training"),
+    ("evaluate-model-in-run-dir", ["evaluate", "{D}/planted_run"], "inside the run directory"),
+    ("evaluate-model-relative", ["evaluate", "{D}/relative_run"], "not an absolute path"),
 ]
 
 
@@ -141,8 +291,17 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(files, argv, expected, capsys, tmp_path):
-    argv = [a.replace("{D}", str(files)) for a in argv]
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    files, argv, expected, capsys, tmp_path, monkeypatch
+):
+    # a scratch working directory and home, each with a canary, in case a refusal failed
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    for p in (cwd, home):
+        p.mkdir()
+        (p / "canary").write_text("alive")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    argv = [a.replace("{D}", str(files)).replace("{HOME}", str(home)) for a in argv]
     if argv and argv[0] == "train" and "--run-dir" not in argv:
         argv += ["--run-dir", str(tmp_path / "out")]
     if argv and argv[0] == "train" and "--epochs" not in argv:
@@ -159,6 +318,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(files, argv, expected,
         assert expected in lines[0]
     assert _snapshot(files) == before
     assert not (tmp_path / "out").exists()
+    assert sorted(os.listdir(cwd)) == ["canary"] and sorted(os.listdir(home)) == ["canary"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp siblings
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path):

@@ -348,44 +348,94 @@ def test_nan_loss_on_command_line_exits_nonzero_with_message(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def _train_cmd(run_dir, *extra):
-    return [
-        sys.executable, "-m", "inference.cli", "train", "--epochs", "8", "--batch-size", "8",
-        "--hidden-dims", "16", "--no-progress", "--run-dir", str(run_dir), *extra,
-    ]  # fmt: skip
+# --- real processes: signals, SIGKILL, two writers at once --------------------------------------
+
+KILL_LOOP = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_loop.py"
 
 
-def _final(run_dir):
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    history = [{k: v for k, v in r.items() if k != "seconds"} for r in state["history"]]
-    return state["params"], history
+@pytest.fixture(scope="module")
+def kill_loop_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kill_loop_benchmark", KILL_LOOP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sigkill_loop_keeps_checkpoint_and_metrics_consistent_and_resume_bit_identical(
+    kill_loop_module, tmp_path
+):
+    """Fewer kills than ``python benchmarks/kill_loop.py`` (20), same checks after each."""
+    result = kill_loop_module.kill_loop(tmp_path, kills=4, seed=1, epochs=60, max_delay=0.1)
+    assert result["parameters_bit_identical"] and result["metrics_identical"], result
+    assert result["kills"] + result["finished_before_a_kill"] >= 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_killed_run_resumes_bit_identical(tmp_path, signum):
-    """Kill a training subprocess at a random step; resuming ends exactly where an uninterrupted run does."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    reference = tmp_path / "reference"
-    subprocess.run(_train_cmd(reference), check=True, env=env, capture_output=True)
-    ref_params, ref_history = _final(reference)
-
+def test_signalled_run_checkpoints_mid_epoch_and_resumes_bit_identical(
+    kill_loop_module, tmp_path, signum
+):
+    """SIGTERM/SIGINT finish the step, checkpoint mid-epoch, exit 128 + N; resume is exact."""
+    km = kill_loop_module
+    data = tmp_path / "data.npy"
+    np.save(data, (np.random.default_rng(0).random((400, 16)) > 0.5) * 1.0)
+    train = [*km.TRAIN, "--epochs", "30", "--batch-size", "8", "--data", str(data)]
+    log = tmp_path / "log.txt"
+    assert km.finish(km.spawn([*train, "--run-dir", str(tmp_path / "ref")], log)) == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed), env=env, stderr=subprocess.PIPE, text=True)
-    # wait until training has started (first epoch written), then a random moment later
+    process = km.spawn([*train, "--run-dir", str(killed)], log)
     deadline = time.monotonic() + 60
-    while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(random.Random(int(signum)).uniform(0.0, 0.4))
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + int(signum), err
-    assert "interrupted" in err and "--resume" in err
+    metrics = killed / "metrics.jsonl"
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.005)  # the first epoch is done: the handlers are installed
+    time.sleep(random.Random(int(signum)).uniform(0.0, 0.2))
+    os.kill(process.pid, signum)
+    assert km.finish(process) == 128 + int(signum), log.read_text()
+    assert "interrupted" in log.read_text() and "--resume" in log.read_text()
     position = load_checkpoint(killed / "checkpoint.pt")["position"]
-    assert (position["epoch"], position["step"]) > (0, 0)
+    assert position["step"] > 0  # mid-epoch, written by the handler
+    resume = ["train", "--resume", "--run-dir", str(killed), "--epochs", "30", "--no-progress"]
+    assert km.finish(km.spawn(resume, log)) == 0, log.read_text()
+    ref, got = (load_checkpoint(d / "checkpoint.pt") for d in (tmp_path / "ref", killed))
+    for name in ref["params"]:
+        assert torch.equal(ref["params"][name], got["params"][name]), name
+    assert km.rows_without_seconds(metrics.read_text()) == km.rows_without_seconds(
+        (tmp_path / "ref" / "metrics.jsonl").read_text()
+    )
 
-    subprocess.run(_train_cmd(killed, "--resume"), check=True, env=env, capture_output=True)
-    params, history = _final(killed)
-    assert history == ref_history
-    assert params.keys() == ref_params.keys()
-    for name in params:
-        assert torch.equal(params[name], ref_params[name]), name
+
+def test_two_processes_into_one_new_run_dir_one_is_refused_at_once(kill_loop_module, tmp_path):
+    """Two real processes start training into the same new directory: one trains, the other
+    exits 2 at once with one line; the directory holds one complete, consistent run."""
+    km = kill_loop_module
+    data = tmp_path / "data.npy"
+    np.save(data, (np.random.default_rng(0).random((200, 16)) > 0.5) * 1.0)
+    run = tmp_path / "run"
+    argv = [*km.TRAIN, "--epochs", "20", "--data", str(data), "--run-dir", str(run)]
+    logs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    processes = [km.spawn(argv, log) for log in logs]
+    codes = [km.finish(p) for p in processes]
+    assert sorted(codes) == [0, 2], codes
+    loser = logs[codes.index(2)].read_text().strip().splitlines()
+    assert len(loser) == 1 and loser[0].startswith("elbo-lab: error:"), loser
+    assert "exists" in loser[0] or "in use" in loser[0]
+    assert km.check_consistent(run) == 20
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_in_use_is_refused_to_resume_force_and_train(tmp_path, files, capsys):
+    """While a process holds a run (its lock), --resume, --force and a plain run are refused."""
+    run = tmp_path / "run"
+    shutil.copytree(files / "run", run)
+    before = _snapshot(run)
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a training process holds it
+    try:
+        for extra in (["--resume", "--epochs", "2", "--no-progress"], [*TINY, "--force"]):
+            assert main(["train", "--run-dir", str(run), *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "in use by another elbo-lab process" in err[0], err
+    finally:
+        os.close(fd)
+    assert _snapshot(run) == before

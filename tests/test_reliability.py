@@ -85,10 +85,13 @@ def files(tmp_path_factory):
 
 
 #: A model whose import leaves a trace: it must never run from a run directory.
-PLANTED_MODEL = USER_MODEL + """
+PLANTED_MODEL = (
+    USER_MODEL
+    + """
 import pathlib
 pathlib.Path(__file__).with_name("IMPORTED").write_text("planted code ran")
 """
+)
 
 
 def _craft(run: Path, dest: Path, edit) -> None:
@@ -243,8 +246,11 @@ CASES = [
     ("zero-width-images", ["train", "--data", "{D}/zero_width_images.npy"], "zero columns"),
     ("zero-width-mnist", ["train", "--data", "mnist:{D}/mnist_zero_width"], "zero-size"),
     ("overflow-float32", ["train", "--model", "ppca", "--data", "{D}/overflow32.npy"], "overflow"),
-    ("user-model-no-latents", ["train", "--model", "{D}/no_latent.py:model",
-                               "--data", "{D}/reg.npy"], "no latent"),  # fmt: skip
+    (
+        "user-model-no-latents",
+        ["train", "--model", "{D}/no_latent.py:model", "--data", "{D}/reg.npy"],
+        "no latent",
+    ),  # fmt: skip
     ("user-model-sys-exit", ["train", "--model", "{D}/exits.py:model"], "sys.exit(3)"),
     # --- run directories that are not ours to replace ---
     ("force-empty-string", ["train", "--run-dir", "", "--force"], "refusing"),
@@ -261,10 +267,16 @@ CASES = [
     ("compare-out-empty-force", ["compare", "--out", "", "--force"], "refusing"),
     ("compare-out-not-ours", ["compare", "--out", "{D}/not_a_run", "--force"], "not an elbo-lab"),
     # --- resume says what it does ---
-    ("resume-with-data", ["train", "--resume", "--run-dir", "{D}/run", "--data", "digits"],
-     "--data cannot change"),  # fmt: skip
-    ("resume-with-seed-model", ["train", "--resume", "--run-dir", "{D}/run", "--seed", "0",
-                                "--model", "ppca"], "--model, --seed cannot change"),  # fmt: skip
+    (
+        "resume-with-data",
+        ["train", "--resume", "--run-dir", "{D}/run", "--data", "digits"],
+        "--data cannot change",
+    ),  # fmt: skip
+    (
+        "resume-with-seed-model",
+        ["train", "--resume", "--run-dir", "{D}/run", "--seed", "0", "--model", "ppca"],
+        "--model, --seed cannot change",
+    ),  # fmt: skip
     ("resume-with-force", ["train", "--resume", "--force", "--run-dir", "{D}/run"], "--force"),
     # --- malformed, partial, corrupt checkpoints ---
     ("evaluate-missing-key", ["evaluate", "{D}/missing_key"], "'optimizer'"),
@@ -276,8 +288,11 @@ CASES = [
     # --- provenance: changed inputs, and code a run directory names ---
     ("evaluate-model-changed", ["evaluate", "{D}/user_run"], "changed since training"),
     ("explain-model-changed", ["explain", "{D}/user_run"], "changed since training"),
-    ("resume-model-changed", ["train", "--resume", "--run-dir", "{D}/user_run"],
-     "changed since training"),  # fmt: skip
+    (
+        "resume-model-changed",
+        ["train", "--resume", "--run-dir", "{D}/user_run"],
+        "changed since training",
+    ),  # fmt: skip
     ("evaluate-data-changed", ["evaluate", "{D}/data_changed_run"], "changed since training"),
     ("evaluate-model-in-run-dir", ["evaluate", "{D}/planted_run"], "inside the run directory"),
     ("evaluate-model-relative", ["evaluate", "{D}/relative_run"], "not an absolute path"),
@@ -439,3 +454,48 @@ def test_a_run_in_use_is_refused_to_resume_force_and_train(tmp_path, files, caps
     finally:
         os.close(fd)
     assert _snapshot(run) == before
+
+
+WORKER = Path(__file__).resolve().parent / "filesystem_worker.py"
+
+
+def test_full_and_read_only_file_system_lose_nothing(files, tmp_path):
+    """On a real tmpfs (a private mount namespace): with the disk full, --force, --resume and a
+    new run each end in one line, exit 2, the existing run byte-identical and evaluating to the
+    same numbers; read-only, the same, and explain still prints its report (figure: a warning)."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("unshare/mount not available")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    script = 'mount -t tmpfs -o size=400k tmpfs "$1" || exit 77; shift; exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(mount),
+         sys.executable, str(WORKER), str(mount), str(files / "run"), str(files / "good.npy")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    if proc.returncode == 77 or "RESULTS " not in proc.stdout and "unshare" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["name"]: r for r in json.loads(proc.stdout.split("RESULTS ", 1)[1])}
+    for name, problem in [
+        ("full-force", "No space left"),
+        ("full-resume", "No space left"),
+        ("full-new", "No space left"),
+        ("ro-new", "not writable"),  # os.access says so before anything is tried
+        ("ro-resume", "Read-only file system"),
+        ("ro-force", "not writable"),
+    ]:
+        r = results[name]
+        assert r["code"] == 2 and len(r["stderr"]) == 1, r
+        assert r["stderr"][0].startswith("elbo-lab: error: ") and problem in r["stderr"][0], r
+        if name != "full-resume":  # a resume may append rows past its checkpoint: cut on resume
+            assert r["identical"], r
+    assert results["full-leftovers"]["entries"] == ["A", "filler"]  # no half-made runs
+    assert results["full-evaluate-same"]["same"]
+    assert results["freed-resume"]["code"] == 0, results["freed-resume"]
+    assert results["freed-rows"]["epochs"] == [1, 1, 2, 2, 3, 3]
+    assert results["ro-evaluate"]["code"] == 0 and results["ro-evaluate"]["identical"]
+    explained = results["ro-explain"]
+    assert explained["code"] == 0 and results["ro-explain-report"]["printed"], explained
+    assert len(explained["stderr"]) == 1 and "warning" in explained["stderr"][0], explained

@@ -8,7 +8,6 @@ test asserts the inputs (every other run included) are byte-identical afterwards
 import fcntl
 import gzip
 import json
-import multiprocessing
 import os
 import random
 import shutil

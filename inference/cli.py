@@ -463,7 +463,7 @@ def _train(args) -> int:
     run_dir = args.run_dir or Path("runs") / f"{model_name}-{data_name}-seed{args.seed}"
     is_writer = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 owns the directory
     resume, spec = args.resume, None
-    if resume:
+    if resume and (run_dir / CHECKPOINT).exists():  # without one, it starts from scratch
         refused = sorted(_given_options(args, args.argv_) - RESUME_OPTIONS)
         if refused:
             names = ", ".join("--" + k.replace("_", "-") for k in refused)
@@ -471,7 +471,7 @@ def _train(args) -> int:
                 f"--resume: continues the run with its stored options; {names} cannot change "
                 "(only --epochs, --lr and --clip-norm can)"
             )
-    else:
+    if not resume:
         spec = ModelSpec(
             model=resolve_model_spec(args.model),
             data=absolute_data_spec(args.data),

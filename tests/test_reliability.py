@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -295,6 +296,17 @@ CASES = [
     ("evaluate-data-changed", ["evaluate", "{D}/data_changed_run"], "changed since training"),
     ("evaluate-model-in-run-dir", ["evaluate", "{D}/planted_run"], "inside the run directory"),
     ("evaluate-model-relative", ["evaluate", "{D}/relative_run"], "not an absolute path"),
+    # --force keeps the old run until the new one has its first checkpoint
+    (
+        "force-bad-data",
+        ["train", "--run-dir", "{D}/run", "--force", "--data", "{D}/nan.npy"],
+        "NaN/Inf",
+    ),  # fmt: skip
+    (
+        "force-bad-model",
+        ["train", "--run-dir", "{D}/run", "--force", "--model", "{D}/exits.py:model"],
+        "sys.exit",
+    ),  # fmt: skip
 ]
 
 
@@ -390,11 +402,12 @@ def test_sigkill_loop_keeps_checkpoint_and_metrics_consistent_and_resume_bit_ide
 def test_signalled_run_checkpoints_mid_epoch_and_resumes_bit_identical(
     kill_loop_module, tmp_path, signum
 ):
-    """SIGTERM/SIGINT finish the step, checkpoint mid-epoch, exit 128 + N; resume is exact."""
+    """SIGTERM/SIGINT finish the step, checkpoint (mid-epoch, as a rule), exit 128 + N; resume
+    is exact."""
     km = kill_loop_module
     data = tmp_path / "data.npy"
-    np.save(data, (np.random.default_rng(0).random((400, 16)) > 0.5) * 1.0)
-    train = [*km.TRAIN, "--epochs", "30", "--batch-size", "8", "--data", str(data)]
+    np.save(data, (np.random.default_rng(0).random((1000, 16)) > 0.5) * 1.0)
+    train = [*km.TRAIN, "--epochs", "4", "--batch-size", "8", "--data", str(data)]
     log = tmp_path / "log.txt"
     assert km.finish(km.spawn([*train, "--run-dir", str(tmp_path / "ref")], log)) == 0
     killed = tmp_path / "killed"
@@ -408,8 +421,8 @@ def test_signalled_run_checkpoints_mid_epoch_and_resumes_bit_identical(
     assert km.finish(process) == 128 + int(signum), log.read_text()
     assert "interrupted" in log.read_text() and "--resume" in log.read_text()
     position = load_checkpoint(killed / "checkpoint.pt")["position"]
-    assert position["step"] > 0  # mid-epoch, written by the handler
-    resume = ["train", "--resume", "--run-dir", str(killed), "--epochs", "30", "--no-progress"]
+    assert (position["epoch"], position["step"]) > (1, 0)  # written by the handler
+    resume = ["train", "--resume", "--run-dir", str(killed), "--epochs", "4", "--no-progress"]
     assert km.finish(km.spawn(resume, log)) == 0, log.read_text()
     ref, got = (load_checkpoint(d / "checkpoint.pt") for d in (tmp_path / "ref", killed))
     for name in ref["params"]:
@@ -498,3 +511,162 @@ def test_full_and_read_only_file_system_lose_nothing(files, tmp_path):
     explained = results["ro-explain"]
     assert explained["code"] == 0 and results["ro-explain-report"]["printed"], explained
     assert len(explained["stderr"]) == 1 and "warning" in explained["stderr"][0], explained
+
+
+# --- in-process: what --force, --resume, --json and figures do ---------------------------------
+
+
+def _copy_run(files, tmp_path, name="run") -> Path:
+    run = tmp_path / name
+    shutil.copytree(files / "run", run)
+    return run
+
+
+def test_force_replaces_a_run_only_with_a_started_one_and_leaves_no_siblings(files, tmp_path):
+    run = _copy_run(files, tmp_path)
+    (run / "old-only.txt").write_text("from the old run")
+    old = load_checkpoint(run / "checkpoint.pt")["sha256"]
+    argv = ["train", *TINY, "--data", str(files / "good.npy"), "--run-dir", str(run)]
+    assert main([*argv, "--force", "--seed", "1"]) == 0
+    assert not (run / "old-only.txt").exists()
+    assert load_checkpoint(run / "checkpoint.pt")["sha256"] != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no .run.new-*/.old-*
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_rerun_or_resumed(files, tmp_path):
+    """A directory elbo-lab made whose process died before writing anything is not a run to
+    protect: a plain re-run (no --force) and --resume (from scratch) both accept it."""
+    argv = ["train", *TINY, "--data", str(files / "good.npy")]
+    for name, extra in (("rerun", []), ("resume", ["--resume"])):
+        run = _copy_run(files, tmp_path, name)
+        (run / "checkpoint.pt").unlink()
+        (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+        assert main([*argv, *extra, "--run-dir", str(run)]) == 0, name
+        assert load_checkpoint(run / "checkpoint.pt")["position"]["epoch"] == 1
+        assert not list(run.glob(".*.tmp"))
+
+
+def test_resume_cleans_temporary_files_and_cuts_rows_past_its_checkpoint(files, tmp_path):
+    run = _copy_run(files, tmp_path)
+    (run / ".metrics.csv.abc123.tmp").write_text("killed mid-write")
+    with open(run / "metrics.jsonl", "a") as f:  # a row appended, then killed before the checkpoint
+        f.write('{"epoch": 2, "split": "train", "loss": 1.0}\n{"epoch": 2, "spl')
+    assert main(["train", "--resume", "--run-dir", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert not list(run.glob(".*.tmp"))
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in rows] == [
+        (1, "train"),
+        (1, "test"),
+        (2, "train"),
+        (2, "test"),
+    ]
+    assert rows[2]["loss"] != 1.0
+
+
+def test_resume_applies_lr_clip_norm_epochs_and_records_them(files, tmp_path):
+    run = _copy_run(files, tmp_path)
+    argv = ["train", "--resume", "--run-dir", str(run), "--epochs", "2", "--no-progress"]
+    assert main([*argv, "--lr", "0.01", "--clip-norm", "5"]) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["config"]["learning_rate"] == 0.01 and state["config"]["clip_norm"] == 5.0
+    assert all(g["lr"] == 0.01 for g in state["optimizer"]["param_groups"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["learning_rate"] == 0.01
+    assert config["changes"] == [
+        {
+            "epoch": 1,
+            "step": 0,
+            "changed": {"epochs": [1, 2], "learning_rate": [0.001, 0.01], "clip_norm": [None, 5.0]},
+        }
+    ]
+
+
+def test_allow_changed_uses_a_changed_run_with_a_loud_warning(files, capsys):
+    before = _snapshot(files)
+    assert main(["evaluate", str(files / "user_run"), "--allow-changed", "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("elbo-lab: warning: ") for w in warnings)
+    assert "model file" in warnings[0] and "data" in warnings[1]
+    assert _snapshot(files) == before
+
+
+def test_a_run_records_absolute_data_and_the_hashes_of_model_and_data(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(files)
+    run = tmp_path / "run"
+    argv = ["train", "--model", "changing_model.py:model", "--data", "reg.npy", "--epochs", "1"]
+    assert main([*argv, "--no-progress", "--run-dir", str(run)]) == 0
+    metadata = load_checkpoint(run / "checkpoint.pt")["metadata"]
+    assert metadata["model_spec"]["data"] == str(files / "reg.npy")
+    assert metadata["model_spec"]["model"] == f"{files / 'changing_model.py'}:model"
+    provenance = metadata["provenance"]
+    assert provenance["model"]["path"] == str(files / "changing_model.py")
+    assert provenance["data"]["size"] == (files / "reg.npy").stat().st_size
+    assert len(provenance["data"]["sha256"]) == 64
+
+
+PRINTING_MODEL = USER_MODEL.replace(
+    "def model(data):", "print('importing!')\n\n\ndef model(data):\n    print('called!')"
+)
+
+
+def test_json_stays_json_whatever_the_model_prints(files, tmp_path, capsys):
+    (tmp_path / "printing.py").write_text(PRINTING_MODEL)
+    run = tmp_path / "run"
+    argv = ["train", "--model", f"{tmp_path}/printing.py:model", "--data", str(files / "reg.npy")]
+    assert main([*argv, "--epochs", "1", "--no-progress", "--json", "--run-dir", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["run_dir"] == str(run)
+    assert "importing!" in captured.err and "called!" in captured.err
+    for command in (["evaluate", str(run), "--json"], ["explain", str(run), "--json",
+                                                       "--num-samples", "10"]):  # fmt: skip
+        assert main(command) == 0
+        json.loads(capsys.readouterr().out)
+
+
+def test_a_figure_that_cannot_be_written_is_a_warning_after_the_report(
+    files, tmp_path, capsys, monkeypatch
+):
+    run = _copy_run(files, tmp_path)
+    (run / "bound.png").mkdir()  # explain cannot write its figure there
+    assert main(["explain", str(run), "--num-samples", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "L_K" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elbo-lab: warning: ") and "bound.png" in err[0]
+
+    def no_figures(*args, **kwargs):
+        raise OSError(28, "No space left on device", "curves.png")
+
+    monkeypatch.setattr("inference.cli.write_training_figures", no_figures)
+    argv = ["train", *TINY, "--data", str(files / "good.npy"), "--run-dir", str(tmp_path / "t")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "Pyro minimized loss" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "figures not written" in err[0] and "No space" in err[0]
+
+
+def test_checkpoints_follow_the_clock_and_do_not_grow_with_the_epochs(tmp_path, monkeypatch):
+    """--checkpoint-every: one checkpoint at the start and one at the end for a short run (not
+    one per epoch); the checkpoint holds no history, so its size does not grow with epochs."""
+    import inference.train
+
+    writes = []
+    real = inference.train.save_checkpoint
+    monkeypatch.setattr(
+        inference.train, "save_checkpoint", lambda p, s: (writes.append(s["position"]), real(p, s))
+    )
+    x = (torch.rand(64, 6, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    sizes = {}
+    for epochs, every in ((1, 1e9), (6, 1e9), (6, 0)):
+        writes.clear()
+        pyro.clear_param_store()
+        vae = VAE(6, latent_dim=2, hidden_dims=(4,))
+        config = TrainConfig(epochs=epochs, batch_size=16, progress=False, checkpoint_every=every)
+        fit(vae.model, vae.guide, x, x, config, run_dir=tmp_path / f"{epochs}-{every}")
+        sizes[epochs, every] = (tmp_path / f"{epochs}-{every}" / "checkpoint.pt").stat().st_size
+        expected = epochs + 1 if every == 0 else 2
+        assert len(writes) == expected, (epochs, every, writes)
+    assert abs(sizes[6, 1e9] - sizes[1, 1e9]) < 64

@@ -68,7 +68,7 @@ def verify_fingerprint(
     if recorded is None:
         return None
     if current is None:
-        return f"{what} {recorded.get('path')} is gone"
+        return f"{what} {recorded.get('path')}: no such file (it was there at training time)"
     if (current["size"], current["sha256"]) != (recorded.get("size"), recorded.get("sha256")):
         return (
             f"{what} {recorded.get('path')} changed since training (size {recorded.get('size')} "

@@ -670,3 +670,17 @@ def test_checkpoints_follow_the_clock_and_do_not_grow_with_the_epochs(tmp_path, 
         expected = epochs + 1 if every == 0 else 2
         assert len(writes) == expected, (epochs, every, writes)
     assert abs(sizes[6, 1e9] - sizes[1, 1e9]) < 64
+
+
+def test_memory_exhausted_during_a_run_is_one_line_exit_1(files, tmp_path, capsys, monkeypatch):
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1907348632800 bytes.\nmore"
+        )
+
+    monkeypatch.setattr("inference.cli.fit", allocator_fails)
+    argv = ["train", *TINY, "--data", str(files / "good.npy"), "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elbo-lab: error: out of memory"), err
+    assert not (tmp_path / "r").exists()  # nothing was written before the failure

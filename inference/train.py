@@ -562,7 +562,11 @@ def fit(
                 metrics_log.append(rows)  # before the checkpoint that covers them
             stopping = world.any(flag.signum is not None)
             due = time.monotonic() - last_checkpoint >= config.checkpoint_every
-            if stopping or epoch + 1 == config.epochs or world.any(due, "agreeing to checkpoint"):
+            if (
+                stopping
+                or epoch + 1 == config.epochs
+                or (checkpoint_path is not None and world.any(due, "agreeing to checkpoint"))
+            ):
                 checkpoint(epoch + 1, 0, 0.0)
             if stopping and epoch + 1 < config.epochs:
                 raise Interrupted(flag.signum or signal.SIGTERM, f"the end of epoch {epoch + 1}")

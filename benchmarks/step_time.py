@@ -143,7 +143,7 @@ def elbo_lab_step(x_all, batch, seed, **options) -> tuple[Callable, _Store]:
     vae = same_vae(x_all, seed)
     n = x_all.shape[0]
     kwargs = {"num_data": n}
-    estimator = resolve_estimator(config, vae.model, vae.guide)
+    estimator = resolve_estimator(config, vae.model, vae.guide, x_all[:batch], **kwargs)
     loss_fn = make_elbo(estimator, config.num_particles)(vae.model, vae.guide)
     with pyro.validation_enabled(True):
         _, params = _collect_params(loss_fn, x_all[:batch], kwargs)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyro
 
+from .bounds import CheckedMetrics, checked_metrics
 from .data import load_data
 from .distributed import device_for, init_from_env, shutdown
 from .errors import ElboLabError, NumericalError, OptionError, RunError
@@ -38,15 +39,13 @@ from .run import (
 from .rundir import RunDirectory, refuse_to_replace
 from .train import (
     CHECKPOINT,
+    ESTIMATOR_CHOICES,
     ESTIMATORS,
     JIT_MODES,
     Interrupted,
-    Metrics,
     TrainConfig,
-    evaluate,
+    choose_estimator,
     fit,
-    pyro_loss,
-    resolve_estimator,
     takes_num_data,
 )
 from .user_model import is_user_model, model_source_file, resolve_model_spec, user_model_label
@@ -184,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--eval-every",
         type=_positive_int,
-        default=1,
-        help="evaluate train/test metrics every N epochs and after the last (1)",
+        default=None,
+        help="evaluate train/test metrics every N epochs and after the last (default: about "
+        "20 times per run; an epoch is one step when the model trains full batch)",
     )
     t.add_argument(
         "--clip-norm",
@@ -314,10 +314,12 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     p.add_argument(
         "--estimator",
         default=estimator,
-        choices=list(ESTIMATORS),
-        help="ELBO estimator: meanfield = TraceMeanField_ELBO (analytic KL where registered), "
-        "trace = Trace_ELBO (Monte-Carlo KL), jit / jit-meanfield = their JIT-compiled "
-        f"versions ({estimator})",
+        choices=list(ESTIMATOR_CHOICES),
+        help="ELBO estimator: auto = TraceMeanField_ELBO where its analytic KL is valid for "
+        "the model and guide (the VAE), else Trace_ELBO; meanfield = TraceMeanField_ELBO "
+        "(refused where its analytic KL would be wrong, e.g. an autoguide over a constrained "
+        "latent); trace = Trace_ELBO (Monte-Carlo KL); jit / jit-meanfield = their "
+        f"JIT-compiled versions ({estimator})",
     )
     p.add_argument(
         "--jit",
@@ -387,25 +389,39 @@ def _add_compare_parser(sub) -> None:
     c.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
-def sign_report(m: Metrics, pyro_value: float, split: str = "test", unit: str = "image") -> str:
-    """The sign convention in the run's own numbers, checked against Pyro's own loss.
+def sign_report(c: CheckedMetrics, split: str = "test", unit: str = "image") -> str:
+    """The sign convention in the run's own numbers, checked against Pyro's own loss and
+    against the bounds ELBO <= L_K <= log p(x).
 
-    ``pyro_value`` is ``TraceMeanField_ELBO().loss`` per image on the same data and noise
+    ``c.pyro_loss`` is the estimator's own ``.loss`` per data point on the same data and noise
     (:func:`inference.train.pyro_loss`), computed independently of the decomposition.
     ``unit`` names a data point (``"point"`` for a user model, whose values are totals / N).
     """
-    residual = pyro_value - (m.kl - m.reconstruction)
+    m = c.metrics
+    residual = c.pyro_loss - (m.kl - m.reconstruction)
     ok = abs(residual) <= 1e-5 * max(1.0, abs(m.loss))
+    name = ESTIMATORS[c.estimator].__name__
+    se = "" if m.elbo_stderr is None else f" +- {m.elbo_stderr:.2f}"
     return "\n".join(
         [
             f"Pyro minimized loss = -ELBO = KL - E[log p(x|z)] = {m.kl:.2f} - ({m.reconstruction:.2f})"
             f" = {m.loss:.2f} nats/{unit}",
-            f"  ELBO = E[log p(x|z)] - KL = {m.reconstruction:.2f} - {m.kl:.2f} = {m.elbo:.2f} "
+            f"  ELBO = E[log p(x|z)] - KL = {m.reconstruction:.2f} - {m.kl:.2f} = {m.elbo:.2f}{se} "
             f"nats/{unit} (maximized; a lower bound on log p(x))",
-            f"  checked: Pyro's TraceMeanField_ELBO().loss = {pyro_value:.4f}; minus (KL - E[log p(x|z)])"
+            f"  checked: Pyro's {name}().loss = {c.pyro_loss:.4f}; minus (KL - E[log p(x|z)])"
             f" = {residual:.1e} ({'ok' if ok else 'MISMATCH'}), {split} split, {m.n} {unit}s",
+            *c.bounds.lines(),
         ]
     )
+
+
+def _report_dict(c: CheckedMetrics) -> dict:
+    return {
+        **c.metrics._asdict(),
+        "estimator": ESTIMATORS[c.estimator].__name__,
+        "pyro_loss": c.pyro_loss,
+        "bounds": c.bounds.to_dict(),
+    }
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -417,9 +433,8 @@ def _check_writable(run_dir: Path) -> None:
         raise OptionError(f"--run-dir: {parent} is not writable")
 
 
-def _estimator_label(config: TrainConfig, model, guide) -> str:
+def _estimator_label(name: str) -> str:
     """``TraceMeanField_ELBO``, or ``TraceMeanField_ELBO (JIT-compiled)`` for its traced form."""
-    name = resolve_estimator(config, model, guide)
     plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(name)
     if plain is None:
         return ESTIMATORS[name].__name__
@@ -557,7 +572,7 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
         )
     world = init_from_env(spec.device)  # one process, or a rank under torchrun
     device = device_for(spec.device, world)  # cuda -> cuda:LOCAL_RANK
-    dataset = load_data(spec.data).to(device, DTYPES[spec.dtype])
+    dataset = load_data(spec.data, split=not spec.user_model).to(device, DTYPES[spec.dtype])
     if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
         raise RunError(
             f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in {run_dir} "
@@ -613,10 +628,16 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
     if not world.is_writer:  # rank 0 writes the figures and the report
         return 0
     out = args.out_
+    # The checks need the estimator's loss on the same noise: shards drew other noise, so
+    # rank 0 re-evaluates the whole split; global latents: all rows at once.
+    x = dataset.train if spec.user_model else dataset.test
+    batched = takes_num_data(model) and not spec.user_model
+    exact = _exact_log_px(module, x)
+    plain = {c: p for p, c in COMPILED.items()}.get(result.estimator, result.estimator)
+    checked = checked_metrics(model, guide, x, estimator=plain, batched=batched, exact_log_px=exact)
     if args.json:
-        print(
-            json.dumps({"run_dir": str(run_dir), split: result.final._asdict()}, indent=2), file=out
-        )
+        report = {"run_dir": str(run_dir), "estimator": _estimator_label(result.estimator)}
+        print(json.dumps({**report, split: _report_dict(checked)}, indent=2), file=out)
     else:
         if spec.user_model:
             what = f"{spec.model} with {spec.guide} on {spec.data} ({len(dataset.train)} rows"
@@ -628,20 +649,11 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
             )
         print(
             f"Trained {what} for {config.epochs} epochs with "
-            f"{_estimator_label(config, model, guide)}; run directory: {run_dir}",
+            f"{_estimator_label(result.estimator)}; run directory: {run_dir}",
             file=out,
         )
-        # The check needs Pyro's loss on the same noise: shards drew other noise, so rank 0
-        # re-evaluates the whole split for it.
-        x = dataset.train if spec.user_model else dataset.test
-        batch = None if spec.user_model else 1024  # global latents: all rows at once
-        final = result.final
-        if world.size > 1:
-            final = evaluate(model, guide, x, batch_size=batch)
         unit = "point" if spec.user_model else "image"
-        print(
-            sign_report(final, pyro_loss(model, guide, x, batch_size=batch), split, unit), file=out
-        )
+        print(sign_report(checked, split, unit), file=out)
     out.flush()
     # the report is out: a figure that cannot be written is a warning, not a lost result
     try:
@@ -656,7 +668,16 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
         log.info("figures: %s", ", ".join(str(p) for p in figures))
     except Exception as exc:  # noqa: BLE001 - any failure to draw or write is reported
         _warn(f"{run_dir}: figures not written ({type(exc).__name__}: {_first_line(exc)})")
-    return 0
+    return 0 if checked.bounds.ok else 1
+
+
+def _exact_log_px(module, x) -> float | None:
+    """The closed-form log p(x) per datum where the model has one (linear-Gaussian)."""
+    from models.linear_gaussian import LinearGaussian
+
+    if isinstance(module, LinearGaussian):
+        return float(module.log_marginal(x).mean())
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -667,22 +688,32 @@ def _first_line(exc: BaseException) -> str:
 def _evaluate(args) -> int:
     run = load_run(args.run_dir, data=args.data, allow_changed=args.allow_changed, warn=_warn)
     # a user model: the rows its autoguide was fit to, all at once (global latents), / N
-    split, batch = ("train", None) if run.spec.user_model else ("test", 1024)
+    split = "train" if run.spec.user_model else "test"
     x = run.data.train if run.spec.user_model else run.data.test
-    m = evaluate(run.model, run.guide, x, batch_size=batch)
+    batched = takes_num_data(run.model) and not run.spec.user_model
+    estimator = choose_estimator("auto", run.model, run.guide, x[:2] if batched else x)
+    c = checked_metrics(
+        run.model,
+        run.guide,
+        x,
+        estimator=estimator,
+        batched=batched,
+        exact_log_px=_exact_log_px(run.module, x),
+    )
     out = args.out_
     if args.json:
-        print(json.dumps(m._asdict()), file=out)
+        print(json.dumps(_report_dict(c)), file=out)
     else:
         unit = "point" if run.spec.user_model else "image"
+        kl = "analytic KL" if estimator == "meanfield" else "Monte-Carlo KL"
         print(
-            f"{args.run_dir}: {split} split, {m.n} {unit}s, nats per {unit} (analytic KL)", file=out
+            f"{args.run_dir}: {split} split, {c.metrics.n} {unit}s, nats per {unit} ({kl})",
+            file=out,
         )
         for k in ("loss", "elbo", "reconstruction", "kl"):
-            print(f"  {k:<15} {getattr(m, k):>10.4f}", file=out)
-        pyro_value = pyro_loss(run.model, run.guide, x, batch_size=batch)
-        print(sign_report(m, pyro_value, split, unit), file=out)
-    return 0
+            print(f"  {k:<15} {getattr(c.metrics, k):>10.4f}", file=out)
+        print(sign_report(c, split, unit), file=out)
+    return 0 if c.bounds.ok else 1
 
 
 def _explain(args) -> int:
@@ -779,7 +810,8 @@ def _compare_into(args, out: Path, staging: Path) -> int:
             f"wrote comparison.csv, .json, .md, .png and posterior_<guide>.nc to {out}",
             file=args.out_,
         )
-    return 0
+    faults = [r.guide for r in comparison.rows if r.failed or r.bounds_ok is False]
+    return 1 if faults else 0
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "explain": _explain, "compare": _compare}

@@ -40,13 +40,14 @@ from pyro.infer.autoguide import AutoDelta
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from .bounds import check_bounds
 from .data import Dataset
 from .elbo import decompose
-from .errors import OptionError
+from .errors import NumericalError, OptionError
 from .evidence import iwae
 from .io import atomic_write_text, write_csv, write_json
 from .plots import save_figure
-from .train import EVAL_SEED, TrainConfig, fit, seeded, takes_num_data
+from .train import ESTIMATORS, EVAL_SEED, TrainConfig, fit, seeded, takes_num_data
 
 if TYPE_CHECKING:
     import arviz
@@ -72,6 +73,8 @@ KHAT_THRESHOLD = 0.7
 #: Estimators with an analytic KL term; flows have no registered KL to use there.
 ANALYTIC_ESTIMATORS = ("meanfield", "jit-meanfield")
 FLOW_GUIDES = ("flow", "AutoIAFNormal")
+#: Estimator names as Pyro calls them, for the table.
+ESTIMATOR_NAMES = {name: cls.__name__ for name, cls in ESTIMATORS.items()}
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,10 @@ class ComparisonRow(NamedTuple):
     seconds: float  # SVI steps only (evaluation excluded)
     num_params: int  # the guide's parameters
     note: str
+    estimator: str = ""  # the Pyro estimator the guide was trained with
+    bounds_ok: bool | None = None  # ELBO <= L_K within 5 s.e. (None: not checked)
+    bounds: str = ""  # what was violated, or why nothing was checked
+    failed: str = ""  # why training failed (a NaN loss, ...); the numbers are then NaN
 
 
 class Comparison(NamedTuple):
@@ -150,7 +157,13 @@ class Comparison(NamedTuple):
             "num_samples": self.num_samples,
             "khat_threshold": KHAT_THRESHOLD,
             "train": self.train,
-            "rows": [r._asdict() for r in self.rows],
+            "rows": [
+                {
+                    k: None if isinstance(v, float) and math.isnan(v) else v
+                    for k, v in r._asdict().items()
+                }
+                for r in self.rows
+            ],
         }
 
 
@@ -182,7 +195,10 @@ def check_guides(names: Sequence[str], *, amortized: bool, estimator: str) -> No
                     f"--guides: {name!r} is an amortized encoder for the built-in models; a user "
                     f"model takes autoguides ({', '.join(AUTOGUIDES)})"
                 )
-            name = autoguide_name(name)
+            try:
+                name = autoguide_name(name)
+            except ValueError as exc:
+                raise OptionError(f"--guides: {exc}") from None
         if estimator in ANALYTIC_ESTIMATORS and name in FLOW_GUIDES:
             raise OptionError(
                 f"--estimator {estimator}: needs an analytic KL, which the flow guide {name!r} "
@@ -195,7 +211,7 @@ def _is_autoguide(name: str) -> bool:
 
     try:
         autoguide_name(name)
-    except OptionError:
+    except ValueError:
         return False
     return True
 
@@ -352,6 +368,30 @@ def _save_netcdf(idata: arviz.InferenceData, path: Path) -> None:
 # --- the comparison ------------------------------------------------------------------------------
 
 
+def _failed_row(name: str, split: str, n: int, reason: str) -> ComparisonRow:
+    nan = math.nan
+    return ComparisonRow(
+        guide=name,
+        split=split,
+        n=n,
+        elbo=nan,
+        elbo_stderr=nan,
+        reconstruction=nan,
+        kl=nan,
+        log_px=nan,
+        log_px_stderr=nan,
+        gap=nan,
+        gap_stderr=nan,
+        khat_median=nan,
+        khat_share_bad=nan,
+        ess_median=nan,
+        seconds=nan,
+        num_params=0,
+        note="",
+        failed=reason,
+    )
+
+
 def compare(
     model: Callable,
     guides: Mapping[str, Any],
@@ -416,7 +456,17 @@ def compare(
         # The comparison evaluates each guide itself afterwards: fit's per-epoch metrics
         # would only cost time, so they are computed once, after the last epoch.
         start = time.perf_counter()
-        fit(model, guide, train_x, None, replace(config, eval_every=config.epochs))
+        try:
+            result = fit(model, guide, train_x, None, replace(config, eval_every=config.epochs))
+        except Exception as exc:  # keep the guides already compared; report this one
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if not isinstance(exc, NumericalError | OptionError):
+                reason = f"{type(exc).__name__}: {reason}"
+            log.warning("guide %s failed: %s", name, reason)
+            log.debug("guide %s failed", name, exc_info=True)
+            rows.append(_failed_row(name, split, eval_x.shape[0], reason))
+            khats[name] = np.full(1, np.nan)
+            continue
         seconds = time.perf_counter() - start
         kwargs = {"num_data": train_x.shape[0]} if batched else {}
         num_params = _param_count(
@@ -428,6 +478,15 @@ def compare(
         # a point mass has no density to importance-sample with: k̂ is undefined
         point = isinstance(guide, AutoDelta)
         khat = np.full(1, np.nan) if point else psis_khat(ev.log_weights)
+        elbo_se = math.sqrt(ev.elbo_var) / n if ev.elbo_var > 0 else None
+        bounds = check_bounds(
+            ev.elbo / n,
+            elbo_se,
+            ev.log_px / n,
+            math.sqrt(ev.log_px_var) / n,
+            options.num_samples,
+            point_estimate=point,
+        )
         khats[name] = khat
         ess = torch.exp(
             2 * torch.logsumexp(ev.log_weights, 0) - torch.logsumexp(2 * ev.log_weights, 0)
@@ -451,6 +510,9 @@ def compare(
                 seconds=seconds,
                 num_params=num_params,
                 note=_note(guide),
+                estimator=ESTIMATOR_NAMES.get(result.estimator, result.estimator),
+                bounds_ok=bounds.ok if bounds.checked else None,
+                bounds="; ".join(bounds.violations) if bounds.checked else "point estimate",
             )
         )
         if out_dir is not None:
@@ -493,11 +555,17 @@ def format_table(comparison: Comparison) -> str:
     lines = [header, rule]
     for row in comparison.rows:
         cells = []
+        if row.failed:
+            cells = [row.guide] + ["failed"] * (len(COLUMNS) - 1)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         for key, _, fmt in COLUMNS:
             value = getattr(row, key)
             cells.append(
                 "nan" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
             )
+        if row.bounds_ok is False:
+            cells[0] = f"{row.guide} !! BOUND VIOLATED"
         lines.append("| " + " | ".join(cells) + " |")
     splits = sorted({(r.split, r.n) for r in comparison.rows})
     lines.append("")
@@ -506,9 +574,16 @@ def format_table(comparison: Comparison) -> str:
         f"L_K with K = {comparison.num_samples}; k̂: PSIS Pareto shape of the log-weights "
         f"(ArviZ; > 0.7 unreliable, Yao et al. 2018)."
     )
+    estimators = sorted({r.estimator for r in comparison.rows if r.estimator})
+    if estimators:
+        lines.append(f"Trained with {', '.join(estimators)}; ELBO <= L_K checked within 5 s.e.")
     for row in comparison.rows:
         if row.note:
             lines.append(f"{row.guide}: {row.note}.")
+        if row.failed:
+            lines.append(f"{row.guide}: training failed: {row.failed}")
+        if row.bounds_ok is False:
+            lines.append(f"{row.guide}: !! BOUND VIOLATED: {row.bounds}")
     return "\n".join(lines)
 
 
@@ -614,7 +689,7 @@ def compare_guides(
         )
     elif dtype not in DTYPES:
         raise OptionError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    dataset = load_data(data).to(device, DTYPES[dtype])
+    dataset = load_data(data, split=not user).to(device, DTYPES[dtype])
     pyro.clear_param_store()
     if user:
         model_fn = load_user_model(model)
@@ -625,10 +700,13 @@ def compare_guides(
         with seeded(seed):
             module, model_fn, _ = build_model(spec, dataset)
             widths = tuple(hidden_dims) if model == "vae" else ()  # linear encoders: exact family
-            entries = {
-                n: make_guide(n, dataset.data_dim, latent_dim, widths).to(device, DTYPES[dtype])
-                for n in names
-            }
+            try:
+                entries = {
+                    n: make_guide(n, dataset.data_dim, latent_dim, widths).to(device, DTYPES[dtype])
+                    for n in names
+                }
+            except ValueError as exc:  # models/ words it in model terms; the option is ours
+                raise OptionError(f"--guides: {exc}") from None
         batched, label = True, model
     if batch_size is None:
         batch_size = 128 if batched else None

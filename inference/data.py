@@ -263,7 +263,9 @@ def load_array(path: str | os.PathLike, test_fraction: float = TEST_FRACTION) ->
     """A user array from ``.npy`` or ``.npz`` (N x D, or N x H x W flattened to N x HW).
 
     A ``.npz`` with arrays ``train`` and ``test`` is used as given; otherwise its one array (or
-    the one named ``x``/``data``) is split deterministically like the digits.
+    the one named ``x``/``data``) is split deterministically like the digits, or, with
+    ``test_fraction=0``, is all training data, its rows in the file's order (a model with
+    global latents conditions on every row it is given; a time series stays in order).
     """
     path = Path(path)
     if not path.exists():
@@ -317,6 +319,10 @@ def load_array(path: str | os.PathLike, test_fraction: float = TEST_FRACTION) ->
             )
         key = next(iter(arrays))
     rows, shape = _as_rows(arrays[key], path, f"array {key!r}" if key != "data" else "array")
+    if test_fraction == 0:
+        if rows.shape[0] < 1:
+            raise DataError(f"{path}: has no rows")
+        return _dataset(str(path), rows, rows[:0], shape)
     if rows.shape[0] < 2:
         raise DataError(f"{path}: need at least 2 rows to split train/test, got {rows.shape[0]}")
     train, test, _, _ = _split(rows, None, test_fraction, DATA_SEED)
@@ -338,8 +344,12 @@ def check_support(data: Dataset, likelihood: str) -> None:
                 )
 
 
-def load_data(spec: str) -> Dataset:
-    """Load ``"digits"``, an MNIST IDX directory (``"mnist:DIR"`` or ``DIR``), or a .npy/.npz path."""
+def load_data(spec: str, *, split: bool = True) -> Dataset:
+    """Load ``"digits"``, an MNIST IDX directory (``"mnist:DIR"`` or ``DIR``), or a .npy/.npz path.
+
+    ``split=False``: a single array is not split, all its rows are the training data (a
+    ``.npz`` with ``train`` and ``test`` is still used as given).
+    """
     if spec == "digits":
         return load_digits()
     if spec.startswith("mnist:"):
@@ -348,5 +358,5 @@ def load_data(spec: str) -> Dataset:
     if path.is_dir():
         return load_mnist(path)
     if path.suffix in (".npy", ".npz") or path.exists():
-        return load_array(path)
+        return load_array(path, TEST_FRACTION if split else 0.0)
     raise DataError(f"{spec}: no such file (use 'digits', 'mnist:DIR', or a .npy/.npz path)")

@@ -205,24 +205,18 @@ class World:
 
     # --- evaluation and random state -------------------------------------------------------------
 
-    def evaluate(self, evaluate: Callable[..., Any], x: torch.Tensor, **kwargs) -> Any:
-        """``evaluate(x_shard, **kwargs)`` on each rank's rows, reduced to the whole split.
-
-        ``evaluate`` returns per-datum ``Metrics``; sums S = m.n * m.reconstruction and
-        m.n * m.kl are all-reduced, then reconstruction = sum S / sum n, elbo = reconstruction - kl,
-        loss = -elbo.
-        """
+    def sum_over_shards(
+        self, totals: Callable[[torch.Tensor], Sequence[float]], x: torch.Tensor
+    ) -> list[float]:
+        """``totals(x_shard)`` (a list of sums over rows) on each rank's rows of ``x``, summed
+        over ranks: the whole split's sums. A rank without rows contributes zeros."""
         if self.size == 1:
-            return evaluate(x, **kwargs)
-        from .train import Metrics
-
+            return list(totals(x))
         rows = torch.arange(x.shape[0], device=x.device)
         mine = x[self.shard(rows)]
-        m = evaluate(mine, **kwargs) if mine.shape[0] else Metrics(0.0, 0.0, 0.0, 0.0, 0)
-        recon_sum, kl_sum, n = self.sum([m.reconstruction * m.n, m.kl * m.n, m.n])
-        reconstruction, kl = recon_sum / n, kl_sum / n
-        elbo = reconstruction - kl
-        return Metrics(loss=-elbo, elbo=elbo, reconstruction=reconstruction, kl=kl, n=int(n))
+        values = list(totals(mine)) if mine.shape[0] else None
+        width = len(values) if values is not None else len(totals(x[:1]))
+        return self.sum(values if values is not None else [0.0] * width)
 
     def seed(self, seed: int, *position: int) -> None:
         """Give ranks 1.. their own noise stream, a function of (seed, rank, position).

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
@@ -26,7 +27,14 @@ from models.structure import has_static_structure
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
 
-__all__ = ["ElboDecomposition", "SiteTerm", "decompose", "latent_parents"]
+__all__ = [
+    "ElboDecomposition",
+    "SiteTerm",
+    "decompose",
+    "kl_method",
+    "latent_parents",
+    "meanfield_violations",
+]
 
 
 class SiteTerm(NamedTuple):
@@ -103,6 +111,85 @@ def _latent_parents_once(model: Callable, args: tuple, kwargs: dict) -> dict | N
     return _PARENTS.get((model,), shapes, find)
 
 
+def kl_method(
+    guide_site: dict, model_site: dict, parents: set[str] | None, has_auxiliary: bool
+) -> tuple[str, str, torch.Tensor | float | None]:
+    """How the KL term of one latent site may be computed: ``("analytic", "", kl)`` with the
+    registered KL(q_s || p_s), or ``("monte_carlo", reason, None)``.
+
+    The registered closed form is valid for the site's term E_q[log q(z_s | .) - log p(z_s | .)]
+    only when
+
+    - a KL is registered for the guide site's distribution against the model site's;
+    - the guide site is not a ``Delta``: an autoguide samples a constrained latent as a Delta
+      whose ``log_density`` carries the log-Jacobian of the transform, and Pyro's registered
+      KL(Delta || p) = -log p(v) drops it (an "ELBO" above log p(x));
+    - no auxiliary guide site (a guide-only site) may feed the site;
+    - the site's prior depends on no other sampled latent (``parents`` is empty; None means
+      the dependencies are unknown).
+
+    Everywhere else the term is the Monte-Carlo log q - log p, as ``Trace_ELBO`` computes it.
+    """
+    q, p = guide_site["fn"], model_site["fn"]
+    if isinstance(q, dist.Delta):
+        return "monte_carlo", "the guide's site is a Delta (its log-density is in no KL)", None
+    if has_auxiliary:
+        return "monte_carlo", "auxiliary guide sites may feed it", None
+    if parents is None:
+        return "monte_carlo", "its dependence on other latents could not be traced", None
+    if parents:
+        return "monte_carlo", f"its prior depends on {', '.join(sorted(parents))}", None
+    try:
+        kl_qp = kl_divergence(q, p)
+    except NotImplementedError:
+        reason = f"no KL is registered for {type(q).__name__} against {type(p).__name__}"
+        return "monte_carlo", reason, None
+    return "analytic", "", kl_qp
+
+
+@torch.no_grad()
+def meanfield_violations(model: Callable, guide: Callable, *args, **kwargs) -> list[str]:
+    """Sites where ``TraceMeanField_ELBO`` would estimate a wrong objective, with the reason.
+
+    Pyro's ``TraceMeanField_ELBO`` uses the registered KL(q_s || p_s) at every latent site that
+    has one. That is the site's term wherever :func:`kl_method` says ``analytic``, and also at
+    a ``Delta`` guide site of zero log-density (KL(Delta || p) = -log p(v) is then exactly
+    log q - log p). Anywhere else, e.g. at an autoguide's constrained latent, whose Delta
+    carries a log-Jacobian, its estimate is not the ELBO. An empty list: the estimator is valid.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model_trace, guide_trace = get_importance_trace(
+            "flat", math.inf, model, guide, args, kwargs
+        )
+    parents = _latent_parents_once(model, args, kwargs)
+    has_auxiliary = any(
+        s["type"] == "sample" and name not in model_trace.nodes
+        for name, s in guide_trace.nodes.items()
+    )
+    violations = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or name not in guide_trace.nodes:
+            continue
+        q = guide_trace.nodes[name]["fn"]
+        try:
+            kl_divergence(q, site["fn"])
+        except NotImplementedError:
+            continue  # Pyro falls back to log q - log p itself
+        if isinstance(q, dist.Delta):
+            if not torch.is_tensor(q.log_density) or not bool((q.log_density != 0).any()):
+                continue
+            violations.append(
+                f"site {name!r}: the guide's Delta carries a log-Jacobian, which Pyro's "
+                "KL(Delta || p) drops"
+            )
+            continue
+        site_parents = None if parents is None else parents.get(name, set())
+        method, reason, _ = kl_method(guide_trace.nodes[name], site, site_parents, has_auxiliary)
+        if method != "analytic":
+            violations.append(f"site {name!r}: {reason}")
+    return violations
+
+
 def _site_terms(
     model: Callable,
     guide: Callable,
@@ -114,10 +201,15 @@ def _site_terms(
 ) -> torch.Tensor:
     """One draw z ~ q: every site's term as a float64 tensor, in site order, and (filled into
     ``layout``) each term's (name, kind, method). Observed sites: log p(x | .); latent sites:
-    the registered KL where valid, else log q - log p; guide-only sites: log q."""
+    the registered KL where :func:`kl_method` says it is valid, else log q - log p; guide-only
+    sites: log q."""
     model_trace, guide_trace = get_importance_trace("flat", math.inf, model, guide, args, kwargs)
     values: list[torch.Tensor] = []
     sites: list[tuple[str, str, str]] = []
+    has_auxiliary = any(
+        s["type"] == "sample" and name not in model_trace.nodes
+        for name, s in guide_trace.nodes.items()
+    )
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
@@ -130,18 +222,15 @@ def _site_terms(
         if name not in guide_trace.nodes:
             raise OptionError(f"latent site {name!r} of the model has no site in the guide")
         guide_site = guide_trace.nodes[name]
-        value = None
-        if analytic_kl and parents is not None and not parents.get(name):
-            try:
-                kl_qp = kl_divergence(guide_site["fn"], site["fn"])
-                kl_qp = scale_and_mask(kl_qp, guide_site["scale"], guide_site["mask"])
-                value = _float64(kl_qp.sum() if torch.is_tensor(kl_qp) else kl_qp)
-                method = "analytic"
-            except NotImplementedError:
-                value = None
-        if value is None:
+        method = "monte_carlo"
+        if analytic_kl:
+            site_parents = None if parents is None else parents.get(name, set())
+            method, _, kl_qp = kl_method(guide_site, site, site_parents, has_auxiliary)
+        if method == "analytic":
+            kl_qp = scale_and_mask(kl_qp, guide_site["scale"], guide_site["mask"])
+            value = _float64(kl_qp.sum() if torch.is_tensor(kl_qp) else kl_qp)
+        else:
             value = _float64(guide_site["log_prob_sum"] - site["log_prob_sum"])
-            method = "monte_carlo"
         values.append(value)
         sites.append((name, "latent", method))
     for name, guide_site in guide_trace.nodes.items():

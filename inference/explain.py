@@ -21,12 +21,22 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
+from .bounds import check_bounds, is_point_estimate
 from .errors import OptionError
 from .evidence import iwae
 from .run import load_run
-from .train import EVAL_SEED, evaluate, pyro_loss, seeded, takes_num_data
+from .train import (
+    ESTIMATORS,
+    EVAL_SEED,
+    choose_estimator,
+    evaluate,
+    pyro_loss,
+    seeded,
+    takes_num_data,
+)
 
 __all__ = ["Explanation", "explain"]
 
@@ -75,9 +85,19 @@ class Explanation(NamedTuple):
     exact_log_px: float | None
     exact_elbo: float | None
     exact_gap: float | None
+    estimator: str = ""  # the Pyro estimator whose KL terms the decomposition uses
+    elbo_stderr: float | None = None
+    khat: float = math.nan  # PSIS k̂ of the log-weights (median over data points if local)
+    khat_share_bad: float = math.nan  # share of k̂ > 0.7
+    bounds: dict | None = None  # inference.bounds.BoundCheck.to_dict()
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return self._asdict()
+        d = self._asdict()
+        d["warnings"] = list(self.warnings)
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()
+        }
 
     def report(self) -> str:
         """The worked answer as text for people."""
@@ -101,7 +121,7 @@ class Explanation(NamedTuple):
             "1. What SVI minimized: the loss, which is minus the ELBO",
             f"   loss = -ELBO = KL - E_q[log p(x|z)] = {self.kl:.3f} - ({self.reconstruction:.3f})"
             f" = {self.loss:.3f}",
-            f"   (Pyro's own TraceMeanField_ELBO().loss on the same noise: {self.pyro_loss:.3f})",
+            f"   (Pyro's own {self.estimator}().loss on the same noise: {self.pyro_loss:.3f})",
             "",
             "2. The ELBO, which training maximized, split with its signs",
             f"   ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = {self.reconstruction:.3f} - "
@@ -117,7 +137,16 @@ class Explanation(NamedTuple):
             "KL(q(z|x) || p(z|x)):",
             "   how far the guide is from the true posterior (a lower bound on that KL,",
             "   tightening as K grows)",
+            f"   PSIS k̂ of the log-weights = {self.khat:.2f}"
+            + ("" if math.isnan(self.khat_share_bad) else f" ({self.khat_share_bad:.0%} > 0.7)")
+            + " (< 0.5 good, > 0.7 the importance estimate is unreliable; Yao et al. 2018)",
         ]
+        from .bounds import BoundCheck
+
+        if self.bounds is not None:
+            check = BoundCheck(**{**self.bounds, "violations": tuple(self.bounds["violations"])})
+            lines += [line.replace("  bounds:", "   bounds:", 1) for line in check.lines()]
+        lines += [f"   WARNING: {w}" for w in self.warnings]
         if self.exact_log_px is not None:
             lines += [
                 "",
@@ -184,8 +213,27 @@ def explain(
     # global latents (a user model, or any model without num_data): all rows at once, as fit
     # trains them; batches would count KL(q(z) || p(z)) once per batch
     batch_size = 1024 if takes_num_data(run.model) and not run.spec.user_model else None
-    metrics = evaluate(run.model, run.guide, x, batch_size=batch_size, seed=seed)
-    checked = pyro_loss(run.model, run.guide, x, batch_size=batch_size, seed=seed)
+    probe = x if batch_size is None else x[:2]
+    estimator = choose_estimator("auto", run.model, run.guide, probe)
+    particles = 10 if batch_size else 100  # the ELBO with its standard error
+    metrics = evaluate(
+        run.model,
+        run.guide,
+        x,
+        batch_size=batch_size,
+        seed=seed,
+        analytic_kl=estimator == "meanfield",
+        num_particles=particles,
+    )
+    checked = pyro_loss(
+        run.model,
+        run.guide,
+        x,
+        batch_size=batch_size,
+        seed=seed,
+        estimator=estimator,
+        num_particles=particles,
+    )
     with seeded(seed):
         estimate = iwae(run.model, run.guide, x, num_samples=num_samples, chunk_size=chunk_size)
     log_w = estimate.log_weights  # (K, N) local, (K,) global
@@ -197,6 +245,35 @@ def explain(
     log_px = estimate.log_px / n
     log_px_stderr = estimate.stderr / n
     exact = _exact(run.module, x)
+    point = is_point_estimate(run.guide, probe)
+    bounds = check_bounds(
+        metrics.elbo,
+        metrics.elbo_stderr,
+        log_px,
+        log_px_stderr if math.isfinite(log_px_stderr) else None,
+        k,
+        exact["exact_log_px"],
+        point_estimate=point,
+    )
+    from .compare import KHAT_THRESHOLD, psis_khat
+
+    khats = psis_khat(log_w) if not point else torch.full((1,), math.nan).numpy()
+    khat = float(np.median(khats))
+    share_bad = float(np.mean(khats > KHAT_THRESHOLD)) if log_w.dim() == 2 else math.nan
+    ess = float(estimate.ess.to(torch.float64).mean())
+    warnings = []
+    if point:
+        warnings.append("the guide is a point estimate: its 'ELBO' is log p(x, z*), L_K no bound")
+    elif khat > KHAT_THRESHOLD:
+        warnings.append(
+            f"k̂ = {khat:.2f} > {KHAT_THRESHOLD}: q is a poor importance proposal, L_K and the gap "
+            "can't be trusted (the true log p(x) may be far above L_K)"
+        )
+    if not point and ess < max(10.0, 0.01 * k):
+        warnings.append(
+            f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
+            "error can't be trusted; raise --num-samples or use a richer guide"
+        )
     result = Explanation(
         run_dir=str(run_dir),
         model=run.spec.model,
@@ -217,8 +294,14 @@ def explain(
         elbo_mc_stderr=elbo_mc_stderr,
         gap=log_px - elbo_mc,
         gap_stderr=math.hypot(log_px_stderr, elbo_mc_stderr),
-        ess=float(estimate.ess.to(torch.float64).mean()),
+        ess=ess,
         **exact,
+        estimator=ESTIMATORS[estimator].__name__,
+        elbo_stderr=metrics.elbo_stderr,
+        khat=khat,
+        khat_share_bad=share_bad,
+        bounds=bounds.to_dict(),
+        warnings=tuple(warnings),
     )
     if on_report is not None:
         on_report(result)

@@ -167,7 +167,10 @@ def build_model(
         from models.guides import make_autoguide
 
         model = load_user_model(spec.model, path=source, expected_sha256=source_sha256)
-        guide = make_autoguide(spec.guide, model)
+        try:
+            guide = make_autoguide(spec.guide, model)
+        except ValueError as exc:
+            raise OptionError(f"--guide: {exc}") from None
         check_user_model(model, guide, data.train, spec=spec.model, data=spec.data)
         return None, model, guide
     if spec.model == "vae":
@@ -292,7 +295,7 @@ def load_run(
     )
     if data is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "data": data})
-    dataset = load_data(spec.data)
+    dataset = load_data(spec.data, split=not spec.user_model)
     if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
         raise RunError(
             f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in {run_dir} "

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +36,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .distributed import World, current_world
-from .elbo import decompose
+from .elbo import decompose, meanfield_violations
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
 from .io import MetricsLog, load_checkpoint, save_checkpoint, write_json
@@ -67,8 +66,17 @@ ESTIMATORS: dict[str, type[ELBO]] = {
     "jit-meanfield": JitTraceMeanField_ELBO,
 }
 
+#: ``TrainConfig.estimator`` may also be this: TraceMeanField_ELBO where its analytic KL is
+#: valid for the model/guide pair (:func:`inference.elbo.meanfield_violations`), else Trace_ELBO.
+AUTO = "auto"
+ESTIMATOR_CHOICES = (AUTO, *ESTIMATORS)
+
 #: When :func:`fit` compiles its estimator (``TrainConfig.jit``).
 JIT_MODES = ("auto", "on", "off")
+
+#: With ``eval_every=None``, :func:`fit` evaluates about this many times per run (and after
+#: the last epoch): evaluation stays a small share of training however long the run.
+EVALUATIONS_PER_RUN = 20
 
 CHECKPOINT = "checkpoint.pt"
 EVAL_SEED = 20140101  # the noise used for every evaluation: common random numbers across epochs
@@ -82,13 +90,15 @@ class TrainConfig:
     batch_size: int | None = 128
     learning_rate: float = 1e-3
     seed: int = 0
-    estimator: str = "meanfield"  # analytic KL: the same gradient as the textbook VAE loss
+    estimator: str = AUTO  # meanfield where its analytic KL is valid (the VAE), else trace
     jit: str = "auto"  # compile the estimator: on, off, auto = when model and guide are static
     num_particles: int = 1
     clip_norm: float | None = None
     validate: bool = False
     eval_batch_size: int | None = 1024
-    eval_every: int = 1  # evaluate train/test metrics every this many epochs (and the last)
+    eval_every: int | None = None  # evaluate every this many epochs (and the last); None:
+    # about EVALUATIONS_PER_RUN times per run (an epoch is one step for full-batch models)
+    eval_particles: int = 10  # draws per evaluation of a model with global latents
     progress: bool = True
     checkpoint_every: float = 30.0  # seconds between checkpoints (0: every epoch), and the last
 
@@ -96,13 +106,13 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("epochs", "learning_rate", "clip_norm")
 
     def __post_init__(self):
-        for name in ("epochs", "num_particles", "eval_every"):
+        for name in ("epochs", "num_particles", "eval_particles"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise OptionError(
                     f"--{name.replace('_', '-')}: must be a positive integer, "
                     f"got {getattr(self, name)!r}"
                 )
-        for name in ("batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size", "eval_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise OptionError(
@@ -118,10 +128,10 @@ class TrainConfig:
             math.isfinite(self.clip_norm) and self.clip_norm > 0
         ):
             raise OptionError(f"--clip-norm: must be a positive number, got {self.clip_norm!r}")
-        if self.estimator not in ESTIMATORS:
+        if self.estimator not in ESTIMATOR_CHOICES:
             raise OptionError(
                 f"--estimator: unknown estimator {self.estimator!r} "
-                f"(choose from {', '.join(ESTIMATORS)})"
+                f"(choose from {', '.join(ESTIMATOR_CHOICES)})"
             )
         if self.jit not in JIT_MODES:
             raise OptionError(f"--jit: must be one of {', '.join(JIT_MODES)}, got {self.jit!r}")
@@ -137,21 +147,36 @@ class TrainConfig:
 
 
 class Metrics(NamedTuple):
-    """Per-datum ELBO anatomy of one split, in nats: loss = -elbo, elbo = reconstruction - kl."""
+    """Per-datum ELBO anatomy of one split, in nats: loss = -elbo, elbo = reconstruction - kl.
+
+    ``elbo_stderr`` is the Monte-Carlo standard error of ``elbo`` (None from one draw).
+    """
 
     loss: float
     elbo: float
     reconstruction: float
     kl: float
     n: int
+    elbo_stderr: float | None = None
+
+    @classmethod
+    def per_datum(
+        cls, reconstruction: float, kl: float, n: int, elbo_stderr: float | None = None
+    ) -> Metrics:
+        """From whole-split totals: elbo = reconstruction - kl, and loss = -elbo (the only
+        place elbo-lab turns the maximized ELBO into the minimized loss), all divided by n."""
+        elbo = (reconstruction - kl) / n
+        return cls(-elbo, elbo, reconstruction / n, kl / n, n, elbo_stderr)
 
 
 class TrainResult(NamedTuple):
-    """What :func:`fit` returns: the per-epoch history and the final test (or train) metrics."""
+    """What :func:`fit` returns: the per-epoch history, the final test (or train) metrics and
+    the estimator that was actually run (a name of :data:`ESTIMATORS`)."""
 
     history: list[dict[str, Any]]
     final: Metrics
     run_dir: Path | None
+    estimator: str = ""
 
 
 class Interrupted(Exception):
@@ -173,8 +198,35 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
     return ESTIMATORS[name](num_particles=num_particles, vectorize_particles=False)
 
 
-def resolve_estimator(config: TrainConfig, model: Callable, guide: Callable) -> str:
-    """The estimator :func:`fit` runs: ``config.estimator``, compiled when ``config.jit`` says.
+def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwargs) -> str:
+    """The plain estimator for ``name`` on this pair and arguments.
+
+    ``"auto"`` is ``meanfield`` (TraceMeanField_ELBO) when its analytic KL is valid at every
+    site (:func:`inference.elbo.meanfield_violations`), else ``trace`` (Trace_ELBO, valid for
+    every pair). An explicit ``meanfield`` on a pair where it is not valid is an
+    :class:`OptionError` naming the site: it would train on, and report, a wrong objective
+    (e.g. an "ELBO" above log p(x) for an autoguide over a constrained latent).
+    """
+    plain = {compiled: plain for plain, compiled in COMPILED.items()}
+    base = plain.get(name, name)
+    if base not in (AUTO, "meanfield"):
+        return name
+    violations = meanfield_violations(model, guide, *args, **kwargs)
+    if base == AUTO:
+        return "trace" if violations else "meanfield"
+    if violations:
+        raise OptionError(
+            f"--estimator {name}: TraceMeanField_ELBO's analytic KL is not valid for this pair "
+            f"({violations[0]}); use --estimator trace or auto"
+        )
+    return name
+
+
+def resolve_estimator(
+    config: TrainConfig, model: Callable, guide: Callable, *args, **kwargs
+) -> str:
+    """The estimator :func:`fit` runs: ``config.estimator`` (``auto`` chosen for the pair on
+    ``*args, **kwargs`` by :func:`choose_estimator`), compiled when ``config.jit`` says.
 
     ``jit="auto"`` compiles (``trace`` -> ``jit``, ``meanfield`` -> ``jit-meanfield``) when the
     model and the guide are both declared static (:func:`models.structure.static_structure`:
@@ -186,6 +238,10 @@ def resolve_estimator(config: TrainConfig, model: Callable, guide: Callable) -> 
     freeze a data-dependent branch.
     """
     name = config.estimator
+    if name in (AUTO, "meanfield", "jit-meanfield"):
+        if not args and not kwargs:
+            raise OptionError(f"--estimator {name}: choosing it needs the model's arguments")
+        name = choose_estimator(name, model, guide, *args, **kwargs)
     if name not in COMPILED:  # already a compiled estimator
         return name
     if config.jit == "on" or (
@@ -254,30 +310,33 @@ def evaluate(
     analytic_kl: bool = True,
     seed: int = EVAL_SEED,
     model_kwargs: Mapping[str, Any] | None = None,
+    num_particles: int = 1,
 ) -> Metrics:
     """Per-datum loss, ELBO, reconstruction and KL of ``x`` ``(N, D)`` under the guide.
 
-    Sums :func:`~inference.elbo.decompose` over batches (each with one particle) under a fixed
-    seed, then divides by N. ``batch_size=None`` evaluates all rows in one call, as models with
-    global latents need.
+    Sums :func:`~inference.elbo.decompose` over batches (each with ``num_particles`` draws)
+    under a fixed seed, then divides by N. ``batch_size=None`` evaluates all rows in one call,
+    as models with global latents need. With several particles ``elbo_stderr`` is the standard
+    error of the per-datum ELBO (batches independent).
     """
     n = x.shape[0]
     step = n if batch_size is None else batch_size
-    recon = kl = 0.0
+    recon = kl = variance = 0.0
     with seeded(seed):
         for start in range(0, n, step):
             d = decompose(
                 model,
                 guide,
                 x[start : start + step],
+                num_particles=num_particles,
                 analytic_kl=analytic_kl,
                 **dict(model_kwargs or {}),
             )
             recon += d.reconstruction
             kl += d.kl
-    reconstruction, kl = recon / n, kl / n
-    elbo = reconstruction - kl
-    return Metrics(loss=-elbo, elbo=elbo, reconstruction=reconstruction, kl=kl, n=n)
+            variance += d.elbo_stderr**2
+    stderr = math.sqrt(variance) / n if math.isfinite(variance) else None
+    return Metrics.per_datum(recon, kl, n, stderr)
 
 
 def pyro_loss(
@@ -288,6 +347,7 @@ def pyro_loss(
     batch_size: int | None = 1024,
     estimator: str = "meanfield",
     seed: int = EVAL_SEED,
+    num_particles: int = 1,
 ) -> float:
     """Per-datum loss of ``x`` as Pyro's own estimator computes it, with :func:`evaluate`'s noise.
 
@@ -296,7 +356,7 @@ def pyro_loss(
     """
     n = x.shape[0]
     step = n if batch_size is None else batch_size
-    elbo_estimator = make_elbo(estimator)
+    elbo_estimator = make_elbo(estimator, num_particles)
     total = 0.0
     with seeded(seed):
         for start in range(0, n, step):
@@ -319,13 +379,44 @@ def adam(params: list[torch.Tensor], learning_rate: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=learning_rate, fused=fused or None)
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    """Make ``dtype`` torch's default dtype inside the block (a floating dtype; else unchanged).
+
+    Parameters that a guide creates lazily from the default dtype, such as the networks of
+    ``AutoIAFNormal``'s flow, are then created in the data's precision.
+    """
+    if dtype is None or not dtype.is_floating_point or dtype == torch.get_default_dtype():
+        yield
+        return
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def _collect_params(loss_fn: torch.nn.Module, x: torch.Tensor, kwargs) -> tuple[list[str], list]:
-    """Run the pair once (RNG forked) to create its parameters; return them sorted by name."""
-    with torch.random.fork_rng(devices=[]), poutine.trace(param_only=True) as capture:
+    """Run the pair once (RNG forked, parameters created at ``x``'s dtype); return its
+    parameters sorted by name, each tensor once (a guide may register one tensor under two
+    names, as ``AutoIAFNormal`` does: the optimizer must step it once)."""
+    with (
+        torch.random.fork_rng(devices=[]),
+        default_dtype(x.dtype),
+        poutine.trace(param_only=True) as capture,
+    ):
         loss_fn(x, **kwargs)
-    names = sorted(capture.trace.nodes)
     store = pyro.get_param_store()
-    return names, [store.get_param(name).unconstrained() for name in names]
+    names, params, seen = [], [], set()
+    for name in sorted(capture.trace.nodes):
+        param = store.get_param(name).unconstrained()
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        names.append(name)
+        params.append(param)
+    return names, params
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -411,12 +502,20 @@ def fit(
         )
     world = current_world() if world is None else world
     world.check_batches(n, batch, scaled=bool(kwargs))
-    eval_kwargs = dict(batch_size=config.eval_batch_size if kwargs else None)
+    # global latents: all rows at once, several draws (a one-draw ELBO has no error bar)
+    eval_kwargs = (
+        dict(batch_size=config.eval_batch_size)
+        if kwargs
+        else dict(batch_size=None, num_particles=config.eval_particles)
+    )
+    eval_every = config.eval_every or max(1, math.ceil(config.epochs / EVALUATIONS_PER_RUN))
     run_dir = Path(run_dir) if run_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
 
     pyro.set_rng_seed(config.seed)
-    loss_fn = make_elbo(resolve_estimator(config, model, guide), config.num_particles)(model, guide)
+    with default_dtype(train_x.dtype):  # a lazily built guide's parameters at the data's dtype
+        estimator = resolve_estimator(config, model, guide, train_x[:batch], **kwargs)
+    loss_fn = make_elbo(estimator, config.num_particles)(model, guide)
     with pyro.validation_enabled(True):
         names, params = _collect_params(loss_fn, train_x[:batch], kwargs)
     world.broadcast_(params)  # every rank starts from rank 0's parameters
@@ -501,8 +600,11 @@ def fit(
     with _SignalFlag(handle_signals) as flag, bar:
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
-            order = order.to(train_x.device)
+            if batch < n:  # mini-batches: a fresh permutation of the rows every epoch
+                generator = torch.Generator().manual_seed(config.seed + epoch)
+                order = torch.randperm(n, generator=generator).to(train_x.device)
+            else:  # full batch: the rows as given, in their order (a time series stays one)
+                order = torch.arange(n, device=train_x.device)
             for step in range(start_step, steps_per_epoch):
                 batch_rows = order[step * batch : (step + 1) * batch]  # the global batch
                 x = train_x[world.shard(batch_rows)]
@@ -543,13 +645,11 @@ def fit(
             seconds = time.perf_counter() - t0
             loss_sum = world.sum([loss_sum], "reducing the training loss")[0]
             rows = []
-            evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == config.epochs
             for split, xs in (("train", train_x), ("test", test_x)):
                 if xs is None or not evaluated:
                     continue
-                m = world.evaluate(
-                    partial(evaluate, model, guide), xs, model_kwargs=None, **eval_kwargs
-                )
+                m = _evaluate_split(world, model, guide, xs, **eval_kwargs)
                 row = {"epoch": epoch + 1, "split": split, **m._asdict()}
                 if split == "train":
                     row["svi_loss"] = loss_sum / n  # mean of what the steps minimized
@@ -576,8 +676,21 @@ def fit(
             log.info("epoch %d: %s", epoch + 1, rows)
     if final is None:  # resumed a finished run: report the last recorded metrics
         last = history[-1]
-        final = Metrics(*(last[k] for k in Metrics._fields))
-    return TrainResult(history, final, run_dir)
+        final = Metrics(*(last.get(k) for k in Metrics._fields))
+    return TrainResult(history, final, run_dir, estimator)
+
+
+def _evaluate_split(world: World, model: Callable, guide: Callable, x: torch.Tensor, **kwargs):
+    """:func:`evaluate` of the whole split ``x``, each rank on its rows, sums reduced."""
+    if world.size == 1:
+        return evaluate(model, guide, x, **kwargs)
+
+    def totals(rows: torch.Tensor) -> list[float]:
+        m = evaluate(model, guide, rows, **kwargs)
+        return [m.reconstruction * m.n, m.kl * m.n, m.n]
+
+    recon_sum, kl_sum, n = world.sum_over_shards(totals, x)
+    return Metrics.per_datum(recon_sum, kl_sum, int(n))
 
 
 def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
@@ -592,7 +705,8 @@ def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
 
 #: The columns of ``metrics.csv`` (``metrics.jsonl`` holds the same rows).
 METRICS_COLUMNS = (
-    "epoch", "split", "loss", "elbo", "reconstruction", "kl", "n", "svi_loss", "seconds",
+    "epoch", "split", "loss", "elbo", "elbo_stderr", "reconstruction", "kl", "n", "svi_loss",
+    "seconds",
 )  # fmt: skip
 
 

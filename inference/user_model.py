@@ -141,11 +141,11 @@ def check_user_model(
     Raises:
         DataError: the model or guide raised on ``x`` (one line naming ``data`` and ``spec``).
     """
-    from .train import takes_num_data
+    from .train import default_dtype, takes_num_data
 
     kwargs = {"num_data": x.shape[0]} if takes_num_data(model) else {}
     try:
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), default_dtype(x.dtype):
             with pyro.validation_enabled(True):
                 prior_trace = poutine.trace(model).get_trace(x, **kwargs)
     except ElboLabError:

@@ -33,8 +33,6 @@ from pyro.infer import autoguide
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
-from inference.errors import OptionError
-
 from .plate import data_plate
 from .structure import static_structure as declare_static
 from .vae import mlp
@@ -55,14 +53,11 @@ __all__ = [
 AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
     "AutoDelta": autoguide.AutoDelta,
     "AutoNormal": autoguide.AutoNormal,
+    "AutoDiagonalNormal": autoguide.AutoDiagonalNormal,
     "AutoMultivariateNormal": autoguide.AutoMultivariateNormal,
     "AutoLowRankMultivariateNormal": autoguide.AutoLowRankMultivariateNormal,
     "AutoIAFNormal": autoguide.AutoIAFNormal,
-}
-
-#: What each autoguide's "ELBO" means, for the comparison table.
-AUTOGUIDE_NOTES = {
-    "AutoDelta": "point estimate: its ELBO is log p(x, z*) without the entropy term, not a bound",
+    "AutoLaplaceApproximation": autoguide.AutoLaplaceApproximation,
 }
 
 
@@ -97,7 +92,7 @@ class AmortizedGuide(nn.Module):
     ):
         super().__init__()
         if int(latent_dim) < 1 or int(data_dim) < 1:
-            raise OptionError(
+            raise ValueError(
                 f"guide: data and latent dimensions must be positive, got {data_dim}, {latent_dim}"
             )
         self.data_dim, self.latent_dim = int(data_dim), int(latent_dim)
@@ -195,9 +190,9 @@ class FlowGuide(AmortizedGuide):
     ):
         super().__init__(data_dim, latent_dim, hidden_dims, **kw)
         if self.latent_dim < 2:
-            raise OptionError(f"flow guide: needs latent dimension >= 2, got {self.latent_dim}")
+            raise ValueError(f"flow guide: needs latent dimension >= 2, got {self.latent_dim}")
         if num_flows < 2:
-            raise OptionError(f"flow guide: needs at least 2 transforms, got {num_flows}")
+            raise ValueError(f"flow guide: needs at least 2 transforms, got {num_flows}")
         widths = list(flow_hidden_dims or (4 * self.latent_dim,))
         order = torch.arange(self.latent_dim)
         self.flows = nn.ModuleList(
@@ -231,9 +226,7 @@ def make_guide(
 ) -> AmortizedGuide:
     """An amortized guide of the named family (``diag``, ``full``, ``flow``)."""
     if family not in GUIDE_FAMILIES:
-        raise OptionError(
-            f"--guides: unknown guide {family!r} (choose from {', '.join(GUIDE_FAMILIES)})"
-        )
+        raise ValueError(f"unknown guide {family!r} (choose from {', '.join(GUIDE_FAMILIES)})")
     return GUIDE_FAMILIES[family](data_dim, latent_dim, hidden_dims, **kw)
 
 
@@ -243,7 +236,7 @@ def autoguide_name(name: str) -> str:
     for canonical in AUTOGUIDES:
         if canonical.lower().removeprefix("auto") == wanted:
             return canonical
-    raise OptionError(f"--guides: unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)})")
+    raise ValueError(f"unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)})")
 
 
 def make_autoguide(name: str, model: Callable, **kw) -> autoguide.AutoGuide:

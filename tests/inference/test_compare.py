@@ -219,3 +219,35 @@ def test_cli_compare_user_model(tmp_path, capsys):
     assert az.summary(az.from_netcdf(tmp_path / "out" / "posterior_AutoNormal.nc")).shape[0] == 3
     assert main(argv[:4] + ["diag"] + argv[5:] + ["--force"]) == 2
     assert "amortized encoder" in capsys.readouterr().err
+
+
+def test_rows_carry_the_estimator_and_a_passed_bound_check(regression_comparison):
+    _, comparison, _, _, _ = regression_comparison
+    for row in comparison.rows:
+        # Normal priors: the autoguides' Deltas have no log-Jacobian, meanfield is valid
+        assert row.estimator == "TraceMeanField_ELBO" and row.bounds_ok is True, row
+
+
+def test_a_failing_guide_is_a_failed_row_and_the_others_are_kept():
+    """A NaN in one guide's training does not throw away the guides already compared."""
+
+    calls = []
+
+    def broken_guide(data):  # fine at first, NaN from the fifth call on
+        calls.append(1)
+        loc = pyro.param("broken_loc", torch.zeros(data.shape[1] - 1))
+        pyro.sample("w", dist.Normal(loc * (math.nan if len(calls) > 4 else 1.0), 1.0).to_event(1))
+
+    data = regression_data()
+    config = TrainConfig(epochs=20, batch_size=None, learning_rate=0.05, progress=False)
+    options = CompareConfig(num_samples=50, elbo_particles=10, num_draws=8)
+    comparison = compare(regression, {"AutoNormal": AutoNormal, "broken": broken_guide},
+                         data, config, options)  # fmt: skip
+    ok, broken = comparison.rows
+    assert not ok.failed and math.isfinite(ok.elbo) and ok.bounds_ok
+    assert "loss is nan" in broken.failed and math.isnan(broken.elbo)
+    from inference.compare import format_table
+
+    table = format_table(comparison)
+    assert "| broken | failed |" in table and "broken: training failed: " in table
+    json.dumps(comparison.to_dict())  # NaN-free enough to serialize

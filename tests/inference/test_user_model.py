@@ -96,7 +96,9 @@ def test_evaluate_json_is_the_whole_data_elbo_over_n(user_run, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run_dir), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert set(m) == {"loss", "elbo", "reconstruction", "kl", "n"} and m["n"] == N_TRAIN
+    assert {"loss", "elbo", "elbo_stderr", "reconstruction", "kl", "n"} <= set(m)
+    assert m["n"] == N_TRAIN and m["bounds"]["ok"] and m["estimator"] == "TraceMeanField_ELBO"
+    assert m["pyro_loss"] == pytest.approx(m["loss"], rel=1e-9)  # same noise, same estimator
     assert m["loss"] == pytest.approx(-m["elbo"]) and m["kl"] > 0
     # one ELBO draw of the whole data set, / N: close to log p(y) / N when q is the posterior
     assert m["elbo"] == pytest.approx(exact_log_evidence(train) / N_TRAIN, abs=0.1)

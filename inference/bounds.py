@@ -1,0 +1,208 @@
+"""The inequalities every report is checked against: ELBO <= L_K <= log p(x).
+
+    ELBO = E_q[log p(x, z) - log q(z | x)]  <=  E[L_K]  <=  log p(x)
+
+(Jordan et al. 1999; Burda et al. 2016, Theorem 1). Each is checked within ``z`` standard
+errors of the Monte-Carlo estimates (the exact log p(x) has none). A violation is a bug in
+what produced the number (such as a KL term that drops a log-Jacobian), never a result, and
+is reported as one. A point estimate (a guide whose every latent is a Delta of zero
+log-density, e.g. ``AutoDelta``) bounds nothing: its "ELBO" is log p(x, z*), and it is not
+checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+
+__all__ = ["BoundCheck", "check_bounds", "is_point_estimate"]
+
+#: Standard errors a Monte-Carlo estimate may stray before an inequality counts as violated.
+Z = 5.0
+
+
+class BoundCheck(NamedTuple):
+    """ELBO <= L_K <= log p(x), checked; per datum, nats. ``ok`` is False on any violation."""
+
+    elbo: float
+    elbo_stderr: float | None
+    lk: float
+    lk_stderr: float | None
+    num_samples: int
+    exact_log_px: float | None
+    ok: bool
+    checked: bool  # False for a point estimate, which bounds nothing
+    violations: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self._asdict()
+        d["violations"] = list(self.violations)
+        return d
+
+    def lines(self) -> list[str]:
+        """The check as text: one line, and one marked line per violation."""
+        if not self.checked:
+            return [
+                "  bounds: not checked: the guide is a point estimate, its 'ELBO' is "
+                "log p(x, z*) and bounds nothing"
+            ]
+        exact = "" if self.exact_log_px is None else f" <= exact log p(x) = {self.exact_log_px:.4f}"
+        head = (
+            f"  bounds: ELBO = {self.elbo:.4f}{_pm(self.elbo_stderr)} <= L_{self.num_samples} = "
+            f"{self.lk:.4f}{_pm(self.lk_stderr)}{exact}"
+        )
+        if self.ok:
+            return [f"{head} (ok, within {Z:g} s.e.)"]
+        return [f"{head} (VIOLATED)"] + [f"  !! BOUND VIOLATED: {v}" for v in self.violations]
+
+
+def _pm(se: float | None) -> str:
+    return "" if se is None or not math.isfinite(se) else f" +- {se:.4f}"
+
+
+def _se(*values: float | None) -> float:
+    return math.sqrt(sum(v * v for v in values if v is not None and math.isfinite(v)))
+
+
+def check_bounds(
+    elbo: float,
+    elbo_stderr: float | None,
+    lk: float,
+    lk_stderr: float | None,
+    num_samples: int,
+    exact_log_px: float | None = None,
+    *,
+    point_estimate: bool = False,
+    z: float = Z,
+) -> BoundCheck:
+    """Check ELBO <= L_K and, with the exact value, ELBO <= log p(x) and L_K <= log p(x).
+
+    An inequality a <= b counts as violated when a - b exceeds ``z`` standard errors of the
+    difference (plus float rounding, 1e-6 relative). Standard errors of None (one draw) count
+    as zero.
+    """
+
+    def above(a: float, b: float, se: float) -> bool:
+        return a - b > z * se + 1e-6 * max(1.0, abs(a), abs(b))
+
+    violations = []
+    if not point_estimate:
+        if above(elbo, lk, _se(elbo_stderr, lk_stderr)):
+            violations.append(
+                f"ELBO {elbo:.4f} > L_{num_samples} {lk:.4f} by {elbo - lk:.4f} "
+                f"(more than {z:g} s.e.): the ELBO estimate is not a lower bound"
+            )
+        if exact_log_px is not None:
+            if above(elbo, exact_log_px, _se(elbo_stderr)):
+                violations.append(
+                    f"ELBO {elbo:.4f} > exact log p(x) {exact_log_px:.4f} by "
+                    f"{elbo - exact_log_px:.4f}"
+                )
+            if above(lk, exact_log_px, _se(lk_stderr)):
+                violations.append(
+                    f"L_{num_samples} {lk:.4f} > exact log p(x) {exact_log_px:.4f} by "
+                    f"{lk - exact_log_px:.4f}"
+                )
+    return BoundCheck(
+        elbo=elbo,
+        elbo_stderr=elbo_stderr,
+        lk=lk,
+        lk_stderr=lk_stderr,
+        num_samples=num_samples,
+        exact_log_px=exact_log_px,
+        ok=not violations,
+        checked=not point_estimate,
+        violations=tuple(violations),
+    )
+
+
+@torch.no_grad()
+def is_point_estimate(guide: Callable, *args, **kwargs) -> bool:
+    """Whether every sample site of ``guide`` is a Delta of zero log-density (``AutoDelta``,
+    a MAP guide): q is then a point mass and its "ELBO" is log p(x, z*)."""
+    with torch.random.fork_rng(devices=[]):
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not s["is_observed"]]
+    sites = [s for s in sites if not s["infer"].get("_do_not_trace") and s["fn"] is not None]
+    latent = [s for s in sites if type(s["fn"]).__name__ != "_Subsample"]
+    if not latent:
+        return False
+    for s in latent:
+        fn = s["fn"]
+        while isinstance(fn, dist.Independent | dist.MaskedDistribution):
+            fn = fn.base_dist
+        if not isinstance(fn, dist.Delta):
+            return False
+        if torch.is_tensor(fn.log_density) and bool((fn.log_density != 0).any()):
+            return False
+    return True
+
+
+class CheckedMetrics(NamedTuple):
+    """What a report prints: the ELBO anatomy, Pyro's own loss on the same noise, the bounds."""
+
+    metrics: Any  # inference.train.Metrics, per datum
+    pyro_loss: float  # the estimator's own .loss per datum, same data and noise
+    estimator: str  # the plain estimator name (trace, meanfield)
+    bounds: BoundCheck
+
+
+def checked_metrics(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    estimator: str,
+    batched: bool,
+    num_samples: int = 100,
+    num_particles: int | None = None,
+    exact_log_px: float | None = None,
+    seed: int | None = None,
+) -> CheckedMetrics:
+    """Evaluate ``x`` ``(N, D)`` the way the estimator defines the ELBO, and check the bounds.
+
+    The ELBO is decomposed with the estimator's own KL terms (analytic for ``meanfield``,
+    Monte Carlo for ``trace``), so Pyro's ``.loss`` for the same noise must equal
+    KL - reconstruction; L_K with ``num_samples`` draws (whole split at once; per datum for
+    mini-batched models, whose latents are local) bounds it from above. ``num_particles``
+    defaults to 10 draws per datum for mini-batched models and 100 whole-data draws otherwise,
+    so the ELBO carries a standard error.
+    """
+    from .evidence import iwae
+    from .train import COMPILED, EVAL_SEED, evaluate, pyro_loss, seeded
+
+    seed = EVAL_SEED if seed is None else seed
+    plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(estimator, estimator)
+    particles = num_particles or (10 if batched else 100)
+    batch = 1024 if batched else None
+    metrics = evaluate(
+        model,
+        guide,
+        x,
+        batch_size=batch,
+        analytic_kl=plain == "meanfield",
+        seed=seed,
+        num_particles=particles,
+    )
+    checked = pyro_loss(
+        model, guide, x, batch_size=batch, estimator=plain, seed=seed, num_particles=particles
+    )
+    n = x.shape[0]
+    with seeded(seed + 1):
+        estimate = iwae(model, guide, x, num_samples=num_samples)
+    se = estimate.stderr / n if math.isfinite(estimate.stderr) else None
+    bounds = check_bounds(
+        metrics.elbo,
+        metrics.elbo_stderr,
+        estimate.log_px / n,
+        se,
+        num_samples,
+        exact_log_px,
+        point_estimate=is_point_estimate(guide, x[:batch] if batch else x),
+    )
+    return CheckedMetrics(metrics, checked, plain, bounds)

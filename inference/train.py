@@ -550,14 +550,21 @@ def fit(
             world.seed(config.seed, start_epoch, start_step)
 
     last_checkpoint = time.monotonic()
+    saved_at = (start_epoch, start_step) if resume else None
+
+    def kept() -> str:
+        """Where a run that stops on a fault can be resumed from."""
+        if saved_at is None:
+            return ""
+        return f"; its checkpoint of epoch {saved_at[0]}, step {saved_at[1]} is kept"
 
     def checkpoint(epoch: int, step: int, running: float) -> None:
-        nonlocal last_checkpoint, run_dir, checkpoint_path, publish
+        nonlocal last_checkpoint, run_dir, checkpoint_path, publish, saved_at
         if checkpoint_path is None:
             return
         rng_by_rank = world.all_gather(get_rng_state(), "gathering RNG states")
         running = world.sum([running], "reducing the training loss")[0]
-        last_checkpoint = time.monotonic()
+        last_checkpoint, saved_at = time.monotonic(), (epoch, step)
         if not world.is_writer:
             return
         save_checkpoint(
@@ -613,8 +620,7 @@ def fit(
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise NumericalError(
-                        f"epoch {epoch + 1}, step {step + 1}: loss is {loss_value}; stopped, "
-                        f"the last good checkpoint is kept"
+                        f"epoch {epoch + 1}, step {step + 1}: loss is {loss_value}; stopped{kept()}"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -632,7 +638,7 @@ def fit(
                 if not finite:
                     raise NumericalError(
                         f"epoch {epoch + 1}, step {step + 1}: the gradient is not finite; "
-                        f"stopped before the update, the last good checkpoint is kept"
+                        f"stopped before the update{kept()}"
                     )
                 optimizer.step()
                 loss_sum += loss_value * x.shape[0] / (n if kwargs else x.shape[0])

@@ -360,7 +360,10 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path):
         return vae.model(x, num_data)
 
     config = TrainConfig(epochs=5, batch_size=8, progress=False, checkpoint_every=0)
-    with pytest.raises(NumericalError, match=r"epoch 3, step 3: loss is nan"):
+    with pytest.raises(
+        NumericalError,
+        match=r"epoch 3, step 3: loss is nan; stopped; its checkpoint of epoch 2, step 0 is kept",
+    ):
         fit(model, vae.guide, x, None, config, run_dir=tmp_path)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["position"] == {"epoch": 2, "step": 0, "loss_sum": 0.0}

@@ -396,23 +396,30 @@ def test_sigkill_loop_keeps_checkpoint_and_metrics_consistent_and_resume_bit_ide
     kill_loop_module, tmp_path
 ):
     """Fewer kills than ``python benchmarks/kill_loop.py`` (20), same checks after each."""
-    result = kill_loop_module.kill_loop(tmp_path, kills=4, seed=1, epochs=60, max_delay=0.1)
+    result = kill_loop_module.kill_loop(tmp_path, kills=3, seed=1, epochs=40, max_delay=0.1)
     assert result["parameters_bit_identical"] and result["metrics_identical"], result
     assert result["kills"] + result["finished_before_a_kill"] >= 1
 
 
+@pytest.fixture(scope="module")
+def signal_reference(kill_loop_module, tmp_path_factory):
+    """An uninterrupted run for the signal tests to equal: its training arguments and directory."""
+    km, root = kill_loop_module, tmp_path_factory.mktemp("signals")
+    data = root / "data.npy"
+    np.save(data, (np.random.default_rng(0).random((1000, 16)) > 0.5) * 1.0)
+    train = [*km.TRAIN, "--epochs", "8", "--batch-size", "8", "--data", str(data)]
+    assert km.finish(km.spawn([*train, "--run-dir", str(root / "ref")], root / "log.txt")) == 0
+    return train, root / "ref"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signalled_run_checkpoints_mid_epoch_and_resumes_bit_identical(
-    kill_loop_module, tmp_path, signum
+    kill_loop_module, signal_reference, tmp_path, signum
 ):
     """SIGTERM/SIGINT finish the step, checkpoint (mid-epoch, as a rule), exit 128 + N; resume
     is exact."""
-    km = kill_loop_module
-    data = tmp_path / "data.npy"
-    np.save(data, (np.random.default_rng(0).random((1000, 16)) > 0.5) * 1.0)
-    train = [*km.TRAIN, "--epochs", "4", "--batch-size", "8", "--data", str(data)]
+    km, (train, reference) = kill_loop_module, signal_reference
     log = tmp_path / "log.txt"
-    assert km.finish(km.spawn([*train, "--run-dir", str(tmp_path / "ref")], log)) == 0
     killed = tmp_path / "killed"
     process = km.spawn([*train, "--run-dir", str(killed)], log)
     deadline = time.monotonic() + 60
@@ -425,13 +432,13 @@ def test_signalled_run_checkpoints_mid_epoch_and_resumes_bit_identical(
     assert "interrupted" in log.read_text() and "--resume" in log.read_text()
     position = load_checkpoint(killed / "checkpoint.pt")["position"]
     assert (position["epoch"], position["step"]) > (1, 0)  # written by the handler
-    resume = ["train", "--resume", "--run-dir", str(killed), "--epochs", "4", "--no-progress"]
+    resume = ["train", "--resume", "--run-dir", str(killed), "--epochs", "8", "--no-progress"]
     assert km.finish(km.spawn(resume, log)) == 0, log.read_text()
-    ref, got = (load_checkpoint(d / "checkpoint.pt") for d in (tmp_path / "ref", killed))
+    ref, got = (load_checkpoint(d / "checkpoint.pt") for d in (reference, killed))
     for name in ref["params"]:
         assert torch.equal(ref["params"][name], got["params"][name]), name
     assert km.rows_without_seconds(metrics.read_text()) == km.rows_without_seconds(
-        (tmp_path / "ref" / "metrics.jsonl").read_text()
+        (reference / "metrics.jsonl").read_text()
     )
 
 

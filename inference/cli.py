@@ -6,11 +6,14 @@ Every user mistake ends in one line ``elbo-lab: error: ...`` naming the file or 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +27,17 @@ from .errors import ElboLabError, NumericalError, OptionError, RunError
 from .estimators import COMPILED
 from .io import load_checkpoint
 from .plots import write_training_figures
-from .run import DEFAULT_AUTOGUIDE, DTYPES, MODELS, ModelSpec, build_model, load_run
+from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
+from .run import (
+    DEFAULT_AUTOGUIDE,
+    DTYPES,
+    MODELS,
+    ModelSpec,
+    build_model,
+    check_sources,
+    load_run,
+)
+from .rundir import RunDirectory, refuse_to_replace
 from .train import (
     CHECKPOINT,
     ESTIMATOR_CHOICES,
@@ -39,6 +52,7 @@ from .user_model import (
     guide_label,
     is_user_model,
     load_user_model,
+    model_source_file,
     resolve_model_spec,
     user_model_label,
 )
@@ -68,14 +82,72 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _hidden_dims(text: str) -> tuple[int, ...]:
+def _seconds(text: str) -> float:
     try:
-        dims = tuple(int(t) for t in text.split(",") if t.strip())
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, got {text}")
+    return value
+
+
+#: numpy's global seed (set by pyro.set_rng_seed) takes 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+def _hidden_dims(text: str) -> tuple[int, ...]:
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise argparse.ArgumentTypeError("expected at least one hidden width, got none")
+    try:
+        dims = tuple(int(t) for t in items)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated widths, got {text!r}") from None
     if any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
     return dims
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def _warn(message: str) -> None:
+    print(f"elbo-lab: warning: {message}", file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,12 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="output directory (default: runs/<model>-<data>-seed<seed>)",
     )
-    t.add_argument("--force", action="store_true", help="replace an existing run directory")
     t.add_argument(
-        "--resume", action="store_true", help="continue the run in --run-dir from its checkpoint"
+        "--force",
+        action="store_true",
+        help="replace an existing run directory (an elbo-lab run or an empty directory) once the "
+        "new run has its first checkpoint",
     )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its checkpoint; only --epochs, --lr and "
+        "--clip-norm may change (recorded in config.json)",
+    )
+    t.add_argument(
+        "--checkpoint-every",
+        type=_seconds,
+        default=TrainConfig.checkpoint_every,
+        help="seconds between checkpoints, written at an epoch's end (0: every epoch); also "
+        f"at the start, the end and on SIGINT/SIGTERM ({TrainConfig.checkpoint_every:g})",
+    )
+    _add_allow_changed(t)
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.add_argument("--json", action="store_true", help="print the final report as JSON")
+    t.set_defaults(parser_=t)
 
     e = sub.add_parser(
         "evaluate",
@@ -154,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("run_dir", type=Path, help="a directory written by 'elbo-lab train'")
     e.add_argument("--data", default=None, help="evaluate on other data of the same dimension")
+    _add_allow_changed(e)
     e.add_argument(
         "--json", action="store_true", help="print JSON with keys loss, elbo, reconstruction, kl, n"
     )
@@ -179,9 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="split (test; train for your own model: the data its posterior describes)",
     )
     xp.add_argument("--data", default=None, help="explain other data of the same dimension")
+    _add_allow_changed(xp)
     xp.add_argument("--json", action="store_true", help="print the record as JSON")
     _add_compare_parser(sub)
     return parser
+
+
+def _add_allow_changed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="use a run whose model file or data changed since training (with a warning); "
+        "without it such a run is refused",
+    )
 
 
 def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: str) -> None:
@@ -213,7 +313,10 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     )
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
     p.add_argument(
-        "--seed", type=int, default=0, help=f"random seed{every} (0); same seed, same numbers"
+        "--seed",
+        type=_seed,
+        default=0,
+        help=f"random seed in [0, 2^32 - 1]{every} (0); same seed, same numbers",
     )
     p.add_argument(
         "--estimator",
@@ -345,6 +448,34 @@ def _estimator_label(name: str) -> str:
     return f"{ESTIMATORS[plain].__name__} (JIT-compiled)"
 
 
+#: Options ``--resume`` accepts besides the run directory: documented changes and display.
+RESUME_OPTIONS = {
+    "epochs", "lr", "clip_norm", "checkpoint_every", "jit", "threads", "no_progress", "json",
+    "allow_changed", "resume", "run_dir",
+}  # fmt: skip
+
+
+def _given_options(args, argv: list[str]) -> set[str]:
+    """The destinations of the train options given on the command line (not defaulted)."""
+    sentinel = object()
+    namespace = argparse.Namespace(**{k: sentinel for k in vars(args)})
+    tail = argv[argv.index("train") + 1 :]
+    args.parser_.parse_args(tail, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not sentinel}
+
+
+def _memory_of_model(spec: ModelSpec, data_dim: int) -> int:
+    """Bytes a built-in model's training state needs: parameters, gradients, two Adam moments."""
+    if spec.user_model:
+        return 0
+    itemsize = DTYPES[spec.dtype].itemsize
+    widths = [data_dim, *spec.hidden_dims]
+    encoder = [*widths, 2 * spec.latent_dim]
+    decoder = [spec.latent_dim, *reversed(widths)]
+    count = sum(a * b + b for layers in (encoder, decoder) for a, b in itertools.pairwise(layers))
+    return 4 * count * itemsize
+
+
 def _train(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     data_name = _data_label(args.data)
@@ -353,14 +484,62 @@ def _train(args) -> int:
         guide_name = guide_label(args.guide or DEFAULT_AUTOGUIDE)
         model_name = f"{user_model_label(args.model)}-{guide_name}"
     run_dir = args.run_dir or Path("runs") / f"{model_name}-{data_name}-seed{args.seed}"
-    if args.resume:
-        # A resumed run keeps its stored model, data and options; only --epochs may grow.
+    is_writer = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 owns the directory
+    resume, spec = args.resume, None
+    if resume and (run_dir / CHECKPOINT).exists():  # without one, it starts from scratch
+        refused = sorted(_given_options(args, args.argv_) - RESUME_OPTIONS)
+        if refused:
+            names = ", ".join("--" + k.replace("_", "-") for k in refused)
+            raise OptionError(
+                f"--resume: continues the run with its stored options; {names} cannot change "
+                "(only --epochs, --lr and --clip-norm can)"
+            )
+    if not resume:
+        spec = ModelSpec(
+            model=resolve_model_spec(args.model),
+            data=absolute_data_spec(args.data),
+            latent_dim=args.latent_dim,
+            hidden_dims=args.hidden_dims,
+            device=args.device,
+            dtype=args.dtype,
+            guide=args.guide,
+        )
+        _check_writable(run_dir)
+    owner = None
+    if is_writer:
+        owner = (
+            RunDirectory.open(run_dir) if resume else RunDirectory.create(run_dir, force=args.force)
+        )
+    try:
+        code = _train_owned(args, run_dir, owner, progress, data_name, resume, spec)
+    except BaseException:
+        if owner is not None:
+            owner.close(keep=False)  # a run that never wrote a checkpoint leaves nothing behind
+        raise
+    if owner is not None:
+        owner.close()
+    return code
+
+
+def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int:
+    source = source_sha256 = None
+    if resume and not (run_dir / CHECKPOINT).exists():
+        resume = False  # killed before its first checkpoint: start again, from scratch
+        config = None
+    if resume:
+        # A resumed run keeps its stored model, data and options; --epochs, --lr, --clip-norm
+        # may change (config.json records each change).
         state = load_checkpoint(run_dir / CHECKPOINT)
         try:
             spec = ModelSpec.from_dict(state["metadata"]["model_spec"])
-            config = TrainConfig(
-                **{**state["config"], "epochs": args.epochs, "progress": progress, "jit": args.jit}
-            )
+            changes = {"epochs": args.epochs, "progress": progress, "jit": args.jit}
+            changes["checkpoint_every"] = args.checkpoint_every
+            given = _given_options(args, args.argv_)
+            if "lr" in given:
+                changes["learning_rate"] = args.lr
+            if "clip_norm" in given:
+                changes["clip_norm"] = args.clip_norm
+            config = TrainConfig(**{**state["config"], **changes})
         except (KeyError, TypeError) as exc:
             raise RunError(
                 f"{run_dir / CHECKPOINT}: checkpoint lacks its options ({exc})"
@@ -368,20 +547,20 @@ def _train(args) -> int:
         done = state["position"]["epoch"]
         if args.epochs < done:
             raise OptionError(f"--epochs: {args.epochs} is fewer than the {done} already run")
-    else:
-        if run_dir.exists() and not args.force:
-            raise OptionError(
-                f"--run-dir: {run_dir} exists (use --force to replace it, --resume to continue it)"
-            )
-        spec = ModelSpec(
-            model=resolve_model_spec(args.model),
-            data=args.data,
-            latent_dim=args.latent_dim,
-            hidden_dims=args.hidden_dims,
-            device=args.device,
-            dtype=args.dtype,
-            guide=args.guide,
+        source, source_sha256 = check_sources(
+            state, run_dir, allow_changed=args.allow_changed, warn=_warn
         )
+    else:
+        if spec is None:  # --resume of a run killed before its first checkpoint
+            spec = ModelSpec(
+                model=resolve_model_spec(args.model),
+                data=absolute_data_spec(args.data),
+                latent_dim=args.latent_dim,
+                hidden_dims=args.hidden_dims,
+                device=args.device,
+                dtype=args.dtype,
+                guide=args.guide,
+            )
         batch_size = args.batch_size
         if batch_size is None and not spec.user_model:
             batch_size = 128
@@ -397,15 +576,15 @@ def _train(args) -> int:
             clip_norm=args.clip_norm,
             validate=args.validate,
             progress=progress,
+            checkpoint_every=args.checkpoint_every,
         )
-    _check_writable(run_dir)
     world = init_from_env(spec.device)  # one process, or a rank under torchrun
     device = device_for(spec.device, world)  # cuda -> cuda:LOCAL_RANK
     pyro.clear_param_store()
     if spec.user_model:
         # the model's own arguments (--data FILE.py:NAME, a .npz bound by parameter name, or
         # one array), all of them: a posterior describes the data it conditions on
-        user_model = load_user_model(spec.model)
+        user_model = load_user_model(spec.model, path=source, expected_sha256=source_sha256)
         dataset = load_model_data(spec.data, user_model).to(device, DTYPES[spec.dtype])
         pyro.set_rng_seed(config.seed)
         module, model, guide = build_model(replace(spec, device=device), dataset, user_model)
@@ -417,6 +596,12 @@ def _train(args) -> int:
                 f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in "
                 f"{run_dir} was trained on {spec.data_dim}"
             )
+        need, have = _memory_of_model(spec, dataset.data_dim), available_memory()
+        if have is not None and need > have:
+            raise OptionError(
+                f"--hidden-dims/--latent-dim: the model's parameters, gradients and Adam state "
+                f"need about {_gb(need)}; {_gb(have)} of memory is available"
+            )
         spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
         pyro.set_rng_seed(config.seed)  # network initialization: "same seed, same numbers"
         module, model, guide = build_model(replace(spec, device=device), dataset)
@@ -424,8 +609,11 @@ def _train(args) -> int:
         test_call, split = ModelArgs((dataset.test,), {}), "test"
     if config.batch_size is None and takes_num_data(model):  # mini-batches scale by num_data
         config = replace(config, batch_size=128)
-    if not args.resume and run_dir.exists() and world.is_writer:
-        shutil.rmtree(run_dir)
+    model_file = model_source_file(model) if spec.user_model else None
+    provenance = {
+        "model": file_fingerprint(model_file) if model_file else None,
+        "data": data_fingerprint(spec.data),
+    }
     try:
         result = fit(
             model,
@@ -433,11 +621,12 @@ def _train(args) -> int:
             *train_call.args,
             test=test_call,
             config=config,
-            run_dir=run_dir,
-            resume=args.resume,
-            metadata={"model_spec": spec.to_dict()},
+            run_dir=owner.path if owner is not None else run_dir,
+            resume=resume,
+            metadata={"model_spec": spec.to_dict(), "provenance": provenance},
             handle_signals=True,
             world=world,
+            publish=owner.publish if owner is not None else None,
             **train_call.kwargs,
         )
     except Interrupted as exc:
@@ -453,15 +642,7 @@ def _train(args) -> int:
     shutdown(world)
     if not world.is_writer:  # rank 0 writes the figures and the report
         return 0
-    figures = write_training_figures(
-        run_dir,
-        result.history,
-        module,
-        None if spec.user_model else dataset,
-        seed=config.seed,
-        title=f"{spec.model} on {data_name}",
-    )
-    log.info("figures: %s", ", ".join(str(p) for p in figures))
+    out = args.out_
     # The checks need the estimator's loss on the same noise: shards drew other noise, so
     # rank 0 re-evaluates the whole split; global latents: all rows at once.
     call = train_call if spec.user_model else test_call
@@ -479,7 +660,7 @@ def _train(args) -> int:
     )
     if args.json:
         report = {"run_dir": str(run_dir), "estimator": _estimator_label(result.estimator)}
-        print(json.dumps({**report, split: _report_dict(checked)}, indent=2))
+        print(json.dumps({**report, split: _report_dict(checked)}, indent=2), file=out)
     else:
         if spec.user_model:
             what = f"{spec.model} with {spec.guide} on {spec.data} ({checked.metrics.n} rows"
@@ -491,10 +672,25 @@ def _train(args) -> int:
             )
         print(
             f"Trained {what} for {config.epochs} epochs with "
-            f"{_estimator_label(result.estimator)}; run directory: {run_dir}"
+            f"{_estimator_label(result.estimator)}; run directory: {run_dir}",
+            file=out,
         )
         unit = "point" if spec.user_model else "image"
-        print(sign_report(checked, split, unit))
+        print(sign_report(checked, split, unit), file=out)
+    out.flush()
+    # the report is out: a figure that cannot be written is a warning, not a lost result
+    try:
+        figures = write_training_figures(
+            run_dir,
+            result.history,
+            module,
+            None if spec.user_model else dataset,
+            seed=config.seed,
+            title=f"{spec.model} on {data_name}",
+        )
+        log.info("figures: %s", ", ".join(str(p) for p in figures))
+    except Exception as exc:  # noqa: BLE001 - any failure to draw or write is reported
+        _warn(f"{run_dir}: figures not written ({type(exc).__name__}: {_first_line(exc)})")
     return 0 if checked.bounds.ok else 1
 
 
@@ -517,8 +713,13 @@ def _data_label(data: str) -> str:
     return Path(data.removeprefix("mnist:")).stem
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _evaluate(args) -> int:
-    run = load_run(args.run_dir, data=args.data)
+    run = load_run(args.run_dir, data=args.data, allow_changed=args.allow_changed, warn=_warn)
     # a user model: the rows its guide was fit to, all at once (global latents), / N
     split = run.default_split
     call = run.split(split)
@@ -533,41 +734,79 @@ def _evaluate(args) -> int:
         exact_log_px=_exact_log_px(run.module, call),
         **call.kwargs,
     )
+    out = args.out_
     if args.json:
-        print(json.dumps(_report_dict(c)))
+        print(json.dumps(_report_dict(c)), file=out)
     else:
         unit = "point" if run.spec.user_model else "image"
         kl = "analytic KL" if estimator == "meanfield" else "Monte-Carlo KL"
-        print(f"{args.run_dir}: {split} split, {c.metrics.n} {unit}s, nats per {unit} ({kl})")
+        print(
+            f"{args.run_dir}: {split} split, {c.metrics.n} {unit}s, nats per {unit} ({kl})",
+            file=out,
+        )
         for k in ("loss", "elbo", "reconstruction", "kl"):
-            print(f"  {k:<15} {getattr(c.metrics, k):>10.4f}")
-        print(sign_report(c, split, unit))
+            print(f"  {k:<15} {getattr(c.metrics, k):>10.4f}", file=out)
+        print(sign_report(c, split, unit), file=out)
     return 0 if c.bounds.ok else 1
 
 
 def _explain(args) -> int:
     from .explain import explain
 
-    e = explain(
-        args.run_dir,
-        num_samples=args.num_samples,
-        split=args.split,
-        data=args.data,
-        bound_figure=args.run_dir / "bound.png",
-    )
-    print(json.dumps(e.to_dict(), indent=2) if args.json else e.report())
+    reported = []
+
+    def report(e) -> None:  # printed before the figure is drawn
+        print(json.dumps(e.to_dict(), indent=2) if args.json else e.report(), file=args.out_)
+        args.out_.flush()
+        reported.append(e)
+
+    try:
+        explain(
+            args.run_dir,
+            num_samples=args.num_samples,
+            split=args.split,
+            data=args.data,
+            bound_figure=args.run_dir / "bound.png",
+            allow_changed=args.allow_changed,
+            warn=_warn,
+            max_bytes=available_memory(),
+            on_report=report,
+        )
+    except Exception as exc:
+        if not reported:
+            raise
+        # the report is out: a figure that cannot be written is a warning, not a lost result
+        _warn(
+            f"{args.run_dir / 'bound.png'}: not written ({type(exc).__name__}: {_first_line(exc)})"
+        )
     return 0
 
 
 def _compare(args) -> int:
-    from .compare import CompareConfig, compare_guides, format_table, write_comparison
-
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
     model_name = Path(args.model.rpartition(":")[0]).stem if ":" in args.model else args.model
     out = args.out or Path("runs") / f"compare-{model_name}-{data_name}-seed{args.seed}"
+    if out.is_symlink():
+        raise OptionError(f"--out: {out} is a symbolic link; name the directory itself")
     if out.exists() and not args.force:
         raise OptionError(f"--out: {out} exists (use --force to replace it)")
+    if out.exists():
+        refuse_to_replace(out, "--out", ours=lambda p: (p / "comparison.json").is_file())
     _check_writable(out)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    # written beside, then renamed into place: an error or a kill leaves the old output whole
+    staging = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.new-"))
+    try:
+        code = _compare_into(args, out, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return code
+
+
+def _compare_into(args, out: Path, staging: Path) -> int:
+    from .compare import CompareConfig, compare_guides, format_table, write_comparison
+
     options = CompareConfig(
         num_samples=args.num_samples, elbo_particles=args.elbo_particles, num_draws=args.num_draws
     )
@@ -586,16 +825,25 @@ def _compare(args) -> int:
         device=args.device,
         dtype=args.dtype,
         options=options,
-        out_dir=out,
-        replace=args.force,
+        out_dir=staging,
         progress=sys.stderr.isatty(),
     )
-    write_comparison(comparison, out)
-    if args.json:
-        print(json.dumps({"out": str(out), **comparison.to_dict()}, indent=2))
+    write_comparison(comparison, staging)
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out.name}.old-"))
+        os.rename(out, aside / "out")
+        os.rename(staging, out)
+        shutil.rmtree(aside)  # the replaced comparison, checked above
     else:
-        print(format_table(comparison))
-        print(f"wrote comparison.csv, .json, .md, .png and posterior_<guide>.nc to {out}")
+        os.rename(staging, out)
+    if args.json:
+        print(json.dumps({"out": str(out), **comparison.to_dict()}, indent=2), file=args.out_)
+    else:
+        print(format_table(comparison), file=args.out_)
+        print(
+            f"wrote comparison.csv, .json, .md, .png and posterior_<guide>.nc to {out}",
+            file=args.out_,
+        )
     faults = [r.guide for r in comparison.rows if r.failed or r.bounds_ok is False]
     return 1 if faults else 0
 
@@ -603,20 +851,51 @@ def _compare(args) -> int:
 COMMANDS = {"train": _train, "evaluate": _evaluate, "explain": _explain, "compare": _compare}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
-    )
-    if getattr(args, "threads", None):
-        import torch
+def _os_error(exc: OSError) -> str:
+    """``<path>: <problem>`` for an OSError (ENOSPC, EROFS, EACCES, ENAMETOOLONG, ...)."""
+    path = exc.filename if exc.filename is not None else "elbo-lab"
+    if len(str(path)) > 200:
+        path = f"{str(path)[:100]}...{str(path)[-60:]}"
+    return f"{path}: {exc.strerror or exc}"
 
-        torch.set_num_threads(args.threads)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error is one line on stderr: exit 2 for the user's input and
+    the file system, 1 for faults (a non-finite loss, memory exhausted), 128 + N on signal N."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(name)s: %(message)s",
+        )
+        args.argv_, args.out_ = argv, sys.stdout
+        threads = getattr(args, "threads", None)
+        if threads and threads > available_cores():
+            raise OptionError(
+                f"--threads: {threads} is more than the {available_cores()} cores available"
+            )
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        # what the user's model prints goes to stderr: stdout carries the report (or JSON) only
+        with contextlib.redirect_stdout(sys.stderr):
+            return COMMANDS[args.command](args)
     except ElboLabError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"elbo-lab: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("elbo-lab: error: out of memory", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        print(f"elbo-lab: error: out of memory ({_first_line(exc)[:160]})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("elbo-lab: interrupted", file=sys.stderr)
         return 130

@@ -68,14 +68,22 @@ class Dataset:
         return int(self.train.shape[1])
 
     def to(self, device: str | torch.device, dtype: torch.dtype) -> Dataset:
-        """The same data on ``device`` in ``dtype`` (labels stay int64)."""
+        """The same data on ``device`` in ``dtype`` (labels stay int64).
+
+        Raises:
+            DataError: a value that is finite in float64 overflows ``dtype`` (e.g. 1e39 in
+                float32): the finiteness check holds for the numbers that are trained on.
+        """
+        train, test = (x.to(device=device, dtype=dtype) for x in (self.train, self.test))
+        for split, x in (("train", train), ("test", test)):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise DataError(
+                    f"{self.name}: {bad} {split} value(s) overflow {str(dtype).removeprefix('torch.')}"
+                    " (use --dtype float64 or rescale the data)"
+                )
         return Dataset(
-            self.name,
-            self.train.to(device=device, dtype=dtype),
-            self.test.to(device=device, dtype=dtype),
-            self.image_shape,
-            self.train_labels,
-            self.test_labels,
+            self.name, train, test, self.image_shape, self.train_labels, self.test_labels
         )
 
 
@@ -212,6 +220,8 @@ def load_mnist(directory: str | os.PathLike, binary: bool = True) -> Dataset:
             )
         if len(images) == 0:
             raise DataError(f"{images_path}: zero images")
+        if 0 in images.shape[1:]:
+            raise DataError(f"{images_path}: zero-size images {images.shape[1:]} (no pixels)")
         x = images.reshape(len(images), -1).astype(np.float64) / 255.0
         parts[split] = (binarize(x, DATA_SEED + (split == "test")) if binary else x, labels)
         if split == "test" and images.shape[1:] != shape:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from .batching import takes_num_data
+from .batching import num_rows, takes_num_data
 from .bounds import check_bounds, is_point_estimate
 from .errors import OptionError
 from .evidence import iwae
@@ -166,6 +167,10 @@ def explain(
     chunk_size: int | None = None,
     seed: int = EVAL_SEED,
     bound_figure: str | os.PathLike | None = None,
+    allow_changed: bool = False,
+    warn: Callable[[str], None] | None = None,
+    max_bytes: int | None = None,
+    on_report: Callable[[Explanation], None] | None = None,
 ) -> Explanation:
     """Compute the ELBO anatomy of a trained run on one of its splits.
 
@@ -179,6 +184,12 @@ def explain(
         seed: the noise of every estimate.
         bound_figure: write the per-datum bound picture here as PNG
             (:func:`inference.plots.plot_bound`; models with local latents only).
+        allow_changed, warn: use a run whose model file or data changed since training,
+            reporting it through ``warn`` (:func:`inference.run.check_sources`).
+        max_bytes: refuse (OptionError, with the estimate) when the K x N log-weights would
+            need more memory than this.
+        on_report: called with the result before the figure is drawn, so a figure that fails
+            to be written loses nothing.
 
     Returns:
         An :class:`Explanation` (per-datum values). L_K and the ELBO are computed on the whole
@@ -186,10 +197,20 @@ def explain(
     """
     if split is not None and split not in SPLITS:
         raise OptionError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
-    run = load_run(run_dir, data=data)
+    run = load_run(run_dir, data=data, allow_changed=allow_changed, warn=warn)
     split = split or run.default_split
     call = run.split(split)
     args, kwargs = call.args, call.kwargs
+    n = num_rows(run.model, args, kwargs, None)
+    if n == 0:
+        raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
+    # the (K, N) log-weights, kept in float64 with about as much again for the work in flight
+    need = 2 * num_samples * n * 8
+    if max_bytes is not None and need > max_bytes:
+        raise OptionError(
+            f"--num-samples: K = {num_samples} draws for {n} points need about "
+            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
+        )
     # global latents (a user model, or any model without num_data): all rows at once, as fit
     # trains them; batches would count KL(q(z) || p(z)) once per batch
     batch_size = 1024 if takes_num_data(run.model) and run.batched else None
@@ -200,9 +221,6 @@ def explain(
     metrics = evaluate(
         run.model, run.guide, *args, analytic_kl=estimator == "meanfield", **common, **kwargs
     )
-    n = metrics.n
-    if n == 0:
-        raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
     checked = pyro_loss(run.model, run.guide, *args, estimator=estimator, **common, **kwargs)
     with seeded(seed):
         estimate = iwae(
@@ -246,9 +264,7 @@ def explain(
             f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
-    if bound_figure is not None and estimate.per_datum is not None:
-        _bound_figure(bound_figure, run, args[0], log_w, estimate.per_datum)
-    return Explanation(
+    result = Explanation(
         run_dir=str(run_dir),
         model=run.spec.model,
         guide=run.spec.guide,
@@ -277,6 +293,11 @@ def explain(
         bounds=bounds.to_dict(),
         warnings=tuple(warnings),
     )
+    if on_report is not None:
+        on_report(result)
+    if bound_figure is not None and estimate.per_datum is not None:
+        _bound_figure(bound_figure, run, args[0], log_w, estimate.per_datum)
+    return result
 
 
 def _bound_figure(path, run, x: torch.Tensor, log_w: torch.Tensor, log_px: torch.Tensor) -> None:

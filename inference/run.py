@@ -9,6 +9,8 @@ family of :mod:`models.guides`) or the user's Pyro model ``FILE.py:NAME`` / ``pa
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +23,7 @@ from .batching import ModelArgs
 from .data import Dataset, ModelData, check_support, load_data, load_model_data
 from .errors import OptionError, RunError
 from .io import load_checkpoint
+from .provenance import check_absolute, data_fingerprint, file_fingerprint, verify_fingerprint
 from .train import CHECKPOINT, restore
 from .user_model import (
     check_user_model,
@@ -30,7 +33,15 @@ from .user_model import (
     resolve_model_spec,
 )
 
-__all__ = ["BUILTIN_GUIDE", "MODELS", "LoadedRun", "ModelSpec", "build_model", "load_run"]
+__all__ = [
+    "BUILTIN_GUIDE",
+    "MODELS",
+    "LoadedRun",
+    "ModelSpec",
+    "build_model",
+    "check_sources",
+    "load_run",
+]
 
 #: Model names the command line knows: the Bernoulli VAE, probabilistic PCA, factor analysis.
 MODELS = ("vae", "ppca", "fa")
@@ -170,7 +181,12 @@ class LoadedRun(NamedTuple):
 
 
 def build_model(
-    spec: ModelSpec, data: Dataset | ModelData, model: Any = None
+    spec: ModelSpec,
+    data: Dataset | ModelData,
+    model: Any = None,
+    *,
+    source: str | None = None,
+    source_sha256: str | None = None,
 ) -> tuple[nn.Module | None, Any, Any]:
     """Instantiate the model named by ``spec`` for ``data``; returns (module, model, guide).
 
@@ -178,10 +194,13 @@ def build_model(
     user's own, :func:`~inference.user_model.load_user_guide`) and run once on
     ``data.train`` (:class:`~inference.data.ModelData` already on the run's device and dtype),
     so that a model that rejects the data fails here with a
-    :class:`~inference.errors.DataError`; ``module`` is then None.
+    :class:`~inference.errors.DataError`; ``module`` is then None. ``source`` and
+    ``source_sha256`` import the user model from that file only, if its bytes have that hash
+    (:func:`check_sources`).
     """
     if spec.user_model:
-        model = model if model is not None else load_user_model(spec.model)
+        if model is None:
+            model = load_user_model(spec.model, path=source, expected_sha256=source_sha256)
         guide = load_user_guide(spec.guide, model)
         check_user_model(model, guide, data.train, spec=spec.model, data=spec.data)
         return None, model, guide
@@ -204,8 +223,94 @@ def build_model(
     return module, module.model, module.guide
 
 
-def load_run(run_dir: str | os.PathLike, data: str | None = None) -> LoadedRun:
-    """Rebuild a run from ``run_dir/checkpoint.pt`` (its data, or ``data`` if given)."""
+def check_sources(
+    state: dict[str, Any],
+    run_dir: Path,
+    *,
+    data: str | None = None,
+    allow_changed: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[str | None, str | None]:
+    """Check, before anything is imported, that a run's model file and data are what it was
+    trained on; return the model file to import and its expected hash (None, None: built-in).
+
+    The model is imported only from the absolute path recorded at training time, never from
+    inside ``run_dir`` and never relative to the working directory, and only if its SHA-256 is
+    the recorded one. A changed model or data file is refused, or with ``allow_changed`` reported
+    through ``warn`` (default: :func:`warnings.warn`) and used. ``data`` (other data named by the
+    user) skips the data check.
+
+    Raises:
+        RunError: a relative or in-run-directory path, a missing record, a changed file.
+    """
+    where = str(run_dir / CHECKPOINT)
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+    spec = state["metadata"].get("model_spec", {})
+    provenance = state["metadata"].get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise RunError(f"{where}: incomplete checkpoint (no valid 'provenance' entry)")
+
+    def changed(problem: str) -> None:
+        if not allow_changed:
+            raise RunError(f"{where}: {problem}; refusing (pass --allow-changed to use it anyway)")
+        warn(f"{problem}; using it anyway (--allow-changed)")
+
+    result: tuple[str | None, str | None] = (None, None)
+    if is_user_model(str(spec.get("model", ""))):  # first: it decides what code may run
+        result = _check_model_source(provenance.get("model"), run_dir, where, changed)
+    if data is None and spec.get("data") != "digits":
+        check_absolute("data", str(spec.get("data", "")).removeprefix("mnist:"), where)
+        recorded = provenance.get("data")
+        if recorded is None:
+            changed(f"the data {spec.get('data')} have no recorded hash")
+        else:
+            try:
+                current = data_fingerprint(spec["data"])
+            except OSError:
+                current = None
+            problem = verify_fingerprint("data", recorded, current)
+            if problem:
+                changed(problem)
+    return result
+
+
+def _check_model_source(recorded, run_dir: Path, where: str, changed) -> tuple[str, str | None]:
+    """The recorded model file to import and its expected hash (None once a change is allowed)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
+        raise RunError(f"{where}: the model has no recorded source file")
+    source = check_absolute("model file", recorded["path"], where)
+    resolved = source.resolve()
+    if resolved.is_relative_to(run_dir.resolve()) or source.is_relative_to(run_dir.absolute()):
+        raise RunError(
+            f"{where}: the model file {source} lies inside the run directory; "
+            "a run directory's own code is never imported"
+        )
+    try:
+        current = file_fingerprint(source)
+    except OSError:
+        current = None
+    problem = verify_fingerprint("model file", recorded, current)
+    if problem is None:
+        return str(source), recorded["sha256"]
+    if current is None:
+        raise RunError(f"{where}: {problem}")
+    changed(problem)
+    return str(source), None
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    data: str | None = None,
+    *,
+    allow_changed: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> LoadedRun:
+    """Rebuild a run from ``run_dir/checkpoint.pt`` (its data, or ``data`` if given).
+
+    The checkpoint is read with ``weights_only=True`` and its checksum verified; the model's
+    source and the data are checked against their recorded hashes (:func:`check_sources`)
+    before any user code is imported.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run directory")
@@ -216,11 +321,14 @@ def load_run(run_dir: str | os.PathLike, data: str | None = None) -> LoadedRun:
         raise RunError(
             f"{run_dir / CHECKPOINT}: checkpoint lacks a model description ({exc})"
         ) from None
+    source, source_sha256 = check_sources(
+        state, run_dir, data=data, allow_changed=allow_changed, warn=warn
+    )
     if data is not None:
         spec = ModelSpec.from_dict({**spec.to_dict(), "data": data})
     pyro.clear_param_store()
     if spec.user_model:
-        model = load_user_model(spec.model)
+        model = load_user_model(spec.model, path=source, expected_sha256=source_sha256)
         user_data = load_model_data(spec.data, model).to(spec.device, DTYPES[spec.dtype])
         _, model, guide = build_model(spec, user_data, model)
         # a user model's parameters may depend on the rows it sees: rebuild them on all of them
@@ -240,6 +348,6 @@ def load_run(run_dir: str | os.PathLike, data: str | None = None) -> LoadedRun:
             f"was trained on {spec.data_dim}"
         )
     dataset = dataset.to(spec.device, DTYPES[spec.dtype])
-    module, model, guide = build_model(spec, dataset)
+    module, model, guide = build_model(spec, dataset, source=source, source_sha256=source_sha256)
     restore(model, guide, dataset.train[:2], state=state, source=str(run_dir / CHECKPOINT))
     return LoadedRun(spec, module, model, guide, dataset, state)

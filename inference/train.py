@@ -15,6 +15,7 @@ After each epoch the train and test splits are evaluated with :func:`inference.e
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -38,7 +39,7 @@ from .distributed import World, current_world
 from .elbo import decompose, meanfield_violations
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
-from .io import load_checkpoint, save_checkpoint, write_csv, write_json, write_jsonl
+from .io import MetricsLog, load_checkpoint, save_checkpoint, write_json
 
 __all__ = [
     "ESTIMATORS",
@@ -99,6 +100,10 @@ class TrainConfig:
     # about EVALUATIONS_PER_RUN times per run (an epoch is one step for full-batch models)
     eval_particles: int = 10  # draws per evaluation of a model with global latents
     progress: bool = True
+    checkpoint_every: float = 30.0  # seconds between checkpoints (0: every epoch), and the last
+
+    #: Options a resumed run may change; each change is recorded in config.json.
+    RESUMABLE_CHANGES = ("epochs", "learning_rate", "clip_norm")
 
     def __post_init__(self):
         for name in ("epochs", "num_particles", "eval_particles"):
@@ -130,6 +135,15 @@ class TrainConfig:
             )
         if self.jit not in JIT_MODES:
             raise OptionError(f"--jit: must be one of {', '.join(JIT_MODES)}, got {self.jit!r}")
+        if not (
+            isinstance(self.checkpoint_every, float | int)
+            and math.isfinite(self.checkpoint_every)
+            and self.checkpoint_every >= 0
+        ):
+            raise OptionError(
+                f"--checkpoint-every: must be a non-negative number of seconds, "
+                f"got {self.checkpoint_every!r}"
+            )
 
 
 class Metrics(NamedTuple):
@@ -508,6 +522,7 @@ def _step(
     *,
     clip_norm: float | None,
     where: str,
+    kept: str = "",
     world: World | None = None,
     weight: float = 1.0,
     stop: bool = False,
@@ -517,9 +532,7 @@ def _step(
     loss = state.loss_fn(*args, **kwargs)
     loss_value = loss.item()
     if not math.isfinite(loss_value):
-        raise NumericalError(
-            f"{where}: loss is {loss_value}; stopped, the last good checkpoint is kept"
-        )
+        raise NumericalError(f"{where}: loss is {loss_value}; stopped{kept}")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if world is not None:
@@ -532,8 +545,7 @@ def _step(
         finite = _all_finite([p.grad for p in state.params if p.grad is not None])
     if not finite:
         raise NumericalError(
-            f"{where}: the gradient is not finite; stopped before the update, "
-            "the last good checkpoint is kept"
+            f"{where}: the gradient is not finite; stopped before the update{kept}"
         )
     state.optimizer.step()
     return StepInfo(loss_value), stop
@@ -568,6 +580,7 @@ def fit(
     metadata: Mapping[str, Any] | None = None,
     handle_signals: bool = False,
     world: World | None = None,
+    publish: Callable[[], Path] | None = None,
     **kwargs,
 ) -> TrainResult:
     """Train ``guide`` (and the model's parameters) by SVI on the model's own arguments.
@@ -588,9 +601,12 @@ def fit(
     "epoch" is one pass over the rows: one step at full batch.
 
     After every ``config.eval_every`` epochs (default: about 20 times per run) the training
-    data (and ``test``) are evaluated and appended to the history; with ``run_dir`` they are
-    written to ``metrics.jsonl``/``metrics.csv`` with an atomic checkpoint (parameters,
-    optimizer, config, RNG state, position).
+    data (and ``test``) are evaluated and appended to the history; with ``run_dir`` the rows
+    are appended to ``metrics.jsonl``/``metrics.csv``. An atomic checkpoint (parameters,
+    optimizer, config, RNG state, position, the metrics files' lengths) follows before the
+    first step, every ``config.checkpoint_every`` seconds at an epoch's end, at the
+    end, and on SIGINT/SIGTERM. Rows go to disk before the checkpoint that covers them; a resume
+    cuts rows written after its checkpoint, so files and checkpoint describe the same step.
 
     Args:
         model, guide: Pyro functions of the same arguments with matching sample sites.
@@ -600,12 +616,15 @@ def fit(
             :class:`~inference.batching.ModelArgs`; None skips test metrics.
         batching: how mini-batches are cut (:class:`~inference.batching.Batching`).
         run_dir: where metrics and checkpoints go (created if missing).
-        resume: continue from ``run_dir/checkpoint.pt`` (same config required).
+        resume: continue from ``run_dir/checkpoint.pt`` (same config required, except for
+            :attr:`TrainConfig.RESUMABLE_CHANGES`, recorded in ``config.json``).
         metadata: JSON-able facts stored with the checkpoint (e.g. how to rebuild the model).
         handle_signals: on SIGINT/SIGTERM finish the step, checkpoint, raise :class:`Interrupted`.
         world: the data-parallel ranks (:mod:`inference.distributed`); default: the initialized
             process group, else one process. Each rank steps on its shard of every global batch,
             gradients and metrics are reduced across ranks, and rank 0 alone writes files.
+        publish: called once after the first checkpoint is written; returns the directory the
+            run continues in (``elbo-lab train --force`` renames its new run over the old here).
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last evaluation's test metrics (train if no
@@ -654,15 +673,23 @@ def fit(
 
     history: list[dict[str, Any]] = []
     start_epoch, start_step, loss_sum = 0, 0, 0.0
+    metrics_log = MetricsLog(run_dir, METRICS_COLUMNS) if run_dir is not None else None
     if resume:
         if checkpoint_path is None:
             raise OptionError("--resume needs a run directory")
         saved = load_checkpoint(checkpoint_path)
-        if saved["config"] != _config_for_checkpoint(config):
+        stored, current = saved["config"], _config_for_checkpoint(config)
+        fixed = [k for k in current if k not in TrainConfig.RESUMABLE_CHANGES]
+        if any(stored.get(k) != current[k] for k in fixed):
             raise RunError(f"{checkpoint_path}: its training options differ from this run's")
         _copy_params(names, params, saved, checkpoint_path)
         optimizer.load_state_dict(saved["optimizer"])
-        history = list(saved["history"])
+        for group in optimizer.param_groups:  # a changed --lr applies from here on
+            group["lr"] = config.learning_rate
+        if world.is_writer:  # rows written after the checkpoint go: they are recomputed
+            history = metrics_log.truncate(saved["metrics"])
+        else:
+            history = metrics_log.read(saved["metrics"])
         start_epoch, start_step = saved["position"]["epoch"], saved["position"]["step"]
         loss_sum = saved["position"]["loss_sum"] if world.is_writer else 0.0  # a global sum
         rng = world.rng_state(saved)
@@ -671,11 +698,22 @@ def fit(
         else:  # written by a world of another size: this rank's stream is derived afresh
             world.seed(config.seed, start_epoch, start_step)
 
+    last_checkpoint = time.monotonic()
+    saved_at = (start_epoch, start_step) if resume else None
+
+    def kept() -> str:
+        """Where a run that stops on a fault can be resumed from."""
+        if saved_at is None:
+            return ""
+        return f"; its checkpoint of epoch {saved_at[0]}, step {saved_at[1]} is kept"
+
     def checkpoint(epoch: int, step: int, running: float) -> None:
+        nonlocal last_checkpoint, run_dir, checkpoint_path, publish, saved_at
         if checkpoint_path is None:
             return
         rng_by_rank = world.all_gather(get_rng_state(), "gathering RNG states")
         running = world.sum([running], "reducing the training loss")[0]
+        last_checkpoint, saved_at = time.monotonic(), (epoch, step)
         if not world.is_writer:
             return
         save_checkpoint(
@@ -688,16 +726,21 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "rng": rng_by_rank[0],
                 "position": {"epoch": epoch, "step": step, "loss_sum": running},
-                "history": history,
+                "metrics": metrics_log.offsets(),
                 **({"rng_by_rank": rng_by_rank} if world.size > 1 else {}),
             },
         )
+        if publish is not None:  # the run now has a checkpoint: it may take its final place
+            run_dir, publish = publish(), None
+            checkpoint_path, metrics_log.run_dir = run_dir / CHECKPOINT, run_dir
 
     if run_dir is not None and world.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(
-            run_dir / "config.json", {"train": asdict(config), "metadata": dict(metadata or {})}
-        )
+        _write_config(run_dir, config, metadata, (start_epoch, start_step), resume)
+        if not resume:
+            metrics_log.reset()
+    if not resume:
+        checkpoint(0, 0, 0.0)  # before the first step: a run directory always has one
 
     splits = [("train", ModelArgs(tuple(args), dict(kwargs))), ("test", test_args)]
     steps_per_epoch = math.ceil(n / batch)
@@ -730,6 +773,7 @@ def fit(
                         call.kwargs,
                         clip_norm=config.clip_norm,
                         where=f"epoch {epoch + 1}, step {step_index + 1}",
+                        kept=kept(),
                         world=world,
                         weight=mine.shape[0] / batch_rows.shape[0],
                         stop=flag.signum is not None,
@@ -758,10 +802,16 @@ def fit(
             history.extend(rows)
             loss_sum = 0.0
             if run_dir is not None and world.is_writer:
-                write_jsonl(run_dir / "metrics.jsonl", history)
-                write_csv(run_dir / "metrics.csv", [_flat(r) for r in history])
-            checkpoint(epoch + 1, 0, 0.0)
-            if world.any(flag.signum is not None) and epoch + 1 < config.epochs:
+                metrics_log.append(rows)  # before the checkpoint that covers them
+            stopping = world.any(flag.signum is not None)
+            due = time.monotonic() - last_checkpoint >= config.checkpoint_every
+            if (
+                stopping
+                or epoch + 1 == config.epochs
+                or (checkpoint_path is not None and world.any(due, "agreeing to checkpoint"))
+            ):
+                checkpoint(epoch + 1, 0, 0.0)
+            if stopping and epoch + 1 < config.epochs:
                 raise Interrupted(flag.signum or signal.SIGTERM, f"the end of epoch {epoch + 1}")
             if rows:
                 bar.set_postfix(elbo=f"{rows[-1]['elbo']:.2f}")
@@ -794,28 +844,47 @@ def _evaluate_split(
 
 
 def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
-    """The options that determine the numbers (progress bar and epochs excluded)."""
+    """The options that determine the numbers (progress bar, epochs and cadence excluded)."""
     d = asdict(config)
     d.pop("progress")
     d.pop("epochs")
+    d.pop("checkpoint_every")
     d.pop("jit")  # compiled or not, the same estimator: a run may resume either way
     return d
 
 
-def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
-    keys = (
-        "epoch",
-        "split",
-        "loss",
-        "elbo",
-        "elbo_stderr",
-        "reconstruction",
-        "kl",
-        "n",
-        "svi_loss",
-        "seconds",
-    )
-    return {k: row.get(k, "") for k in keys}
+#: The columns of ``metrics.csv`` (``metrics.jsonl`` holds the same rows).
+METRICS_COLUMNS = (
+    "epoch", "split", "loss", "elbo", "elbo_stderr", "reconstruction", "kl", "n", "svi_loss",
+    "seconds",
+)  # fmt: skip
+
+
+def _write_config(
+    run_dir: Path,
+    config: TrainConfig,
+    metadata: Mapping[str, Any] | None,
+    position: tuple[int, int],
+    resume: bool,
+) -> None:
+    """``config.json``: the options in force, and every change a resume made to them
+    (:attr:`TrainConfig.RESUMABLE_CHANGES`, with the epoch and step it applies from)."""
+    record = {"train": asdict(config), "metadata": dict(metadata or {}), "changes": []}
+    if resume:
+        try:
+            old = json.loads((run_dir / "config.json").read_text())
+            record["changes"], before = list(old["changes"]), dict(old["train"])
+        except (OSError, ValueError, KeyError, TypeError):
+            before = {}
+        changes = {
+            k: [before.get(k), record["train"][k]]
+            for k in TrainConfig.RESUMABLE_CHANGES
+            if k in before and before[k] != record["train"][k]
+        }
+        if changes:
+            epoch, step = position
+            record["changes"].append({"epoch": epoch, "step": step, "changed": dict(changes)})
+    write_json(run_dir / "config.json", record)
 
 
 def restore(

@@ -9,6 +9,7 @@ latents are global: ELBO and L_K are then whole-data values, reported divided by
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -20,13 +21,14 @@ import pyro
 import torch
 from pyro import poutine
 
-from .errors import DataError, ElboLabError, OptionError
+from .errors import DataError, ElboLabError, OptionError, RunError
 
 __all__ = [
     "check_user_model",
     "guide_label",
     "load_user_guide",
     "load_user_object",
+    "model_source_file",
     "is_user_model",
     "load_user_model",
     "resolve_model_spec",
@@ -58,26 +60,42 @@ def user_model_label(spec: str) -> str:
     return f"{stem}.{name}"
 
 
-def load_user_object(spec: str, option: str = "--model") -> Any:
+def load_user_object(
+    spec: str,
+    option: str = "--model",
+    *,
+    path: str | None = None,
+    expected_sha256: str | None = None,
+) -> Any:
     """The object ``NAME`` from ``FILE.py:NAME`` or ``package.module:NAME``; ``NAME`` may be a
     dotted path into it (``FILE.py:vae.guide`` is the ``guide`` method of the module-level
     ``vae``, as in Pyro's VAE tutorial).
 
+    ``path`` imports from that file whatever the spec names (a run directory's recorded
+    source). With ``expected_sha256`` (its recorded hash) the file's bytes are read once,
+    hashed and, only if the hash matches, compiled and run: the code imported is the code
+    checked.
+
     Raises:
-        OptionError: malformed spec, missing file or module, import failure, missing attribute
-            (one line naming ``option`` and the spec).
+        OptionError: malformed spec, missing file or module, import failure (or ``sys.exit``),
+            missing attribute (one line naming ``option`` and the spec).
+        RunError: the file's hash differs from ``expected_sha256``.
     """
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not all(part.isidentifier() for part in name.split(".")):
         raise OptionError(f"{option}: expected FILE.py:NAME or package.module:NAME, got {spec!r}")
-    if _is_file_spec(source):
-        path = Path(source)
-        if not path.is_file():
-            raise OptionError(f"{option}: {path}: no such file")
-        module = _import_file(path, option)
+    if path is not None or _is_file_spec(source):
+        file = Path(source) if path is None else Path(path)
+        if not file.is_file():
+            raise OptionError(f"{option}: {file}: no such file")
+        module = _import_file(file, option, expected_sha256)
     else:
         try:
             module = importlib.import_module(source)
+        except SystemExit as exc:
+            raise OptionError(
+                f"{option}: {source!r} called sys.exit({exc.code!r}) at import"
+            ) from None
         except Exception as exc:
             raise OptionError(
                 f"{option}: cannot import {source!r} ({type(exc).__name__}: {_first_line(exc)})"
@@ -90,9 +108,14 @@ def load_user_object(spec: str, option: str = "--model") -> Any:
     return value
 
 
-def _import_file(path: Path, option: str) -> Any:
-    """Import a user's file once per process (the model, guide and data may share it)."""
-    module_name = f"elbo_lab_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+def _import_file(path: Path, option: str, expected_sha256: str | None = None) -> Any:
+    """Import a user's file once per process (model, guide and data may share it), from the
+    bytes whose hash was checked; no ``__pycache__`` is written beside it."""
+    source_bytes = path.read_bytes()
+    digest = hashlib.sha256(source_bytes).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise RunError(f"{path}: the model file changed since training; not imported")
+    module_name = f"elbo_lab_user_{path.stem}_{digest[:16]}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -100,24 +123,26 @@ def _import_file(path: Path, option: str) -> Any:
         raise OptionError(f"{option}: {path}: cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
-    # no __pycache__ beside the user's file: elbo-lab writes only to its run directories
-    dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:
+        exec(compile(source_bytes, str(path), "exec"), module.__dict__)
+    except (Exception, SystemExit) as exc:
         sys.modules.pop(module_name, None)
-        raise OptionError(
-            f"{option}: {path}: failed to import ({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
-    finally:
-        sys.dont_write_bytecode = dont_write_bytecode
+        what = (
+            f"called sys.exit({exc.code!r}) at import"
+            if isinstance(exc, SystemExit)
+            else f"failed to import ({type(exc).__name__}: {_first_line(exc)})"
+        )
+        raise OptionError(f"{option}: {path}: {what}") from None
     return module
 
 
-def load_user_model(spec: str) -> Callable:
+def load_user_model(
+    spec: str, *, path: str | None = None, expected_sha256: str | None = None
+) -> Callable:
     """The model ``NAME`` from ``FILE.py:NAME`` or ``package.module:NAME`` (a function, a
-    ``PyroModule``, or a bound ``model`` method such as ``FILE.py:vae.model``)."""
-    fn = load_user_object(spec, "--model")
+    ``PyroModule``, or a bound ``model`` method such as ``FILE.py:vae.model``); ``path`` and
+    ``expected_sha256`` as in :func:`load_user_object`."""
+    fn = load_user_object(spec, "--model", path=path, expected_sha256=expected_sha256)
     if not callable(fn):
         raise OptionError(f"--model: {spec} is not callable")
     return fn
@@ -152,6 +177,13 @@ def load_user_guide(spec: str, model: Callable, option: str = "--guide") -> Call
 def guide_label(spec: str) -> str:
     """A guide's short name: the autoguide's, or ``NAME`` of ``FILE.py:NAME``."""
     return spec.rpartition(":")[2] if is_user_model(spec) else spec
+
+
+def model_source_file(fn: Callable) -> str | None:
+    """The absolute path of the file that defines ``fn`` (what a run records and re-imports)."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    return str(Path(path).resolve()) if path else None
 
 
 def _first_line(exc: BaseException) -> str:

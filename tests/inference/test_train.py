@@ -115,7 +115,8 @@ def test_every_row_satisfies_the_sign_identities(small, tmp_path):
     assert config["train"]["epochs"] == 2 and config["train"]["batch_size"] == 64
     state = load_checkpoint(tmp_path / CHECKPOINT)
     assert state["position"] == {"epoch": 2, "step": 0, "loss_sum": 0.0}
-    assert state["history"] == result.history
+    # the checkpoint covers exactly the rows on disk: their lengths are recorded in it
+    assert state["metrics"]["metrics.jsonl"] == (tmp_path / "metrics.jsonl").stat().st_size
     for name, value in zip(state["param_names"], state["params"].values(), strict=True):
         assert torch.equal(value, pyro.get_param_store().get_param(name).detach()), name
 

@@ -824,9 +824,10 @@ def _reference(fn: Callable, script: str | None) -> str | None:
 
 
 def _guide_reference(guide: Callable, model: Callable, script: str | None) -> str | None:
-    """``autoguide:AutoNormal`` for a Pyro autoguide of the model, else as :func:`_reference`."""
+    """``autoguide:AutoNormal`` for a Pyro autoguide (of the model it is paired with), else as
+    :func:`_reference`."""
     if isinstance(guide, AutoGuide):
-        if type(guide).__module__.startswith("pyro.infer.autoguide") and guide.model is model:
+        if type(guide).__module__.startswith("pyro.infer.autoguide"):
             return f"autoguide:{type(guide).__name__}"
         return None
     return _reference(guide, script)
@@ -859,10 +860,11 @@ def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> s
     missing = [f["name"] for f in fits if not f.get("model_ref") or not f.get("guide_ref")]
     if not fits or missing or not (run_dir / STATE).exists():
         script = Path(summary.get("script") or "the script").name
+        what = ", ".join(missing) if missing else "its SVI objects"
         raise RunError(
-            f"{run_dir}: the model and guide of {', '.join(missing) or 'this run'} are defined "
-            f"in {script}'s own body (or as methods), so they cannot be rebuilt without running "
-            f"it again; its report is {run_dir / REPORT}"
+            f"{run_dir}: written by 'elbo-lab watch {script}'; the model and guide of {what} "
+            f"live in the script's own body (or are methods), so they cannot be rebuilt without "
+            f"running it again; its report is in {run_dir / REPORT}"
         )
     state = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
     config = WatchConfig(**{**summary["config"], "num_samples": num_samples, "progress": False})

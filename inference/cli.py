@@ -196,7 +196,7 @@ def _add_watch_parser(sub) -> None:
         "--every",
         type=_positive_int,
         default=None,
-        help="decompose every N-th step (default: adaptive, observing costs at most 5%% of the "
+        help="decompose every N-th step (default: adaptive, observing costs at most 4%% of the "
         "steps' time)",
     )
     w.add_argument(

@@ -73,6 +73,9 @@ METRICS, LOSSES, STATE, SUMMARY, REPORT = (
     "report.txt",
 )
 
+#: Rows are written out at least this often while the script runs.
+FLUSH_SECONDS = 10.0
+
 #: A finite plate nesting for the checking estimator: with Pyro's default (inf) it first runs
 #: model and guide once to guess the nesting, which draws noise the decomposition did not.
 _KNOWN_NESTING = 1000
@@ -93,7 +96,7 @@ class WatchConfig:
     """
 
     every: int | None = None
-    budget: float = 0.05
+    budget: float = 0.04
     num_particles: int = 16
     num_samples: int = 1000
     progress: bool = False
@@ -133,6 +136,7 @@ class WatchedFit(NamedTuple):
     elbo_mc_stderr: float | None
     num_samples: int
     seconds: float
+    observe_seconds: float
     note: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +364,7 @@ class Watch:
             return
         finally:
             tracked.observe_seconds += time.perf_counter() - start
+        start = time.perf_counter()
         tracked.rows.append(self._row(tracked, d))
         tracked.since_row = []
         if self._bar is not None:
@@ -368,8 +373,9 @@ class Watch:
                 f"± {d.elbo_stderr:.2g}, loss = -ELBO = {d.loss:.4g}",
                 refresh=False,
             )
-        if time.perf_counter() - self._last_flush > 10.0:
+        if start - self._last_flush > FLUSH_SECONDS:  # rows so far survive a crash
             self._write_rows()
+        tracked.observe_seconds += time.perf_counter() - start
 
     def _row(self, tracked: _Tracked, d: ElboDecomposition) -> dict[str, Any]:
         since = tracked.since_row or tracked.losses[-1:]
@@ -458,6 +464,7 @@ class Watch:
             elbo_mc_stderr=elbo_mc_stderr,
             num_samples=self.config.num_samples,
             seconds=tracked.step_seconds,
+            observe_seconds=tracked.observe_seconds,
             note=note,
         )
 
@@ -689,7 +696,11 @@ def _num_rows(args: tuple) -> int:
 
 def _fit_report(fit: WatchedFit) -> list[str]:
     d = fit.decomposition
-    head = f"{fit.name} ({fit.estimator}, {fit.steps} steps, {fit.rows} rows)"
+    share = fit.observe_seconds / fit.seconds if fit.seconds > 0 else math.nan
+    head = (
+        f"{fit.name} ({fit.estimator}, {fit.steps} steps, {fit.rows} rows; observing took "
+        f"{share:.1%} of the steps' time)"
+    )
     if d is None:
         return [f"{head}: last svi.step() = {fit.last_loss:.4f}; {fit.note}"]
     unit = "nats"

@@ -253,3 +253,23 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="--every"):
         WatchConfig(every=0)
     assert math.isfinite(WatchConfig().budget)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["watch", "no_such_script.py"], "no_such_script.py: no such script"),
+        (["watch", "--every", "0", "x.py"], "--every: must be a positive integer"),
+        (["watch", "--run-dir", "{existing}", str(SCRIPTS / "coin.py")], "exists (use --force"),
+    ],
+    ids=["missing-script", "bad-every", "existing-run-dir"],
+)
+def test_watch_mistakes_are_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{existing}", str(tmp_path)) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err

@@ -18,5 +18,5 @@ if __name__ == "__main__":
     pyro.set_rng_seed(0)
     x = torch.randn(30) + 2.0
     svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.1}), TraceMeanField_ELBO())
-    for step in range(100):
+    for _ in range(100):
         svi.step(x)

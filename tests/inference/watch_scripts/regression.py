@@ -46,4 +46,4 @@ for j in range(num_iterations):
 
 guide.requires_grad_(False)
 for name, value in pyro.get_param_store().items():
-    print(name, pyro.param(name))
+    print(name, value.data)

@@ -179,13 +179,9 @@ def _estimator(loss: Any) -> tuple[str, bool | None]:
     name = type(loss).__name__ if hasattr(loss, "loss") else getattr(loss, "__name__", "loss")
     if isinstance(loss, TraceMeanField_ELBO):
         return name, True
-    if isinstance(loss, Trace_ELBO | TraceGraph_ELBO) and not _enumerates(loss):
+    if isinstance(loss, Trace_ELBO | TraceGraph_ELBO):  # TraceEnum_ELBO is neither
         return name, False
     return name, None
-
-
-def _enumerates(loss: Any) -> bool:
-    return "Enum" in type(loss).__name__
 
 
 def _guide_name(guide: Callable) -> str:
@@ -248,12 +244,15 @@ class Watch:
         try:
             if not self.failed:
                 self._finish()
-        except Exception as exc:  # a fault of observation never becomes the script's
-            log.warning("watch: the report could not be completed: %s: %s", type(exc).__name__, exc)
+        except Exception as error:  # a fault of observation never becomes the script's
+            log.warning("watch: the report is incomplete: %s: %s", type(error).__name__, error)
         finally:
             if self._bar is not None:
                 self._bar.close()
-            self._write_rows()
+            try:
+                self._write_rows()
+            except OSError as error:
+                log.warning("watch: rows not written: %s", error)
 
     def _patch(self, cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
         original = cls.__dict__[name]
@@ -730,7 +729,10 @@ def _fit_report(fit: WatchedFit) -> list[str]:
             f"  log p(x) >= L_{fit.num_samples} = {fit.log_px:.4f} ± {fit.log_px_stderr:.4f}; "
             f"ELBO from the same draws = {fit.elbo_mc:.4f} ± {fit.elbo_mc_stderr:.4f}",
             f"  gap L_K - ELBO = {gap:.4f} ± {gap_se:.4f} >= 0, read as KL(q(z|x) || p(z|x)) "
-            "(a lower bound on it)",
+            "(a lower bound on it)"
+            if gap > -3 * gap_se
+            else f"  gap L_K - ELBO = {gap:.4f} ± {gap_se:.4f}: L_K lies below the ELBO by more "
+            "than 3 s.e. (CHECK FAILED: ELBO <= L_K must hold)",
         ]
     if fit.note:
         lines.append(f"  note: {fit.note}")

@@ -521,7 +521,8 @@ def _explain(args) -> int:
     from .watch import SUMMARY, explain_watched
 
     if (args.run_dir / SUMMARY).is_file():  # written by 'elbo-lab watch'
-        print(explain_watched(args.run_dir, num_samples=args.num_samples))
+        w = explain_watched(args.run_dir, num_samples=args.num_samples)
+        print(json.dumps([f.to_dict() for f in w.fits], indent=2) if args.json else w.report())
         return 0
 
     e = explain(

@@ -214,6 +214,7 @@ class Watch:
         self.script = None if script is None else str(Path(script).resolve())
         self.fits: tuple[WatchedFit, ...] = ()
         self.failed = False
+        self.rebuilt_from: Path | None = None  # set by explain_watched
         self._tracked: dict[int, _Tracked] = {}
         self._busy = False
         self._saved: list[tuple[type, str, Any]] = []
@@ -489,10 +490,13 @@ class Watch:
     def report(self) -> str:
         """The sign convention in the script's own numbers, one block per SVI object."""
         where = f" in {Path(self.script).name}" if self.script else ""
-        lines = [
+        lines = []
+        if self.rebuilt_from is not None:
+            lines.append(f"{self.rebuilt_from}: model and guide rebuilt, parameters restored")
+        lines.append(
             f"Watched {len(self.fits)} SVI object{'s' if len(self.fits) != 1 else ''}{where}"
             + (f"; run directory: {self.run_dir}" if self.run_dir else "")
-        ]
+        )
         for fit in self.fits:
             lines.append("")
             lines += _fit_report(fit)
@@ -856,8 +860,9 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> str:
-    """Rebuild the model and guide of each SVI object of a watched run and report on them again.
+def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> Watch:
+    """Rebuild the model and guide of each SVI object of a watched run and evaluate them again
+    on their last step's arguments: a :class:`Watch` whose ``fits`` and ``report()`` say it.
 
     Raises:
         RunError: the run's model or guide lived in the script's own body (or a method, or a
@@ -909,4 +914,5 @@ def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> s
         fit = w._final(tracked)
         fits_out.append(fit._replace(steps=f["steps"], rows=f["rows"]))
     w.fits = tuple(fits_out)
-    return f"{run_dir}: rebuilt from {Path(summary['script']).name}\n" + w.report()
+    w.rebuilt_from = run_dir
+    return w

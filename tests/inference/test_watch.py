@@ -225,8 +225,8 @@ def test_explain_rebuilds_a_guarded_script_and_declines_an_unguarded_one(tmp_pat
     with Watch(run_dir, WatchConfig(every=50, num_samples=500), script=script) as w:
         run_script(script, [])
     (fit,) = w.fits
-    text = explain_watched(run_dir, num_samples=500)
-    assert "rebuilt from guarded.py" in text and "(ok)" in text
+    text = explain_watched(run_dir, num_samples=500).report()
+    assert "model and guide rebuilt" in text and "(ok)" in text
     # the evidence in closed form: x ~ N(0, I + 100 11^T)
     x = torch.load(run_dir / "watch_state.pt", weights_only=True)["AutoNormal"]["args"][0]
     cov = torch.eye(30, dtype=torch.float64) + 100.0
@@ -236,6 +236,10 @@ def test_explain_rebuilds_a_guarded_script_and_declines_an_unguarded_one(tmp_pat
     assert fit.log_px == pytest.approx(exact, abs=0.05)
     assert main(["explain", str(run_dir)]) == 0
     assert "L_1000" in capsys.readouterr().out
+    assert main(["explain", "--json", str(run_dir)]) == 0
+    (again,) = json.loads(capsys.readouterr().out)
+    # the same guide, the same arguments and the same noise: the same decomposition
+    assert again["decomposition"]["elbo"] == pytest.approx(fit.decomposition.elbo, abs=1e-6)
 
     coin_dir = tmp_path / "coin"
     with Watch(

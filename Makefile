@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/reference_vae.py
 	$(BIN)/python benchmarks/kill_loop.py
+	$(BIN)/python benchmarks/watch_overhead.py
 
 # The README's figures from default settings: train (curves, reconstructions, samples, latent),
 # explain (bound), compare (comparison); copied to docs/.

@@ -27,6 +27,10 @@ from .train import TrainConfig as TrainConfig
 from .train import TrainResult as TrainResult
 from .train import evaluate as evaluate
 from .train import fit as fit
+from .watch import Watch as Watch
+from .watch import WatchConfig as WatchConfig
+from .watch import WatchedFit as WatchedFit
+from .watch import watch as watch
 
 __all__ = [
     "CompareConfig",
@@ -45,6 +49,9 @@ __all__ = [
     "SiteTerm",
     "TrainConfig",
     "TrainResult",
+    "Watch",
+    "WatchConfig",
+    "WatchedFit",
     "World",
     "compare",
     "compare_guides",
@@ -56,4 +63,5 @@ __all__ = [
     "iwae",
     "load_data",
     "log_weights",
+    "watch",
 ]

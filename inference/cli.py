@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_changed(xp)
     xp.add_argument("--json", action="store_true", help="print the record as JSON")
     _add_compare_parser(sub)
+    _add_watch_parser(sub)
     return parser
 
 
@@ -282,6 +283,45 @@ def _add_allow_changed(p: argparse.ArgumentParser) -> None:
         help="use a run whose model file or data changed since training (with a warning); "
         "without it such a run is refused",
     )
+
+
+def _add_watch_parser(sub) -> None:
+    w = sub.add_parser(
+        "watch",
+        help="run your SVI script unchanged and name every number it minimizes",
+        description="Run SCRIPT.py as 'python SCRIPT.py ARGS' would (same argv, __main__, stdout, "
+        "random stream and exit status) while observing every pyro.infer.SVI step and ELBO "
+        "module: each step's loss, and every N steps the ELBO = reconstruction - KL on that "
+        "step's arguments, with standard errors. At the end (on stderr): loss = -ELBO in the "
+        "script's numbers, L_K and the gap; metrics, figures and, for several SVI objects, a "
+        "comparison table in --run-dir. Options go before SCRIPT.py.",
+    )
+    w.add_argument("script", type=Path, help="the Python script to run")
+    w.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    w.add_argument(
+        "--every",
+        type=_positive_int,
+        default=None,
+        help="decompose every N-th step (default: adaptive, observing costs at most 4%% of the "
+        "steps' time)",
+    )
+    w.add_argument(
+        "--num-particles",
+        type=_positive_int,
+        default=16,
+        help="draws from the guide per decomposition, for its standard errors (16)",
+    )
+    w.add_argument(
+        "--num-samples", type=_positive_int, default=1000, help="importance samples K of L_K (1000)"
+    )
+    w.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="output directory (default: runs/watch-<script name>)",
+    )
+    w.add_argument("--force", action="store_true", help="replace an existing run directory")
+    w.add_argument("--no-progress", action="store_true", help="hide the progress line")
 
 
 def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: str) -> None:
@@ -752,6 +792,13 @@ def _evaluate(args) -> int:
 
 def _explain(args) -> int:
     from .explain import explain
+    from .watch import SUMMARY, explain_watched
+
+    if (args.run_dir / SUMMARY).is_file():  # written by 'elbo-lab watch'
+        w = explain_watched(args.run_dir, num_samples=args.num_samples)
+        text = json.dumps([f.to_dict() for f in w.fits], indent=2) if args.json else w.report()
+        print(text, file=args.out_)
+        return 0
 
     reported = []
 
@@ -848,7 +895,54 @@ def _compare_into(args, out: Path, staging: Path) -> int:
     return 1 if faults else 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "explain": _explain, "compare": _compare}
+def _watch(args) -> int:
+    from .watch import Watch, WatchConfig, format_script_traceback, run_script
+
+    if not args.script.is_file():
+        raise OptionError(f"{args.script}: no such script")
+    run_dir = args.run_dir or Path("runs") / f"watch-{args.script.stem}"
+    if run_dir.exists() and not args.force:
+        raise OptionError(f"--run-dir: {run_dir} exists (use --force to replace it)")
+    _check_writable(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    config = WatchConfig(
+        every=args.every,
+        num_particles=args.num_particles,
+        num_samples=args.num_samples,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    w = Watch(run_dir, config, script=args.script)
+    code = 0
+    try:
+        with w:
+            run_script(args.script, args.args)
+    except SystemExit as exc:  # as Python ends a script that calls sys.exit
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException as exc:  # the script failed: its traceback, as Python prints it
+        sys.stdout.flush()
+        print(format_script_traceback(exc, args.script), end="", file=sys.stderr)
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    sys.stdout.flush()
+    if w.failed:
+        kept = len(w.rows())
+        print(f"elbo-lab watch: the script failed; {kept} rows kept in {run_dir}", file=sys.stderr)
+    else:
+        print(w.report(), file=sys.stderr)
+    return code
+
+
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "explain": _explain,
+    "compare": _compare,
+    "watch": _watch,
+}
 
 
 def _os_error(exc: OSError) -> str:
@@ -865,6 +959,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "watch":  # the script runs as it would alone: its logging, stdout
+            return COMMANDS["watch"](args)
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,
             format="%(name)s: %(message)s",

@@ -151,11 +151,13 @@ class Comparison(NamedTuple):
     model: str
     #: per-datum PSIS k̂ of each guide (one value for global models; NaN for a point mass)
     khats: dict[str, np.ndarray] | None = None
+    #: what the values are (``inference.watch`` tabulates whole objectives, as svi.step has them)
+    units: str = "nats per datum"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "units": "nats per datum",
+            "units": self.units,
             "num_samples": self.num_samples,
             "khat_threshold": KHAT_THRESHOLD,
             "train": self.train,
@@ -604,7 +606,7 @@ def format_table(comparison: Comparison) -> str:
     splits = sorted({(r.split, r.n) for r in comparison.rows})
     lines.append("")
     lines.append(
-        f"nats per datum on the {', '.join(f'{s} split ({n} rows)' for s, n in splits)}; "
+        f"{comparison.units} on the {', '.join(f'{s} split ({n} rows)' for s, n in splits)}; "
         f"L_K with K = {comparison.num_samples}; k̂: PSIS Pareto shape of the log-weights "
         f"(ArviZ; > 0.7 unreliable, Yao et al. 2018)."
     )
@@ -635,7 +637,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike | None = Non
         errors = [2 * getattr(r, f"{key}_stderr") for r in rows]
         ax.errorbar(xs + offset, values, yerr=errors, fmt=marker, capsize=4, label=label)
     ax.set_xticks(xs, [r.guide for r in rows])
-    ax.set_ylabel("nats per datum")
+    ax.set_ylabel(comparison.units if len(comparison.units) < 30 else "nats")
     title = f"{comparison.model or 'model'}: ELBO ≤ L_K ≤ log p(x), ±2 s.e."
     points = [r.guide for r in rows if math.isnan(r.khat_share_bad)]  # k̂ undefined: point mass
     if points:

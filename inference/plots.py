@@ -78,6 +78,7 @@ def plot_training_curves(
     *,
     title: str | None = None,
     path: str | os.PathLike | None = None,
+    xlabel: str = "epoch",
 ) -> Figure:
     """Four panels from :func:`inference.train.fit`'s history rows (per datum, in nats).
 
@@ -90,6 +91,8 @@ def plot_training_curves(
             ``reconstruction``, ``kl`` and, for train rows, optionally ``svi_loss``.
         title: a suptitle, e.g. the model and data.
         path: write the PNG here as well.
+        xlabel: what ``epoch`` counts (``"step"`` for :mod:`inference.watch`'s rows, whose
+            ``svi_loss`` is the mean of the steps since the previous row).
     """
     if not any(r.get("split") in SPLIT_STYLE for r in history):
         raise OptionError("plot_training_curves: the history has no train or test rows")
@@ -119,7 +122,8 @@ def plot_training_curves(
         if key == "loss":
             epochs, values = _series(history, "train", "svi_loss")
             if epochs:
-                ax.plot(epochs, values, color="0.5", ls=":", lw=1.4, label="svi.step(), epoch mean")
+                label = "svi.step(), epoch mean" if xlabel == "epoch" else "svi.step(), mean"
+                ax.plot(epochs, values, color="0.5", ls=":", lw=1.4, label=label)
         ax.set_ylabel(ylabel)
         ax.set_title(heading, fontsize=11)
         ax.grid(alpha=0.3)
@@ -128,7 +132,7 @@ def plot_training_curves(
         _zoom_to_tail(ax)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[1]:
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(xlabel)
     if title:
         fig.suptitle(title)
     return _finish(fig, path)

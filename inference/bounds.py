@@ -171,8 +171,11 @@ def checked_metrics(
     KL - reconstruction; L_K with ``num_samples`` draws (whole split at once; per datum for
     mini-batched models, whose latents are local) bounds it from above. ``num_particles``
     defaults to 10 draws per datum for mini-batched models and 100 whole-data draws otherwise,
-    so the ELBO carries a standard error.
+    so the ELBO carries a standard error. ``exact_log_px`` (per datum) defaults to the exact
+    value of a model whose every latent is enumerated
+    (:func:`inference.enumeration.exact_log_evidence`).
     """
+    from .enumeration import exact_log_evidence
     from .evidence import iwae
     from .train import COMPILED, EVAL_SEED, evaluate, pyro_loss, seeded
 
@@ -193,6 +196,9 @@ def checked_metrics(
         model, guide, x, batch_size=batch, estimator=plain, seed=seed, num_particles=particles
     )
     n = x.shape[0]
+    if exact_log_px is None:  # every latent enumerated: log p(x) is a finite sum
+        whole = exact_log_evidence(model, x)
+        exact_log_px = None if whole is None else whole / n
     with seeded(seed + 1):
         estimate = iwae(model, guide, x, num_samples=num_samples)
     se = estimate.stderr / n if math.isfinite(estimate.stderr) else None

@@ -220,9 +220,7 @@ def _site_terms(
         )
         in_sum: set[str] = set()
     else:
-        model_trace, guide_trace = enumerated_traces(
-            model, guide, args, kwargs, max_plate_nesting
-        )
+        model_trace, guide_trace = enumerated_traces(model, guide, args, kwargs, max_plate_nesting)
         enumerated = enumerated_log_joint(model_trace)
         in_sum = set(enumerated.sites)
     values: list[torch.Tensor] = []
@@ -243,9 +241,7 @@ def _site_terms(
                 sites.append((name, "latent", "monte_carlo"))
             continue
         if site["infer"].get("enumerate") and name not in guide_trace.nodes:
-            raise OptionError(
-                f"site {name!r} is marked for enumeration but was not enumerated"
-            )
+            raise OptionError(f"site {name!r} is marked for enumeration but was not enumerated")
         if site["is_observed"]:
             values.append(_float64(site["log_prob_sum"]))
             sites.append((name, "observed", "monte_carlo"))

@@ -68,9 +68,7 @@ def _probe(model: Callable, guide: Callable | None, args: tuple, kwargs: dict):
     none of the caller's noise (and hidden from any handler around the call)."""
     with torch.random.fork_rng(devices=[]), poutine.block():
         guide_trace = (
-            poutine.Trace()
-            if guide is None
-            else poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.Trace() if guide is None else poutine.trace(guide).get_trace(*args, **kwargs)
         )
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -259,6 +257,8 @@ def exact_log_evidence(model: Callable, *args, **kwargs) -> float | None:
     has no evidence of the full data).
     """
     found = enumeration(model, None, *args, **kwargs)
+    if not found.sites:
+        return None
     model_trace, _ = _probe(model, None, args, kwargs)
     for site in model_trace.nodes.values():
         if site["type"] == "sample" and not site["is_observed"]:
@@ -267,8 +267,6 @@ def exact_log_evidence(model: Callable, *args, **kwargs) -> float | None:
         for frame in site.get("cond_indep_stack", ()):
             if frame.full_size is not None and frame.full_size != frame.size:
                 return None
-    if not found.sites:
-        return None
     with torch.random.fork_rng(devices=[]):
         model_trace, _ = enumerated_traces(
             model, _empty_guide, args, kwargs, found.max_plate_nesting

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .bounds import check_bounds, is_point_estimate
+from .enumeration import exact_evidence
 from .errors import OptionError
 from .evidence import iwae
 from .run import load_run
@@ -54,7 +55,9 @@ class Explanation(NamedTuple):
         gap, gap_stderr: L_K - elbo_mc >= 0, a lower bound on KL(q(z | x) || p(z | x)) that
             tightens as K grows.
         ess: mean over data points of the effective sample size of the K weights.
-        exact_log_px, exact_elbo, exact_gap: closed forms for linear-Gaussian runs, else None;
+        exact_log_px, exact_elbo, exact_gap: closed forms for linear-Gaussian runs, or sums
+            over every value of a model whose latents are all enumerated
+            (:func:`inference.enumeration.exact_evidence`), else None;
             exact_gap = KL(q(z | x) || p(z | x)).
         guide: the guide's name (``diag`` for a built-in model, an autoguide for a user model).
         latents: ``"local"`` (one z per data point; L_K per datum, summed) or ``"global"`` (z
@@ -147,11 +150,16 @@ class Explanation(NamedTuple):
             lines += [line.replace("  bounds:", "   bounds:", 1) for line in check.lines()]
         lines += [f"   WARNING: {w}" for w in self.warnings]
         if self.exact_log_px is not None:
+            exact_elbo = "" if self.exact_elbo is None else f"   ELBO = {self.exact_elbo:.3f}"
+            exact_gap = (
+                ""
+                if self.exact_gap is None
+                else f"   gap = KL(q(z|x) || p(z|x)) = {self.exact_gap:.3f}"
+            )
             lines += [
                 "",
-                "4. Exact, in closed form (linear-Gaussian model)",
-                f"   log p(x) = {self.exact_log_px:.3f}   ELBO = {self.exact_elbo:.3f}   "
-                f"gap = KL(q(z|x) || p(z|x)) = {self.exact_gap:.3f}",
+                "4. Exact: in closed form (linear-Gaussian model) or with every latent summed out",
+                f"   log p(x) = {self.exact_log_px:.3f}{exact_elbo}{exact_gap}",
                 f"   L_K - exact log p(x) = {self.log_px - self.exact_log_px:+.3f}",
             ]
         return "\n".join(lines)
@@ -227,6 +235,9 @@ def explain(
     log_px = estimate.log_px / n
     log_px_stderr = estimate.stderr / n
     exact = _exact(run.module, x)
+    if exact["exact_log_px"] is None:  # every latent enumerated: log p(x) summed out exactly
+        whole = exact_evidence(run.model, run.guide, x)
+        exact = {k: None if v is None else v / n for k, v in whole.items()}
     point = is_point_estimate(run.guide, probe)
     bounds = check_bounds(
         metrics.elbo,

@@ -49,6 +49,7 @@ __all__ = [
     "enumerated_log_joint",
     "enumerated_traces",
     "enumeration",
+    "enumeration_in",
     "exact_evidence",
     "exact_log_evidence",
     "has_enumerated_sites",
@@ -77,7 +78,14 @@ def _probe(model: Callable, guide: Callable | None, args: tuple, kwargs: dict):
 
 
 def _find(model: Callable, guide: Callable | None, args: tuple, kwargs: dict) -> Enumeration:
-    model_trace, guide_trace = _probe(model, guide, args, kwargs)
+    return enumeration_in(*_probe(model, guide, args, kwargs))
+
+
+def enumeration_in(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> Enumeration:
+    """:func:`enumeration` from traces of the guide and of the model replayed against it (run
+    without enumeration)."""
+    model_trace = prune_subsample_sites(model_trace)
+    guide_trace = prune_subsample_sites(guide_trace)
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and site["infer"].get("enumerate"):
             raise OptionError(

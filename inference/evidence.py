@@ -37,7 +37,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
-from .enumeration import enumerated_log_joint, enumeration
+from .enumeration import enumerated_log_joint, enumeration_in
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, is_static_pair
 
@@ -92,12 +92,12 @@ def _sample_sites(trace) -> list[dict]:
 def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
     """Run the pair once (drawing none of the caller's noise) to find the plate nesting, the
     enumerated sites and whether one plate holds every site."""
-    enumerated = set(enumeration(model, guide, *args, **kwargs).sites)
     with torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+    enumerated = set(enumeration_in(model_trace, guide_trace).sites)
     sites = _sample_sites(model_trace) + _sample_sites(guide_trace)
     guide_names = {s["name"] for s in _sample_sites(guide_trace)}
     for site in _sample_sites(model_trace):
@@ -266,6 +266,7 @@ def log_weights(
         while done < num_samples:
             size = min(chunk_size, num_samples - done)
             if vectorize:
+                state = _rng_state()
                 try:
                     if size == chunk_size:
                         chunks.append(draw(args, kwargs, size))
@@ -279,9 +280,22 @@ def log_weights(
                         (str(exc).splitlines() or [type(exc).__name__])[0],
                     )
                     vectorize = False
+                    _set_rng_state(state)  # the draws one at a time are those of a plain run
             chunks.append(_draw(model, guide, args, kwargs, layout, None))
             done += 1
     return torch.cat(chunks, dim=0)
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _drawer(

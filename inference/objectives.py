@@ -40,6 +40,7 @@ from pyro.infer import (
     TraceEnum_ELBO,
     TraceGraph_ELBO,
     TraceMeanField_ELBO,
+    TraceTailAdaptive_ELBO,
 )
 
 from .elbo import decompose, meanfield_violations
@@ -113,6 +114,10 @@ def objective_text(elbo: ELBO) -> tuple[str, str]:
     """
     k = elbo.num_particles
     mc = f"a Monte-Carlo estimate from {k} draw{'s' if k != 1 else ''} z ~ q"
+    if isinstance(elbo, TraceTailAdaptive_ELBO):  # a Trace_ELBO subclass of other objective
+        raise OptionError(
+            f"{type(elbo).__name__}: no stated objective (its loss is not implemented)"
+        )
     if isinstance(elbo, TraceMeanField_ELBO):  # a subclass of Trace_ELBO: test it first
         return "ELBO", (
             f"{type(elbo).__name__}.loss = -(E_q[log p(x|z)] - sum_s KL(q_s || p_s)), the "
@@ -246,8 +251,9 @@ def check_objective(
         raise OptionError(
             f"{_describe(elbo)}: check with vectorize_particles=False, so the draws are shared"
         )
-    if elbo.max_plate_nesting == math.inf:
-        elbo.max_plate_nesting = found.max_plate_nesting
+    if elbo.max_plate_nesting == math.inf:  # as Pyro's guess sets it, particle plate included
+        vectorized = elbo.vectorize_particles and elbo.num_particles > 1
+        elbo.max_plate_nesting = found.max_plate_nesting + (1 if vectorized else 0)
     loss = _seeded(seed, lambda: _no_grad_loss(elbo, model, guide, args, kwargs))
     with_grads = _seeded(seed, lambda: _loss_and_grads(elbo, model, guide, args, kwargs))
     minus = _seeded(

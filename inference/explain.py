@@ -27,12 +27,14 @@ from .bounds import check_bounds, is_point_estimate
 from .enumeration import exact_evidence
 from .errors import OptionError
 from .evidence import iwae
+from .objectives import check_objective
 from .run import load_run
 from .train import (
     ESTIMATORS,
     EVAL_SEED,
     choose_estimator,
     evaluate,
+    make_elbo,
     pyro_loss,
     seeded,
     takes_num_data,
@@ -92,6 +94,7 @@ class Explanation(NamedTuple):
     khat: float = math.nan  # PSIS k̂ of the log-weights (median over data points if local)
     khat_share_bad: float = math.nan  # share of k̂ > 0.7
     bounds: dict | None = None  # inference.bounds.BoundCheck.to_dict()
+    objective: dict | None = None  # inference.objectives.ObjectiveCheck.to_dict(), whole data
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +103,18 @@ class Explanation(NamedTuple):
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()
         }
+
+    def _objective_lines(self) -> list[str]:
+        if self.objective is None:
+            return []
+        c = self.objective
+        verdict = "ok" if c["ok"] else f"MISMATCH {c['note']}".rstrip()
+        return [
+            f"   what .loss is minus: {c['objective_text']}",
+            f"   checked on the whole split from the same draws: .loss = {c['loss']:.3f}, "
+            f"-{c['objective']} = {c['minus_objective']:.3f}, .loss_and_grads = "
+            f"{c['loss_and_grads']:.3f} ({verdict})",
+        ]
 
     def report(self) -> str:
         """The worked answer as text for people."""
@@ -124,6 +139,7 @@ class Explanation(NamedTuple):
             f"   loss = -ELBO = KL - E_q[log p(x|z)] = {self.kl:.3f} - ({self.reconstruction:.3f})"
             f" = {self.loss:.3f}",
             f"   (Pyro's own {self.estimator}().loss on the same noise: {self.pyro_loss:.3f})",
+            *self._objective_lines(),
             "",
             "2. The ELBO, which training maximized, split with its signs",
             f"   ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = {self.reconstruction:.3f} - "
@@ -267,6 +283,10 @@ def explain(
             f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
+    # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug)
+    objective = check_objective(make_elbo(estimator), run.model, run.guide, x, seed=seed)
+    if not objective.ok:
+        warnings.append(f"{objective.estimator}.loss is not -{objective.objective} here")
     if bound_figure is not None and estimate.per_datum is not None:
         _bound_figure(bound_figure, run, x, log_w, estimate.per_datum)
     return Explanation(
@@ -297,6 +317,7 @@ def explain(
         khat_share_bad=share_bad,
         bounds=bounds.to_dict(),
         warnings=tuple(warnings),
+        objective=objective.to_dict(),
     )
 
 

@@ -247,3 +247,28 @@ def test_hmm_exact_evidence_is_the_forward_algorithm():
     loss = TraceEnum_ELBO(max_plate_nesting=1).loss(hmm, empty_guide, sequences)
     assert loss == pytest.approx(-exact, abs=1e-3)
     assert iwae(hmm, empty_guide, sequences, num_samples=4).log_px == pytest.approx(exact, abs=1e-3)
+
+
+def test_subsampled_enumeration_scales_as_trace_enum():
+    """A mini-batch of the mixture: the enumerated term is scaled by N / B outside the log,
+    as TraceEnum_ELBO scales it; evidence refuses a subsample of global latents' data."""
+    data = mixture_data(40)
+
+    @config_enumerate
+    def model(data):
+        locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(data), subsample_size=8) as idx:
+            assignment = pyro.sample("assignment", dist.Categorical(WEIGHTS))
+            pyro.sample("obs", dist.Normal(Vindex(locs)[..., assignment], SCALE), obs=data[idx])
+
+    guide = AutoNormal(poutine.block(model, expose=["locs"]))
+    guide(data)
+    for seed in (0, 1):
+        pyro.set_rng_seed(seed)
+        d = decompose(model, guide, data, num_particles=2, analytic_kl=False)
+        pyro.set_rng_seed(seed)
+        loss = TraceEnum_ELBO(max_plate_nesting=1, num_particles=2).loss(model, guide, data)
+        assert d.loss == pytest.approx(loss, rel=1e-6, abs=1e-4)
+    assert exact_log_evidence(model, data) is None
+    with pytest.raises(OptionError, match="subsamples 8 of its 40 rows"):
+        iwae(model, guide, data, num_samples=4)

@@ -24,7 +24,13 @@ from torch.distributions import kl_divergence
 
 from models.structure import has_static_structure
 
-from .enumeration import enumerated_log_joint, enumerated_traces, enumeration
+from .enumeration import (
+    Enumeration,
+    enumerated_log_joint,
+    enumerated_traces,
+    enumeration,
+    has_enumerated_sites,
+)
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
 
@@ -394,7 +400,9 @@ def decompose(
     if analytic_kl:
         parents = _latent_parents_once(model, args, kwargs)
 
-    enumerated = enumeration(model, guide, *args, **kwargs)
+    enumerated = Enumeration((), 0)
+    if has_enumerated_sites(model, guide, *args, **kwargs):
+        enumerated = enumeration(model, guide, *args, **kwargs)
     nesting = enumerated.max_plate_nesting if enumerated.sites else None
     terms = _terms_function(model, guide, analytic_kl, parents, compiled, nesting)
     per_site: dict[str, list[float]] = {}

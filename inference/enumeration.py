@@ -66,8 +66,9 @@ class Enumeration(NamedTuple):
 
 def _probe(model: Callable, guide: Callable | None, args: tuple, kwargs: dict):
     """Traces of the guide and of the model replayed against it, without enumeration, drawing
-    none of the caller's noise (and hidden from any handler around the call)."""
-    with torch.random.fork_rng(devices=[]), poutine.block():
+    none of the caller's noise (and hidden from any handler around the call), without
+    gradients."""
+    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
         guide_trace = (
             poutine.Trace() if guide is None else poutine.trace(guide).get_trace(*args, **kwargs)
         )
@@ -138,9 +139,21 @@ def enumeration(model: Callable, guide: Callable | None, *args, **kwargs) -> Enu
     return _FOUND.get(fns, shapes, lambda: _find(model, guide, args, kwargs))
 
 
-def has_enumerated_sites(model: Callable, *args, **kwargs) -> bool:
-    """Whether ``model`` marks a latent site for parallel enumeration (``@config_enumerate``)."""
-    return bool(enumeration(model, None, *args, **kwargs).sites)
+def has_enumerated_sites(model: Callable, guide: Callable | None, *args, **kwargs) -> bool:
+    """Whether ``model`` marks a latent site for parallel enumeration (``@config_enumerate``).
+
+    Runs the model alone (once per argument shapes for a static model), never the guide: a
+    cheap gate before :func:`enumeration` of the pair. A model that cannot run without its
+    guide is run against ``guide`` when one is given.
+    """
+    try:
+        return bool(enumeration(model, None, *args, **kwargs).sites)
+    except OptionError:
+        raise
+    except Exception:
+        if guide is None:
+            raise
+        return bool(enumeration(model, guide, *args, **kwargs).sites)
 
 
 def enumerated_traces(

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .distributed import World, current_world
 from .elbo import decompose, meanfield_violations
-from .enumeration import TraceEnum_ELBO, enumeration
+from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
 from .io import load_checkpoint, save_checkpoint, write_csv, write_json, write_jsonl
@@ -196,7 +196,8 @@ def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwarg
     """
     plain = {compiled: plain for plain, compiled in COMPILED.items()}
     base = plain.get(name, name)
-    if base != "enum" and (args or kwargs):
+    enumerable = base != "enum" and bool(args or kwargs)
+    if enumerable and has_enumerated_sites(model, guide, *args, **kwargs):
         enumerated = enumeration(model, guide, *args, **kwargs).sites
         if enumerated and base == AUTO:
             return "enum"

@@ -13,6 +13,9 @@ from .distributed import init_from_env as init_from_env
 from .elbo import ElboDecomposition as ElboDecomposition
 from .elbo import SiteTerm as SiteTerm
 from .elbo import decompose as decompose
+from .enumeration import TraceEnum_ELBO as TraceEnum_ELBO
+from .enumeration import exact_evidence as exact_evidence
+from .enumeration import exact_log_evidence as exact_log_evidence
 from .errors import DataError as DataError
 from .errors import ElboLabError as ElboLabError
 from .errors import OptionError as OptionError
@@ -22,6 +25,9 @@ from .evidence import iwae as iwae
 from .evidence import log_weights as log_weights
 from .explain import Explanation as Explanation
 from .explain import explain as explain
+from .objectives import ObjectiveCheck as ObjectiveCheck
+from .objectives import check_objective as check_objective
+from .objectives import check_objectives as check_objectives
 from .train import Metrics as Metrics
 from .train import TrainConfig as TrainConfig
 from .train import TrainResult as TrainResult
@@ -44,19 +50,25 @@ __all__ = [
     "EvidenceEstimate",
     "Explanation",
     "Metrics",
+    "ObjectiveCheck",
     "OptionError",
     "RunError",
     "SiteTerm",
+    "TraceEnum_ELBO",
     "TrainConfig",
     "TrainResult",
     "Watch",
     "WatchConfig",
     "WatchedFit",
     "World",
+    "check_objective",
+    "check_objectives",
     "compare",
     "compare_guides",
     "decompose",
     "evaluate",
+    "exact_evidence",
+    "exact_log_evidence",
     "explain",
     "fit",
     "init_from_env",

@@ -172,7 +172,10 @@ def checked_metrics(
     ``batched`` models, whose latents are local to rows) bounds it from above.
     ``num_particles`` defaults to 10 draws per datum for batched models and 100 whole-data
     draws otherwise, so the ELBO carries a standard error. Values are per datum (totals / N).
+    ``exact_log_px`` (per datum) defaults to the exact value of a model whose every latent is
+    enumerated (:func:`inference.enumeration.exact_log_evidence`).
     """
+    from .enumeration import exact_log_evidence
     from .evidence import iwae
     from .train import COMPILED, EVAL_SEED, evaluate, pyro_loss, seeded
 
@@ -184,6 +187,9 @@ def checked_metrics(
     metrics = evaluate(model, guide, *args, analytic_kl=plain == "meanfield", **common, **kwargs)
     checked = pyro_loss(model, guide, *args, estimator=plain, **common, **kwargs)
     n = metrics.n
+    if exact_log_px is None:  # every latent enumerated: log p(x) is a finite sum
+        whole = exact_log_evidence(model, *args, **kwargs)
+        exact_log_px = None if whole is None else whole / n
     with seeded(seed + 1):
         estimate = iwae(model, guide, *args, num_samples=num_samples, **kwargs)
     se = estimate.stderr / n if math.isfinite(estimate.stderr) else None

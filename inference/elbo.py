@@ -24,6 +24,13 @@ from torch.distributions import kl_divergence
 
 from models.structure import has_static_structure
 
+from .enumeration import (
+    Enumeration,
+    enumerated_log_joint,
+    enumerated_traces,
+    enumeration,
+    has_enumerated_sites,
+)
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
 
@@ -41,8 +48,11 @@ class SiteTerm(NamedTuple):
     """One sample site's contribution, in nats (scaled as in the ELBO).
 
     ``kind`` is ``"observed"`` (value = E_q[log p(x | .)], part of reconstruction), ``"latent"``
-    (value = E_q[log q(z) - log p(z | .)], part of kl) or ``"auxiliary"`` (a guide-only site,
-    value = E_q[log q], part of kl). ``method`` is ``"analytic"`` or ``"monte_carlo"``.
+    (value = E_q[log q(z) - log p(z | .)], part of kl), ``"auxiliary"`` (a guide-only site,
+    value = E_q[log q], part of kl) or ``"enumerated"`` (the sites that touch the model's
+    enumerated discrete latents z_d, summed out: value = E_q[log sum_{z_d} prod_s p_s], part of
+    reconstruction, method ``"exact"``; its name lists the enumerated sites). ``method`` is
+    ``"analytic"``, ``"monte_carlo"`` or ``"exact"``.
     """
 
     name: str
@@ -69,6 +79,7 @@ class ElboDecomposition(NamedTuple):
     kl_stderr: float
     num_particles: int
     sites: tuple[SiteTerm, ...]
+    enumerated: tuple[str, ...] = ()  # the model's sites summed out exactly
 
     def to_dict(self) -> dict[str, Any]:
         d = self._asdict()
@@ -198,12 +209,26 @@ def _site_terms(
     analytic_kl: bool,
     parents: dict[str, set[str]] | None,
     layout: list[tuple[str, str, str]],
+    max_plate_nesting: int | None = None,
 ) -> torch.Tensor:
     """One draw z ~ q: every site's term as a float64 tensor, in site order, and (filled into
     ``layout``) each term's (name, kind, method). Observed sites: log p(x | .); latent sites:
     the registered KL where :func:`kl_method` says it is valid, else log q - log p; guide-only
-    sites: log q."""
-    model_trace, guide_trace = get_importance_trace("flat", math.inf, model, guide, args, kwargs)
+    sites: log q.
+
+    With ``max_plate_nesting`` the model's marked sites are enumerated
+    (:func:`inference.enumeration.enumerated_traces`): the sites that touch an enumerated
+    value make up one ``"enumerated"`` term, log sum_{z_d} prod_s p_s (method ``"exact"``); a
+    guide-sampled latent among them keeps only its log q, its log p being inside that sum."""
+    if max_plate_nesting is None:
+        model_trace, guide_trace = get_importance_trace(
+            "flat", math.inf, model, guide, args, kwargs
+        )
+        in_sum: set[str] = set()
+    else:
+        model_trace, guide_trace = enumerated_traces(model, guide, args, kwargs, max_plate_nesting)
+        enumerated = enumerated_log_joint(model_trace)
+        in_sum = set(enumerated.sites)
     values: list[torch.Tensor] = []
     sites: list[tuple[str, str, str]] = []
     has_auxiliary = any(
@@ -213,8 +238,16 @@ def _site_terms(
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        if site["infer"].get("enumerate"):
-            raise OptionError(f"site {name!r} is enumerated; decompose supports no enumeration")
+        if name in in_sum:
+            if not any(kind == "enumerated" for _, kind, _ in sites):
+                values.append(_float64(enumerated.value.sum()))
+                sites.append((_label(enumerated.enumerated), "enumerated", "exact"))
+            if name in guide_trace.nodes:  # log p(z_s | .) is in the sum: only log q remains
+                values.append(_float64(guide_trace.nodes[name]["log_prob_sum"]))
+                sites.append((name, "latent", "monte_carlo"))
+            continue
+        if site["infer"].get("enumerate") and name not in guide_trace.nodes:
+            raise OptionError(f"site {name!r} is marked for enumeration but was not enumerated")
         if site["is_observed"]:
             values.append(_float64(site["log_prob_sum"]))
             sites.append((name, "observed", "monte_carlo"))
@@ -243,6 +276,13 @@ def _site_terms(
     return torch.stack(values)
 
 
+def _label(enumerated: tuple[str, ...]) -> str:
+    """The name of an enumerated term: its sites, or the first and last of a long chain."""
+    if len(enumerated) <= 3:
+        return "+".join(enumerated)
+    return f"{enumerated[0]}+...+{enumerated[-1]} ({len(enumerated)} sites)"
+
+
 def _float64(value: torch.Tensor | float) -> torch.Tensor:
     """A 0-dim float64 tensor: float(value), exactly (a float32 widens without rounding)."""
     if torch.is_tensor(value):
@@ -260,15 +300,19 @@ def _terms_function(
     analytic_kl: bool,
     parents: dict[str, set[str]] | None,
     compiled: bool | None,
+    max_plate_nesting: int | None = None,
 ) -> Callable[[tuple, dict], tuple[torch.Tensor, list[tuple[str, str, str]]]]:
-    """``terms(args, kwargs)`` -> (values, layout) of one draw, eager or traced."""
+    """``terms(args, kwargs)`` -> (values, layout) of one draw, eager or traced (never traced
+    with enumeration: ``max_plate_nesting`` given)."""
     if compiled is None:
         compiled = is_static_pair(model, guide)
-    if not compiled:
+    if not compiled or max_plate_nesting is not None:
 
         def eager(args, kwargs):
             layout: list[tuple[str, str, str]] = []
-            values = _site_terms(model, guide, args, kwargs, analytic_kl, parents, layout)
+            values = _site_terms(
+                model, guide, args, kwargs, analytic_kl, parents, layout, max_plate_nesting
+            )
             return values, layout
 
         return eager
@@ -324,6 +368,17 @@ def decompose(
                          prior depends on no other latent site)
         elbo = reconstruction - kl,   loss = -elbo
 
+    Discrete sites the model marks for enumeration (``@config_enumerate``, absent from the
+    guide) are summed out exactly, as ``TraceEnum_ELBO`` does (:mod:`inference.enumeration`):
+    the sites that touch them make one ``"enumerated"`` term of reconstruction,
+    log sum_{z_d} prod_s p_s, so that
+
+        elbo = E_q(z_c)[log sum_{z_d} p(x, z_d, z_c) - log q(z_c)]
+
+    and ``enumerated`` names them. Then ``loss`` equals ``TraceEnum_ELBO(max_plate_nesting=
+    ...).loss`` for the same noise (``analytic_kl=False``); with every latent enumerated and an
+    empty guide it is exactly -log p(x).
+
     With ``analytic_kl=False`` the ``loss`` equals ``Trace_ELBO().loss`` for the same noise;
     with ``analytic_kl=True`` it equals ``TraceMeanField_ELBO().loss`` on models whose latent
     priors are not conditioned on other latents (Pyro applies its analytic KL regardless).
@@ -345,7 +400,11 @@ def decompose(
     if analytic_kl:
         parents = _latent_parents_once(model, args, kwargs)
 
-    terms = _terms_function(model, guide, analytic_kl, parents, compiled)
+    enumerated = Enumeration((), 0)
+    if has_enumerated_sites(model, guide, *args, **kwargs):
+        enumerated = enumeration(model, guide, *args, **kwargs)
+    nesting = enumerated.max_plate_nesting if enumerated.sites else None
+    terms = _terms_function(model, guide, analytic_kl, parents, compiled, nesting)
     per_site: dict[str, list[float]] = {}
     kinds: dict[str, tuple[str, str]] = {}
     recon_draws, kl_draws = [], []
@@ -353,7 +412,7 @@ def decompose(
         values, layout = terms(args, kwargs)
         recon = kl = 0.0
         for (name, kind, method), value in zip(layout, values.tolist(), strict=True):
-            if kind == "observed":
+            if kind in ("observed", "enumerated"):
                 recon += value
             else:
                 kl += value
@@ -386,4 +445,5 @@ def decompose(
         kl_stderr=_stderr(kl_draws),
         num_particles=num_particles,
         sites=sites,
+        enumerated=enumerated.sites,
     )

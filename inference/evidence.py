@@ -5,6 +5,10 @@ For K draws z_k ~ q(z | x) from the guide,
     log w_k = log p(x, z_k) - log q(z_k | x)
     L_K     = log (1/K) sum_k w_k = logsumexp_k(log w_k) - log K
 
+Discrete sites that the model enumerates (``@config_enumerate``, absent from the guide) are
+summed out inside each weight, log p(x, z_k) = log sum_{z_d} p(x, z_d, z_k)
+(:mod:`inference.enumeration`), so L_K is still a bound on log p(x).
+
 E[L_1] = ELBO <= E[L_K] <= E[L_{K+1}] <= log p(x), and L_K -> log p(x) as K -> infinity; the
 gap log p(x) - ELBO is KL(q(z | x) || p(z | x)) (Kingma & Welling 2014, eq. 1).
 
@@ -31,8 +35,9 @@ from typing import NamedTuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
+from .enumeration import enumerated_log_joint, enumeration_in
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, is_static_pair
 
@@ -76,6 +81,7 @@ class _Layout(NamedTuple):
     data_dim: int | None  # its dim (negative)
     data_size: int  # rows per draw: the data plate's (subsample) size, else the largest plate's
     data_scale: float  # full_size / subsample size of the data plate (1 if not subsampled)
+    enumerated: bool = False  # the model enumerates sites, summed out in each weight
 
 
 def _sample_sites(trace) -> list[dict]:
@@ -84,19 +90,20 @@ def _sample_sites(trace) -> list[dict]:
 
 
 def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
-    """Run the pair once to find the plate nesting and whether one plate holds every site."""
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    """Run the pair once (drawing none of the caller's noise) to find the plate nesting, the
+    enumerated sites and whether one plate holds every site."""
+    with torch.random.fork_rng(devices=[]):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    enumerated = set(enumeration_in(model_trace, guide_trace).sites)
     sites = _sample_sites(model_trace) + _sample_sites(guide_trace)
-    for site in sites:
-        if site["infer"].get("enumerate"):
-            raise OptionError(
-                f"site {site['name']!r} is enumerated; evidence supports no enumeration"
-            )
     guide_names = {s["name"] for s in _sample_sites(guide_trace)}
     for site in _sample_sites(model_trace):
-        if not site["is_observed"] and site["name"] not in guide_names:
-            raise OptionError(f"latent site {site['name']!r} of the model has no site in the guide")
+        if site["is_observed"] or site["name"] in guide_names or site["name"] in enumerated:
+            continue
+        raise OptionError(f"latent site {site['name']!r} of the model has no site in the guide")
     frames = [[f for f in s["cond_indep_stack"] if f.vectorized] for s in sites]
     all_frames = [f for fs in frames for f in fs]
     nesting = max((-f.dim for f in all_frames), default=0)
@@ -107,9 +114,10 @@ def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
         named = [f for f in common if f.name == "data"]
         plate = named[0] if named else min(common, key=lambda f: f.dim)  # outermost
         full = plate.full_size if plate.full_size is not None else plate.size
-        return _Layout(nesting, plate.name, plate.dim, int(plate.size), full / plate.size)
+        scale = full / plate.size
+        return _Layout(nesting, plate.name, plate.dim, int(plate.size), scale, bool(enumerated))
     size = max((int(f.size) for f in all_frames), default=1)
-    return _Layout(nesting, None, None, size, 1.0)
+    return _Layout(nesting, None, None, size, 1.0, bool(enumerated))
 
 
 def _subsampled_plates(model: Callable, guide: Callable, args, kwargs) -> dict[str, tuple]:
@@ -175,12 +183,29 @@ def _draw(
         return poutine.trace(vectorized)
 
     guide_trace = run(guide).get_trace(*args, **kwargs)
-    model_trace = run(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    replayed = poutine.replay(model, trace=guide_trace)
+    if layout.enumerated:  # enumeration dims left of the plates and the particle plate
+        first = -1 - layout.max_plate_nesting - (0 if particles is None else 1)
+        replayed = poutine.enum(replayed, first_available_dim=first)
+    model_trace = run(replayed).get_trace(*args, **kwargs)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
-    # log w = sum over model sites log p - sum over guide sites log q (scaled as in the ELBO)
+    # log w = sum over model sites log p - sum over guide sites log q (scaled as in the ELBO);
+    # with enumeration, log p(x, z_c) = log sum_{z_d} p(x, z_d, z_c) for the sites touching z_d
     log_w = 0.0
+    summed: set[str] = set()
+    if layout.enumerated:
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        guide_trace.pack_tensors()
+        model_trace.pack_tensors(guide_trace.plate_to_symbol)
+        keep = (PARTICLE_PLATE,) + ((layout.data_plate,) if layout.data_plate else ())
+        term = enumerated_log_joint(model_trace, keep)
+        log_w = _reduce(term.value, layout, particles)
+        summed = set(term.sites)
     for site in _sample_sites(model_trace):
+        if site["name"] in summed:
+            continue
         log_w = log_w + _reduce(site["log_prob"], layout, particles)
     for site in _sample_sites(guide_trace):
         log_w = log_w - _reduce(site["log_prob"], layout, particles)
@@ -241,6 +266,7 @@ def log_weights(
         while done < num_samples:
             size = min(chunk_size, num_samples - done)
             if vectorize:
+                state = _rng_state()
                 try:
                     if size == chunk_size:
                         chunks.append(draw(args, kwargs, size))
@@ -251,13 +277,26 @@ def log_weights(
                 except (RuntimeError, ValueError) as exc:
                     # Pyro appends a trace-shape dump to the message: only its first line
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    log.info(
+                    log.warning(
                         "model does not vectorize over particles (%s); one draw at a time", first
                     )
                     vectorize = False
+                    _set_rng_state(state)  # the draws one at a time are those of a plain run
             chunks.append(_draw(model, guide, args, kwargs, layout, None))
             done += 1
     return torch.cat(chunks, dim=0)
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _drawer(
@@ -269,7 +308,7 @@ def _drawer(
     bit, except that a traced MultivariateNormal log-density can differ in the last bit)."""
     if compiled is None:
         compiled = is_static_pair(model, guide)
-    if not compiled:
+    if not compiled or layout.enumerated:
         return lambda args, kwargs, particles: _draw(model, guide, args, kwargs, layout, particles)
     traced = _GRAPHS.get(
         (model, guide),

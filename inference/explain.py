@@ -26,14 +26,17 @@ import torch
 
 from .batching import num_rows, takes_num_data
 from .bounds import check_bounds, is_point_estimate
+from .enumeration import exact_evidence
 from .errors import OptionError
 from .evidence import iwae
+from .objectives import check_objective
 from .run import load_run
 from .train import (
     ESTIMATORS,
     EVAL_SEED,
     choose_estimator,
     evaluate,
+    make_elbo,
     pyro_loss,
     seeded,
 )
@@ -55,7 +58,9 @@ class Explanation(NamedTuple):
         gap, gap_stderr: L_K - elbo_mc >= 0, a lower bound on KL(q(z | x) || p(z | x)) that
             tightens as K grows.
         ess: mean over data points of the effective sample size of the K weights.
-        exact_log_px, exact_elbo, exact_gap: closed forms for linear-Gaussian runs, else None;
+        exact_log_px, exact_elbo, exact_gap: closed forms for linear-Gaussian runs, or sums
+            over every value of a model whose latents are all enumerated
+            (:func:`inference.enumeration.exact_evidence`), else None;
             exact_gap = KL(q(z | x) || p(z | x)).
         guide: the guide's name (``diag`` for a built-in model, an autoguide for a user model).
         latents: ``"local"`` (one z per data point; L_K per datum, summed) or ``"global"`` (z
@@ -90,6 +95,7 @@ class Explanation(NamedTuple):
     khat: float = math.nan  # PSIS k̂ of the log-weights (median over data points if local)
     khat_share_bad: float = math.nan  # share of k̂ > 0.7
     bounds: dict | None = None  # inference.bounds.BoundCheck.to_dict()
+    objective: dict | None = None  # inference.objectives.ObjectiveCheck.to_dict(), whole data
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +104,18 @@ class Explanation(NamedTuple):
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()
         }
+
+    def _objective_lines(self) -> list[str]:
+        if self.objective is None:
+            return []
+        c = self.objective
+        verdict = "ok" if c["ok"] else f"MISMATCH {c['note']}".rstrip()
+        return [
+            f"   what .loss is minus: {c['objective_text']}",
+            f"   checked on the whole split from the same draws: .loss = {c['loss']:.3f}, "
+            f"-{c['objective']} = {c['minus_objective']:.3f}, .loss_and_grads = "
+            f"{c['loss_and_grads']:.3f} ({verdict})",
+        ]
 
     def report(self) -> str:
         """The worked answer as text for people."""
@@ -122,6 +140,7 @@ class Explanation(NamedTuple):
             f"   loss = -ELBO = KL - E_q[log p(x|z)] = {self.kl:.3f} - ({self.reconstruction:.3f})"
             f" = {self.loss:.3f}",
             f"   (Pyro's own {self.estimator}().loss on the same noise: {self.pyro_loss:.3f})",
+            *self._objective_lines(),
             "",
             "2. The ELBO, which training maximized, split with its signs",
             f"   ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = {self.reconstruction:.3f} - "
@@ -148,11 +167,16 @@ class Explanation(NamedTuple):
             lines += [line.replace("  bounds:", "   bounds:", 1) for line in check.lines()]
         lines += [f"   WARNING: {w}" for w in self.warnings]
         if self.exact_log_px is not None:
+            exact_elbo = "" if self.exact_elbo is None else f"   ELBO = {self.exact_elbo:.3f}"
+            exact_gap = (
+                ""
+                if self.exact_gap is None
+                else f"   gap = KL(q(z|x) || p(z|x)) = {self.exact_gap:.3f}"
+            )
             lines += [
                 "",
-                "4. Exact, in closed form (linear-Gaussian model)",
-                f"   log p(x) = {self.exact_log_px:.3f}   ELBO = {self.exact_elbo:.3f}   "
-                f"gap = KL(q(z|x) || p(z|x)) = {self.exact_gap:.3f}",
+                "4. Exact: in closed form (linear-Gaussian model) or with every latent summed out",
+                f"   log p(x) = {self.exact_log_px:.3f}{exact_elbo}{exact_gap}",
                 f"   L_K - exact log p(x) = {self.log_px - self.exact_log_px:+.3f}",
             ]
         return "\n".join(lines)
@@ -235,6 +259,9 @@ def explain(
     log_px = estimate.log_px / n
     log_px_stderr = estimate.stderr / n
     exact = _exact(run.module, args[0] if run.batched else None)
+    if exact["exact_log_px"] is None:  # every latent enumerated: log p(x) summed out exactly
+        whole = exact_evidence(run.model, run.guide, *args, **kwargs)
+        exact = {k: None if v is None else v / n for k, v in whole.items()}
     point = is_point_estimate(run.guide, *probe.args, **probe.kwargs)
     bounds = check_bounds(
         metrics.elbo,
@@ -264,6 +291,12 @@ def explain(
             f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
+    # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug)
+    objective = check_objective(
+        make_elbo(estimator), run.model, run.guide, *args, seed=seed, **kwargs
+    )
+    if not objective.ok:
+        warnings.append(f"{objective.estimator}.loss is not -{objective.objective} here")
     result = Explanation(
         run_dir=str(run_dir),
         model=run.spec.model,
@@ -292,6 +325,7 @@ def explain(
         khat_share_bad=share_bad,
         bounds=bounds.to_dict(),
         warnings=tuple(warnings),
+        objective=objective.to_dict(),
     )
     if on_report is not None:
         on_report(result)

@@ -31,12 +31,13 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .batching import Batching, ModelArgs, default_batching, num_rows, take
 from .distributed import World, current_world
 from .elbo import decompose, meanfield_violations
+from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
 from .io import MetricsLog, load_checkpoint, save_checkpoint, write_json
@@ -58,12 +59,16 @@ log = logging.getLogger(__name__)
 
 
 #: ELBO estimators by name: Monte-Carlo KL, analytic KL, and their JIT-compiled variants
-#: (:mod:`inference.estimators`: traced once per shape, same noise and gradients as the plain).
+#: (:mod:`inference.estimators`: traced once per shape, same noise and gradients as the plain);
+#: ``graph`` (Trace_ELBO's loss, Rao-Blackwellized score-function gradients) and ``enum``
+#: (the model's enumerated discrete sites summed out, :mod:`inference.enumeration`).
 ESTIMATORS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO,
     "meanfield": TraceMeanField_ELBO,
     "jit": JitTrace_ELBO,
     "jit-meanfield": JitTraceMeanField_ELBO,
+    "graph": TraceGraph_ELBO,
+    "enum": TraceEnum_ELBO,
 }
 
 #: ``TrainConfig.estimator`` may also be this: TraceMeanField_ELBO where its analytic KL is
@@ -201,14 +206,28 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
 def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwargs) -> str:
     """The plain estimator for ``name`` on this pair and arguments.
 
-    ``"auto"`` is ``meanfield`` (TraceMeanField_ELBO) when its analytic KL is valid at every
-    site (:func:`inference.elbo.meanfield_violations`), else ``trace`` (Trace_ELBO, valid for
-    every pair). An explicit ``meanfield`` on a pair where it is not valid is an
+    ``"auto"`` is ``enum`` (TraceEnum_ELBO) when the model enumerates discrete sites
+    (``@config_enumerate``; :func:`inference.enumeration.enumeration`), else ``meanfield``
+    (TraceMeanField_ELBO) when its analytic KL is valid at every site
+    (:func:`inference.elbo.meanfield_violations`), else ``trace`` (Trace_ELBO, valid for every
+    pair). An explicit ``meanfield`` on a pair where it is not valid is an
     :class:`OptionError` naming the site: it would train on, and report, a wrong objective
-    (e.g. an "ELBO" above log p(x) for an autoguide over a constrained latent).
+    (e.g. an "ELBO" above log p(x) for an autoguide over a constrained latent); so is any
+    estimator but ``enum`` on a model with enumerated sites, which it would sample from the
+    prior with no guide term.
     """
     plain = {compiled: plain for plain, compiled in COMPILED.items()}
     base = plain.get(name, name)
+    enumerable = base != "enum" and bool(args or kwargs)
+    if enumerable and has_enumerated_sites(model, guide, *args, **kwargs):
+        enumerated = enumeration(model, guide, *args, **kwargs).sites
+        if enumerated and base == AUTO:
+            return "enum"
+        if enumerated:
+            raise OptionError(
+                f"--estimator {name}: the model enumerates {', '.join(enumerated)}, which only "
+                "TraceEnum_ELBO sums out; use --estimator enum or auto"
+            )
     if base not in (AUTO, "meanfield"):
         return name
     violations = meanfield_violations(model, guide, *args, **kwargs)

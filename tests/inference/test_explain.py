@@ -49,6 +49,9 @@ def test_vae_explanation_orders_elbo_below_lk(vae_run):
     assert abs(e.elbo_mc - e.elbo) < 5 * math.hypot(e.elbo_mc_stderr, 0.05)
     assert 1 <= e.ess <= 200
     assert e.exact_log_px is None and e.exact_gap is None
+    # what TraceMeanField_ELBO.loss is minus, checked from the same draws
+    assert e.objective["ok"] and e.objective["objective"] == "ELBO"
+    assert "what .loss is minus: TraceMeanField_ELBO.loss = -(" in e.report()
 
 
 def test_ppca_explanation_has_exact_evidence(ppca_run):

@@ -11,32 +11,19 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import pyro
+from . import choices
+from .errors import ElboLabError, OptionError
 
-from .data import load_data
-from .distributed import device_for, init_from_env, shutdown
-from .errors import ElboLabError, NumericalError, OptionError, RunError
-from .estimators import COMPILED
-from .io import load_checkpoint
-from .plots import write_training_figures
-from .run import DEFAULT_AUTOGUIDE, DTYPES, MODELS, ModelSpec, build_model, load_run
-from .train import (
-    CHECKPOINT,
-    ESTIMATORS,
-    JIT_MODES,
-    Interrupted,
-    Metrics,
-    TrainConfig,
-    evaluate,
-    fit,
-    pyro_loss,
-    resolve_estimator,
-    takes_num_data,
-)
-from .user_model import is_user_model, resolve_model_spec, user_model_label
+if TYPE_CHECKING:
+    from .train import Metrics, TrainConfig
+
+# Everything that needs torch, Pyro or matplotlib is imported inside the command that uses it,
+# so that the parser, --help and option errors answer at once (inference/choices.py).
 
 __all__ = ["main", "sign_report"]
 
@@ -96,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--model",
         default="vae",
-        help=f"{', '.join(MODELS)} (default: vae), or your own Pyro model model(x) of the data "
+        help=f"{', '.join(choices.MODELS)} (default: vae), or your own Pyro model model(x) of the data "
         "tensor as FILE.py:NAME or package.module:NAME",
     )
     t.add_argument(
@@ -106,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoIAFNormal; the built-in "
         "models train their own mean-field encoder, diag",
     )
-    _add_training_options(t, estimator=TrainConfig.estimator, every="")
+    _add_training_options(t, estimator=choices.ESTIMATOR, every="")
     t.add_argument(
         "--num-particles", type=_positive_int, default=1, help="samples of z per step (1)"
     )
@@ -151,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--json", action="store_true", help="print JSON with keys loss, elbo, reconstruction, kl, n"
     )
+    _add_threads_option(e)
 
     xp = sub.add_parser(
         "explain",
@@ -174,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     xp.add_argument("--data", default=None, help="explain other data of the same dimension")
     xp.add_argument("--json", action="store_true", help="print the record as JSON")
+    _add_threads_option(xp)
     _add_compare_parser(sub)
     return parser
 
@@ -196,8 +185,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     p.add_argument(
         "--epochs",
         type=_positive_int,
-        default=TrainConfig.epochs,
-        help=f"passes over the training split{every} ({TrainConfig.epochs})",
+        default=choices.EPOCHS,
+        help=f"passes over the training split{every} ({choices.EPOCHS})",
     )
     p.add_argument(
         "--batch-size",
@@ -212,28 +201,57 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     p.add_argument(
         "--estimator",
         default=estimator,
-        choices=list(ESTIMATORS),
+        choices=list(choices.ESTIMATORS),
         help="ELBO estimator: meanfield = TraceMeanField_ELBO (analytic KL where registered), "
         "trace = Trace_ELBO (Monte-Carlo KL), jit / jit-meanfield = their JIT-compiled "
         f"versions ({estimator})",
     )
     p.add_argument(
         "--jit",
-        default=TrainConfig.jit,
-        choices=list(JIT_MODES),
+        default=choices.JIT,
+        choices=list(choices.JIT_MODES),
         help="compile the estimator with torch.jit (same loss and gradients, less Python per "
         "step): on, off, or auto = when model and guide are declared static, as every "
-        f"built-in one is ({TrainConfig.jit})",
+        f"built-in one is ({choices.JIT})",
     )
+    _add_threads_option(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    p.add_argument(
+        "--dtype", default="float32", choices=list(choices.DTYPES), help="float32 or float64"
+    )
+
+
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
-        help="torch threads for this process (torch's default: one per core); small models "
-        "such as the default VAE run faster with 1",
+        help="torch threads for this process (default: one per 1 GFLOP of work in a step, up to "
+        "one per core: 1 for small models such as the default VAE, which run faster with 1 and "
+        "do not slow down on a busy machine)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
+
+
+def _use_threads(args, spec: Mapping[str, Any], rows: int, backward: bool) -> None:
+    """Unless ``--threads`` was given, set torch's threads from the work in one step.
+
+    ``spec`` holds the model's name and sizes (:class:`inference.run.ModelSpec` fields); a step
+    runs ``rows`` rows, forward only or with ``backward`` (:mod:`inference.threads`).
+    """
+    if args.threads is not None:
+        return
+    import torch
+
+    from .threads import step_flops, threads_for, weights_per_row
+
+    weights = weights_per_row(
+        str(spec.get("model", "vae")),
+        int(spec.get("data_dim") or 1),
+        int(spec.get("latent_dim", 10)),
+        tuple(spec.get("hidden_dims", (200,))),
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads_for(step_flops(weights, rows, backward), cores or 1))
 
 
 def _add_compare_parser(sub) -> None:
@@ -248,7 +266,7 @@ def _add_compare_parser(sub) -> None:
     c.add_argument(
         "--model",
         default="vae",
-        help=f"{', '.join(MODELS)}, or your Pyro model model(x) as FILE.py:NAME or "
+        help=f"{', '.join(choices.MODELS)}, or your Pyro model model(x) as FILE.py:NAME or "
         "package.module:NAME (then --guides are autoguide names) (default: vae)",
     )
     c.add_argument(
@@ -317,6 +335,9 @@ def _check_writable(run_dir: Path) -> None:
 
 def _estimator_label(config: TrainConfig, model, guide) -> str:
     """``TraceMeanField_ELBO``, or ``TraceMeanField_ELBO (JIT-compiled)`` for its traced form."""
+    from .estimators import COMPILED
+    from .train import ESTIMATORS, resolve_estimator
+
     name = resolve_estimator(config, model, guide)
     plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(name)
     if plain is None:
@@ -325,6 +346,25 @@ def _estimator_label(config: TrainConfig, model, guide) -> str:
 
 
 def _train(args) -> int:
+    import pyro
+
+    from .data import load_data
+    from .distributed import device_for, init_from_env, shutdown
+    from .errors import NumericalError, RunError
+    from .io import load_checkpoint
+    from .plots import write_training_figures
+    from .run import DEFAULT_AUTOGUIDE, DTYPES, ModelSpec, build_model
+    from .train import (
+        CHECKPOINT,
+        Interrupted,
+        TrainConfig,
+        evaluate,
+        fit,
+        pyro_loss,
+        takes_num_data,
+    )
+    from .user_model import is_user_model, resolve_model_spec, user_model_label
+
     progress = not args.no_progress and sys.stderr.isatty()
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
     model_name = args.model
@@ -386,6 +426,7 @@ def _train(args) -> int:
             f"was trained on {spec.data_dim}"
         )
     spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
+    _use_threads(args, spec.to_dict(), config.batch_size or len(dataset.train), backward=True)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)  # network initialization is part of "same seed, same numbers"
     module, model, guide = build_model(replace(spec, device=device), dataset)
@@ -459,10 +500,14 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from .run import load_run
+    from .train import evaluate, pyro_loss
+
     run = load_run(args.run_dir, data=args.data)
     # a user model: the rows its autoguide was fit to, all at once (global latents), / N
     split, batch = ("train", None) if run.spec.user_model else ("test", 1024)
     x = run.data.train if run.spec.user_model else run.data.test
+    _use_threads(args, run.spec.to_dict(), min(batch or len(x), len(x)), backward=False)
     m = evaluate(run.model, run.guide, x, batch_size=batch)
     if args.json:
         print(json.dumps(m._asdict()))
@@ -477,8 +522,14 @@ def _evaluate(args) -> int:
 
 
 def _explain(args) -> int:
+    from .evidence import CHUNK_ROWS
     from .explain import explain
 
+    try:  # the model's sizes, without loading it twice
+        stored = json.loads((args.run_dir / "config.json").read_text())["metadata"]["model_spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        stored = {}  # explain() itself reports a run directory it cannot use
+    _use_threads(args, stored, CHUNK_ROWS, backward=False)
     e = explain(
         args.run_dir,
         num_samples=args.num_samples,
@@ -499,6 +550,12 @@ def _compare(args) -> int:
     if out.exists() and not args.force:
         raise OptionError(f"--out: {out} exists (use --force to replace it)")
     _check_writable(out)
+    if args.threads is None:
+        from .data import load_data
+
+        spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
+        spec["data_dim"] = load_data(args.data).data_dim
+        _use_threads(args, spec, args.batch_size or 128, backward=True)
     options = CompareConfig(
         num_samples=args.num_samples, elbo_particles=args.elbo_particles, num_draws=args.num_draws
     )
@@ -538,7 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
-    if getattr(args, "threads", None):
+    # Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning, so a
+    # run with several threads slows down on a busy machine but does not collapse.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
         import jax.numpy as jnp
         import numpy as np
-        import numpyro  # first: without it, nothing else is imported
+        import numpyro
         import numpyro.distributions as dist
         from jax.example_libraries import stax
         from numpyro.infer import SVI, TraceMeanField_ELBO

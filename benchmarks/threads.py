@@ -8,9 +8,15 @@ of the whole process's wall time, and the spread (min-max). The load average bef
 says how quiet "quiet" was.
 
 Configurations: ``--threads 1``, ``--threads 2``, and ``--threads 2`` with
-``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep instead of spinning while they wait).
+``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep instead of spinning while they wait), and
+elbo-lab's default (its ``OMP_WAIT_POLICY=PASSIVE`` and threads from the work per step).
+
+``--step D,H,L`` times instead one step of the plain-PyTorch VAE (``benchmarks/plain_vae.py
+--time-steps``) of sizes D-H-L at batch 128 on synthetic rows, for a model larger than the
+default one (``--step 784,400,20``: MNIST-sized).
 
     python benchmarks/threads.py [--epochs 30] [--rounds 3]
+    python benchmarks/threads.py --step 784,400,20 --configs "1 thread,2 threads,2 threads passive"
 """
 
 from __future__ import annotations
@@ -52,6 +58,19 @@ def train_once(epochs: int, threads: str | None, env: dict[str, str], extra: lis
         return steps, wall
 
 
+def step_once(sizes: str, threads: str | None, env: dict[str, str]):
+    """(median step seconds, wall seconds) of the plain VAE of ``sizes`` = "D,H,L"."""
+    d, h, latent = sizes.split(",")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_vae.py"), "--time-steps", "30"]
+    cmd += ["--synthetic", "2000", "--data-dim", d, "--hidden", h, "--latent", latent]
+    if threads is not None:
+        cmd += ["--threads", threads]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, check=True, cwd=ROOT, env=full_env, capture_output=True, text=True)
+    return float(res.stdout.split("step_ms")[-1]) / 1e3, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -59,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loads", default="quiet,busy", help="quiet,busy (both)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
     parser.add_argument("--extra", default="", help="more train options, space-separated")
+    parser.add_argument("--step", default=None, help="D,H,L: time a plain VAE step instead")
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
     loads = args.loads.split(",")
@@ -70,13 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"round {r + 1}, {load}: load average {os.getloadavg()[0]:.2f}", flush=True)
                 for name in configs:
                     opts, env = CONFIGS[name]
-                    got = train_once(args.epochs, opts.get("threads"), env, args.extra.split())
+                    if args.step:
+                        got = step_once(args.step, opts.get("threads"), env)
+                    else:
+                        got = train_once(args.epochs, opts.get("threads"), env, args.extra.split())
                     results.setdefault((load, name), []).append(got)
             finally:
                 if busy is not None:
                     busy.kill()
                     busy.wait()
-    print(f"\n{args.epochs} epochs, {args.rounds} rounds; medians (min-max), seconds")
+    what = f"one step of {args.step}" if args.step else f"{args.epochs} epochs"
+    print(f"\n{what}, {args.rounds} rounds; medians (min-max), seconds")
     print(f"{'load':<6} {'configuration':<26} {'steps':>18} {'whole process':>20}")
     summary = {}
     for (load, name), runs in results.items():

@@ -78,6 +78,7 @@ def whole_runs(programs: list[str], epochs: int, rounds: int, baseline: Path | N
             for e in (epochs, 2 * epochs) if r % 2 == 0 else (2 * epochs, epochs):
                 for p in order:
                     times[p, e].append(run_program(p, e, Path(tmp), baseline))
+                    print(f"  {p:<14} {e:>4} epochs {times[p, e][-1]:8.2f} s", flush=True)
     print(f"\nwhole runs, {rounds} rounds, seconds: median (min-max); ratio = median / plain's")
     print(
         f"{'program':<10} {epochs:>6} epochs {'':>12} {2 * epochs:>6} epochs {'':>12} marginal {epochs} epochs"

@@ -3,8 +3,10 @@
 Whole-run mode (default): each program trains the default problem (digits 64-200-10, batch 128,
 Adam 1e-3, a test-loss pass every epoch) as a fresh process, for N and for 2N epochs; programs
 and epoch counts are interleaved, in a rotated order each round. Printed per program: the median
-(min-max) wall time of the N- and 2N-epoch runs, the marginal time of N more epochs
-(T(2N) - T(N), paired within a round), and the ratios of those medians to plain PyTorch's.
+(min-max) wall time and CPU time (user + system, of the process and its children) of the N-
+and 2N-epoch runs, the marginal time of N more epochs (T(2N) - T(N), paired within a round),
+and the ratios of those medians to plain PyTorch's. On a machine that others share, wall time
+measures the machine as much as the program; CPU time much less so.
 
     elbo-lab   ``python -m inference.cli train --epochs E`` with every default (threads included)
     plain      ``benchmarks/plain_vae.py --epochs E --threads 1`` (pytorch/examples' shape)
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,8 +51,10 @@ def _env(root: Path = ROOT) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root)}
 
 
-def run_program(program: str, epochs: int, work: Path, baseline: Path | None = None) -> float:
-    """Wall seconds of one whole run of ``program`` for ``epochs`` epochs."""
+def run_program(
+    program: str, epochs: int, work: Path, baseline: Path | None = None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of one whole run of ``program`` for ``epochs`` epochs."""
     root = ROOT
     if program.startswith("elbo-lab"):  # "elbo-lab@base": the checkout in --baseline
         root = baseline if program == "elbo-lab@base" else ROOT
@@ -58,11 +63,15 @@ def run_program(program: str, epochs: int, work: Path, baseline: Path | None = N
     else:
         script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[program]
         cmd = [str(BENCH / script), "--epochs", str(epochs), "--threads", "1", "--quiet"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, *cmd], check=True, cwd=root, env=_env(root), stdout=subprocess.DEVNULL
     )
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
 
 
 def _spread(values: list[float]) -> str:
@@ -77,32 +86,35 @@ def whole_runs(programs: list[str], epochs: int, rounds: int, baseline: Path | N
             print(f"round {r + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
             for e in (epochs, 2 * epochs) if r % 2 == 0 else (2 * epochs, epochs):
                 for p in order:
-                    times[p, e].append(run_program(p, e, Path(tmp), baseline))
-                    print(f"  {p:<14} {e:>4} epochs {times[p, e][-1]:8.2f} s", flush=True)
-    print(f"\nwhole runs, {rounds} rounds, seconds: median (min-max); ratio = median / plain's")
-    print(
-        f"{'program':<10} {epochs:>6} epochs {'':>12} {2 * epochs:>6} epochs {'':>12} marginal {epochs} epochs"
-    )
-    result = {}
-    for p in programs:
-        marginal = [b - a for a, b in zip(times[p, epochs], times[p, 2 * epochs], strict=True)]
-        result[p] = {
-            "total": statistics.median(times[p, epochs]),
-            "total_2n": statistics.median(times[p, 2 * epochs]),
-            "marginal": statistics.median(marginal),
-            "runs": {str(e): times[p, e] for e in (epochs, 2 * epochs)},
-        }
+                    wall, cpu = run_program(p, e, Path(tmp), baseline)
+                    times[p, e].append((wall, cpu))
+                    print(
+                        f"  {p:<14} {e:>4} epochs {wall:8.2f} s wall {cpu:8.2f} s CPU", flush=True
+                    )
+    result = {p: {} for p in programs}
+    for k, clock in enumerate(("wall", "CPU")):
+        print(f"\n{clock} seconds, {rounds} rounds: median (min-max)")
         print(
-            f"{p:<10} {_spread(times[p, epochs]):>26} {_spread(times[p, 2 * epochs]):>26} "
-            f"{_spread(marginal):>26}"
+            f"{'program':<14} {f'{epochs} epochs':>26} {f'{2 * epochs} epochs':>26} {'marginal':>26}"
         )
-    if "plain" in result:
-        base = result["plain"]
-        print("ratios to plain PyTorch (total N, total 2N, marginal):")
         for p in programs:
-            ratios = [result[p][k] / base[k] for k in ("total", "total_2n", "marginal")]
-            result[p]["ratios"] = ratios
-            print(f"  {p:<10} " + "  ".join(f"{r:.2f}" for r in ratios))
+            n1 = [t[k] for t in times[p, epochs]]
+            n2 = [t[k] for t in times[p, 2 * epochs]]
+            marginal = [b - a for a, b in zip(n1, n2, strict=True)]  # paired within a round
+            result[p][clock] = {
+                "total": statistics.median(n1),
+                "total_2n": statistics.median(n2),
+                "marginal": statistics.median(marginal),
+                "runs": {str(epochs): n1, str(2 * epochs): n2},
+            }
+            print(f"{p:<14} {_spread(n1):>26} {_spread(n2):>26} {_spread(marginal):>26}")
+        if "plain" in result:
+            base = result["plain"][clock]
+            print(f"ratios to plain PyTorch ({clock}: total N, total 2N, marginal N epochs):")
+            for p in programs:
+                ratios = [result[p][clock][q] / base[q] for q in ("total", "total_2n", "marginal")]
+                result[p][clock]["ratios"] = ratios
+                print(f"  {p:<14} " + "  ".join(f"{r:.2f}" for r in ratios))
     return result
 
 

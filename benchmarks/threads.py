@@ -100,17 +100,19 @@ def main(argv: list[str] | None = None) -> dict:
                     busy.kill()
                     busy.wait()
     what = f"one step of {args.step}" if args.step else f"{args.epochs} epochs"
-    print(f"\n{what}, {args.rounds} rounds; medians (min-max), seconds")
-    print(f"{'load':<6} {'configuration':<26} {'steps':>18} {'whole process':>20}")
+    unit = 1e3 if args.step else 1.0  # a step in ms, a run's steps in s
+    print(f"\n{what}, {args.rounds} rounds; medians (min-max)")
+    label = "step (ms)" if args.step else "steps (s)"
+    print(f"{'load':<6} {'configuration':<26} {label:>18} {'whole process (s)':>20}")
     summary = {}
     for (load, name), runs in results.items():
-        steps, walls = [s for s, _ in runs], [w for _, w in runs]
+        steps, walls = [s * unit for s, _ in runs], [w for _, w in runs]
         summary[f"{load}/{name}"] = {
-            "steps": statistics.median(steps),
+            "steps": statistics.median(steps) / unit,
             "wall": statistics.median(walls),
         }
         print(
-            f"{load:<6} {name:<26} {statistics.median(steps):7.2f} ({min(steps):.2f}-{max(steps):.2f})"
+            f"{load:<6} {name:<26} {statistics.median(steps):7.3f} ({min(steps):.3f}-{max(steps):.3f})"
             f" {statistics.median(walls):8.2f} ({min(walls):.2f}-{max(walls):.2f})"
         )
     return summary

@@ -12,7 +12,7 @@ measures the machine as much as the program; CPU time much less so.
     plain      ``benchmarks/plain_vae.py --epochs E --threads 1`` (pytorch/examples' shape)
     numpyro    ``benchmarks/numpyro_vae.py --epochs E --threads 1`` (skipped if not installed)
 
-Step mode (``--steps K``): the median time of one training step after warm-up, each program in
+Step mode (``--steps K``): the mean time of one training step after warm-up, each program in
 its own process with one thread, at two scales: digits 64-200-10 and an MNIST-sized 784-400-20
 on 60,000 synthetic binarized rows, both batch 128. elbo-lab's step is timed from ``fit``'s own
 per-epoch ``seconds`` (a second and third epoch of K steps on K x 128 synthetic rows, after the

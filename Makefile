@@ -32,12 +32,17 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
+	# the NumPyro peer: an optional extra (benchmarks/numpyro_vae.py skips cleanly without it)
+	$(BIN)/pip install --quiet "numpyro==0.22.0" "jax==0.10.2"
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/evidence.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/reference_vae.py
 	$(BIN)/python benchmarks/kill_loop.py
 	$(BIN)/python benchmarks/watch_overhead.py
+	$(BIN)/python benchmarks/threads.py
+	$(BIN)/python benchmarks/whole_run.py
+	$(BIN)/python benchmarks/whole_run.py --steps 100
 
 # The README's figures from default settings: train (curves, reconstructions, samples, latent),
 # explain (bound), compare (comparison); copied to docs/.

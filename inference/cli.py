@@ -17,49 +17,52 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import pyro
-
-from .batching import ModelArgs, takes_num_data
-from .bounds import CheckedMetrics, checked_metrics
-from .data import load_data, load_model_data
-from .distributed import device_for, init_from_env, shutdown
+from . import choices
 from .errors import ElboLabError, NumericalError, OptionError, RunError
-from .estimators import COMPILED
-from .io import load_checkpoint
-from .plots import write_training_figures
 from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
-from .run import (
-    DEFAULT_AUTOGUIDE,
-    DTYPES,
-    MODELS,
-    ModelSpec,
-    build_model,
-    check_sources,
-    load_run,
-)
-from .rundir import RunDirectory, refuse_to_replace
-from .train import (
-    CHECKPOINT,
-    ESTIMATOR_CHOICES,
-    ESTIMATORS,
-    JIT_MODES,
-    Interrupted,
-    TrainConfig,
-    choose_estimator,
-    fit,
-)
-from .user_model import (
-    guide_label,
-    is_user_model,
-    load_user_model,
-    model_source_file,
-    resolve_model_spec,
-    user_model_label,
-)
 
 __all__ = ["main", "sign_report"]
 
 log = logging.getLogger("elbo-lab")
+
+
+def _load_library() -> None:
+    """Import what the commands compute with (torch, Pyro, matplotlib) when a command runs: the
+    parser, ``--help`` and option errors answer at once (their names: :mod:`inference.choices`)."""
+    global pyro, ModelArgs, takes_num_data, CheckedMetrics, checked_metrics, load_data
+    global load_model_data, device_for, init_from_env, shutdown, COMPILED, load_checkpoint
+    global write_training_figures, DEFAULT_AUTOGUIDE, DTYPES, MODELS, ModelSpec, build_model
+    global check_sources, load_run, RunDirectory, refuse_to_replace, CHECKPOINT, ESTIMATORS
+    global Interrupted, TrainConfig, choose_estimator, fit, guide_label, is_user_model
+    global load_user_model, model_source_file, resolve_model_spec, user_model_label
+    import pyro
+
+    from .batching import ModelArgs, takes_num_data
+    from .bounds import CheckedMetrics, checked_metrics
+    from .data import load_data, load_model_data
+    from .distributed import device_for, init_from_env, shutdown
+    from .estimators import COMPILED
+    from .io import load_checkpoint
+    from .plots import write_training_figures
+    from .run import (
+        DEFAULT_AUTOGUIDE,
+        DTYPES,
+        MODELS,
+        ModelSpec,
+        build_model,
+        check_sources,
+        load_run,
+    )
+    from .rundir import RunDirectory, refuse_to_replace
+    from .train import CHECKPOINT, ESTIMATORS, Interrupted, TrainConfig, choose_estimator, fit
+    from .user_model import (
+        guide_label,
+        is_user_model,
+        load_user_model,
+        model_source_file,
+        resolve_model_spec,
+        user_model_label,
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -173,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--model",
         default="vae",
-        help=f"{', '.join(MODELS)} (default: vae), or your own Pyro model model(x) of the data "
+        help=f"{', '.join(choices.MODELS)} (default: vae), or your own Pyro model model(x) of the data "
         "tensor as FILE.py:NAME or package.module:NAME",
     )
     t.add_argument(
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoIAFNormal; the built-in "
         "models train their own mean-field encoder, diag",
     )
-    _add_training_options(t, estimator=TrainConfig.estimator, every="")
+    _add_training_options(t, estimator=choices.ESTIMATOR, every="")
     t.add_argument(
         "--num-particles", type=_positive_int, default=1, help="samples of z per step (1)"
     )
@@ -226,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--checkpoint-every",
         type=_seconds,
-        default=TrainConfig.checkpoint_every,
+        default=choices.CHECKPOINT_EVERY,
         help="seconds between checkpoints, written at an epoch's end (0: every epoch); also "
-        f"at the start, the end and on SIGINT/SIGTERM ({TrainConfig.checkpoint_every:g})",
+        f"at the start, the end and on SIGINT/SIGTERM ({choices.CHECKPOINT_EVERY:g})",
     )
     _add_allow_changed(t)
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -244,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path, help="a directory written by 'elbo-lab train'")
     e.add_argument("--data", default=None, help="evaluate on other data of the same dimension")
     _add_allow_changed(e)
+    _add_threads_option(e)
     e.add_argument(
         "--json", action="store_true", help="print JSON with keys loss, elbo, reconstruction, kl, n"
     )
@@ -270,10 +274,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     xp.add_argument("--data", default=None, help="explain other data of the same dimension")
     _add_allow_changed(xp)
+    _add_threads_option(xp)
     xp.add_argument("--json", action="store_true", help="print the record as JSON")
     _add_compare_parser(sub)
     _add_watch_parser(sub)
     return parser
+
+
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads for this process (default: one per 1 GFLOP of work in a step, up to "
+        "one per core; waiting threads sleep, so a busy machine slows a run down without "
+        "collapsing it)",
+    )
+
+
+def _use_threads(args, spec: dict, rows: int, backward: bool) -> None:
+    """Unless ``--threads`` was given, set torch's threads from the work in one step.
+
+    ``spec`` holds the model's name and sizes (:class:`inference.run.ModelSpec` fields); a step
+    runs ``rows`` rows, forward only or with ``backward`` (:mod:`inference.threads`).
+    """
+    if getattr(args, "threads", None) is not None:
+        return
+    import torch
+
+    from .threads import step_flops, threads_for, weights_per_row
+
+    weights = weights_per_row(
+        str(spec.get("model", "vae")),
+        int(spec.get("data_dim") or 1),
+        int(spec.get("latent_dim", 10)),
+        tuple(spec.get("hidden_dims", (200,))),
+    )
+    torch.set_num_threads(threads_for(step_flops(weights, rows, backward), available_cores()))
+
+
+def _stored_spec(run_dir: Path) -> dict:
+    """A run's model sizes from its config.json, without loading it ({} if unreadable)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["metadata"]["model_spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _add_allow_changed(p: argparse.ArgumentParser) -> None:
@@ -342,8 +387,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     p.add_argument(
         "--epochs",
         type=_positive_int,
-        default=TrainConfig.epochs,
-        help=f"passes over the training split{every} ({TrainConfig.epochs})",
+        default=choices.EPOCHS,
+        help=f"passes over the training split{every} ({choices.EPOCHS})",
     )
     p.add_argument(
         "--batch-size",
@@ -361,7 +406,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     p.add_argument(
         "--estimator",
         default=estimator,
-        choices=list(ESTIMATOR_CHOICES),
+        choices=list(choices.ESTIMATORS),
         help="ELBO estimator: auto = TraceMeanField_ELBO where its analytic KL is valid for "
         "the model and guide (the VAE), else Trace_ELBO; meanfield = TraceMeanField_ELBO "
         "(refused where its analytic KL would be wrong, e.g. an autoguide over a constrained "
@@ -370,21 +415,24 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     )
     p.add_argument(
         "--jit",
-        default=TrainConfig.jit,
-        choices=list(JIT_MODES),
+        default=choices.JIT,
+        choices=list(choices.JIT_MODES),
         help="compile the estimator with torch.jit (same loss and gradients, less Python per "
         "step): on, off, or auto = when model and guide are declared static, as every "
-        f"built-in one is ({TrainConfig.jit})",
+        f"built-in one is ({choices.JIT})",
     )
     p.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
-        help="torch threads for this process (torch's default: one per core); small models "
-        "such as the default VAE run faster with 1",
+        help="torch threads for this process (default: one per 1 GFLOP of work in a step, up to "
+        "one per core; waiting threads sleep, so a busy machine slows a run down without "
+        "collapsing it)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float32 or float64")
+    p.add_argument(
+        "--dtype", default="float32", choices=list(choices.DTYPES), help="float32 or float64"
+    )
 
 
 def _add_compare_parser(sub) -> None:
@@ -399,7 +447,7 @@ def _add_compare_parser(sub) -> None:
     c.add_argument(
         "--model",
         default="vae",
-        help=f"{', '.join(MODELS)}, or your Pyro model model(x) as FILE.py:NAME or "
+        help=f"{', '.join(choices.MODELS)}, or your Pyro model model(x) as FILE.py:NAME or "
         "package.module:NAME (then --guides are autoguide names) (default: vae)",
     )
     c.add_argument(
@@ -643,6 +691,8 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
                 f"need about {_gb(need)}; {_gb(have)} of memory is available"
             )
         spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
+        rows = config.batch_size or len(dataset.train)
+        _use_threads(args, spec.to_dict(), rows, backward=True)
         pyro.set_rng_seed(config.seed)  # network initialization: "same seed, same numbers"
         module, model, guide = build_model(replace(spec, device=device), dataset)
         train_call = ModelArgs((dataset.train,), {})
@@ -759,6 +809,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _evaluate(args) -> int:
+    _use_threads(args, _stored_spec(args.run_dir), 1024, backward=False)
     run = load_run(args.run_dir, data=args.data, allow_changed=args.allow_changed, warn=_warn)
     # a user model: the rows its guide was fit to, all at once (global latents), / N
     split = run.default_split
@@ -791,8 +842,11 @@ def _evaluate(args) -> int:
 
 
 def _explain(args) -> int:
+    from .evidence import CHUNK_ROWS
     from .explain import explain
     from .watch import SUMMARY, explain_watched
+
+    _use_threads(args, _stored_spec(args.run_dir), CHUNK_ROWS, backward=False)
 
     if (args.run_dir / SUMMARY).is_file():  # written by 'elbo-lab watch'
         w = explain_watched(args.run_dir, num_samples=args.num_samples)
@@ -854,6 +908,8 @@ def _compare(args) -> int:
 def _compare_into(args, out: Path, staging: Path) -> int:
     from .compare import CompareConfig, compare_guides, format_table, write_comparison
 
+    spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
+    _use_threads(args, {**spec, "data_dim": 64}, args.batch_size or 128, backward=True)
     options = CompareConfig(
         num_samples=args.num_samples, elbo_particles=args.elbo_particles, num_draws=args.num_draws
     )
@@ -959,6 +1015,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        # Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning,
+        # so a run with several threads slows down on a busy machine but does not collapse.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _load_library()
         if args.command == "watch":  # the script runs as it would alone: its logging, stdout
             return COMMANDS["watch"](args)
         logging.basicConfig(

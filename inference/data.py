@@ -17,6 +17,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ __all__ = [
 #: Seed of the one-off binarization and of the train/test split; fixed so every run sees one data set.
 DATA_SEED = 0
 TEST_FRACTION = 0.2
+#: The digits' raw intensities (0..16) and labels, shipped inside the package.
+DIGITS_FILE = "digits.npz"
 
 
 @dataclass(frozen=True)
@@ -125,17 +128,18 @@ def _dataset(name, train, test, image_shape=None, train_labels=None, test_labels
 def load_digits(binary: bool = True, test_fraction: float = TEST_FRACTION) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images), scaled to [0, 1].
 
-    With ``binary`` (the default) each pixel is drawn once as Bernoulli(intensity) with a fixed
-    seed, so a Bernoulli decoder is a proper likelihood. The split is a fixed permutation:
+    The images ship with the package (``inference/digits.npz``, written from scikit-learn's copy
+    by ``scripts/make_digits.py``), so loading them needs neither scikit-learn nor its import
+    time. With ``binary`` (the default) each pixel is drawn once as Bernoulli(intensity) with a
+    fixed seed, so a Bernoulli decoder is a proper likelihood. The split is a fixed permutation:
     1438 train and 359 test images.
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
-
-    bunch = _sk_load_digits()
-    x = bunch.images.reshape(len(bunch.images), -1) / 16.0
+    with (resources.files(__package__) / DIGITS_FILE).open("rb") as f, np.load(f) as arrays:
+        images, target = arrays["images"], arrays["target"]
+    x = images.reshape(len(images), -1).astype(np.float64) / 16.0
     if binary:
         x = binarize(x)
-    xtr, xte, ytr, yte = _split(x, bunch.target, test_fraction, DATA_SEED)
+    xtr, xte, ytr, yte = _split(x, target, test_fraction, DATA_SEED)
     return _dataset("digits", xtr, xte, (8, 8), ytr, yte)
 
 

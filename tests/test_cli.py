@@ -187,3 +187,70 @@ def test_a_broken_estimator_is_reported_as_a_bound_violation(trained, capsys, mo
     monkeypatch.setattr(inference.train, "evaluate", honest)
     assert main(["evaluate", str(run_dir)]) == 0
     assert "BOUND VIOLATED" not in capsys.readouterr().out
+
+
+def test_help_and_option_errors_need_no_torch():
+    """The parser is built from inference/choices.py alone: ``--help`` and a refused option
+    import neither torch, Pyro, matplotlib nor scikit-learn."""
+    code = (
+        "import sys\n"
+        "from inference.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['train', '--epochs', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = {'torch', 'pyro', 'matplotlib', 'sklearn', 'arviz', 'tqdm'}\n"
+        "loaded = sorted(heavy & {m.split('.')[0] for m in sys.modules})\n"
+        "assert not loaded, loaded\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True)
+
+
+def test_parser_names_are_the_librarys():
+    from inference import choices, run, train
+
+    assert choices.MODELS == run.MODELS
+    assert choices.DTYPES == tuple(run.DTYPES)
+    assert choices.ESTIMATORS == tuple(train.ESTIMATOR_CHOICES)
+    assert choices.JIT_MODES == train.JIT_MODES
+    defaults = train.TrainConfig()
+    assert (choices.EPOCHS, choices.ESTIMATOR, choices.JIT, choices.CHECKPOINT_EVERY) == (
+        defaults.epochs,
+        defaults.estimator,
+        defaults.jit,
+        defaults.checkpoint_every,
+    )
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain"])
+def test_threads_option_of_evaluate_and_explain(command, trained, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_dir, _ = trained
+        extra = ["--num-samples", "10"] if command == "explain" else []
+        assert main([command, str(run_dir), "--threads", "1", *extra]) == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert main([command, str(run_dir), *extra]) == 0  # a small model: 1 by default
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_default_threads_of_the_default_vae(tmp_path):
+    """The default VAE's step (24 MFLOP) is far below a thread's worth of work: 1 thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        argv = ["train", "--epochs", "1", "--hidden-dims", "8"]
+        assert main([*argv, "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,8 @@ Every unusable input must raise :class:`DataError` with a one-line message namin
 
 import gzip
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -70,6 +72,33 @@ def test_digits_are_deterministic_and_a_partition(digits):
     labels = torch.cat([digits.train_labels, digits.test_labels])
     expected = torch.as_tensor(np.bincount(sk_digits().target, minlength=10))
     assert torch.equal(torch.bincount(labels, minlength=10), expected)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "grey"])
+def test_shipped_digits_equal_scikit_learns(binary):
+    """The package's digits.npz gives the very values load_digits gave from scikit-learn's copy:
+    the same intensities, binarized with the same seed and split by the same permutation."""
+    sk = pytest.importorskip("sklearn.datasets")
+    from inference.data import DATA_SEED, TEST_FRACTION, _split, binarize
+
+    bunch = sk.load_digits()
+    x = bunch.images.reshape(len(bunch.images), -1) / 16.0
+    if binary:
+        x = binarize(x)
+    xtr, xte, ytr, yte = _split(x, bunch.target, TEST_FRACTION, DATA_SEED)
+    shipped = load_digits(binary=binary)
+    assert torch.equal(shipped.train, torch.from_numpy(xtr))
+    assert torch.equal(shipped.test, torch.from_numpy(xte))
+    assert torch.equal(shipped.train_labels, torch.from_numpy(ytr))
+    assert torch.equal(shipped.test_labels, torch.from_numpy(yte))
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    code = (
+        "import sys; from inference.data import load_digits; load_digits(); "
+        "assert not any(m.split('.')[0] == 'sklearn' for m in sys.modules), 'sklearn imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 def test_digits_binarization_is_bernoulli_of_the_intensities():

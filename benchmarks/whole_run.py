@@ -1,0 +1,215 @@
+"""Whole runs as a user sees them: ``elbo-lab train`` against plain PyTorch and NumPyro, by process.
+
+Whole-run mode (default): each program trains the default problem (digits 64-200-10, batch 128,
+Adam 1e-3, a test-loss pass every epoch) as a fresh process, for N and for 2N epochs; programs
+and epoch counts are interleaved, in a rotated order each round. Printed per program: the median
+(min-max) wall time and CPU time (user + system, of the process and its children) of the N-
+and 2N-epoch runs, the marginal time of N more epochs (T(2N) - T(N), paired within a round),
+and the ratios of those medians to plain PyTorch's. On a machine that others share, wall time
+measures the machine as much as the program; CPU time much less so.
+
+    elbo-lab   ``python -m inference.cli train --epochs E`` with every default (threads included)
+    plain      ``benchmarks/plain_vae.py --epochs E --threads 1`` (pytorch/examples' shape)
+    numpyro    ``benchmarks/numpyro_vae.py --epochs E --threads 1`` (skipped if not installed)
+
+Step mode (``--steps K``): the mean time of one training step after warm-up, each program in
+its own process with one thread, at two scales: digits 64-200-10 and an MNIST-sized 784-400-20
+on 60,000 synthetic binarized rows, both batch 128. elbo-lab's step is timed from ``fit``'s own
+per-epoch ``seconds`` (a second and third epoch of K steps on K x 128 synthetic rows, after the
+first epoch compiled the estimator), so it includes the loop's shuffling and checks; the peers
+time ``K`` calls of their step function on one batch.
+
+    python benchmarks/whole_run.py [--epochs 50] [--rounds 3] [--programs elbo-lab,plain,numpyro]
+    python benchmarks/whole_run.py --steps 100 [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SCALES = {"digits 64-200-10": (64, 200, 10, 0), "MNIST-sized 784-400-20": (784, 400, 20, 60000)}
+
+
+def has_numpyro() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("numpyro", "jax"))
+
+
+def _env(root: Path = ROOT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(root)}
+
+
+def run_program(
+    program: str, epochs: int, work: Path, baseline: Path | None = None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of one whole run of ``program`` for ``epochs`` epochs."""
+    root = ROOT
+    if program.startswith("elbo-lab"):  # "elbo-lab@base": the checkout in --baseline
+        root = baseline if program == "elbo-lab@base" else ROOT
+        cmd = ["-m", "inference.cli", "train", "--epochs", str(epochs), "--no-progress"]
+        cmd += ["--force", "--run-dir", str(work / "run")]
+    else:
+        script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[program]
+        cmd = [str(BENCH / script), "--epochs", str(epochs), "--threads", "1", "--quiet"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, *cmd], check=True, cwd=root, env=_env(root), stdout=subprocess.DEVNULL
+    )
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def whole_runs(programs: list[str], epochs: int, rounds: int, baseline: Path | None) -> dict:
+    times = {(p, e): [] for p in programs for e in (epochs, 2 * epochs)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            order = programs[r % len(programs) :] + programs[: r % len(programs)]
+            print(f"round {r + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
+            for e in (epochs, 2 * epochs) if r % 2 == 0 else (2 * epochs, epochs):
+                for p in order:
+                    wall, cpu = run_program(p, e, Path(tmp), baseline)
+                    times[p, e].append((wall, cpu))
+                    print(
+                        f"  {p:<14} {e:>4} epochs {wall:8.2f} s wall {cpu:8.2f} s CPU", flush=True
+                    )
+    result = {p: {} for p in programs}
+    for k, clock in enumerate(("wall", "CPU")):
+        print(f"\n{clock} seconds, {rounds} rounds: median (min-max)")
+        print(
+            f"{'program':<14} {f'{epochs} epochs':>26} {f'{2 * epochs} epochs':>26} {'marginal':>26}"
+        )
+        for p in programs:
+            n1 = [t[k] for t in times[p, epochs]]
+            n2 = [t[k] for t in times[p, 2 * epochs]]
+            marginal = [b - a for a, b in zip(n1, n2, strict=True)]  # paired within a round
+            result[p][clock] = {
+                "total": statistics.median(n1),
+                "total_2n": statistics.median(n2),
+                "marginal": statistics.median(marginal),
+                "runs": {str(epochs): n1, str(2 * epochs): n2},
+            }
+            print(f"{p:<14} {_spread(n1):>26} {_spread(n2):>26} {_spread(marginal):>26}")
+        if "plain" in result:
+            base = result["plain"][clock]
+            print(f"ratios to plain PyTorch ({clock}: total N, total 2N, marginal N epochs):")
+            for p in programs:
+                ratios = [result[p][clock][q] / base[q] for q in ("total", "total_2n", "marginal")]
+                result[p][clock]["ratios"] = ratios
+                print(f"  {p:<14} " + "  ".join(f"{r:.2f}" for r in ratios))
+    return result
+
+
+def _elbo_lab_step(data_dim: int, hidden: int, latent: int, steps: int) -> float:
+    """Seconds per step of ``fit``'s default training (1 thread), from its per-epoch times."""
+    import pyro
+    import torch
+
+    from inference.train import TrainConfig, fit
+    from models.vae import VAE
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(steps * 128, data_dim, generator=g) < 0.13).float()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    vae = VAE(data_dim, latent, (hidden,))
+    config = TrainConfig(epochs=3, progress=False)  # evaluation is not in "seconds"
+    history = fit(vae.model, vae.guide, x, None, config).history
+    seconds = {row["epoch"]: row["seconds"] for row in history if "seconds" in row}
+    return statistics.median([seconds[2], seconds[3]]) / steps if seconds else float("nan")
+
+
+def step_times(programs: list[str], steps: int, rounds: int) -> dict:
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        print(f"round {r + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
+        for scale, (d, h, latent, rows) in SCALES.items():
+            for p in programs:
+                if p == "elbo-lab":
+                    cmd = [str(Path(__file__)), "--elbo-lab-step", f"{d},{h},{latent},{steps}"]
+                else:
+                    script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[p]
+                    cmd = [str(BENCH / script), "--time-steps", str(steps), "--threads", "1"]
+                    cmd += ["--hidden", str(h), "--latent", str(latent)]
+                    if rows:
+                        cmd += ["--synthetic", str(rows), "--data-dim", str(d)]
+                res = subprocess.run(
+                    [sys.executable, *cmd],
+                    check=True,
+                    cwd=ROOT,
+                    env=_env(),
+                    capture_output=True,
+                    text=True,
+                )
+                ms = float(res.stdout.split("step_ms")[-1].split()[0])
+                out.setdefault((scale, p), []).append(ms)
+    print(
+        f"\nstep time, 1 thread, batch 128, {rounds} rounds: ms, median (min-max); ratio to plain"
+    )
+    result = {}
+    for scale in SCALES:
+        print(scale)
+        base = statistics.median(out[scale, "plain"]) if (scale, "plain") in out else None
+        for p in programs:
+            ms = out[scale, p]
+            ratio = statistics.median(ms) / base if base else float("nan")
+            result[f"{scale}/{p}"] = {"ms": statistics.median(ms), "ratio": ratio}
+            print(f"  {p:<10} {_spread(ms)}  {ratio:.2f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=50, help="N: runs of N and 2N epochs")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--programs", default="elbo-lab,plain,numpyro")
+    parser.add_argument("--steps", type=int, default=0, help="step mode: K timed steps")
+    parser.add_argument("--elbo-lab-step", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of an earlier elbo-lab, run as program elbo-lab@base",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.elbo_lab_step:  # the child process of step mode
+        d, h, latent, steps = map(int, args.elbo_lab_step.split(","))
+        print(f"step_ms {1e3 * _elbo_lab_step(d, h, latent, steps):.4f}")
+        return {}
+    programs = args.programs.split(",")
+    if "numpyro" in programs and not has_numpyro():
+        print("whole_run: NumPyro/JAX not installed, numpyro skipped (pip install -e .[bench])")
+        programs.remove("numpyro")
+    if args.steps:
+        result = step_times(programs, args.steps, args.rounds)
+    else:
+        if args.baseline is not None:
+            programs.insert(1, "elbo-lab@base")
+        result = whole_runs(programs, args.epochs, args.rounds, args.baseline)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

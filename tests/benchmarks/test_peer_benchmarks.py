@@ -1,0 +1,86 @@
+"""Smoke runs of the peer and whole-process benchmarks: each script runs at a tiny size and
+prints the figures it promises; the NumPyro peer skips cleanly without NumPyro."""
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts prepend the repository root
+    spec.loader.exec_module(module)
+    return module
+
+
+def _final_loss(out: str) -> float:
+    return float(re.search(r"final test loss (\S+) nats/image", out).group(1))
+
+
+def test_plain_vae_trains_and_times_a_step(capsys, monkeypatch):
+    plain = _load("plain_vae", monkeypatch)
+    plain.main(["--epochs", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "====> Epoch: 1 train loss:" in out
+    # one epoch moves the test -ELBO below the untrained decoder's 64 log 2 = 44.4 nats
+    assert 0 < _final_loss(out) < 64 * math.log(2)
+    plain.main(["--time-steps", "2", "--synthetic", "300", "--data-dim", "20", "--hidden", "8"])
+    assert float(capsys.readouterr().out.split()[-1]) > 0
+
+
+def test_plain_vae_loss_is_the_analytic_kl_elbo(monkeypatch):
+    """loss_function = BCE + KL(N(m, s^2) || N(0, 1)), checked against torch.distributions."""
+    import torch
+    from torch.distributions import Bernoulli, Normal, kl_divergence
+
+    plain = _load("plain_vae", monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(5, 7, generator=g) < 0.5).float()
+    logits, loc, log_scale = (torch.randn(5, n, generator=g) for n in (7, 3, 3))
+    expected = (
+        -Bernoulli(logits=logits).log_prob(x).sum()
+        + kl_divergence(Normal(loc, log_scale.exp()), Normal(0.0, 1.0)).sum()
+    )
+    assert torch.allclose(plain.loss_function(logits, x, loc, log_scale), expected, rtol=1e-6)
+
+
+def test_numpyro_peer_skips_cleanly_without_numpyro(capsys, monkeypatch):
+    peer = _load("numpyro_vae", monkeypatch)
+    monkeypatch.setitem(sys.modules, "numpyro", None)  # import numpyro raises ImportError
+    assert peer.main(["--epochs", "1"]) == 0
+    assert "skipped, NumPyro/JAX not installed" in capsys.readouterr().out
+
+
+def test_numpyro_peer_times_a_step(capsys, monkeypatch):
+    pytest.importorskip("numpyro")
+    pytest.importorskip("jax")
+    peer = _load("numpyro_vae", monkeypatch)
+    args = ["--time-steps", "2", "--synthetic", "300", "--data-dim", "20", "--hidden", "8"]
+    assert peer.main([*args, "--latent", "2"]) == 0
+    assert float(capsys.readouterr().out.split("step_ms")[-1]) > 0
+
+
+def test_whole_run_prints_medians_and_ratios(capsys, monkeypatch):
+    whole = _load("whole_run", monkeypatch)
+    result = whole.main(["--epochs", "1", "--rounds", "1", "--programs", "plain"])
+    out = capsys.readouterr().out
+    assert "ratios to plain PyTorch" in out and result["plain"]["wall"]["ratios"][:2] == [1.0, 1.0]
+
+
+def test_whole_run_step_mode_times_elbo_lab_from_fit(monkeypatch):
+    whole = _load("whole_run", monkeypatch)
+    assert whole._elbo_lab_step(data_dim=6, hidden=4, latent=2, steps=2) > 0
+
+
+def test_threads_benchmark_runs(capsys, monkeypatch):
+    threads = _load("threads", monkeypatch)
+    argv = ["--epochs", "1", "--rounds", "1", "--loads", "quiet", "--configs", "1 thread"]
+    summary = threads.main([*argv, "--extra", "--hidden-dims 8"])
+    assert summary["quiet/1 thread"]["steps"] > 0

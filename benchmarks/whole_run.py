@@ -133,7 +133,7 @@ def _elbo_lab_step(data_dim: int, hidden: int, latent: int, steps: int) -> float
     pyro.set_rng_seed(0)
     vae = VAE(data_dim, latent, (hidden,))
     config = TrainConfig(epochs=3, progress=False)  # evaluation is not in "seconds"
-    history = fit(vae.model, vae.guide, x, None, config).history
+    history = fit(vae.model, vae.guide, x, config=config).history
     seconds = {row["epoch"]: row["seconds"] for row in history if "seconds" in row}
     return statistics.median([seconds[2], seconds[3]]) / steps if seconds else float("nan")
 

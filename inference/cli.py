@@ -16,25 +16,13 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import choices
 from .errors import ElboLabError, NumericalError, OptionError, RunError
 from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
 
-__all__ = ["main", "sign_report"]
-
-log = logging.getLogger("elbo-lab")
-
-
-def _load_library() -> None:
-    """Import what the commands compute with (torch, Pyro, matplotlib) when a command runs: the
-    parser, ``--help`` and option errors answer at once (their names: :mod:`inference.choices`)."""
-    global pyro, ModelArgs, takes_num_data, CheckedMetrics, checked_metrics, load_data
-    global load_model_data, device_for, init_from_env, shutdown, COMPILED, load_checkpoint
-    global write_training_figures, DEFAULT_AUTOGUIDE, DTYPES, MODELS, ModelSpec, build_model
-    global check_sources, load_run, RunDirectory, refuse_to_replace, CHECKPOINT, ESTIMATORS
-    global Interrupted, TrainConfig, choose_estimator, fit, guide_label, is_user_model
-    global load_user_model, model_source_file, resolve_model_spec, user_model_label
+if TYPE_CHECKING:  # bound at run time by _load_library, when a command runs
     import pyro
 
     from .batching import ModelArgs, takes_num_data
@@ -47,7 +35,6 @@ def _load_library() -> None:
     from .run import (
         DEFAULT_AUTOGUIDE,
         DTYPES,
-        MODELS,
         ModelSpec,
         build_model,
         check_sources,
@@ -63,6 +50,78 @@ def _load_library() -> None:
         resolve_model_spec,
         user_model_label,
     )
+
+__all__ = ["main", "sign_report"]
+
+log = logging.getLogger("elbo-lab")
+
+
+def _load_library() -> None:
+    """Import what the commands compute with (torch, Pyro, matplotlib) when a command runs: the
+    parser, ``--help`` and option errors answer at once (their names: :mod:`inference.choices`).
+    A name already bound here (e.g. patched by a test) is kept."""
+    import pyro
+
+    from . import (
+        batching,
+        bounds,
+        data,
+        distributed,
+        estimators,
+        io,
+        plots,
+        run,
+        rundir,
+        train,
+        user_model,
+    )
+
+    names = {
+        "pyro": pyro,
+        **{n: getattr(batching, n) for n in ("ModelArgs", "takes_num_data")},
+        **{n: getattr(bounds, n) for n in ("CheckedMetrics", "checked_metrics")},
+        **{n: getattr(data, n) for n in ("load_data", "load_model_data")},
+        **{n: getattr(distributed, n) for n in ("device_for", "init_from_env", "shutdown")},
+        "COMPILED": estimators.COMPILED,
+        "load_checkpoint": io.load_checkpoint,
+        "write_training_figures": plots.write_training_figures,
+        **{
+            n: getattr(run, n)
+            for n in (
+                "DEFAULT_AUTOGUIDE",
+                "DTYPES",
+                "ModelSpec",
+                "build_model",
+                "check_sources",
+                "load_run",
+            )
+        },
+        **{n: getattr(rundir, n) for n in ("RunDirectory", "refuse_to_replace")},
+        **{
+            n: getattr(train, n)
+            for n in (
+                "CHECKPOINT",
+                "ESTIMATORS",
+                "Interrupted",
+                "TrainConfig",
+                "choose_estimator",
+                "fit",
+            )
+        },
+        **{
+            n: getattr(user_model, n)
+            for n in (
+                "guide_label",
+                "is_user_model",
+                "load_user_model",
+                "model_source_file",
+                "resolve_model_spec",
+                "user_model_label",
+            )
+        },
+    }
+    for name, value in names.items():
+        globals().setdefault(name, value)
 
 
 def _positive_int(text: str) -> int:

@@ -67,7 +67,7 @@ def best_logit_normal_elbo() -> float:
         return loss
 
     optimizer.step(negative_elbo)
-    return -float(negative_elbo())
+    return -float(negative_elbo().detach())
 
 
 def map_log_joint() -> float:
@@ -89,7 +89,7 @@ def coin(tmp_path_factory):
         ("AutoNormal", 1500, 0.02),
         ("AutoDiagonalNormal", 1500, 0.02),
         ("AutoMultivariateNormal", 1500, 0.02),
-        ("AutoLowRankMultivariateNormal", 1500, 0.02),
+        ("AutoLowRankMultivariateNormal", 3000, 0.02),  # a redundant scale: slower to settle
         ("AutoIAFNormal", 1500, 0.01),
         ("AutoDelta", 1000, 0.02),
     ],

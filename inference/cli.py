@@ -1099,6 +1099,12 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except ElboLabError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
+        if type(exc).__name__ == "DistributedError":
+            # a peer died or hung: the process group's threads still wait on it, and tearing
+            # them down at interpreter exit can abort ("terminate called ..."); leave at once
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except OSError as exc:
         print(f"elbo-lab: error: {_os_error(exc)}", file=sys.stderr)

@@ -151,7 +151,11 @@ def dead_rank(world: World, out: Path) -> None:
         fit(vae.model, dying_guide, train, test=test, config=TINY, world=world)
     except DistributedError as exc:
         (out / "dead_rank.txt").write_text(f"{time.perf_counter() - start:.2f}\n{exc}\n")
-        sys.exit(2)
+        # the process group's threads still wait on the dead peer: leave without tearing them
+        # down (gloo may abort with "terminate called" at interpreter exit), as the CLI does
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
 
 
 if __name__ == "__main__":

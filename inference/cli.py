@@ -989,6 +989,7 @@ def _compare_into(args, out: Path, staging: Path) -> int:
         options=options,
         out_dir=staging,
         progress=sys.stderr.isatty(),
+        max_bytes=available_memory(),
     )
     write_comparison(comparison, staging)
     if out.exists():

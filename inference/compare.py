@@ -690,6 +690,7 @@ def compare_guides(
     out_dir: str | os.PathLike | None = None,
     replace: bool = False,
     progress: bool = False,
+    max_bytes: int | None = None,
 ) -> Comparison:
     """:func:`compare` for a model and guides named as on the command line.
 
@@ -753,6 +754,17 @@ def compare_guides(
         batched, label = True, model
     if batch_size is None:
         batch_size = 128 if batched else None
+    if max_bytes is not None:  # the (K, N) log-weights of one guide, float64, twice over
+        if isinstance(dataset, Dataset):
+            rows = max(len(dataset.train), len(dataset.test))
+        else:
+            rows = num_rows(model_fn, dataset.train.args, dataset.train.kwargs, None)
+        need = 2 * options.num_samples * (rows if batched else 1) * 8
+        if need > max_bytes:
+            raise OptionError(
+                f"--num-samples: K = {options.num_samples} draws for {rows} points need about "
+                f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
+            )
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,

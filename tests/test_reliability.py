@@ -242,6 +242,11 @@ CASES = [
         "GB",
     ),
     ("explain-K-too-large", ["explain", "{D}/run", "--num-samples", "100000000000"], "GB"),
+    (
+        "compare-K-too-large",
+        ["compare", "--num-samples", "100000000000", "--out", "{D}/cmp-big"],
+        "GB",
+    ),
     ("zero-width", ["train", "--data", "{D}/zero_width.npy"], "zero columns"),
     ("zero-width-images", ["train", "--data", "{D}/zero_width_images.npy"], "zero columns"),
     ("zero-width-mnist", ["train", "--data", "mnist:{D}/mnist_zero_width"], "zero-size"),

@@ -152,6 +152,39 @@ def num_rows(model: Callable, args: Sequence, kwargs: Mapping, batching: Batchin
     return 1
 
 
+def slicer(
+    model: Callable, args: Sequence, kwargs: Mapping, batching: Batching | None
+) -> Callable[[torch.Tensor, int | None], ModelArgs]:
+    """:func:`take` with the binding to the model's signature done once: ``cut(rows,
+    num_data)`` indexes only the batched arguments, as a training step needs."""
+    if batching is None:
+        whole = ModelArgs(tuple(args), dict(kwargs))
+        return lambda rows, num_data: whole
+    bound = _bind(model, args, kwargs)
+    names = list(bound.arguments)
+    positional = len(bound.args)
+    batched = [names.index(n) for n in batching.args]
+    values = [bound.arguments[n] for n in names]
+
+    def cut(rows: torch.Tensor, num_data: int | None) -> ModelArgs:
+        new = list(values)
+        for i in batched:
+            value = values[i]
+            if torch.is_tensor(value):
+                new[i] = value[rows.to(value.device)]
+            else:
+                new[i] = type(value)(value[j] for j in rows.tolist())
+        extra = {}
+        if batching.size is not None and num_data is not None:
+            extra[batching.size] = num_data
+        if batching.subsample is not None and num_data is not None:
+            extra[batching.subsample] = rows
+        kw = {n: new[i] for i, n in enumerate(names) if i >= positional}
+        return ModelArgs(tuple(new[:positional]), {**kw, **extra})
+
+    return cut
+
+
 def take(
     model: Callable,
     args: Sequence,

@@ -34,7 +34,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from .batching import Batching, ModelArgs, default_batching, num_rows, take
+from .batching import Batching, ModelArgs, default_batching, num_rows, slicer, take
 from .distributed import World, current_world
 from .elbo import decompose, meanfield_violations
 from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
@@ -680,8 +680,10 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
 
+    cut = slicer(model, args, kwargs, batching)  # bound to the signature once, not per step
+
     def batch_args(rows: torch.Tensor) -> ModelArgs:
-        return take(model, args, kwargs, batching, rows, n if scaled else None)
+        return cut(rows, n if scaled else None)
 
     pyro.set_rng_seed(config.seed)
     first = batch_args(torch.arange(batch, device=device))

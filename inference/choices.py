@@ -16,6 +16,7 @@ __all__ = [
     "JIT",
     "JIT_MODES",
     "MODELS",
+    "OPTIMIZERS",
 ]
 
 #: Built-in models: the Bernoulli VAE, probabilistic PCA, factor analysis.
@@ -25,6 +26,8 @@ DTYPES = ("float32", "float64")
 #: ELBO estimators: auto (chosen for the pair), Monte-Carlo KL, analytic KL, their compiled
 #: variants, TraceGraph_ELBO and TraceEnum_ELBO (inference.train.ESTIMATOR_CHOICES).
 ESTIMATORS = ("auto", "trace", "meanfield", "jit", "jit-meanfield", "graph", "enum")
+#: Optimizers (inference.train.OPTIMIZERS).
+OPTIMIZERS = ("adam", "adamw", "sgd")
 #: When training compiles its estimator.
 JIT_MODES = ("auto", "on", "off")
 

@@ -455,7 +455,14 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
         default=None,
         help="mini-batch size (128; all rows for your own model unless it takes num_data)",
     )
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (1e-3)")
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=list(choices.OPTIMIZERS),
+        help="torch optimizer over the pair's parameters: adam (fused where torch has it), "
+        "adamw or sgd (adam)",
+    )
     p.add_argument(
         "--seed",
         type=_seed,
@@ -717,6 +724,7 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
             learning_rate=args.lr,
             seed=args.seed,
             estimator=args.estimator,
+            optimizer=args.optimizer,
             jit=args.jit,
             num_particles=args.num_particles,
             eval_every=args.eval_every,
@@ -981,6 +989,7 @@ def _compare_into(args, out: Path, staging: Path) -> int:
         learning_rate=args.lr,
         seed=args.seed,
         estimator=args.estimator,
+        optimizer=args.optimizer,
         jit=args.jit,
         latent_dim=args.latent_dim,
         hidden_dims=args.hidden_dims,

@@ -27,7 +27,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -49,7 +49,7 @@ from .errors import NumericalError, OptionError
 from .evidence import iwae
 from .io import atomic_write_text, write_csv, write_json
 from .plots import save_figure
-from .train import ESTIMATORS, EVAL_SEED, TrainConfig, fit, seeded
+from .train import ESTIMATORS, EVAL_SEED, TrainConfig, config_record, fit, seeded
 
 if TYPE_CHECKING:
     import arviz
@@ -564,7 +564,7 @@ def compare(
                 _inference_data(draws, options, local=local, attrs=attrs),
                 Path(out_dir) / f"posterior_{name}.nc",
             )
-    train = {k: v for k, v in asdict(config).items() if k != "progress"}
+    train = {k: v for k, v in config_record(config).items() if k != "progress"}
     return Comparison(tuple(rows), options.num_samples, train, model_name, khats)
 
 
@@ -681,6 +681,7 @@ def compare_guides(
     learning_rate: float = 1e-3,
     seed: int = 0,
     estimator: str = "trace",
+    optimizer: str = "adam",
     jit: str = TrainConfig.jit,
     latent_dim: int = 10,
     hidden_dims: Sequence[int] = (200,),
@@ -771,6 +772,7 @@ def compare_guides(
         learning_rate=learning_rate,
         seed=seed,
         estimator=estimator,
+        optimizer=optimizer,
         jit=jit,
         progress=progress,
     )

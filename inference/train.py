@@ -79,6 +79,9 @@ ESTIMATOR_CHOICES = (AUTO, *ESTIMATORS)
 #: When :func:`fit` compiles its estimator (``TrainConfig.jit``).
 JIT_MODES = ("auto", "on", "off")
 
+#: ``TrainConfig.optimizer`` choices (:data:`OPTIMIZERS` holds the functions).
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
+
 #: With ``eval_every=None``, :func:`fit` evaluates about this many times per run (and after
 #: the last epoch): evaluation stays a small share of training however long the run.
 EVALUATIONS_PER_RUN = 20
@@ -89,13 +92,18 @@ EVAL_SEED = 20140101  # the noise used for every evaluation: common random numbe
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Options of :func:`fit`. ``batch_size=None`` means full batch."""
+    """Options of :func:`fit`. ``batch_size=None`` means full batch.
+
+    ``estimator`` is a name of :data:`ESTIMATOR_CHOICES` or a Pyro ELBO object, used as given
+    (e.g. ``Trace_ELBO(num_particles=8)``, ``RenyiELBO(alpha=0.5)``); ``optimizer`` one of
+    :data:`OPTIMIZERS`.
+    """
 
     epochs: int = 200
     batch_size: int | None = 128
     learning_rate: float = 1e-3
     seed: int = 0
-    estimator: str = AUTO  # meanfield where its analytic KL is valid (the VAE), else trace
+    estimator: str | ELBO = AUTO  # meanfield where its analytic KL is valid (the VAE), else trace
     jit: str = "auto"  # compile the estimator: on, off, auto = when model and guide are static
     num_particles: int = 1
     clip_norm: float | None = None
@@ -106,6 +114,7 @@ class TrainConfig:
     eval_particles: int = 10  # draws per evaluation of a model with global latents
     progress: bool = True
     checkpoint_every: float = 30.0  # seconds between checkpoints (0: every epoch), and the last
+    optimizer: str = "adam"
 
     #: Options a resumed run may change; each change is recorded in config.json.
     RESUMABLE_CHANGES = ("epochs", "learning_rate", "clip_norm")
@@ -133,7 +142,14 @@ class TrainConfig:
             math.isfinite(self.clip_norm) and self.clip_norm > 0
         ):
             raise OptionError(f"--clip-norm: must be a positive number, got {self.clip_norm!r}")
-        if self.estimator not in ESTIMATOR_CHOICES:
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise OptionError(
+                f"--optimizer: unknown optimizer {self.optimizer!r} "
+                f"(choose from {', '.join(OPTIMIZER_NAMES)})"
+            )
+        if isinstance(self.estimator, ELBO):
+            pass  # the user's own Pyro ELBO object, run as given
+        elif self.estimator not in ESTIMATOR_CHOICES:
             raise OptionError(
                 f"--estimator: unknown estimator {self.estimator!r} "
                 f"(choose from {', '.join(ESTIMATOR_CHOICES)})"
@@ -406,6 +422,10 @@ def adam(params: list[torch.Tensor], learning_rate: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=learning_rate, fused=fused or None)
 
 
+#: Optimizers by name (``TrainConfig.optimizer``): each takes the parameters and a learning rate.
+OPTIMIZERS: dict[str, Callable[[list[torch.Tensor], float], torch.optim.Optimizer]] = {}
+
+
 @contextmanager
 def default_dtype(dtype: torch.dtype | None):
     """Make ``dtype`` torch's default dtype inside the block (a floating dtype; else unchanged).
@@ -517,11 +537,44 @@ def init(
     """
     dtype = _floating_dtype(args, kwargs)
     with default_dtype(dtype):  # a lazily built guide's parameters at the data's dtype
-        estimator = resolve_estimator(config, model, guide, *args, **kwargs)
-        loss_fn = make_elbo(estimator, config.num_particles)(model, guide)
+        if isinstance(config.estimator, ELBO):  # the user's own ELBO object, as given
+            estimator, elbo = estimator_name(config.estimator), config.estimator
+        else:
+            estimator = resolve_estimator(config, model, guide, *args, **kwargs)
+            elbo = make_elbo(estimator, config.num_particles)
+        loss_fn = elbo(model, guide)
         with pyro.validation_enabled(True):
             names, params = _collect_params(loss_fn, args, kwargs)
-    return SVIState(estimator, loss_fn, adam(params, config.learning_rate), names, params)
+    optimizer = OPTIMIZERS[config.optimizer](params, config.learning_rate)
+    return SVIState(estimator, loss_fn, optimizer, names, params)
+
+
+def estimator_name(elbo: ELBO | str) -> str:
+    """A name for an estimator: its key in :data:`ESTIMATORS` (``trace`` for a
+    ``Trace_ELBO``), else its class name (``RenyiELBO``)."""
+    if isinstance(elbo, str):
+        return elbo
+    for name, cls in ESTIMATORS.items():
+        if type(elbo) is cls:
+            return name
+    return type(elbo).__name__
+
+
+def sgd(params: list[torch.Tensor], learning_rate: float) -> torch.optim.SGD:
+    """Plain stochastic gradient descent, ``torch.optim.SGD`` (foreach where torch has it)."""
+    return torch.optim.SGD(params, lr=learning_rate)
+
+
+def adamw(params: list[torch.Tensor], learning_rate: float) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` (Loshchilov & Hutter 2019), fused where torch has it."""
+    devices = {p.device.type for p in params}
+    fused = (
+        bool(params) and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    )
+    return torch.optim.AdamW(params, lr=learning_rate, fused=fused or None)
+
+
+OPTIMIZERS.update(adam=adam, adamw=adamw, sgd=sgd)
 
 
 def step(state: SVIState, *args, clip_norm: float | None = None, **kwargs):
@@ -864,9 +917,18 @@ def _evaluate_split(
     return Metrics.per_datum(recon_sum, kl_sum, int(total))
 
 
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as JSON-able values: an ELBO object is recorded by its name and particles."""
+    d = asdict(config)
+    if isinstance(config.estimator, ELBO):
+        e = config.estimator
+        d["estimator"] = f"{estimator_name(e)}(num_particles={getattr(e, 'num_particles', 1)})"
+    return d
+
+
 def _config_for_checkpoint(config: TrainConfig) -> dict[str, Any]:
     """The options that determine the numbers (progress bar, epochs and cadence excluded)."""
-    d = asdict(config)
+    d = config_record(config)
     d.pop("progress")
     d.pop("epochs")
     d.pop("checkpoint_every")
@@ -890,7 +952,7 @@ def _write_config(
 ) -> None:
     """``config.json``: the options in force, and every change a resume made to them
     (:attr:`TrainConfig.RESUMABLE_CHANGES`, with the epoch and step it applies from)."""
-    record = {"train": asdict(config), "metadata": dict(metadata or {}), "changes": []}
+    record = {"train": config_record(config), "metadata": dict(metadata or {}), "changes": []}
     if resume:
         try:
             old = json.loads((run_dir / "config.json").read_text())

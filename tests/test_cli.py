@@ -254,3 +254,9 @@ def test_default_threads_of_the_default_vae(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_parser_optimizers_are_the_librarys():
+    from inference import choices, train
+
+    assert choices.OPTIMIZERS == tuple(train.OPTIMIZERS)

@@ -20,6 +20,8 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
+from .errors import OptionError
+
 __all__ = ["BoundCheck", "check_bounds", "is_point_estimate"]
 
 #: Standard errors a Monte-Carlo estimate may stray before an inequality counts as violated.
@@ -36,21 +38,25 @@ class BoundCheck(NamedTuple):
     num_samples: int
     exact_log_px: float | None
     ok: bool
-    checked: bool  # False for a point estimate, which bounds nothing
+    checked: bool  # False for a point estimate, which bounds nothing, or without L_K
     violations: tuple[str, ...]
+    unchecked: str = ""  # why nothing was checked (empty: a point estimate)
 
     def to_dict(self) -> dict[str, Any]:
         d = self._asdict()
         d["violations"] = list(self.violations)
-        return d
+        # JSON has no NaN: an estimate that was not made is null
+        return {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()
+        }
 
     def lines(self) -> list[str]:
         """The check as text: one line, and one marked line per violation."""
         if not self.checked:
-            return [
-                "  bounds: not checked: the guide is a point estimate, its 'ELBO' is "
-                "log p(x, z*) and bounds nothing"
-            ]
+            why = self.unchecked or (
+                "the guide is a point estimate, its 'ELBO' is log p(x, z*) and bounds nothing"
+            )
+            return [f"  bounds: not checked: {why}"]
         exact = "" if self.exact_log_px is None else f" <= exact log p(x) = {self.exact_log_px:.4f}"
         head = (
             f"  bounds: ELBO = {self.elbo:.4f}{_pm(self.elbo_stderr)} <= L_{self.num_samples} = "
@@ -190,8 +196,16 @@ def checked_metrics(
     if exact_log_px is None:  # every latent enumerated: log p(x) is a finite sum
         whole = exact_log_evidence(model, *args, **kwargs)
         exact_log_px = None if whole is None else whole / n
-    with seeded(seed + 1):
-        estimate = iwae(model, guide, *args, num_samples=num_samples, **kwargs)
+    try:
+        with seeded(seed + 1):
+            estimate = iwae(model, guide, *args, num_samples=num_samples, **kwargs)
+    except OptionError as exc:  # no L_K for this model (a plate that subsamples itself)
+        nan = math.nan
+        bounds = BoundCheck(
+            metrics.elbo, metrics.elbo_stderr, nan, None, num_samples, exact_log_px,
+            ok=True, checked=False, violations=(), unchecked=f"no L_K: {exc}",
+        )  # fmt: skip
+        return CheckedMetrics(metrics, checked, plain, bounds)
     se = estimate.stderr / n if math.isfinite(estimate.stderr) else None
     probe_args = (args[0][:2], *args[1:]) if batched else args
     bounds = check_bounds(

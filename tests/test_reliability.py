@@ -699,3 +699,17 @@ def test_memory_exhausted_during_a_run_is_one_line_exit_1(files, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("elbo-lab: error: out of memory"), err
     assert not (tmp_path / "r").exists()  # nothing was written before the failure
+
+
+def test_an_interrupt_while_the_library_loads_is_exit_130(monkeypatch, capsys):
+    """Ctrl-C while torch and Pyro are still being imported (the imports run inside ``main``)
+    ends with the one-line message and 130, not a traceback."""
+    import inference.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference.cli, "_load_library", interrupted)
+    assert main(["train", "--epochs", "1"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "elbo-lab: interrupted"

@@ -633,6 +633,10 @@ class Watch:
                     **fit.to_dict(),
                     "model_ref": _reference(t.model, self.script),
                     "guide_ref": _guide_reference(t.guide, t.model, self.script),
+                    "sources": _sources(
+                        _reference(t.model, self.script),
+                        _guide_reference(t.guide, t.model, self.script),
+                    ),
                 }
                 for fit, t in zip(self.fits, self._tracked.values(), strict=True)
             ],
@@ -824,6 +828,30 @@ def _import_safe(script: str) -> bool:
     return True
 
 
+def _sources(*refs: str | None) -> dict[str, str]:
+    """The SHA-256 of each file a reference names: ``explain`` imports only these bytes."""
+    from .provenance import file_fingerprint
+
+    out = {}
+    for ref in refs:
+        if ref and not ref.startswith("autoguide:"):
+            path = ref.rpartition(":")[0]
+            if os.path.isfile(path):
+                out[path] = file_fingerprint(path)["sha256"]
+    return out
+
+
+def _load_recorded(ref: str, sources: Mapping[str, str]) -> Callable:
+    """The function ``FILE.py:NAME`` of a watched run, imported from the recorded absolute path
+    only if the file's bytes still have the recorded hash (what opening a run trusts)."""
+    from .user_model import load_user_model
+
+    path = ref.rpartition(":")[0]
+    if not os.path.isabs(path) or path not in sources:
+        raise RunError(f"{ref}: no recorded hash for this file; not imported")
+    return load_user_model(ref, path=path, expected_sha256=sources[path])
+
+
 def _reference(fn: Callable, script: str | None) -> str | None:
     """``FILE.py:NAME`` for a module-level function that can be imported without running the
     script again; None otherwise (a method, a closure, or the body of an unguarded script)."""
@@ -870,8 +898,6 @@ def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> W
     """
     from pyro.infer import autoguide
 
-    from .user_model import load_user_model
-
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / SUMMARY).read_text())
     fits = summary.get("fits", [])
@@ -890,12 +916,13 @@ def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> W
     fits_out = []
     for f in fits:
         pyro.clear_param_store()
-        model = load_user_model(f["model_ref"])
+        sources = f.get("sources") or {}
+        model = _load_recorded(f["model_ref"], sources)
         kind, _, name = f["guide_ref"].partition(":")
         guide = (
             getattr(autoguide, name)(model)
             if kind == "autoguide"
-            else load_user_model(f["guide_ref"])
+            else _load_recorded(f["guide_ref"], sources)
         )
         saved = state[f["name"]]
         args, kwargs = tuple(saved["args"]), saved["kwargs"]

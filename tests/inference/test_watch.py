@@ -279,3 +279,23 @@ def test_watch_mistakes_are_one_line_exit_2(argv, message, tmp_path, capsys, mon
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_explain_imports_a_watched_script_only_while_it_is_unchanged(tmp_path, capsys):
+    """What opening a watched run trusts: the script's recorded absolute path and its SHA-256
+    (issue 17). An edited script is refused in one line, nothing of it imported."""
+    import shutil
+
+    script = tmp_path / "guarded.py"
+    shutil.copy(SCRIPTS / "guarded.py", script)
+    run_dir = tmp_path / "run"
+    with Watch(run_dir, WatchConfig(every=50, num_samples=50, figures=False), script=script):
+        run_script(script, [])
+    summary = json.loads((run_dir / "watch.json").read_text())
+    (sources,) = [f["sources"] for f in summary["fits"]]
+    assert list(sources) == [str(script.resolve())]
+    script.write_text(script.read_text() + "\nraise SystemExit('this code must not run')\n")
+    capsys.readouterr()
+    assert main(["explain", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "changed since training; not imported" in err and err.count("\n") == 1

@@ -713,3 +713,25 @@ def test_an_interrupt_while_the_library_loads_is_exit_130(monkeypatch, capsys):
     assert main(["train", "--epochs", "1"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "elbo-lab: interrupted"
+
+
+def test_permission_denied_is_one_line(tmp_path, monkeypatch, capsys):
+    """EACCES (root ignores file modes, so the error is raised where the run directory is
+    made): one line naming the path, exit 2, nothing left behind."""
+    import errno
+    import os as os_module
+
+    real_mkdir = os_module.mkdir
+
+    def denied(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os_module, "mkdir", denied)
+    run_dir = tmp_path / "denied"
+    assert main(["train", "--epochs", "1", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elbo-lab: error: ")
+    assert "Permission denied" in err[0] and str(run_dir) in err[0]
+    assert not run_dir.exists()

@@ -277,6 +277,8 @@ def resolve_estimator(
         if not args and not kwargs:
             raise OptionError(f"--estimator {name}: choosing it needs the model's arguments")
         name = choose_estimator(name, model, guide, *args, **kwargs)
+    elif args or kwargs:  # any other name is checked too: enumerated sites need TraceEnum_ELBO
+        name = choose_estimator(name, model, guide, *args, **kwargs)
     if name not in COMPILED:  # already a compiled estimator
         return name
     if config.jit == "on" or (

@@ -295,3 +295,53 @@ def test_logistic_regression_with_covariates(tmp_path, capsys):
     assert code == 0
     e = json.loads(out)
     assert e["bounds"]["ok"] and 0 <= e["gap"] * e["n"] < 1.0 and e["khat"] < 0.7
+
+
+# --- compare on the regression (b), the mixture (c) and the logistic regression (g) --------------
+
+
+def test_compare_runs_on_each_model(regression_npz, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    path, X, y = regression_npz
+    runs = {
+        "regression": (
+            ["--model", f"{REGRESSION}:model", "--data", str(path)],
+            f"{REGRESSION}:guide,AutoNormal,AutoMultivariateNormal",
+            "trace",
+        ),
+        "mixture": (
+            ["--model", f"{MIXTURE}:model", "--data", f"{MIXTURE}:data"],
+            f"{MIXTURE}:guide",
+            "auto",
+        ),
+        "logistic": (
+            ["--model", f"{LOGISTIC}:model", "--data", f"{LOGISTIC}:data"],
+            "AutoNormal,AutoMultivariateNormal",
+            "trace",
+        ),
+    }
+    for name, (model_args, guides, estimator) in runs.items():
+        argv = ["compare", *model_args, "--guides", guides, "--estimator", estimator]
+        argv += ["--epochs", "300", "--lr", "0.03", "--num-samples", "200"]
+        argv += ["--elbo-particles", "20", "--num-draws", "8", "--json"]
+        argv += ["--out", str(tmp_path / name)]
+        code, out = _run(argv, capsys)
+        assert code == 0, (name, out)
+        rows = json.loads(out)["rows"]
+        assert len(rows) == len(guides.split(",")) and all(r["bounds_ok"] for r in rows), name
+    # the mixture's ELBO is its exact evidence, and the regression's exact evidence bounds all
+    (mixture,) = json.loads((tmp_path / "mixture" / "comparison.json").read_text())["rows"]
+    assert mixture["estimator"] == "TraceEnum_ELBO"
+    assert mixture["gap"] == pytest.approx(0.0, abs=1e-6)
+    exact = regression_log_evidence(X, y) / len(y)
+    for row in json.loads((tmp_path / "regression" / "comparison.json").read_text())["rows"]:
+        assert row["elbo"] <= exact + 5 * row["elbo_stderr"]
+
+
+def test_trace_elbo_on_an_enumerated_model_is_refused_in_one_line(tmp_path, capsys):
+    argv = ["train", "--model", f"{MIXTURE}:model", "--guide", f"{MIXTURE}:guide"]
+    argv += ["--data", f"{MIXTURE}:data", "--estimator", "trace", "--epochs", "2"]
+    argv += ["--run-dir", str(tmp_path / "refused")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only TraceEnum_ELBO sums out" in err[0]

@@ -509,7 +509,16 @@ def compare(
         else:
             probe = train_call
         num_params = _param_count(guide, probe)
-        ev = _evaluate(model, guide, eval_call, options, batched and amortized)
+        try:
+            ev = _evaluate(model, guide, eval_call, options, batched and amortized)
+        except Exception as exc:  # e.g. no L_K for a plate that subsamples itself
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if not isinstance(exc, OptionError):
+                reason = f"{type(exc).__name__}: {reason}"
+            log.warning("guide %s: evaluation failed: %s", name, reason)
+            rows.append(_failed_row(name, split, n, f"evaluation: {reason}"))
+            khats[name] = np.full(1, np.nan)
+            continue
         local = ev.log_weights.dim() == 2
         # a point mass has no density to importance-sample with: k̂ is undefined
         point = isinstance(guide, AutoDelta)

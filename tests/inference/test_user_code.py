@@ -345,3 +345,16 @@ def test_trace_elbo_on_an_enumerated_model_is_refused_in_one_line(tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only TraceEnum_ELBO sums out" in err[0]
+
+
+def test_compare_keeps_a_guide_whose_evaluation_fails(tmp_path, capsys):
+    """A model that subsamples its own plate has no L_K: its row fails with the reason, in one
+    table, and the command says so with exit 1."""
+    argv = ["compare", "--model", f"{MINIBATCH}:model", "--data", f"{MINIBATCH}:data"]
+    argv += ["--guides", f"{MINIBATCH}:guide", "--epochs", "50", "--lr", "0.05"]
+    argv += ["--num-samples", "20", "--elbo-particles", "5", "--num-draws", "8", "--json"]
+    argv += ["--out", str(tmp_path / "mb")]
+    code, out = _run(argv, capsys)
+    assert code == 1
+    (row,) = json.loads(out)["rows"]
+    assert row["failed"].startswith("evaluation: plate 'data' subsamples 20 of its 200 rows")

@@ -585,7 +585,10 @@ def step(state: SVIState, *args, clip_norm: float | None = None, **kwargs):
     Returns ``(state, StepInfo)``. A non-finite loss or gradient raises
     :class:`~inference.errors.NumericalError` before the update.
     """
-    info, _ = _step(state, args, kwargs, clip_norm=clip_norm, where="step")
+    try:
+        info, _ = _step(state, args, kwargs, clip_norm=clip_norm)
+    except NumericalError as exc:
+        raise NumericalError(f"step {state.num_steps + 1}: {exc}") from None
     return state._replace(num_steps=state.num_steps + 1), info
 
 
@@ -595,18 +598,17 @@ def _step(
     kwargs: dict,
     *,
     clip_norm: float | None,
-    where: str,
-    kept: str = "",
     world: World | None = None,
     weight: float = 1.0,
     stop: bool = False,
 ) -> tuple[StepInfo, bool]:
     """The step of :func:`step`, with the gradients all-reduced across ``world`` (this rank's
-    share ``weight``) and whether any rank asked to ``stop`` (one collective)."""
+    share ``weight``) and whether any rank asked to ``stop`` (one collective). Its
+    :class:`NumericalError` says what was not finite; the caller says where."""
     loss = state.loss_fn(*args, **kwargs)
     loss_value = loss.item()
     if not math.isfinite(loss_value):
-        raise NumericalError(f"{where}: loss is {loss_value}; stopped{kept}")
+        raise NumericalError(f"loss is {loss_value}; stopped")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if world is not None:
@@ -618,9 +620,7 @@ def _step(
     else:
         finite = _all_finite([p.grad for p in state.params if p.grad is not None])
     if not finite:
-        raise NumericalError(
-            f"{where}: the gradient is not finite; stopped before the update{kept}"
-        )
+        raise NumericalError("the gradient is not finite; stopped before the update")
     state.optimizer.step()
     return StepInfo(loss_value), stop
 
@@ -843,17 +843,19 @@ def fit(
                 mine = world.shard(batch_rows)
                 call = batch_args(mine) if scaled else first
                 with pyro.validation_enabled(validate_every_step or (epoch, step_index) == (0, 0)):
-                    info, stop = _step(
-                        state,
-                        call.args,
-                        call.kwargs,
-                        clip_norm=config.clip_norm,
-                        where=f"epoch {epoch + 1}, step {step_index + 1}",
-                        kept=kept(),
-                        world=world,
-                        weight=mine.shape[0] / batch_rows.shape[0],
-                        stop=flag.signum is not None,
-                    )
+                    try:
+                        info, stop = _step(
+                            state,
+                            call.args,
+                            call.kwargs,
+                            clip_norm=config.clip_norm,
+                            world=world,
+                            weight=mine.shape[0] / batch_rows.shape[0],
+                            stop=flag.signum is not None,
+                        )
+                    except NumericalError as exc:  # where it stopped, and what survives
+                        where = f"epoch {epoch + 1}, step {step_index + 1}"
+                        raise NumericalError(f"{where}: {exc}{kept()}") from None
                 loss_sum += info.loss * mine.shape[0] / (n if scaled else mine.shape[0])
                 if stop or (world.size == 1 and flag.signum is not None):  # same step everywhere
                     checkpoint(epoch, step_index + 1, loss_sum)

@@ -250,4 +250,4 @@ def test_a_failing_guide_is_a_failed_row_and_the_others_are_kept():
 
     table = format_table(comparison)
     assert "| broken | failed |" in table and "broken: training failed: " in table
-    json.dumps(comparison.to_dict())  # NaN-free enough to serialize
+    json.dumps(comparison.to_dict(), allow_nan=False)  # JSON proper: NaN is null

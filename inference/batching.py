@@ -73,6 +73,12 @@ class ModelArgs(NamedTuple):
     @classmethod
     def of(cls, value: Any) -> ModelArgs:
         """``ModelArgs`` from itself, an ``(args, kwargs)`` pair, or one data tensor."""
+        return cls.of_pair(value) or cls((value,), {})
+
+    @classmethod
+    def of_pair(cls, value: Any) -> ModelArgs | None:
+        """``value`` if it is a ``ModelArgs``, as one if it is an ``(args, kwargs)`` pair, else
+        None."""
         if isinstance(value, ModelArgs):
             return value
         if (
@@ -82,7 +88,7 @@ class ModelArgs(NamedTuple):
             and isinstance(value[1], Mapping)
         ):
             return cls(tuple(value[0]), dict(value[1]))
-        return cls((value,), {})
+        return None
 
 
 def takes_num_data(model: Callable) -> bool:

@@ -423,15 +423,9 @@ def _cast_args(call: ModelArgs, device, dtype) -> ModelArgs:
 def _as_model_args(value: Any, where: str) -> ModelArgs:
     """``(args, kwargs)``, a ``ModelArgs``, a dict of keyword arguments or a tuple of
     positional ones, as a data function may return them."""
-    if isinstance(value, ModelArgs):
-        return value
-    if (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and isinstance(value[0], tuple | list)
-        and isinstance(value[1], Mapping)
-    ):
-        return ModelArgs(tuple(value[0]), dict(value[1]))
+    pair = ModelArgs.of_pair(value)
+    if pair is not None:
+        return pair
     if isinstance(value, Mapping):
         return ModelArgs((), dict(value))
     if isinstance(value, tuple):

@@ -116,26 +116,16 @@ def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
         full = plate.full_size if plate.full_size is not None else plate.size
         scale = full / plate.size
         return _Layout(nesting, plate.name, plate.dim, int(plate.size), scale, bool(enumerated))
+    subsampled = [f for f in all_frames if f.full_size is not None and f.full_size > f.size]
+    if subsampled:  # global latents: one weight needs every row, never a mini-batch
+        f = subsampled[0]
+        raise OptionError(
+            f"plate {f.name!r} subsamples {f.size} of its {f.full_size} rows: a bound on log p(x) "
+            "needs one weight of all the rows (a mini-batch weight scaled by N / B is no "
+            "evidence); run the model on all rows (subsample_size=None) to estimate it"
+        )
     size = max((int(f.size) for f in all_frames), default=1)
     return _Layout(nesting, None, None, size, 1.0, bool(enumerated))
-
-
-def _subsampled_plates(model: Callable, guide: Callable, args, kwargs) -> dict[str, tuple]:
-    """Plates that draw a random subsample (``pyro.plate(..., subsample_size=B)``): name ->
-    (N, B). Pyro refuses to run such a plate on other indices than B of them."""
-    with torch.random.fork_rng(devices=[]):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    plates = {}
-    for trace in (guide_trace, model_trace):
-        for site in trace.nodes.values():
-            if site["type"] == "sample" and site_is_subsample(site):
-                size, value = site["fn"].size, site["value"]
-                if value.shape[0] < size:
-                    plates[site["name"]] = (size, int(value.shape[0]))
-    return plates
 
 
 def _reduce(log_p: torch.Tensor, layout: _Layout, particles: int | None) -> torch.Tensor:
@@ -244,16 +234,7 @@ def log_weights(
         raise OptionError(f"num_samples must be a positive integer, got {num_samples!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise OptionError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    layout = _layout(model, guide, args, kwargs)
-    if layout.data_plate is None:
-        subsampled = _subsampled_plates(model, guide, args, kwargs)
-        if subsampled:  # global latents: one weight needs every row, never a mini-batch
-            name, (size, batch) = next(iter(subsampled.items()))
-            raise OptionError(
-                f"plate {name!r} subsamples {batch} of its {size} rows: a bound on log p(x) "
-                "needs one weight of all the rows (a mini-batch weight scaled by N / B is no "
-                "evidence); run the model on all rows (subsample_size=None) to estimate it"
-            )
+    layout = _layout(model, guide, args, kwargs)  # refuses a global model's mini-batch
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ROWS // max(layout.data_size, 1))
     chunks: list[torch.Tensor] = []

@@ -1109,7 +1109,8 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except ElboLabError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
-        if type(exc).__name__ == "DistributedError":
+        distributed = sys.modules.get(f"{__package__}.distributed")  # loaded if it can fail
+        if distributed is not None and isinstance(exc, distributed.DistributedError):
             # a peer died or hung: the process group's threads still wait on it, and tearing
             # them down at interpreter exit can abort ("terminate called ..."); leave at once
             sys.stdout.flush()

@@ -37,12 +37,11 @@ import torch
 from matplotlib.figure import Figure
 from pyro import poutine
 from pyro.infer import Predictive
-from pyro.infer.autoguide import AutoDelta
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .batching import ModelArgs, num_rows, takes_num_data
-from .bounds import check_bounds
+from .bounds import check_bounds, is_point_estimate
 from .data import Dataset, ModelData
 from .elbo import decompose
 from .errors import NumericalError, OptionError
@@ -242,8 +241,8 @@ def _is_amortized(guide: Callable) -> bool:
     )
 
 
-def _note(guide: Callable) -> str:
-    if isinstance(guide, AutoDelta):
+def _note(point_estimate: bool) -> str:
+    if point_estimate:
         return "point estimate: 'ELBO' = log p(x, z*) omits the entropy; L_K is not a bound"
     return ""
 
@@ -521,7 +520,7 @@ def compare(
             continue
         local = ev.log_weights.dim() == 2
         # a point mass has no density to importance-sample with: k̂ is undefined
-        point = isinstance(guide, AutoDelta)
+        point = is_point_estimate(guide, *probe.args, **probe.kwargs)  # AutoDelta, a MAP guide
         khat = np.full(1, np.nan) if point else psis_khat(ev.log_weights)
         elbo_se = math.sqrt(ev.elbo_var) / n if ev.elbo_var > 0 else None
         bounds = check_bounds(
@@ -554,7 +553,7 @@ def compare(
                 ess_median=float(ess.median()),
                 seconds=seconds,
                 num_params=num_params,
-                note=_note(guide),
+                note=_note(point),
                 estimator=ESTIMATOR_NAMES.get(result.estimator, result.estimator),
                 bounds_ok=bounds.ok if bounds.checked else None,
                 bounds="; ".join(bounds.violations) if bounds.checked else "point estimate",

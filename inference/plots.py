@@ -79,6 +79,7 @@ def plot_training_curves(
     title: str | None = None,
     path: str | os.PathLike | None = None,
     xlabel: str = "epoch",
+    unit: str = "nats/datum",
 ) -> Figure:
     """Four panels from :func:`inference.train.fit`'s history rows (per datum, in nats).
 
@@ -93,24 +94,25 @@ def plot_training_curves(
         path: write the PNG here as well.
         xlabel: what ``epoch`` counts (``"step"`` for :mod:`inference.watch`'s rows, whose
             ``svi_loss`` is the mean of the steps since the previous row).
+        unit: the values' unit (``"nats"`` for whole-objective totals, as watch records).
     """
     if not any(r.get("split") in SPLIT_STYLE for r in history):
         raise OptionError("plot_training_curves: the history has no train or test rows")
     fig = Figure(figsize=(10, 7), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True)
     panels = [
-        (axes[0, 0], "loss", "loss = −ELBO  (nats/datum)", "loss = −ELBO: minimized by SVI  ↓"),
-        (axes[0, 1], "elbo", "ELBO  (nats/datum)", "ELBO = E[log p(x|z)] − KL: maximized  ↑"),
+        (axes[0, 0], "loss", f"loss = −ELBO  ({unit})", "loss = −ELBO: minimized by SVI  ↓"),
+        (axes[0, 1], "elbo", f"ELBO  ({unit})", "ELBO = E[log p(x|z)] − KL: maximized  ↑"),
         (
             axes[1, 0],
             "reconstruction",
-            "E_q[log p(x|z)]  (nats/datum)",
+            f"E_q[log p(x|z)]  ({unit})",
             "reconstruction E_q[log p(x|z)]: maximized  ↑",
         ),
         (
             axes[1, 1],
             "kl",
-            "KL(q(z|x) ‖ p(z))  (nats/datum)",
+            f"KL(q(z|x) ‖ p(z))  ({unit})",
             "KL(q(z|x) ‖ p(z)) ≥ 0: subtracted from the ELBO",
         ),
     ]

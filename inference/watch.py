@@ -548,7 +548,11 @@ class Watch:
         ]
         title = f"{fit.name} ({fit.estimator}), nats on each step's arguments"
         plot_training_curves(
-            history, title=title, xlabel="step", path=self._figure_name("curves", fit)
+            history,
+            title=title,
+            xlabel="step",
+            unit="nats",  # totals over each step's arguments, as svi.step reports them
+            path=self._figure_name("curves", fit),
         )
         log_w = tracked.log_weights
         if log_w is not None:

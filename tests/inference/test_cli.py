@@ -8,9 +8,13 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import arviz as az
+import numpy as np
 import pytest
+import torch
 
 from inference.cli import build_parser, main
 
@@ -204,7 +208,7 @@ def test_help_and_option_errors_need_no_torch():
         "loaded = sorted(heavy & {m.split('.')[0] for m in sys.modules})\n"
         "assert not loaded, loaded\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True)
 
 
@@ -260,3 +264,55 @@ def test_parser_optimizers_are_the_librarys():
     from inference import choices, train
 
     assert choices.OPTIMIZERS == tuple(train.OPTIMIZERS)
+
+
+COMPARE_MODEL_FILE = """
+import pyro, pyro.distributions as dist, torch
+
+def model(data):
+    X, y = data[:, :-1], data[:, -1]
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((w * X).sum(-1), 1.0), obs=y)
+"""
+
+
+def regression_data(n=10, d=3, seed=1):
+    """[X | y] ``(n, d + 1)`` for COMPARE_MODEL_FILE, with correlated columns."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n, 1, generator=g)
+    X = shared + 0.5 * torch.randn(n, d, generator=g)
+    y = X @ torch.tensor([1.0, -0.5, 0.3]) + torch.randn(n, generator=g)
+    return torch.cat([X, y[:, None]], dim=1)
+
+
+def test_cli_compare_vae(tmp_path, capsys):
+    out = tmp_path / "vae"
+    argv = ["compare", "--guides", "diag,flow", "--epochs", "1", "--latent-dim", "2"]
+    argv += ["--hidden-dims", "16", "--num-samples", "16", "--elbo-particles", "2"]
+    argv += ["--num-draws", "20", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| diag |" in printed and "| flow |" in printed
+    for name in ("comparison.csv", "comparison.json", "comparison.md", "comparison.png"):
+        assert (out / name).exists()
+    idata = az.from_netcdf(out / "posterior_flow.nc")
+    assert dict(idata.posterior.sizes) == {"chain": 4, "draw": 5, "datum": 359, "z_dim": 2}
+    assert main(argv) == 2  # exists without --force
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_compare_user_model(tmp_path, capsys):
+    path = tmp_path / "my_models.py"
+    path.write_text(textwrap.dedent(COMPARE_MODEL_FILE))
+    data = regression_data(n=20).numpy().astype(np.float32)
+    np.savez(tmp_path / "data.npz", train=data[:15], test=data[15:])
+    argv = ["compare", "--model", f"{path}:model", "--guides", "AutoDelta,AutoNormal"]
+    argv += ["--data", str(tmp_path / "data.npz"), "--epochs", "5", "--num-samples", "16"]
+    argv += ["--elbo-particles", "2", "--num-draws", "20", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| AutoDelta |" in printed and "omits the entropy" in printed
+    assert az.summary(az.from_netcdf(tmp_path / "out" / "posterior_AutoNormal.nc")).shape[0] == 3
+    assert main(argv[:4] + ["diag"] + argv[5:] + ["--force"]) == 2
+    assert "amortized encoder" in capsys.readouterr().err

@@ -289,8 +289,8 @@ def regression_data(n=10, d=3, seed=1):
 def test_cli_compare_vae(tmp_path, capsys):
     out = tmp_path / "vae"
     argv = ["compare", "--guides", "diag,flow", "--epochs", "1", "--latent-dim", "2"]
-    argv += ["--hidden-dims", "16", "--num-samples", "16", "--elbo-particles", "2"]
-    argv += ["--num-draws", "20", "--out", str(out)]
+    argv += ["--hidden-dims", "16", "--num-samples", "16", "--eval-particles", "2"]
+    argv += ["--num-draws", "20", "--run-dir", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| diag |" in printed and "| flow |" in printed
@@ -309,7 +309,7 @@ def test_cli_compare_user_model(tmp_path, capsys):
     np.savez(tmp_path / "data.npz", train=data[:15], test=data[15:])
     argv = ["compare", "--model", f"{path}:model", "--guides", "AutoDelta,AutoNormal"]
     argv += ["--data", str(tmp_path / "data.npz"), "--epochs", "5", "--num-samples", "16"]
-    argv += ["--elbo-particles", "2", "--num-draws", "20", "--out", str(tmp_path / "out")]
+    argv += ["--eval-particles", "2", "--num-draws", "20", "--run-dir", str(tmp_path / "out")]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| AutoDelta |" in printed and "omits the entropy" in printed

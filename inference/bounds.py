@@ -152,7 +152,7 @@ def is_point_estimate(guide: Callable, *args, **kwargs) -> bool:
 class CheckedMetrics(NamedTuple):
     """What a report prints: the ELBO anatomy, Pyro's own loss on the same noise, the bounds."""
 
-    metrics: Any  # inference.train.Metrics, per datum
+    metrics: Any  # inference.elbo.PerDatumElbo
     pyro_loss: float  # the estimator's own .loss per datum, same data and noise
     estimator: str  # the plain estimator name (trace, meanfield)
     bounds: BoundCheck

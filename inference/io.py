@@ -270,19 +270,21 @@ def copy_params(
     """Overwrite ``params`` (named ``names``, in that order) in place with a checkpoint's.
 
     Raises:
-        RunError: naming ``source``, when the names or a shape differ from the checkpoint's.
+        RunError: naming ``source``, when the names or a shape differ from the checkpoint's;
+            then no parameter has been changed.
     """
     if state["param_names"] != names:
         raise RunError(f"{source}: its parameters do not match this model and guide")
+    for name, p in zip(names, params, strict=True):
+        saved = state["params"][name]
+        if saved.shape != p.shape:
+            raise RunError(
+                f"{source}: parameter {name!r} has shape {tuple(saved.shape)}, "
+                f"this model has {tuple(p.shape)}"
+            )
     with torch.no_grad():
         for name, p in zip(names, params, strict=True):
-            saved = state["params"][name]
-            if saved.shape != p.shape:
-                raise RunError(
-                    f"{source}: parameter {name!r} has shape {tuple(saved.shape)}, "
-                    f"this model has {tuple(p.shape)}"
-                )
-            p.copy_(saved.to(p))
+            p.copy_(state["params"][name].to(p))
 
 
 # --- random state --------------------------------------------------------------------------------

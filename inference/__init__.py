@@ -31,6 +31,8 @@ _SOURCES = {
     "World": "distributed",
     "decompose": "elbo",
     "ElboDecomposition": "elbo",
+    "evaluate": "elbo",
+    "PerDatumElbo": "elbo",
     "SiteTerm": "elbo",
     "exact_evidence": "enumeration",
     "exact_log_evidence": "enumeration",
@@ -47,7 +49,6 @@ _SOURCES = {
     "check_objective": "objectives",
     "check_objectives": "objectives",
     "ObjectiveCheck": "objectives",
-    "evaluate": "train",
     "fit": "train",
     "init": "train",
     "Metrics": "train",
@@ -112,8 +113,10 @@ if TYPE_CHECKING:  # the names as static analysis sees them
     from .distributed import World as World
     from .distributed import init_from_env as init_from_env
     from .elbo import ElboDecomposition as ElboDecomposition
+    from .elbo import PerDatumElbo as PerDatumElbo
     from .elbo import SiteTerm as SiteTerm
     from .elbo import decompose as decompose
+    from .elbo import evaluate as evaluate
     from .enumeration import TraceEnum_ELBO as TraceEnum_ELBO
     from .enumeration import exact_evidence as exact_evidence
     from .enumeration import exact_log_evidence as exact_log_evidence
@@ -134,7 +137,6 @@ if TYPE_CHECKING:  # the names as static analysis sees them
     from .train import SVIState as SVIState
     from .train import TrainConfig as TrainConfig
     from .train import TrainResult as TrainResult
-    from .train import evaluate as evaluate
     from .train import fit as fit
     from .train import init as init
     from .train import step as step

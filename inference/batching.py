@@ -18,7 +18,7 @@ models: its first argument is the data rows, ``num_data`` the size.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -27,7 +27,9 @@ import torch
 __all__ = [
     "Batching",
     "ModelArgs",
+    "chunks",
     "default_batching",
+    "device_of",
     "num_rows",
     "signature",
     "takes_num_data",
@@ -217,3 +219,32 @@ def take(
     if batching.subsample is not None and num_data is not None:
         extra[batching.subsample] = rows
     return ModelArgs(tuple(bound.args), {**bound.kwargs, **extra})
+
+
+def device_of(args: Sequence, kwargs: Mapping) -> torch.device:
+    """The device of the first tensor among the model's arguments (CPU if none)."""
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value):
+            return value.device
+    return torch.device("cpu")
+
+
+def chunks(
+    model: Callable,
+    args: Sequence,
+    kwargs: Mapping,
+    batching: Batching | None,
+    size: int | None,
+) -> Iterator[ModelArgs]:
+    """The model's arguments in consecutive chunks of ``size`` rows, in order, each a full
+    plate (:func:`take` with no size keyword), as evaluation needs; with ``size=None`` or no
+    ``batching`` one call with the arguments as given."""
+    n = num_rows(model, args, kwargs, batching)
+    step = n if size is None or batching is None else size
+    device = device_of(args, kwargs)
+    for start in range(0, n, step):
+        if step == n:
+            yield ModelArgs(tuple(args), dict(kwargs))
+        else:
+            rows = torch.arange(start, min(start + step, n), device=device)
+            yield take(model, args, kwargs, batching, rows, None)

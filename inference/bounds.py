@@ -153,7 +153,7 @@ def is_point_estimate(guide: Callable, *args, **kwargs) -> bool:
 class CheckedMetrics(NamedTuple):
     """What a report prints: the ELBO anatomy, Pyro's own loss on the same noise, the bounds."""
 
-    metrics: Any  # inference.train.Metrics, per datum
+    metrics: Any  # inference.elbo.PerDatumElbo
     pyro_loss: float  # the estimator's own .loss per datum, same data and noise
     estimator: str  # the plain estimator name (trace, meanfield)
     bounds: BoundCheck
@@ -182,9 +182,11 @@ def checked_metrics(
     ``exact_log_px`` (per datum) defaults to the exact value of a model whose every latent is
     enumerated (:func:`inference.enumeration.exact_log_evidence`).
     """
+    from .elbo import EVAL_SEED, evaluate
     from .enumeration import exact_log_evidence
     from .evidence import iwae
-    from .train import COMPILED, EVAL_SEED, evaluate, pyro_loss, seeded
+    from .io import seeded
+    from .train import COMPILED, pyro_loss
 
     seed = EVAL_SEED if seed is None else seed
     plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(estimator, estimator)

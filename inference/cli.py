@@ -16,7 +16,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import choices
 from .errors import ElboLabError, NumericalError, OptionError, RunError
@@ -710,15 +710,7 @@ def _train(args) -> int:
                 "(only --epochs, --lr and --clip-norm can)"
             )
     if not resume:
-        spec = ModelSpec(
-            model=resolve_model_spec(args.model),
-            data=absolute_data_spec(args.data),
-            latent_dim=args.latent_dim,
-            hidden_dims=args.hidden_dims,
-            device=args.device,
-            dtype=args.dtype,
-            guide=args.guide,
-        )
+        spec = _new_spec(args)
         _check_writable(run_dir)
     owner = None
     if is_writer:
@@ -740,60 +732,105 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
     source = source_sha256 = None
     if resume and not (run_dir / CHECKPOINT).exists():
         resume = False  # killed before its first checkpoint: start again, from scratch
-        config = None
     if resume:
-        # A resumed run keeps its stored model, data and options; --epochs, --lr, --clip-norm
-        # may change (config.json records each change).
-        state = load_checkpoint(run_dir / CHECKPOINT)
-        try:
-            spec = ModelSpec.from_dict(state["metadata"]["model_spec"])
-            changes = {"epochs": args.epochs, "progress": progress, "jit": args.jit}
-            changes["checkpoint_every"] = args.checkpoint_every
-            given = _given_options(args, args.argv_)
-            if "lr" in given:
-                changes["learning_rate"] = args.lr
-            if "clip_norm" in given:
-                changes["clip_norm"] = args.clip_norm
-            config = TrainConfig(**{**state["config"], **changes})
-        except (KeyError, TypeError) as exc:
-            raise RunError(
-                f"{run_dir / CHECKPOINT}: checkpoint lacks its options ({exc})"
-            ) from None
-        done = state["position"]["epoch"]
-        if args.epochs < done:
-            raise OptionError(f"--epochs: {args.epochs} is fewer than the {done} already run")
-        source, source_sha256 = check_sources(
-            state, run_dir, allow_changed=args.allow_changed, warn=_warn
-        )
+        config, spec, source, source_sha256 = _resumed_config(args, run_dir, progress)
     else:
         if spec is None:  # --resume of a run killed before its first checkpoint
-            spec = ModelSpec(
-                model=resolve_model_spec(args.model),
-                data=absolute_data_spec(args.data),
-                latent_dim=args.latent_dim,
-                hidden_dims=args.hidden_dims,
-                device=args.device,
-                dtype=args.dtype,
-                guide=args.guide,
-            )
-        batch_size = args.batch_size
-        if batch_size is None and not spec.user_model:
-            batch_size = choices.BATCH_SIZE
-        config = TrainConfig(
-            epochs=args.epochs,
-            batch_size=batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-            estimator=args.estimator,
-            optimizer=args.optimizer,
-            jit=args.jit,
-            num_particles=args.num_particles,
-            eval_every=args.eval_every,
-            clip_norm=args.clip_norm,
-            validate=args.validate,
-            progress=progress,
-            checkpoint_every=args.checkpoint_every,
-        )
+            spec = _new_spec(args)
+        config = _new_config(args, spec, progress)
+    run = _set_up_training(args, spec, config, run_dir, source, source_sha256)
+    result = _fit_run(run, run_dir, owner, resume)
+    if isinstance(result, int):  # stopped: the exit status
+        return result
+    shutdown(run.world)
+    if not run.world.is_writer:  # rank 0 writes the figures and the report
+        return 0
+    return _report_training(args, run, result, run_dir, data_name)
+
+
+def _new_spec(args) -> ModelSpec:
+    """The model, data and sizes a new run trains, from its options."""
+    return ModelSpec(
+        model=resolve_model_spec(args.model),
+        data=absolute_data_spec(args.data),
+        latent_dim=args.latent_dim,
+        hidden_dims=args.hidden_dims,
+        device=args.device,
+        dtype=args.dtype,
+        guide=args.guide,
+    )
+
+
+def _new_config(args, spec: ModelSpec, progress: bool) -> TrainConfig:
+    """A new run's training options (built-in models: mini-batches of 128 by default)."""
+    batch_size = args.batch_size
+    if batch_size is None and not spec.user_model:
+        batch_size = choices.BATCH_SIZE
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        estimator=args.estimator,
+        optimizer=args.optimizer,
+        jit=args.jit,
+        num_particles=args.num_particles,
+        eval_every=args.eval_every,
+        clip_norm=args.clip_norm,
+        validate=args.validate,
+        progress=progress,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+
+def _resumed_config(args, run_dir: Path, progress: bool):
+    """A resumed run's stored model, data and options, and its model file's path and hash.
+
+    --epochs, --lr, --clip-norm may change (config.json records each change); so may what
+    does not change the numbers (progress, --jit, --checkpoint-every).
+    """
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    try:
+        spec = ModelSpec.from_dict(state["metadata"]["model_spec"])
+        changes = {"epochs": args.epochs, "progress": progress, "jit": args.jit}
+        changes["checkpoint_every"] = args.checkpoint_every
+        given = _given_options(args, args.argv_)
+        if "lr" in given:
+            changes["learning_rate"] = args.lr
+        if "clip_norm" in given:
+            changes["clip_norm"] = args.clip_norm
+        config = TrainConfig(**{**state["config"], **changes})
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{run_dir / CHECKPOINT}: checkpoint lacks its options ({exc})") from None
+    done = state["position"]["epoch"]
+    if args.epochs < done:
+        raise OptionError(f"--epochs: {args.epochs} is fewer than the {done} already run")
+    source, source_sha256 = check_sources(
+        state, run_dir, allow_changed=args.allow_changed, warn=_warn
+    )
+    return config, spec, source, source_sha256
+
+
+class _TrainingRun(NamedTuple):
+    """What ``elbo-lab train`` fits, and with what: the options (batch size settled), the
+    model spec (data size recorded), the ranks, the module whose ``model``/``guide`` are
+    trained, the data as the model's arguments, and the split the report is about."""
+
+    config: TrainConfig
+    spec: ModelSpec
+    world: Any
+    module: Any
+    model: Any
+    guide: Any
+    train_call: ModelArgs
+    test_call: ModelArgs | None
+    split: str
+    dataset: Any
+
+
+def _set_up_training(args, spec, config, run_dir, source, source_sha256) -> _TrainingRun:
+    """Join the ranks, load the data onto the device and build the model and guide under the
+    run's seed ("same seed, same numbers")."""
     world = init_from_env(spec.device)  # one process, or a rank under torchrun
     device = device_for(spec.device, world)  # cuda -> cuda:LOCAL_RANK
     pyro.clear_param_store()
@@ -827,23 +864,32 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
         test_call, split = ModelArgs((dataset.test,), {}), "test"
     if config.batch_size is None and takes_num_data(model):  # mini-batches scale by num_data
         config = replace(config, batch_size=choices.BATCH_SIZE)
-    model_file = model_source_file(model) if spec.user_model else None
+    return _TrainingRun(
+        config, spec, world, module, model, guide, train_call, test_call, split, dataset
+    )
+
+
+def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool):
+    """:func:`~inference.train.fit` the run into its directory; the exit status instead of
+    the result when it stopped on a signal or a non-finite number."""
+    spec, config, train_call = run.spec, run.config, run.train_call
+    model_file = model_source_file(run.model) if spec.user_model else None
     provenance = {
         "model": file_fingerprint(model_file) if model_file else None,
         "data": data_fingerprint(spec.data),
     }
     try:
-        result = fit(
-            model,
-            guide,
+        return fit(
+            run.model,
+            run.guide,
             *train_call.args,
-            test=test_call,
+            test=run.test_call,
             config=config,
             run_dir=owner.path if owner is not None else run_dir,
             resume=resume,
             metadata={"model_spec": spec.to_dict(), "provenance": provenance},
             handle_signals=True,
-            world=world,
+            world=run.world,
             publish=owner.publish if owner is not None else None,
             **train_call.kwargs,
         )
@@ -857,19 +903,21 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
     except NumericalError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
         return 1
-    shutdown(world)
-    if not world.is_writer:  # rank 0 writes the figures and the report
-        return 0
-    out = args.out_
+
+
+def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: str) -> int:
+    """Check the trained run's bounds, print the report and write the figures; the exit
+    status says whether the bounds held."""
+    spec, config, out = run.spec, run.config, args.out_
     # The checks need the estimator's loss on the same noise: shards drew other noise, so
     # rank 0 re-evaluates the whole split; global latents: all rows at once.
-    call = train_call if spec.user_model else test_call
-    batched = takes_num_data(model) and not spec.user_model
-    exact = _exact_log_px(module, call)
+    call = run.train_call if spec.user_model else run.test_call
+    batched = takes_num_data(run.model) and not spec.user_model
+    exact = _exact_log_px(run.module, call)
     plain = {c: p for p, c in COMPILED.items()}.get(result.estimator, result.estimator)
     checked = checked_metrics(
-        model,
-        guide,
+        run.model,
+        run.guide,
         *call.args,
         estimator=plain,
         batched=batched,
@@ -878,15 +926,15 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
     )
     if args.json:
         report = {"run_dir": str(run_dir), "estimator": _estimator_label(result.estimator)}
-        print(json.dumps({**report, split: _report_dict(checked)}, indent=2), file=out)
+        print(json.dumps({**report, run.split: _report_dict(checked)}, indent=2), file=out)
     else:
         if spec.user_model:
             what = f"{spec.model} with {spec.guide} on {spec.data} ({checked.metrics.n} rows"
             what += ", all at once)" if config.batch_size is None else ")"
         else:
             what = (
-                f"{spec.model} on {spec.data} ({len(dataset.train)} train / "
-                f"{len(dataset.test)} test images)"
+                f"{spec.model} on {spec.data} ({len(run.dataset.train)} train / "
+                f"{len(run.dataset.test)} test images)"
             )
         print(
             f"Trained {what} for {config.epochs} epochs with "
@@ -894,22 +942,27 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
             file=out,
         )
         unit = "point" if spec.user_model else "image"
-        print(sign_report(checked, split, unit), file=out)
+        print(sign_report(checked, run.split, unit), file=out)
     out.flush()
-    # the report is out: a figure that cannot be written is a warning, not a lost result
+    _write_figures(run, result, run_dir, data_name)
+    return 0 if checked.bounds.ok else 1
+
+
+def _write_figures(run: _TrainingRun, result, run_dir: Path, data_name: str) -> None:
+    """The training figures; after the report, so one that cannot be written is a warning,
+    not a lost result."""
     try:
         figures = write_training_figures(
             run_dir,
             result.history,
-            module,
-            None if spec.user_model else dataset,
-            seed=config.seed,
-            title=f"{spec.model} on {data_name}",
+            run.module,
+            None if run.spec.user_model else run.dataset,
+            seed=run.config.seed,
+            title=f"{run.spec.model} on {data_name}",
         )
         log.info("figures: %s", ", ".join(str(p) for p in figures))
     except Exception as exc:  # noqa: BLE001 - any failure to draw or write is reported
         _warn(f"{run_dir}: figures not written ({type(exc).__name__}: {_first_line(exc)})")
-    return 0 if checked.bounds.ok else 1
 
 
 def _exact_log_px(module, call: ModelArgs) -> float | None:

@@ -7,6 +7,8 @@
 :func:`decompose` traces the guide, replays the model against it exactly as Pyro's
 ``Trace_ELBO`` does (plates, subsampling scale and ``poutine.scale`` included), and splits the
 result by site: observed sites make up ``reconstruction``, latent sites make up ``kl``.
+:func:`evaluate` sums it over a split's rows under a fixed seed and reports it per datum
+(:class:`PerDatumElbo`), as training does after each epoch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from torch.distributions import kl_divergence
 
 from models.structure import has_static_structure
 
+from .batching import Batching, chunks, default_batching, num_rows
+from .choices import EVAL_BATCH_SIZE
 from .enumeration import (
     Enumeration,
     enumerated_log_joint,
@@ -33,15 +37,36 @@ from .enumeration import (
 )
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
+from .io import seeded
 
 __all__ = [
+    "EVAL_SEED",
     "ElboDecomposition",
+    "PerDatumElbo",
     "SiteTerm",
     "decompose",
+    "elbo_and_loss",
+    "evaluate",
     "kl_method",
     "latent_parents",
     "meanfield_violations",
 ]
+
+
+#: The noise of every :func:`evaluate` by default: common random numbers across epochs and runs.
+EVAL_SEED = 20140101
+
+
+def elbo_and_loss(reconstruction: float, kl: float) -> tuple[float, float]:
+    """The ELBO, which is maximized, and the loss, which is minimized, from their two terms.
+
+        elbo = reconstruction - kl,    loss = -elbo = kl - reconstruction
+
+    The one place elbo-lab turns the maximized ELBO into the minimized loss.
+    """
+    elbo = reconstruction - kl
+    loss = -elbo
+    return elbo, loss
 
 
 class SiteTerm(NamedTuple):
@@ -423,7 +448,7 @@ def decompose(
 
     reconstruction = sum(recon_draws) / num_particles
     kl = sum(kl_draws) / num_particles
-    elbo = reconstruction - kl
+    elbo, loss = elbo_and_loss(reconstruction, kl)
     sites = tuple(
         SiteTerm(
             name,
@@ -437,7 +462,7 @@ def decompose(
     elbo_draws = [r - k for r, k in zip(recon_draws, kl_draws, strict=True)]
     return ElboDecomposition(
         elbo=elbo,
-        loss=-elbo,
+        loss=loss,
         reconstruction=reconstruction,
         kl=kl,
         elbo_stderr=_stderr(elbo_draws),
@@ -447,3 +472,68 @@ def decompose(
         sites=sites,
         enumerated=enumerated.sites,
     )
+
+
+class PerDatumElbo(NamedTuple):
+    """The ELBO's terms on one split of the data, per datum, in nats (what :func:`evaluate`
+    returns and training reports each epoch): loss = -elbo, elbo = reconstruction - kl.
+
+    ``n`` is the number of data points N the totals were divided by; ``elbo_stderr`` the
+    Monte-Carlo standard error of ``elbo`` (None from one draw).
+    """
+
+    loss: float
+    elbo: float
+    reconstruction: float
+    kl: float
+    n: int
+    elbo_stderr: float | None = None
+
+    @classmethod
+    def from_totals(
+        cls, reconstruction: float, kl: float, n: int, elbo_stderr: float | None = None
+    ) -> PerDatumElbo:
+        """From whole-split totals (:func:`elbo_and_loss`), each divided by ``n``."""
+        elbo, loss = elbo_and_loss(reconstruction, kl)
+        return cls(loss / n, elbo / n, reconstruction / n, kl / n, n, elbo_stderr)
+
+
+def evaluate(
+    model: Callable,
+    guide: Callable,
+    *args,
+    batch_size: int | None = EVAL_BATCH_SIZE,
+    batching: Batching | None = None,
+    analytic_kl: bool = True,
+    seed: int = EVAL_SEED,
+    num_particles: int = 1,
+    **kwargs,
+) -> PerDatumElbo:
+    """Per-datum loss, ELBO, reconstruction and KL of the model's arguments under the guide.
+
+    Sums :func:`decompose` (``num_particles`` draws) under a fixed seed, then divides by N
+    (:func:`inference.batching.num_rows`). With a ``batching`` (default: a ``num_data``
+    model's, :func:`~inference.batching.default_batching`) and ``batch_size``, the rows are
+    evaluated in chunks, each a full plate (local latents sum over rows;
+    :func:`~inference.batching.chunks`); ``batch_size=None`` or no batching evaluates
+    everything in one call, as models with global latents need. With several particles
+    ``elbo_stderr`` is the standard error of the per-datum ELBO (chunks independent).
+    """
+    batching = batching if batching is not None else default_batching(model)
+    n = num_rows(model, args, kwargs, batching)
+    recon = kl = variance = 0.0
+    with seeded(seed):
+        for call in chunks(model, args, kwargs, batching, batch_size):
+            d = decompose(
+                model,
+                guide,
+                *call.args,
+                num_particles=num_particles,
+                analytic_kl=analytic_kl,
+                **call.kwargs,
+            )
+            recon += d.reconstruction
+            kl += d.kl
+            variance += d.elbo_stderr**2
+    stderr = math.sqrt(variance) / n if math.isfinite(variance) else None
+    return PerDatumElbo.from_totals(recon, kl, n, stderr)

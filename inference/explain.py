@@ -27,20 +27,14 @@ import torch
 from .batching import num_rows, takes_num_data
 from .bounds import check_bounds, is_point_estimate
 from .choices import EVAL_BATCH_SIZE
+from .elbo import EVAL_SEED, evaluate
 from .enumeration import exact_evidence
 from .errors import OptionError
 from .evidence import iwae
+from .io import seeded
 from .objectives import check_objective
 from .run import load_run
-from .train import (
-    ESTIMATORS,
-    EVAL_SEED,
-    choose_estimator,
-    evaluate,
-    make_elbo,
-    pyro_loss,
-    seeded,
-)
+from .train import ESTIMATORS, choose_estimator, make_elbo, pyro_loss
 
 __all__ = ["Explanation", "explain"]
 
@@ -51,7 +45,7 @@ class Explanation(NamedTuple):
     """The ELBO anatomy of one split of a run, per datum in nats.
 
     Attributes:
-        loss, elbo, reconstruction, kl: :func:`~inference.train.evaluate` (analytic KL, fixed
+        loss, elbo, reconstruction, kl: :func:`~inference.elbo.evaluate` (analytic KL, fixed
             noise): loss = -elbo, elbo = reconstruction - kl.
         pyro_loss: ``TraceMeanField_ELBO().loss`` on the same data and noise (an independent check).
         log_px, log_px_stderr: L_K, the importance-weighted estimate of log p(x).

@@ -1,5 +1,7 @@
 """Atomic file writes, appended metrics and checksummed checkpoints: a run directory is never
-left half-written, and what it holds is verified when it is read back."""
+left half-written, and what it holds is verified when it is read back. The random state a
+checkpoint carries (torch, NumPy and Python) is captured and restored here too, and so are the
+parameters it holds (:func:`copy_params`)."""
 
 from __future__ import annotations
 
@@ -9,29 +11,39 @@ import io
 import json
 import math
 import os
+import random
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyro
 import torch
 
 from .errors import RunError
 
 __all__ = [
+    "CHECKPOINT",
     "CHECKPOINT_FORMAT",
     "MetricsLog",
     "atomic_write_bytes",
     "atomic_write_text",
     "checksum",
     "clean_temporary_files",
+    "copy_params",
+    "get_rng_state",
     "load_checkpoint",
     "save_checkpoint",
+    "seeded",
+    "set_rng_state",
     "write_csv",
     "write_json",
     "write_jsonl",
 ]
 
+CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint file
 CHECKPOINT_FORMAT = "elbo-lab/checkpoint"
 CHECKPOINT_VERSION = 2  # 2: SHA-256 of the contents; history lives in metrics.jsonl
 TMP_SUFFIX = ".tmp"
@@ -250,3 +262,66 @@ def _check_contents(path: Path, state: Mapping[str, Any]) -> None:
     offsets = state["metrics"]
     if not all(isinstance(offsets.get(k), int) for k in (MetricsLog.JSONL, MetricsLog.CSV)):
         raise RunError(f"{path}: incomplete checkpoint (no valid metrics lengths)")
+
+
+def copy_params(
+    names: list[str], params: list[torch.Tensor], state: Mapping[str, Any], source: Any
+) -> None:
+    """Overwrite ``params`` (named ``names``, in that order) in place with a checkpoint's.
+
+    Raises:
+        RunError: naming ``source``, when the names or a shape differ from the checkpoint's;
+            then no parameter has been changed.
+    """
+    if state["param_names"] != names:
+        raise RunError(f"{source}: its parameters do not match this model and guide")
+    for name, p in zip(names, params, strict=True):
+        saved = state["params"][name]
+        if saved.shape != p.shape:
+            raise RunError(
+                f"{source}: parameter {name!r} has shape {tuple(saved.shape)}, "
+                f"this model has {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name, p in zip(names, params, strict=True):
+            p.copy_(state["params"][name].to(p))
+
+
+# --- random state --------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    """torch, numpy and Python RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (global state)
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` captured (e.g. from a checkpoint)."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    legacy = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    np.random.set_state(legacy)  # noqa: NPY002 (global state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under ``pyro.set_rng_seed(seed)`` and restore the caller's RNG state after."""
+    state = get_rng_state()
+    pyro.set_rng_seed(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(state)

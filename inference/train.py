@@ -8,9 +8,15 @@ a model and guide declared static (every built-in one) the estimator is compiled
 models; to rounding in general), without Pyro's per-step Python work, which makes the step as
 fast as a hand-written PyTorch VAE's.
 
-After each epoch the train and test splits are evaluated with :func:`inference.elbo.decompose`
-(analytic KL where valid, a fixed evaluation seed) and reported per datum in nats as
-``loss``, ``elbo``, ``reconstruction`` and ``kl``.
+The training loop has the shape of NumPyro's ``SVI.init/update/run`` and BlackJAX's
+``init/step``: :func:`init` makes a small state record (:class:`SVIState`), :func:`step` advances
+it and returns the signed loss (:class:`StepInfo`), and :func:`fit` is the loop that adds, each
+in a small piece of its own, the mini-batches of an epoch (``_Batches``), evaluation
+(``_Evaluation``), the run directory's metrics files and checkpoints (``_RunFiles``), signals
+(``_SignalFlag``) and the progress bar. After each evaluated epoch the train and test splits are
+evaluated with :func:`inference.elbo.evaluate` (:func:`~inference.elbo.decompose` with analytic
+KL where valid, a fixed evaluation seed) and reported per datum in nats as ``loss``, ``elbo``,
+``reconstruction`` and ``kl``.
 """
 
 from __future__ import annotations
@@ -18,30 +24,47 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from .batching import Batching, ModelArgs, default_batching, num_rows, slicer, take
+from .batching import (
+    Batching,
+    ModelArgs,
+    chunks,
+    default_batching,
+    device_of,
+    num_rows,
+    slicer,
+    take,
+)
 from .choices import BATCH_SIZE, EVAL_BATCH_SIZE
 from .distributed import World, current_world
-from .elbo import decompose, meanfield_violations
+from .elbo import EVAL_SEED, PerDatumElbo, evaluate, meanfield_violations
 from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
-from .io import MetricsLog, load_checkpoint, save_checkpoint, write_json
+from .io import (
+    CHECKPOINT,
+    MetricsLog,
+    copy_params,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    seeded,
+    set_rng_state,
+    write_json,
+)
 
 __all__ = [
     "ESTIMATORS",
@@ -86,9 +109,6 @@ OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 #: With ``eval_every=None``, :func:`fit` evaluates about this many times per run (and after
 #: the last epoch): evaluation stays a small share of training however long the run.
 EVALUATIONS_PER_RUN = 20
-
-CHECKPOINT = "checkpoint.pt"
-EVAL_SEED = 20140101  # the noise used for every evaluation: common random numbers across epochs
 
 
 @dataclass(frozen=True)
@@ -168,27 +188,8 @@ class TrainConfig:
             )
 
 
-class Metrics(NamedTuple):
-    """Per-datum ELBO anatomy of one split, in nats: loss = -elbo, elbo = reconstruction - kl.
-
-    ``elbo_stderr`` is the Monte-Carlo standard error of ``elbo`` (None from one draw).
-    """
-
-    loss: float
-    elbo: float
-    reconstruction: float
-    kl: float
-    n: int
-    elbo_stderr: float | None = None
-
-    @classmethod
-    def per_datum(
-        cls, reconstruction: float, kl: float, n: int, elbo_stderr: float | None = None
-    ) -> Metrics:
-        """From whole-split totals: elbo = reconstruction - kl, and loss = -elbo (the only
-        place elbo-lab turns the maximized ELBO into the minimized loss), all divided by n."""
-        elbo = (reconstruction - kl) / n
-        return cls(-elbo, elbo, reconstruction / n, kl / n, n, elbo_stderr)
+#: The former name of :class:`inference.elbo.PerDatumElbo`, the per-datum ELBO terms of a split.
+Metrics = PerDatumElbo
 
 
 class TrainResult(NamedTuple):
@@ -196,7 +197,7 @@ class TrainResult(NamedTuple):
     the estimator that was actually run (a name of :data:`ESTIMATORS`)."""
 
     history: list[dict[str, Any]]
-    final: Metrics
+    final: PerDatumElbo
     run_dir: Path | None
     estimator: str = ""
 
@@ -289,94 +290,7 @@ def resolve_estimator(
     return name
 
 
-# --- random state --------------------------------------------------------------------------------
-
-
-def get_rng_state() -> dict[str, Any]:
-    """torch, numpy and Python RNG states in a form ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (global state)
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [
-            kind,
-            torch.from_numpy(keys.astype(np.int64)),
-            int(pos),
-            int(has_gauss),
-            float(cached),
-        ],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    legacy = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-    np.random.set_state(legacy)  # noqa: NPY002 (global state)
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-@contextmanager
-def seeded(seed: int):
-    """Run a block under ``pyro.set_rng_seed(seed)`` and restore the caller's RNG state after."""
-    state = get_rng_state()
-    pyro.set_rng_seed(seed)
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-
-
 # --- evaluation ----------------------------------------------------------------------------------
-
-
-def evaluate(
-    model: Callable,
-    guide: Callable,
-    *args,
-    batch_size: int | None = EVAL_BATCH_SIZE,
-    batching: Batching | None = None,
-    analytic_kl: bool = True,
-    seed: int = EVAL_SEED,
-    num_particles: int = 1,
-    **kwargs,
-) -> Metrics:
-    """Per-datum loss, ELBO, reconstruction and KL of the model's arguments under the guide.
-
-    Sums :func:`~inference.elbo.decompose` (``num_particles`` draws) under a fixed seed, then
-    divides by N (:func:`inference.batching.num_rows`). With a ``batching`` (default: a
-    ``num_data`` model's, :func:`~inference.batching.default_batching`) and ``batch_size``,
-    the rows are evaluated in chunks, each a full plate (local latents sum over rows);
-    ``batch_size=None`` or no batching evaluates everything in one call, as models with global
-    latents need. With several particles ``elbo_stderr`` is the standard error of the
-    per-datum ELBO (chunks independent).
-    """
-    batching = batching if batching is not None else default_batching(model)
-    n = num_rows(model, args, kwargs, batching)
-    step = n if batch_size is None or batching is None else batch_size
-    device = _device(args, kwargs)
-    recon = kl = variance = 0.0
-    with seeded(seed):
-        for start in range(0, n, step):
-            if step == n:
-                call = ModelArgs(tuple(args), dict(kwargs))
-            else:
-                rows = torch.arange(start, min(start + step, n), device=device)
-                call = take(model, args, kwargs, batching, rows, None)
-            d = decompose(
-                model,
-                guide,
-                *call.args,
-                num_particles=num_particles,
-                analytic_kl=analytic_kl,
-                **call.kwargs,
-            )
-            recon += d.reconstruction
-            kl += d.kl
-            variance += d.elbo_stderr**2
-    stderr = math.sqrt(variance) / n if math.isfinite(variance) else None
-    return Metrics.per_datum(recon, kl, n, stderr)
 
 
 def pyro_loss(
@@ -395,17 +309,10 @@ def pyro_loss(
     for the same estimator's KL terms."""
     batching = batching if batching is not None else default_batching(model)
     n = num_rows(model, args, kwargs, batching)
-    step = n if batch_size is None or batching is None else batch_size
-    device = _device(args, kwargs)
     elbo_estimator = make_elbo(estimator, num_particles)
     total = 0.0
     with seeded(seed):
-        for start in range(0, n, step):
-            if step == n:
-                call = ModelArgs(tuple(args), dict(kwargs))
-            else:
-                rows = torch.arange(start, min(start + step, n), device=device)
-                call = take(model, args, kwargs, batching, rows, None)
+        for call in chunks(model, args, kwargs, batching, batch_size):
             total += elbo_estimator.loss(model, guide, *call.args, **call.kwargs)
     return total / n
 
@@ -636,11 +543,357 @@ def _floating_dtype(args: tuple, kwargs: Mapping) -> torch.dtype | None:
     return None
 
 
-def _device(args: tuple, kwargs: Mapping) -> torch.device:
-    for value in (*args, *kwargs.values()):
-        if torch.is_tensor(value):
-            return value.device
-    return torch.device("cpu")
+# --- the loop and its pieces ---------------------------------------------------------------------
+
+
+class _Batches:
+    """How :func:`fit` cuts the rows into steps: an epoch is one pass over the N rows in global
+    batches of B, each rank stepping on its shard of every batch.
+
+    Full batch (B = N, one process) passes the arguments as given, rows in their order, every
+    step. Mini-batches take a fresh permutation of the rows every epoch, cut through the
+    declared :class:`~inference.batching.Batching`, whose size keyword scales a batch (or a
+    rank's shard) by N / B.
+
+    Raises:
+        OptionError: no rows, or mini-batches without a declared batching.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        args: tuple,
+        kwargs: Mapping,
+        batching: Batching | None,
+        config: TrainConfig,
+        world: World | None,
+    ):
+        try:
+            n = num_rows(model, args, kwargs, batching)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
+        if n == 0:
+            raise OptionError("training data has zero rows")
+        size = n if config.batch_size is None else min(config.batch_size, n)
+        if size < n and batching is None:
+            raise OptionError(
+                f"--batch-size: mini-batches of {size} of {n} rows need a declared batching "
+                "(which arguments hold the rows, and how the model's plate learns N: e.g. a "
+                f"'num_data' argument); train full batch (batch size >= {n})"
+            )
+        self.world = current_world() if world is None else world
+        self.world.check_batches(n, size, scaled=batching is not None)
+        self.n, self.size, self.seed = n, size, config.seed
+        # a batch of B < N rows (or a rank's shard) is scaled by N / B through the declared size
+        self.scaled = batching is not None and (size < n or self.world.size > 1)
+        self.device = device_of(args, kwargs)
+        self.steps_per_epoch = math.ceil(n / size)
+        self._cut = slicer(model, args, kwargs, batching)  # bound to the signature once
+        self.first = self.args_of(torch.arange(size, device=self.device))
+
+    def args_of(self, rows: torch.Tensor) -> ModelArgs:
+        """The model's arguments for ``rows``, scaled by N / len(rows) when mini-batching."""
+        return self._cut(rows, self.n if self.scaled else None)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The rows in the order ``epoch`` visits them."""
+        if self.scaled:  # mini-batches: a fresh permutation of the rows every epoch
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            return torch.randperm(self.n, generator=generator).to(self.device)
+        # full batch: the rows as given, in their order (a time series stays one)
+        return torch.arange(self.n, device=self.device)
+
+    def steps(self, epoch: int, start: int) -> Iterator[tuple[int, ModelArgs, int, int]]:
+        """``(index, arguments, shard rows, global batch rows)`` of each step of ``epoch``
+        from step ``start``."""
+        order = self.order(epoch)
+        for index in range(start, self.steps_per_epoch):
+            rows = order[index * self.size : (index + 1) * self.size]  # a global batch
+            mine = self.world.shard(rows)
+            call = self.args_of(mine) if self.scaled else self.first
+            yield index, call, mine.shape[0], rows.shape[0]
+
+
+class _Evaluation:
+    """What :func:`fit` evaluates after every ``eval_every`` epochs and after the last: the
+    training data and ``test`` by :func:`~inference.elbo.evaluate`, as history rows.
+
+    Local latents (a declared batching) are evaluated in chunks of ``eval_batch_size`` rows;
+    global ones all rows at once with ``eval_particles`` draws (a one-draw ELBO has no error
+    bar). With several ranks each evaluates its share of the batched rows and the totals are
+    summed (:meth:`~inference.distributed.World.sum_over_shards`).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        train: ModelArgs,
+        test: Any,
+        batching: Batching | None,
+        config: TrainConfig,
+        world: World,
+    ):
+        self.model, self.guide, self.world, self.epochs = model, guide, world, config.epochs
+        self.splits = [("train", train), ("test", None if test is None else ModelArgs.of(test))]
+        self.options = (
+            dict(batch_size=config.eval_batch_size, batching=batching)
+            if batching is not None
+            else dict(batch_size=None, num_particles=config.eval_particles)
+        )
+        self.every = config.eval_every or max(1, math.ceil(config.epochs / EVALUATIONS_PER_RUN))
+        self.final: PerDatumElbo | None = None  # the last split evaluated
+
+    def due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs
+
+    def rows(self, epoch: int, svi_loss: float, seconds: float) -> list[dict[str, Any]]:
+        """The history rows of ``epoch`` (none when no evaluation is due), one per split; the
+        train row also holds ``svi_loss``, the mean of what the steps minimized, and the
+        epoch's ``seconds``."""
+        rows = []
+        for split, call in self.splits:
+            if call is None or not self.due(epoch):
+                continue
+            m = self.split(call)
+            row = {"epoch": epoch + 1, "split": split, **m._asdict()}
+            if split == "train":
+                row["svi_loss"] = svi_loss
+                row["seconds"] = seconds
+            rows.append(row)
+            self.final = m
+        return rows
+
+    def split(self, call: ModelArgs) -> PerDatumElbo:
+        """:func:`evaluate` of one split's arguments, reduced across ranks."""
+        model, guide, options = self.model, self.guide, self.options
+        if self.world.size == 1 or options.get("batching") is None:
+            return evaluate(model, guide, *call.args, **call.kwargs, **options)
+        batching = options["batching"]
+        n = num_rows(model, call.args, call.kwargs, batching)
+
+        def totals(rows: torch.Tensor) -> list[float]:
+            part = take(model, call.args, call.kwargs, batching, rows, None)
+            m = evaluate(model, guide, *part.args, **part.kwargs, **options)
+            return [m.reconstruction * m.n, m.kl * m.n, m.n]
+
+        rows = torch.arange(n, device=device_of(call.args, call.kwargs))
+        recon_sum, kl_sum, total = self.world.sum_over_shards(totals, rows)
+        return PerDatumElbo.from_totals(recon_sum, kl_sum, int(total))
+
+
+class _Position(NamedTuple):
+    """Where a run starts: the epoch and step, the running loss sum of that epoch's steps
+    so far, and the history rows already recorded."""
+
+    epoch: int
+    step: int
+    loss_sum: float
+    history: list[dict[str, Any]]
+
+
+class _RunFiles:
+    """The run directory as :func:`fit` keeps it: ``config.json``, the metrics files and the
+    checkpoint; without a directory there is nothing to write and every method returns.
+
+    An atomic checkpoint (parameters, optimizer, config, RNG state of every rank, position, the
+    metrics files' lengths) is written before the first step, every ``checkpoint_every``
+    seconds at an epoch's end, at the end, and on a signal. Rows go to disk before the
+    checkpoint that covers them; a resume cuts rows written after its checkpoint, so files and
+    checkpoint describe the same step. Rank 0 alone writes; every rank takes part in the
+    collectives a checkpoint needs.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        config: TrainConfig,
+        metadata: Mapping[str, Any] | None,
+        state: SVIState,
+        world: World,
+        publish: Callable[[], Path] | None,
+    ):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.path = self.run_dir / CHECKPOINT if self.run_dir is not None else None
+        self.metrics = (
+            MetricsLog(self.run_dir, METRICS_COLUMNS) if self.run_dir is not None else None
+        )
+        self.config, self.metadata, self.state = config, metadata, state
+        self.world, self.publish = world, publish
+        self.last = time.monotonic()
+        self.saved_at: tuple[int, int] | None = None  # the position of the last checkpoint
+
+    def resume(self) -> _Position:
+        """Load the checkpoint into the state (parameters, optimizer, this rank's RNG) and
+        return where the run continues; a changed learning rate applies from there on."""
+        if self.path is None:
+            raise OptionError("--resume needs a run directory")
+        saved = load_checkpoint(self.path)
+        stored, current = saved["config"], _config_for_checkpoint(self.config)
+        fixed = [k for k in current if k not in TrainConfig.RESUMABLE_CHANGES]
+        if any(stored.get(k) != current[k] for k in fixed):
+            raise RunError(f"{self.path}: its training options differ from this run's")
+        state, world = self.state, self.world
+        copy_params(state.names, state.params, saved, self.path)
+        state.optimizer.load_state_dict(saved["optimizer"])
+        for group in state.optimizer.param_groups:  # a changed --lr applies from here on
+            group["lr"] = self.config.learning_rate
+        if world.is_writer:  # rows written after the checkpoint go: they are recomputed
+            history = self.metrics.truncate(saved["metrics"])
+        else:
+            history = self.metrics.read(saved["metrics"])
+        at = saved["position"]
+        loss_sum = at["loss_sum"] if world.is_writer else 0.0  # a global sum
+        rng = world.rng_state(saved)
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # written by a world of another size: this rank's stream is derived afresh
+            world.seed(self.config.seed, at["epoch"], at["step"])
+        return _Position(at["epoch"], at["step"], loss_sum, history)
+
+    def open(self, position: _Position, resume: bool) -> None:
+        """Write ``config.json``, start the metrics files of a new run and its first
+        checkpoint (a run directory always has one)."""
+        self.last = time.monotonic()
+        self.saved_at = (position.epoch, position.step) if resume else None
+        if self.run_dir is not None and self.world.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(
+                self.run_dir, self.config, self.metadata, (position.epoch, position.step), resume
+            )
+            if not resume:
+                self.metrics.reset()
+        if not resume:
+            self.save(0, 0, 0.0)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Append history rows to the metrics files (before the checkpoint that covers them)."""
+        if self.run_dir is not None and self.world.is_writer:
+            self.metrics.append(rows)
+
+    def due(self) -> bool:
+        """Whether ``checkpoint_every`` seconds have passed since the last checkpoint on any
+        rank (one collective)."""
+        due = time.monotonic() - self.last >= self.config.checkpoint_every
+        return self.path is not None and self.world.any(due, "agreeing to checkpoint")
+
+    def kept(self) -> str:
+        """Where a run that stops on a fault can be resumed from."""
+        if self.saved_at is None:
+            return ""
+        return f"; its checkpoint of epoch {self.saved_at[0]}, step {self.saved_at[1]} is kept"
+
+    def save(self, epoch: int, step: int, running: float) -> None:
+        """Checkpoint at ``epoch``, ``step`` with ``running``, this rank's loss sum so far."""
+        if self.path is None:
+            return
+        world, state = self.world, self.state
+        rng_by_rank = world.all_gather(get_rng_state(), "gathering RNG states")
+        running = world.sum([running], "reducing the training loss")[0]
+        self.last, self.saved_at = time.monotonic(), (epoch, step)
+        if not world.is_writer:
+            return
+        params = zip(state.names, state.params, strict=True)
+        save_checkpoint(
+            self.path,
+            {
+                "config": _config_for_checkpoint(self.config),
+                "metadata": dict(self.metadata or {}),
+                "param_names": state.names,
+                "params": {k: p.detach().clone() for k, p in params},
+                "optimizer": state.optimizer.state_dict(),
+                "rng": rng_by_rank[0],
+                "position": {"epoch": epoch, "step": step, "loss_sum": running},
+                "metrics": self.metrics.offsets(),
+                **({"rng_by_rank": rng_by_rank} if world.size > 1 else {}),
+            },
+        )
+        if self.publish is not None:  # the run now has a checkpoint: it may take its final place
+            self.run_dir, self.publish = self.publish(), None
+            self.path, self.metrics.run_dir = self.run_dir / CHECKPOINT, self.run_dir
+
+
+def _progress_bar(config: TrainConfig, start_epoch: int, world: World) -> tqdm:
+    """The epochs' progress bar, on rank 0 only, with the last evaluated ELBO beside it."""
+    return tqdm(
+        total=config.epochs,
+        initial=start_epoch,
+        disable=not config.progress or not world.is_writer,
+        desc="epochs",
+        unit="epoch",
+        leave=False,
+    )
+
+
+@dataclass
+class _Loop:
+    """:func:`fit`'s epochs: the steps of each (:meth:`steps`), then evaluation, metrics rows
+    and a checkpoint when one is due, a stop on a signal (:meth:`close_epoch`)."""
+
+    state: SVIState
+    batches: _Batches
+    evaluation: _Evaluation
+    files: _RunFiles
+    config: TrainConfig
+    flag: _SignalFlag
+
+    def run(self, position: _Position) -> list[dict[str, Any]]:
+        """Train from ``position`` to ``config.epochs``; return the whole history."""
+        history, loss_sum, world = position.history, position.loss_sum, self.batches.world
+        with _progress_bar(self.config, position.epoch, world) as bar:
+            for epoch in range(position.epoch, self.config.epochs):
+                t0 = time.perf_counter()
+                start = position.step if epoch == position.epoch else 0
+                loss_sum = self.steps(epoch, start, loss_sum)
+                seconds = time.perf_counter() - t0
+                loss_sum = world.sum([loss_sum], "reducing the training loss")[0]
+                rows = self.evaluation.rows(epoch, loss_sum / self.batches.n, seconds)
+                history.extend(rows)
+                loss_sum = 0.0
+                self.files.append(rows)
+                self.close_epoch(epoch)
+                if rows:
+                    bar.set_postfix(elbo=f"{rows[-1]['elbo']:.2f}")
+                bar.update(1)
+                log.info("epoch %d: %s", epoch + 1, rows)
+        return history
+
+    def steps(self, epoch: int, start: int, loss_sum: float) -> float:
+        """The steps of ``epoch`` from step ``start``; returns this rank's sum of the steps'
+        losses, each weighted by its share of the rows. A signal checkpoints after the step
+        every rank is at and raises :class:`Interrupted`."""
+        batches, flag, world = self.batches, self.flag, self.batches.world
+        for index, call, mine, rows in batches.steps(epoch, start):
+            with pyro.validation_enabled(self.config.validate or (epoch, index) == (0, 0)):
+                try:
+                    info, stop = _step(
+                        self.state,
+                        call.args,
+                        call.kwargs,
+                        clip_norm=self.config.clip_norm,
+                        world=world,
+                        weight=mine / rows,
+                        stop=flag.signum is not None,
+                    )
+                except NumericalError as exc:  # where it stopped, and what survives
+                    where = f"epoch {epoch + 1}, step {index + 1}"
+                    raise NumericalError(f"{where}: {exc}{self.files.kept()}") from None
+            loss_sum += info.loss * mine / (batches.n if batches.scaled else mine)
+            if stop or (world.size == 1 and flag.signum is not None):  # same step everywhere
+                self.files.save(epoch, index + 1, loss_sum)
+                where = f"epoch {epoch + 1}, step {index + 1}"
+                raise Interrupted(flag.signum or signal.SIGTERM, where)
+        return loss_sum
+
+    def close_epoch(self, epoch: int) -> None:
+        """Checkpoint at the end of ``epoch`` when a signal came, the run ends, or one is
+        due; then stop on the signal."""
+        stopping = self.batches.world.any(self.flag.signum is not None)
+        last = epoch + 1 == self.config.epochs
+        if stopping or last or self.files.due():
+            self.files.save(epoch + 1, 0, 0.0)
+        if stopping and not last:
+            raise Interrupted(self.flag.signum or signal.SIGTERM, f"the end of epoch {epoch + 1}")
 
 
 def fit(
@@ -663,32 +916,25 @@ def fit(
     ``fit(model, guide, *args, **kwargs)`` steps ``model(*args, **kwargs)`` as
     ``SVI.step(*args, **kwargs)`` does: the loop of :func:`init` and :func:`step`, with
     evaluation, metrics files, checkpoints and signal handling on top. Each step minimizes
-    loss = -ELBO with the chosen Pyro estimator.
+    loss = -ELBO with the chosen Pyro estimator. Parameters are created by one run of the pair
+    with the random state forked: the steps draw the noise that
+    ``pyro.set_rng_seed(config.seed)`` starts, whatever the guide's initialization draws.
 
-    Parameters are created by one run of the pair with the random state forked: the steps
-    draw the noise that ``pyro.set_rng_seed(config.seed)`` starts, whatever the guide's
-    initialization draws.
-
-    Full batch (``config.batch_size=None`` or no ``batching``) passes the arguments as given,
-    rows in their order, every step. Mini-batches need a declared :class:`Batching` (the
-    arguments sliced along dim 0 and the keyword that receives N, so the plate scales a batch
-    by N / B); a model that takes ``num_data`` has one by default (its first argument). An
-    "epoch" is one pass over the rows: one step at full batch.
+    Full batch (``config.batch_size=None`` or no ``batching``) passes the arguments as given
+    every step. Mini-batches need a declared :class:`Batching` (the arguments sliced along dim
+    0 and the keyword that receives N, so the plate scales a batch by N / B); a model that
+    takes ``num_data`` has one by default. An "epoch" is one pass over the rows.
 
     After every ``config.eval_every`` epochs (default: about 20 times per run) the training
-    data (and ``test``) are evaluated and appended to the history; with ``run_dir`` the rows
-    are appended to ``metrics.jsonl``/``metrics.csv``. An atomic checkpoint (parameters,
-    optimizer, config, RNG state, position, the metrics files' lengths) follows before the
-    first step, every ``config.checkpoint_every`` seconds at an epoch's end, at the
-    end, and on SIGINT/SIGTERM. Rows go to disk before the checkpoint that covers them; a resume
-    cuts rows written after its checkpoint, so files and checkpoint describe the same step.
+    data (and ``test``) are evaluated and appended to the history, and with ``run_dir`` to
+    ``metrics.jsonl``/``metrics.csv``. A checkpoint is written before the first step, every
+    ``config.checkpoint_every`` seconds at an epoch's end, at the end and on SIGINT/SIGTERM.
 
     Args:
         model, guide: Pyro functions of the same arguments with matching sample sites.
         *args, **kwargs: the model's arguments (the training data).
         config: a :class:`TrainConfig`.
-        test: held-out data in the same form: a tensor, an ``(args, kwargs)`` pair or a
-            :class:`~inference.batching.ModelArgs`; None skips test metrics.
+        test: held-out data: a tensor, an ``(args, kwargs)`` pair or a ``ModelArgs``.
         batching: how mini-batches are cut (:class:`~inference.batching.Batching`).
         run_dir: where metrics and checkpoints go (created if missing).
         resume: continue from ``run_dir/checkpoint.pt`` (same config required, except for
@@ -698,228 +944,31 @@ def fit(
         world: the data-parallel ranks (:mod:`inference.distributed`); default: the initialized
             process group, else one process. Each rank steps on its shard of every global batch,
             gradients and metrics are reduced across ranks, and rank 0 alone writes files.
-        publish: called once after the first checkpoint is written; returns the directory the
-            run continues in (``elbo-lab train --force`` renames its new run over the old here).
+        publish: called once after the first checkpoint; returns the directory the run
+            continues in (``elbo-lab train --force`` renames its new run over the old here).
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last evaluation's test metrics (train if no
         test) and ``estimator`` the estimator that ran.
     """
     batching = batching if batching is not None else default_batching(model)
-    try:
-        n = num_rows(model, args, kwargs, batching)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from None
-    if n == 0:
-        raise OptionError("training data has zero rows")
-    batch = n if config.batch_size is None else min(config.batch_size, n)
-    if batch < n and batching is None:
-        raise OptionError(
-            f"--batch-size: mini-batches of {batch} of {n} rows need a declared batching "
-            "(which arguments hold the rows, and how the model's plate learns N: e.g. a "
-            f"'num_data' argument); train full batch (batch size >= {n})"
-        )
-    world = current_world() if world is None else world
-    world.check_batches(n, batch, scaled=batching is not None)
-    # a batch of B < N rows (or a rank's shard) is scaled by N / B through the declared size
-    scaled = batching is not None and (batch < n or world.size > 1)
-    device = _device(args, kwargs)
-    test_args = None if test is None else ModelArgs.of(test)
-    # local latents (declared batching): evaluated in chunks; global: all rows at once, with
-    # several draws (a one-draw ELBO has no error bar)
-    eval_kwargs = (
-        dict(batch_size=config.eval_batch_size, batching=batching)
-        if batching is not None
-        else dict(batch_size=None, num_particles=config.eval_particles)
-    )
-    eval_every = config.eval_every or max(1, math.ceil(config.epochs / EVALUATIONS_PER_RUN))
-    run_dir = Path(run_dir) if run_dir is not None else None
-    checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
-
-    cut = slicer(model, args, kwargs, batching)  # bound to the signature once, not per step
-
-    def batch_args(rows: torch.Tensor) -> ModelArgs:
-        return cut(rows, n if scaled else None)
-
+    batches = _Batches(model, args, kwargs, batching, config, world)
+    world = batches.world
+    train = ModelArgs(tuple(args), dict(kwargs))
+    evaluation = _Evaluation(model, guide, train, test, batching, config, world)
     pyro.set_rng_seed(config.seed)
-    first = batch_args(torch.arange(batch, device=device))
-    state = init(model, guide, *first.args, config=config, **first.kwargs)
-    names, params, optimizer = state.names, state.params, state.optimizer
-    world.broadcast_(params)  # every rank starts from rank 0's parameters
+    state = init(model, guide, *batches.first.args, config=config, **batches.first.kwargs)
+    world.broadcast_(state.params)  # every rank starts from rank 0's parameters
     world.seed(config.seed)  # ranks 1.. draw their own noise
-
-    history: list[dict[str, Any]] = []
-    start_epoch, start_step, loss_sum = 0, 0, 0.0
-    metrics_log = MetricsLog(run_dir, METRICS_COLUMNS) if run_dir is not None else None
-    if resume:
-        if checkpoint_path is None:
-            raise OptionError("--resume needs a run directory")
-        saved = load_checkpoint(checkpoint_path)
-        stored, current = saved["config"], _config_for_checkpoint(config)
-        fixed = [k for k in current if k not in TrainConfig.RESUMABLE_CHANGES]
-        if any(stored.get(k) != current[k] for k in fixed):
-            raise RunError(f"{checkpoint_path}: its training options differ from this run's")
-        _copy_params(names, params, saved, checkpoint_path)
-        optimizer.load_state_dict(saved["optimizer"])
-        for group in optimizer.param_groups:  # a changed --lr applies from here on
-            group["lr"] = config.learning_rate
-        if world.is_writer:  # rows written after the checkpoint go: they are recomputed
-            history = metrics_log.truncate(saved["metrics"])
-        else:
-            history = metrics_log.read(saved["metrics"])
-        start_epoch, start_step = saved["position"]["epoch"], saved["position"]["step"]
-        loss_sum = saved["position"]["loss_sum"] if world.is_writer else 0.0  # a global sum
-        rng = world.rng_state(saved)
-        if rng is not None:
-            set_rng_state(rng)
-        else:  # written by a world of another size: this rank's stream is derived afresh
-            world.seed(config.seed, start_epoch, start_step)
-
-    last_checkpoint = time.monotonic()
-    saved_at = (start_epoch, start_step) if resume else None
-
-    def kept() -> str:
-        """Where a run that stops on a fault can be resumed from."""
-        if saved_at is None:
-            return ""
-        return f"; its checkpoint of epoch {saved_at[0]}, step {saved_at[1]} is kept"
-
-    def checkpoint(epoch: int, step: int, running: float) -> None:
-        nonlocal last_checkpoint, run_dir, checkpoint_path, publish, saved_at
-        if checkpoint_path is None:
-            return
-        rng_by_rank = world.all_gather(get_rng_state(), "gathering RNG states")
-        running = world.sum([running], "reducing the training loss")[0]
-        last_checkpoint, saved_at = time.monotonic(), (epoch, step)
-        if not world.is_writer:
-            return
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "config": _config_for_checkpoint(config),
-                "metadata": dict(metadata or {}),
-                "param_names": names,
-                "params": {k: p.detach().clone() for k, p in zip(names, params, strict=True)},
-                "optimizer": optimizer.state_dict(),
-                "rng": rng_by_rank[0],
-                "position": {"epoch": epoch, "step": step, "loss_sum": running},
-                "metrics": metrics_log.offsets(),
-                **({"rng_by_rank": rng_by_rank} if world.size > 1 else {}),
-            },
-        )
-        if publish is not None:  # the run now has a checkpoint: it may take its final place
-            run_dir, publish = publish(), None
-            checkpoint_path, metrics_log.run_dir = run_dir / CHECKPOINT, run_dir
-
-    if run_dir is not None and world.is_writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, config, metadata, (start_epoch, start_step), resume)
-        if not resume:
-            metrics_log.reset()
-    if not resume:
-        checkpoint(0, 0, 0.0)  # before the first step: a run directory always has one
-
-    splits = [("train", ModelArgs(tuple(args), dict(kwargs))), ("test", test_args)]
-    steps_per_epoch = math.ceil(n / batch)
-    final = None
-    bar = tqdm(
-        total=config.epochs,
-        initial=start_epoch,
-        disable=not config.progress or not world.is_writer,
-        desc="epochs",
-        unit="epoch",
-        leave=False,
-    )
-    validate_every_step = config.validate
-    with _SignalFlag(handle_signals) as flag, bar:
-        for epoch in range(start_epoch, config.epochs):
-            t0 = time.perf_counter()
-            if scaled:  # mini-batches: a fresh permutation of the rows every epoch
-                generator = torch.Generator().manual_seed(config.seed + epoch)
-                order = torch.randperm(n, generator=generator).to(device)
-            else:  # full batch: the rows as given, in their order (a time series stays one)
-                order = torch.arange(n, device=device)
-            for step_index in range(start_step, steps_per_epoch):
-                batch_rows = order[step_index * batch : (step_index + 1) * batch]  # global batch
-                mine = world.shard(batch_rows)
-                call = batch_args(mine) if scaled else first
-                with pyro.validation_enabled(validate_every_step or (epoch, step_index) == (0, 0)):
-                    try:
-                        info, stop = _step(
-                            state,
-                            call.args,
-                            call.kwargs,
-                            clip_norm=config.clip_norm,
-                            world=world,
-                            weight=mine.shape[0] / batch_rows.shape[0],
-                            stop=flag.signum is not None,
-                        )
-                    except NumericalError as exc:  # where it stopped, and what survives
-                        where = f"epoch {epoch + 1}, step {step_index + 1}"
-                        raise NumericalError(f"{where}: {exc}{kept()}") from None
-                loss_sum += info.loss * mine.shape[0] / (n if scaled else mine.shape[0])
-                if stop or (world.size == 1 and flag.signum is not None):  # same step everywhere
-                    checkpoint(epoch, step_index + 1, loss_sum)
-                    raise Interrupted(
-                        flag.signum or signal.SIGTERM, f"epoch {epoch + 1}, step {step_index + 1}"
-                    )
-            start_step = 0
-            seconds = time.perf_counter() - t0
-            loss_sum = world.sum([loss_sum], "reducing the training loss")[0]
-            rows = []
-            evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == config.epochs
-            for split, call in splits:
-                if call is None or not evaluated:
-                    continue
-                m = _evaluate_split(world, model, guide, call, **eval_kwargs)
-                row = {"epoch": epoch + 1, "split": split, **m._asdict()}
-                if split == "train":
-                    row["svi_loss"] = loss_sum / n  # mean of what the steps minimized
-                    row["seconds"] = seconds
-                rows.append(row)
-                final = m
-            history.extend(rows)
-            loss_sum = 0.0
-            if run_dir is not None and world.is_writer:
-                metrics_log.append(rows)  # before the checkpoint that covers them
-            stopping = world.any(flag.signum is not None)
-            due = time.monotonic() - last_checkpoint >= config.checkpoint_every
-            if (
-                stopping
-                or epoch + 1 == config.epochs
-                or (checkpoint_path is not None and world.any(due, "agreeing to checkpoint"))
-            ):
-                checkpoint(epoch + 1, 0, 0.0)
-            if stopping and epoch + 1 < config.epochs:
-                raise Interrupted(flag.signum or signal.SIGTERM, f"the end of epoch {epoch + 1}")
-            if rows:
-                bar.set_postfix(elbo=f"{rows[-1]['elbo']:.2f}")
-            bar.update(1)
-            log.info("epoch %d: %s", epoch + 1, rows)
+    files = _RunFiles(run_dir, config, metadata, state, world, publish)
+    position = files.resume() if resume else _Position(0, 0, 0.0, [])
+    files.open(position, resume)
+    with _SignalFlag(handle_signals) as flag:
+        history = _Loop(state, batches, evaluation, files, config, flag).run(position)
+    final = evaluation.final
     if final is None:  # resumed a finished run: report the last recorded metrics
-        last = history[-1]
-        final = Metrics(*(last.get(k) for k in Metrics._fields))
-    return TrainResult(history, final, run_dir, state.estimator)
-
-
-def _evaluate_split(
-    world: World, model: Callable, guide: Callable, call: ModelArgs, **kwargs
-) -> Metrics:
-    """:func:`evaluate` of one split's arguments; with several ranks each evaluates its share
-    of the batched rows and the sums are reduced."""
-    if world.size == 1 or kwargs.get("batching") is None:
-        return evaluate(model, guide, *call.args, **call.kwargs, **kwargs)
-    batching = kwargs["batching"]
-    n = num_rows(model, call.args, call.kwargs, batching)
-
-    def totals(rows: torch.Tensor) -> list[float]:
-        part = take(model, call.args, call.kwargs, batching, rows, None)
-        m = evaluate(model, guide, *part.args, **part.kwargs, **kwargs)
-        return [m.reconstruction * m.n, m.kl * m.n, m.n]
-
-    rows = torch.arange(n, device=_device(call.args, call.kwargs))
-    recon_sum, kl_sum, total = world.sum_over_shards(totals, rows)
-    return Metrics.per_datum(recon_sum, kl_sum, int(total))
+        final = PerDatumElbo(*(history[-1].get(k) for k in PerDatumElbo._fields))
+    return TrainResult(history, final, files.run_dir, state.estimator)
 
 
 def config_record(config: TrainConfig) -> dict[str, Any]:
@@ -981,18 +1030,4 @@ def restore(
     """Create the pair's parameters (one run on the model's arguments) and overwrite them from a
     checkpoint."""
     names, params = _collect_params(Trace_ELBO()(model, guide), args, kwargs)
-    _copy_params(names, params, state, source)
-
-
-def _copy_params(names: list[str], params: list, state: Mapping[str, Any], source) -> None:
-    if state["param_names"] != names:
-        raise RunError(f"{source}: its parameters do not match this model and guide")
-    with torch.no_grad():
-        for name, p in zip(names, params, strict=True):
-            saved = state["params"][name]
-            if saved.shape != p.shape:
-                raise RunError(
-                    f"{source}: parameter {name!r} has shape {tuple(saved.shape)}, "
-                    f"this model has {tuple(p.shape)}"
-                )
-            p.copy_(saved.to(p))
+    copy_params(names, params, state, source)

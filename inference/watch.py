@@ -46,11 +46,10 @@ from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoGuide
 from pyro.infer.elbo import ELBOModule
 
-from .elbo import ElboDecomposition, decompose
+from .elbo import EVAL_SEED, ElboDecomposition, decompose
 from .errors import OptionError, RunError
 from .evidence import iwae
-from .io import atomic_write_text, write_csv, write_json, write_jsonl
-from .train import EVAL_SEED, seeded
+from .io import atomic_write_text, seeded, write_csv, write_json, write_jsonl
 
 __all__ = [
     "Watch",

@@ -171,15 +171,15 @@ def test_threads_sets_torch_threads(tmp_path):
 def test_a_broken_estimator_is_reported_as_a_bound_violation(trained, capsys, monkeypatch):
     """Make a violation on purpose: an evaluation that adds 5 nats to every ELBO (as a KL that
     drops a log-Jacobian would). The report marks it, the JSON says so, the exit status is 1."""
-    import inference.train
+    import inference.elbo
 
-    honest = inference.train.evaluate
+    honest = inference.elbo.evaluate
 
     def broken(*args, **kwargs):
         m = honest(*args, **kwargs)
         return m._replace(elbo=m.elbo + 5.0, loss=m.loss - 5.0, kl=m.kl - 5.0)
 
-    monkeypatch.setattr(inference.train, "evaluate", broken)
+    monkeypatch.setattr(inference.elbo, "evaluate", broken)
     run_dir, _ = trained
     assert main(["evaluate", str(run_dir)]) == 1
     out = capsys.readouterr().out
@@ -187,7 +187,7 @@ def test_a_broken_estimator_is_reported_as_a_bound_violation(trained, capsys, mo
     assert main(["evaluate", str(run_dir), "--json"]) == 1
     bounds = json.loads(capsys.readouterr().out)["bounds"]
     assert bounds["ok"] is False and bounds["violations"]
-    monkeypatch.setattr(inference.train, "evaluate", honest)
+    monkeypatch.setattr(inference.elbo, "evaluate", honest)
     assert main(["evaluate", str(run_dir)]) == 0
     assert "BOUND VIOLATED" not in capsys.readouterr().out
 

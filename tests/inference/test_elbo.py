@@ -217,3 +217,47 @@ def test_compiled_decomposition_of_linear_gaussian_and_a_static_user_model(float
     guide(data)  # create the guide's parameters
     eager, first, second = _decompositions(regression, guide, data, num_particles=2)
     assert eager == first == second
+
+
+def test_evaluate_is_decompose_per_datum_under_its_seed():
+    """One chunk: evaluate's numbers are decompose's totals over the seeded draws, / N."""
+    from inference.elbo import evaluate
+    from inference.io import seeded
+
+    model, guide, (x,), _ = vae_case()
+    m = evaluate(model, guide, x, batch_size=None, seed=7, num_particles=3)
+    with seeded(7):
+        d = decompose(model, guide, x, num_particles=3)
+    n = x.shape[0]
+    assert m.n == n
+    assert (m.reconstruction, m.kl, m.elbo) == (d.reconstruction / n, d.kl / n, d.elbo / n)
+    assert m.loss == pytest.approx(d.kl / n - d.reconstruction / n, rel=1e-12)
+    assert m.elbo_stderr == pytest.approx(d.elbo_stderr / n, rel=1e-12)
+
+
+def test_evaluate_in_chunks_sums_the_chunks():
+    """Local latents: chunks of 4, 4 and 2 rows in order, each a full plate (no num_data), and
+    the split's ELBO is the sum of theirs; the same seed gives the same numbers again."""
+    from inference.batching import chunks, default_batching, device_of
+    from inference.elbo import PerDatumElbo, evaluate
+    from inference.io import seeded
+
+    model, guide, (x,), _ = vae_case()
+    batching = default_batching(model)
+    parts = list(chunks(model, (x,), {}, batching, 4))
+    assert [p.args[0].shape[0] for p in parts] == [4, 4, 2]
+    assert torch.equal(torch.cat([p.args[0] for p in parts]), x)
+    assert all("num_data" not in p.kwargs for p in parts)
+    assert device_of((x,), {}) == x.device and device_of((), {"n": 3}) == torch.device("cpu")
+    assert len(list(chunks(model, (x,), {}, batching, None))) == 1
+
+    m = evaluate(model, guide, x, batch_size=4, seed=3)
+    recon = kl = 0.0
+    with seeded(3):
+        for p in parts:
+            d = decompose(model, guide, *p.args, **p.kwargs)
+            recon, kl = recon + d.reconstruction, kl + d.kl
+    assert m == PerDatumElbo.from_totals(recon, kl, 10, m.elbo_stderr)
+    assert m.elbo_stderr is None  # one draw per chunk: no error bar
+    assert evaluate(model, guide, x, batch_size=4, seed=3) == m
+    assert evaluate(model, guide, x, batch_size=4, seed=4) != m

@@ -50,7 +50,7 @@ FIGURES := curves reconstructions samples latent bound
 figures: $(STAMP)
 	$(BIN)/elbo-lab train --force --run-dir runs/figures --no-progress
 	$(BIN)/elbo-lab explain runs/figures > runs/figures/explain.txt
-	$(BIN)/elbo-lab compare --force --epochs 600 --out runs/figures-compare > runs/figures-compare.txt
+	$(BIN)/elbo-lab compare --force --epochs 600 --run-dir runs/figures-compare > runs/figures-compare.txt
 	mkdir -p docs
 	cp $(FIGURES:%=runs/figures/%.png) runs/figures-compare/comparison.png docs/
 

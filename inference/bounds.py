@@ -20,6 +20,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
+from .choices import EVAL_BATCH_SIZE
 from .errors import OptionError
 
 __all__ = ["BoundCheck", "check_bounds", "is_point_estimate"]
@@ -188,7 +189,7 @@ def checked_metrics(
     seed = EVAL_SEED if seed is None else seed
     plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(estimator, estimator)
     particles = num_particles or (10 if batched else 100)
-    batch = 1024 if batched else None
+    batch = EVAL_BATCH_SIZE if batched else None
     common = dict(batch_size=batch, seed=seed, num_particles=particles)
     metrics = evaluate(model, guide, *args, analytic_kl=plain == "meanfield", **common, **kwargs)
     checked = pyro_loss(model, guide, *args, estimator=plain, **common, **kwargs)

@@ -1,22 +1,51 @@
-"""The names the command line offers and its defaults, importable without torch or Pyro.
+"""The names the command line offers and every default it shows, importable without torch or Pyro.
 
 ``elbo-lab --help`` builds its parser from these alone, so it answers in a fraction of a second.
-Each is the library's own vocabulary, spelled out once more; ``tests/test_cli.py`` checks that
-they equal :data:`inference.run.MODELS`, :data:`inference.run.DTYPES`,
-:data:`inference.train.ESTIMATORS`, :data:`inference.train.JIT_MODES` and the defaults of
-:class:`inference.train.TrainConfig`.
+A default is defined here once: the library's configs (:class:`inference.train.TrainConfig`,
+:class:`inference.run.ModelSpec`, :class:`inference.compare.CompareConfig`,
+:class:`inference.watch.WatchConfig`) and the command line use these names, and
+``tests/inference/test_cli.py`` checks that what the parser fills in equals what the library
+takes by default. The names themselves are the library's vocabulary, spelled out once more
+(checked against :data:`inference.run.MODELS`, :data:`inference.run.DTYPES`,
+:data:`inference.train.ESTIMATOR_CHOICES`, :data:`inference.train.JIT_MODES`,
+:data:`inference.train.OPTIMIZERS`).
+
+Sample counts have one name each, whatever the command:
+
+- ``num_particles`` (``--num-particles``): draws of z per step of the *training* objective;
+- ``eval_particles`` (``--eval-particles``): draws of z per datum when the ELBO is *estimated*
+  for a report, which give it its standard error;
+- ``num_samples`` (``--num-samples``): the K importance samples of the bound L_K;
+- ``num_draws`` (``--num-draws``): posterior draws saved for ArviZ.
 """
 
 __all__ = [
+    "BATCH_SIZE",
     "CHECKPOINT_EVERY",
+    "COMPARE_ESTIMATOR",
+    "COMPARE_EVAL_PARTICLES",
+    "DATA",
+    "DEVICE",
+    "DTYPE",
     "DTYPES",
     "EPOCHS",
     "ESTIMATOR",
     "ESTIMATORS",
+    "EVAL_BATCH_SIZE",
+    "HIDDEN_DIMS",
     "JIT",
     "JIT_MODES",
+    "LATENT_DIM",
+    "LEARNING_RATE",
+    "MODEL",
     "MODELS",
+    "NUM_DRAWS",
+    "NUM_PARTICLES",
+    "NUM_SAMPLES",
+    "OPTIMIZER",
     "OPTIMIZERS",
+    "SEED",
+    "WATCH_EVAL_PARTICLES",
 ]
 
 #: Built-in models: the Bernoulli VAE, probabilistic PCA, factor analysis.
@@ -31,8 +60,38 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 #: When training compiles its estimator.
 JIT_MODES = ("auto", "on", "off")
 
-#: ``TrainConfig``'s defaults that the command line shows.
+# --- what is trained on which data (ModelSpec) ---------------------------------------------------
+MODEL = "vae"
+DATA = "digits"
+LATENT_DIM = 10
+HIDDEN_DIMS = (200,)
+DEVICE = "cpu"
+DTYPE = "float32"
+
+# --- how it is trained (TrainConfig) -------------------------------------------------------------
 EPOCHS = 200
+#: Rows per SVI step of a mini-batched model (a built-in one, or a user model taking num_data).
+BATCH_SIZE = 128
+#: Rows per evaluation call of a mini-batched model: evaluation needs no gradients, so it
+#: takes larger chunks than a step.
+EVAL_BATCH_SIZE = 1024
+LEARNING_RATE = 1e-3
+OPTIMIZER = "adam"
+SEED = 0
 ESTIMATOR = "auto"
 JIT = "auto"
+#: Draws of z per step of the training objective.
+NUM_PARTICLES = 1
 CHECKPOINT_EVERY = 30.0
+
+# --- what is reported (explain, compare, watch) --------------------------------------------------
+#: K, the importance samples of L_K.
+NUM_SAMPLES = 1000
+#: Draws per datum for compare's ELBO and its standard error.
+COMPARE_EVAL_PARTICLES = 100
+#: Draws per decomposition of a watched step: watch observes while the script trains, so fewer.
+WATCH_EVAL_PARTICLES = 16
+#: Posterior draws per guide saved by compare (as 4 chains).
+NUM_DRAWS = 200
+#: Flow guides have no closed-form KL, so compare trains every guide with Trace_ELBO.
+COMPARE_ESTIMATOR = "trace"

@@ -211,6 +211,36 @@ def _warn(message: str) -> None:
     print(f"elbo-lab: warning: {message}", file=sys.stderr)
 
 
+class _Renamed(argparse.Action):
+    """Store an option's value; a spelling in ``old`` still works for one release, with one
+    warning line on stderr naming the option's new spelling (its first option string)."""
+
+    def __init__(self, option_strings, dest, old=(), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.old = tuple(old)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.old:
+            _warn(
+                f"{option_string} is deprecated and will be removed in the next release; "
+                f"use {self.option_strings[0]}"
+            )
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed(p: argparse.ArgumentParser, new: str, *old: str, help: str, **kwargs) -> None:
+    """Add option ``new`` that also answers to its former spellings ``old`` (deprecated)."""
+    spelled = ", ".join(old)
+    p.add_argument(
+        new,
+        *old,
+        action=_Renamed,
+        old=old,
+        help=f"{help}; formerly {spelled} (deprecated)",
+        **kwargs,
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other user error
         self.exit(2, f"elbo-lab: error: {message}\n")
@@ -233,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--model",
-        default="vae",
-        help=f"{', '.join(choices.MODELS)} (default: vae), or your own Pyro model model(x) of the data "
+        default=choices.MODEL,
+        help=f"{', '.join(choices.MODELS)} (default: {choices.MODEL}), or your own Pyro model model(x) of the data "
         "tensor as FILE.py:NAME or package.module:NAME",
     )
     t.add_argument(
@@ -246,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_options(t, estimator=choices.ESTIMATOR, every="")
     t.add_argument(
-        "--num-particles", type=_positive_int, default=1, help="samples of z per step (1)"
+        "--num-particles",
+        type=_positive_int,
+        default=choices.NUM_PARTICLES,
+        help="particles of the training objective: draws of z per SVI step, averaged in its "
+        f"loss and gradient ({choices.NUM_PARTICLES})",
     )
     t.add_argument(
         "--eval-every",
@@ -321,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument(
         "--num-samples",
         type=_positive_int,
-        default=1000,
-        help="importance samples K per data point for L_K (1000)",
+        default=choices.NUM_SAMPLES,
+        help=f"importance samples K per data point for L_K ({choices.NUM_SAMPLES})",
     )
     xp.add_argument(
         "--split",
@@ -339,14 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_threads_option(p: argparse.ArgumentParser) -> None:
+def _add_threads_option(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    default = default or (
+        "one per 1 GFLOP of work in a step, up to one per core; waiting threads sleep, so a busy "
+        "machine slows a run down without collapsing it"
+    )
     p.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
-        help="torch threads for this process (default: one per 1 GFLOP of work in a step, up to "
-        "one per core; waiting threads sleep, so a busy machine slows a run down without "
-        "collapsing it)",
+        help=f"torch threads for this process (default: {default})",
     )
 
 
@@ -363,10 +399,10 @@ def _use_threads(args, spec: dict, rows: int, backward: bool) -> None:
     from .threads import step_flops, threads_for, weights_per_row
 
     weights = weights_per_row(
-        str(spec.get("model", "vae")),
+        str(spec.get("model", choices.MODEL)),
         int(spec.get("data_dim") or 1),
-        int(spec.get("latent_dim", 10)),
-        tuple(spec.get("hidden_dims", (200,))),
+        int(spec.get("latent_dim", choices.LATENT_DIM)),
+        tuple(spec.get("hidden_dims", choices.HIDDEN_DIMS)),
     )
     torch.set_num_threads(threads_for(step_flops(weights, rows, backward), available_cores()))
 
@@ -408,15 +444,22 @@ def _add_watch_parser(sub) -> None:
         help="decompose every N-th step (default: adaptive, observing costs at most 4%% of the "
         "steps' time)",
     )
-    w.add_argument(
+    _add_renamed(
+        w,
+        "--eval-particles",
         "--num-particles",
         type=_positive_int,
-        default=16,
-        help="draws from the guide per decomposition, for its standard errors (16)",
+        default=choices.WATCH_EVAL_PARTICLES,
+        help="draws of z per datum for each decomposition's ELBO and its standard error "
+        f"({choices.WATCH_EVAL_PARTICLES})",
     )
     w.add_argument(
-        "--num-samples", type=_positive_int, default=1000, help="importance samples K of L_K (1000)"
+        "--num-samples",
+        type=_positive_int,
+        default=choices.NUM_SAMPLES,
+        help=f"importance samples K of L_K ({choices.NUM_SAMPLES})",
     )
+    _add_threads_option(w, default="torch's, unless the script sets them")
     w.add_argument(
         "--run-dir",
         type=Path,
@@ -431,16 +474,22 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     """The options that say what is trained on which data, shared by train and compare."""
     p.add_argument(
         "--data",
-        default="digits",
+        default=choices.DATA,
         help="'digits' (embedded, default), 'mnist:DIR' or a DIR of MNIST IDX files, "
         "or a .npy/.npz file (N x D or N x H x W)",
     )
-    p.add_argument("--latent-dim", type=_positive_int, default=10, help="latent dimension L (10)")
+    p.add_argument(
+        "--latent-dim",
+        type=_positive_int,
+        default=choices.LATENT_DIM,
+        help=f"latent dimension L ({choices.LATENT_DIM})",
+    )
     p.add_argument(
         "--hidden-dims",
         type=_hidden_dims,
-        default=(200,),
-        help="comma-separated hidden widths of the VAE encoder/decoder (200)",
+        default=choices.HIDDEN_DIMS,
+        help="comma-separated hidden widths of the VAE encoder/decoder "
+        f"({','.join(map(str, choices.HIDDEN_DIMS))})",
     )
     p.add_argument(
         "--epochs",
@@ -452,21 +501,27 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
         "--batch-size",
         type=_positive_int,
         default=None,
-        help="mini-batch size (128; all rows for your own model unless it takes num_data)",
+        help=f"mini-batch size ({choices.BATCH_SIZE}; all rows for your own model unless it "
+        "takes num_data)",
     )
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (1e-3)")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=choices.LEARNING_RATE,
+        help=f"learning rate ({choices.LEARNING_RATE:g})",
+    )
     p.add_argument(
         "--optimizer",
-        default="adam",
+        default=choices.OPTIMIZER,
         choices=list(choices.OPTIMIZERS),
         help="torch optimizer over the pair's parameters: adam (fused where torch has it), "
-        "adamw or sgd (adam)",
+        f"adamw or sgd ({choices.OPTIMIZER})",
     )
     p.add_argument(
         "--seed",
         type=_seed,
-        default=0,
-        help=f"random seed in [0, 2^32 - 1]{every} (0); same seed, same numbers",
+        default=choices.SEED,
+        help=f"random seed in [0, 2^32 - 1]{every} ({choices.SEED}); same seed, same numbers",
     )
     p.add_argument(
         "--estimator",
@@ -486,17 +541,13 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
         "step): on, off, or auto = when model and guide are declared static, as every "
         f"built-in one is ({choices.JIT})",
     )
+    _add_threads_option(p)
+    p.add_argument("--device", default=choices.DEVICE, help=f"cpu or cuda[:N] ({choices.DEVICE})")
     p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="torch threads for this process (default: one per 1 GFLOP of work in a step, up to "
-        "one per core; waiting threads sleep, so a busy machine slows a run down without "
-        "collapsing it)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
-    p.add_argument(
-        "--dtype", default="float32", choices=list(choices.DTYPES), help="float32 or float64"
+        "--dtype",
+        default=choices.DTYPE,
+        choices=list(choices.DTYPES),
+        help=f"float32 or float64 ({choices.DTYPE})",
     )
 
 
@@ -507,13 +558,13 @@ def _add_compare_parser(sub) -> None:
         description="Train each guide with the same data, options and seed, then tabulate on "
         "the test split (training data for autoguides) the ELBO, reconstruction, KL, L_K, the "
         "gap L_K - ELBO, PSIS k-hat, training time and parameter count (nats per datum). "
-        "Writes comparison.csv/.json/.md/.png and posterior_<guide>.nc (ArviZ) to --out.",
+        "Writes comparison.csv/.json/.md/.png and posterior_<guide>.nc (ArviZ) to --run-dir.",
     )
     c.add_argument(
         "--model",
-        default="vae",
+        default=choices.MODEL,
         help=f"{', '.join(choices.MODELS)}, or your Pyro model model(x) as FILE.py:NAME or "
-        "package.module:NAME (then --guides are autoguide names) (default: vae)",
+        f"package.module:NAME (then --guides are autoguide names) (default: {choices.MODEL})",
     )
     c.add_argument(
         "--guides",
@@ -523,23 +574,33 @@ def _add_compare_parser(sub) -> None:
         "AutoIAFNormal for a user model (default: AutoNormal,AutoMultivariateNormal)",
     )
     # Flow guides have no closed-form KL, so guides are compared under Trace_ELBO by default.
-    _add_training_options(c, estimator="trace", every=", the same for every guide")
-    c.add_argument(
-        "--num-samples", type=_positive_int, default=1000, help="importance samples K of L_K (1000)"
+    _add_training_options(
+        c, estimator=choices.COMPARE_ESTIMATOR, every=", the same for every guide"
     )
     c.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=choices.NUM_SAMPLES,
+        help=f"importance samples K of L_K ({choices.NUM_SAMPLES})",
+    )
+    _add_renamed(
+        c,
+        "--eval-particles",
         "--elbo-particles",
         type=_positive_int,
-        default=100,
-        help="draws per datum for the ELBO and its standard error (100)",
+        default=choices.COMPARE_EVAL_PARTICLES,
+        help="draws of z per datum for the reported ELBO and its standard error "
+        f"({choices.COMPARE_EVAL_PARTICLES})",
     )
     c.add_argument(
         "--num-draws",
         type=_positive_int,
-        default=200,
-        help="posterior draws per guide saved for ArviZ, as 4 chains (200)",
+        default=choices.NUM_DRAWS,
+        help=f"posterior draws per guide saved for ArviZ, as 4 chains ({choices.NUM_DRAWS})",
     )
-    c.add_argument(
+    _add_renamed(
+        c,
+        "--run-dir",
         "--out",
         type=Path,
         default=None,
@@ -716,7 +777,7 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
             )
         batch_size = args.batch_size
         if batch_size is None and not spec.user_model:
-            batch_size = 128
+            batch_size = choices.BATCH_SIZE
         config = TrainConfig(
             epochs=args.epochs,
             batch_size=batch_size,
@@ -764,7 +825,7 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
         train_call = ModelArgs((dataset.train,), {})
         test_call, split = ModelArgs((dataset.test,), {}), "test"
     if config.batch_size is None and takes_num_data(model):  # mini-batches scale by num_data
-        config = replace(config, batch_size=128)
+        config = replace(config, batch_size=choices.BATCH_SIZE)
     model_file = model_source_file(model) if spec.user_model else None
     provenance = {
         "model": file_fingerprint(model_file) if model_file else None,
@@ -875,7 +936,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _evaluate(args) -> int:
-    _use_threads(args, _stored_spec(args.run_dir), 1024, backward=False)
+    _use_threads(args, _stored_spec(args.run_dir), choices.EVAL_BATCH_SIZE, backward=False)
     run = load_run(args.run_dir, data=args.data, allow_changed=args.allow_changed, warn=_warn)
     # a user model: the rows its guide was fit to, all at once (global latents), / N
     split = run.default_split
@@ -954,24 +1015,26 @@ def _compare(args) -> int:
 
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
     model_name = Path(args.model.rpartition(":")[0]).stem if ":" in args.model else args.model
-    out = args.out or Path("runs") / f"compare-{model_name}-{data_name}-seed{args.seed}"
+    out = args.run_dir or Path("runs") / f"compare-{model_name}-{data_name}-seed{args.seed}"
     if out.is_symlink():
-        raise OptionError(f"--out: {out} is a symbolic link; name the directory itself")
+        raise OptionError(f"--run-dir: {out} is a symbolic link; name the directory itself")
     if out.exists() and not args.force:
-        raise OptionError(f"--out: {out} exists (use --force to replace it)")
+        raise OptionError(f"--run-dir: {out} exists (use --force to replace it)")
     if out.exists():
-        refuse_to_replace(out, "--out")
+        refuse_to_replace(out, "--run-dir")
     _check_writable(out)
     spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
-    _use_threads(args, {**spec, "data_dim": 64}, args.batch_size or 128, backward=True)
+    _use_threads(
+        args, {**spec, "data_dim": 64}, args.batch_size or choices.BATCH_SIZE, backward=True
+    )
     options = CompareConfig(
-        num_samples=args.num_samples, elbo_particles=args.elbo_particles, num_draws=args.num_draws
+        num_samples=args.num_samples, elbo_particles=args.eval_particles, num_draws=args.num_draws
     )
     model, guides, dataset, batched = _compared_guides(args)
     _check_comparison_memory(options, model, dataset, batched, available_memory())
     batch_size = args.batch_size
     if batch_size is None and batched:  # else a user model's rows, all at once
-        batch_size = 128
+        batch_size = choices.BATCH_SIZE
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=batch_size,
@@ -984,7 +1047,7 @@ def _compare(args) -> int:
     )
     # written beside an existing comparison, then renamed into place: an error or a kill
     # leaves the old output whole (inference.rundir, as a training run is)
-    owner = RunDirectory.create(out, force=args.force, option="--out")
+    owner = RunDirectory.create(out, force=args.force, option="--run-dir")
     try:
         comparison = compare(
             model, guides, dataset, config, options, out_dir=owner.path, model_name=args.model
@@ -1098,7 +1161,7 @@ def _watch(args) -> int:
         shutil.rmtree(run_dir)
     config = WatchConfig(
         every=args.every,
-        num_particles=args.num_particles,
+        num_particles=args.eval_particles,
         num_samples=args.num_samples,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
@@ -1153,13 +1216,6 @@ def main(argv: list[str] | None = None) -> int:
         # so a run with several threads slows down on a busy machine but does not collapse.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         _load_library()
-        if args.command == "watch":  # the script runs as it would alone: its logging, stdout
-            return COMMANDS["watch"](args)
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
-            format="%(name)s: %(message)s",
-        )
-        args.argv_, args.out_ = argv, sys.stdout
         threads = getattr(args, "threads", None)
         if threads and threads > available_cores():
             raise OptionError(
@@ -1169,6 +1225,13 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(threads)
+        if args.command == "watch":  # the script runs as it would alone: its logging, stdout
+            return COMMANDS["watch"](args)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(name)s: %(message)s",
+        )
+        args.argv_, args.out_ = argv, sys.stdout
         # what the user's model prints goes to stderr: stdout carries the report (or JSON) only
         with contextlib.redirect_stdout(sys.stderr):
             return COMMANDS[args.command](args)

@@ -26,6 +26,7 @@ import torch
 
 from .batching import num_rows, takes_num_data
 from .bounds import check_bounds, is_point_estimate
+from .choices import EVAL_BATCH_SIZE
 from .enumeration import exact_evidence
 from .errors import OptionError
 from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
@@ -241,7 +242,7 @@ def explain(
         )
     # global latents (a user model, or any model without num_data): all rows at once, as fit
     # trains them; batches would count KL(q(z) || p(z)) once per batch
-    batch_size = 1024 if takes_num_data(run.model) and run.batched else None
+    batch_size = EVAL_BATCH_SIZE if takes_num_data(run.model) and run.batched else None
     probe = run.probe(call)
     estimator = choose_estimator("auto", run.model, run.guide, *probe.args, **probe.kwargs)
     particles = 10 if batch_size else 100  # the ELBO with its standard error

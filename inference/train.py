@@ -35,6 +35,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .batching import Batching, ModelArgs, default_batching, num_rows, slicer, take
+from .choices import BATCH_SIZE, EVAL_BATCH_SIZE
 from .distributed import World, current_world
 from .elbo import decompose, meanfield_violations
 from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
@@ -100,7 +101,7 @@ class TrainConfig:
     """
 
     epochs: int = 200
-    batch_size: int | None = 128
+    batch_size: int | None = BATCH_SIZE
     learning_rate: float = 1e-3
     seed: int = 0
     estimator: str | ELBO = AUTO  # meanfield where its analytic KL is valid (the VAE), else trace
@@ -108,7 +109,7 @@ class TrainConfig:
     num_particles: int = 1
     clip_norm: float | None = None
     validate: bool = False
-    eval_batch_size: int | None = 1024
+    eval_batch_size: int | None = EVAL_BATCH_SIZE
     eval_every: int | None = None  # evaluate every this many epochs (and the last); None:
     # about EVALUATIONS_PER_RUN times per run (an epoch is one step for full-batch models)
     eval_particles: int = 10  # draws per evaluation of a model with global latents
@@ -334,7 +335,7 @@ def evaluate(
     model: Callable,
     guide: Callable,
     *args,
-    batch_size: int | None = 1024,
+    batch_size: int | None = EVAL_BATCH_SIZE,
     batching: Batching | None = None,
     analytic_kl: bool = True,
     seed: int = EVAL_SEED,
@@ -382,7 +383,7 @@ def pyro_loss(
     model: Callable,
     guide: Callable,
     *args,
-    batch_size: int | None = 1024,
+    batch_size: int | None = EVAL_BATCH_SIZE,
     batching: Batching | None = None,
     estimator: str = "meanfield",
     seed: int = EVAL_SEED,

@@ -244,7 +244,7 @@ CASES = [
     ("explain-K-too-large", ["explain", "{D}/run", "--num-samples", "100000000000"], "GB"),
     (
         "compare-K-too-large",
-        ["compare", "--num-samples", "100000000000", "--out", "{D}/cmp-big"],
+        ["compare", "--num-samples", "100000000000", "--run-dir", "{D}/cmp-big"],
         "GB",
     ),
     ("zero-width", ["train", "--data", "{D}/zero_width.npy"], "zero columns"),
@@ -269,8 +269,12 @@ CASES = [
     ("run-dir-dangling", ["train", "--run-dir", "{D}/dangling"], "symbolic link"),
     ("run-dir-proc", ["train", "--run-dir", "/proc/self/elbo-lab-run"], "/proc/self"),
     ("run-dir-too-long", ["train", "--run-dir", "{D}/" + "x" * 300], "too long"),
-    ("compare-out-empty-force", ["compare", "--out", "", "--force"], "refusing"),
-    ("compare-out-not-ours", ["compare", "--out", "{D}/not_a_run", "--force"], "not an elbo-lab"),
+    ("compare-run-dir-empty-force", ["compare", "--run-dir", "", "--force"], "refusing"),
+    (
+        "compare-run-dir-not-ours",
+        ["compare", "--run-dir", "{D}/not_a_run", "--force"],
+        "not an elbo-lab",
+    ),
     # --- resume says what it does ---
     (
         "resume-with-data",

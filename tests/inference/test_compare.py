@@ -1,4 +1,4 @@
-"""Comparing guides on a model with a known posterior, the files it writes, and the CLI.
+"""Comparing guides on a model with a known posterior, and the files it writes.
 
 Conjugate Bayesian linear regression, y = X w + eps, w ~ N(0, I / alpha), eps ~ N(0, sigma^2):
 
@@ -11,7 +11,6 @@ field, stops short by 1/2 sum_j log Lambda_jj - 1/2 log |Lambda| (Bishop, PRML Â
 
 import json
 import math
-import textwrap
 
 import arviz as az
 import numpy as np
@@ -21,11 +20,9 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
-from inference.cli import main
 from inference.compare import CompareConfig, check_guides, compare, write_comparison
 from inference.errors import OptionError
 from inference.train import TrainConfig
-from inference.user_model import load_user_model
 
 SIGMA, ALPHA = 1.0, 1.0
 
@@ -161,64 +158,6 @@ def test_written_tables_and_figure(regression_comparison):
 def test_incompatible_guides_are_option_errors(names, amortized, estimator, message):
     with pytest.raises(OptionError, match=message):
         check_guides(names, amortized=amortized, estimator=estimator)
-
-
-MODEL_FILE = """
-import pyro, pyro.distributions as dist, torch
-
-def model(data):
-    X, y = data[:, :-1], data[:, -1]
-    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
-    with pyro.plate("data", X.shape[0]):
-        pyro.sample("y", dist.Normal((w * X).sum(-1), 1.0), obs=y)
-"""
-
-
-def test_load_user_model(tmp_path):
-    path = tmp_path / "my_models.py"
-    path.write_text(textwrap.dedent(MODEL_FILE))
-    assert callable(load_user_model(f"{path}:model"))
-    assert load_user_model("inference.train:fit").__name__ == "fit"
-    for spec, message in [
-        (f"{path}:nope", "no attribute 'nope'"),
-        (f"{tmp_path}/missing.py:model", "no such file"),
-        ("no_such_package_xyz:model", "cannot import"),
-        (f"{path}", "expected FILE.py:NAME"),
-    ]:
-        with pytest.raises(OptionError, match=message):
-            load_user_model(spec)
-
-
-def test_cli_compare_vae(tmp_path, capsys):
-    out = tmp_path / "vae"
-    argv = ["compare", "--guides", "diag,flow", "--epochs", "1", "--latent-dim", "2"]
-    argv += ["--hidden-dims", "16", "--num-samples", "16", "--elbo-particles", "2"]
-    argv += ["--num-draws", "20", "--out", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "| diag |" in printed and "| flow |" in printed
-    for name in ("comparison.csv", "comparison.json", "comparison.md", "comparison.png"):
-        assert (out / name).exists()
-    idata = az.from_netcdf(out / "posterior_flow.nc")
-    assert dict(idata.posterior.sizes) == {"chain": 4, "draw": 5, "datum": 359, "z_dim": 2}
-    assert main(argv) == 2  # exists without --force
-    assert "exists" in capsys.readouterr().err
-
-
-def test_cli_compare_user_model(tmp_path, capsys):
-    path = tmp_path / "my_models.py"
-    path.write_text(textwrap.dedent(MODEL_FILE))
-    data = regression_data(n=20).numpy().astype(np.float32)
-    np.savez(tmp_path / "data.npz", train=data[:15], test=data[15:])
-    argv = ["compare", "--model", f"{path}:model", "--guides", "AutoDelta,AutoNormal"]
-    argv += ["--data", str(tmp_path / "data.npz"), "--epochs", "5", "--num-samples", "16"]
-    argv += ["--elbo-particles", "2", "--num-draws", "20", "--out", str(tmp_path / "out")]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "| AutoDelta |" in printed and "omits the entropy" in printed
-    assert az.summary(az.from_netcdf(tmp_path / "out" / "posterior_AutoNormal.nc")).shape[0] == 3
-    assert main(argv[:4] + ["diag"] + argv[5:] + ["--force"]) == 2
-    assert "amortized encoder" in capsys.readouterr().err
 
 
 def test_rows_carry_the_estimator_and_a_passed_bound_check(regression_comparison):

@@ -84,8 +84,8 @@ def test_coin_compare_mixes_a_hand_written_guide_and_autoguides(tmp_path, capsys
     out_dir = tmp_path / "cmp"
     argv = ["compare", "--model", f"{COIN}:model", "--data", f"{COIN}:data"]
     argv += ["--guides", f"{COIN}:guide,AutoNormal", "--epochs", "300", "--lr", "0.05"]
-    argv += ["--num-samples", "200", "--elbo-particles", "20", "--num-draws", "8"]
-    argv += ["--json", "--out", str(out_dir)]
+    argv += ["--num-samples", "200", "--eval-particles", "20", "--num-draws", "8"]
+    argv += ["--json", "--run-dir", str(out_dir)]
     code, out = _run(argv, capsys)
     assert code == 0
     rows = {r["guide"]: r for r in json.loads(out)["rows"]}
@@ -210,8 +210,8 @@ def test_tutorial_vae_class_with_its_own_model_and_guide(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
     argv = ["compare", "--model", f"{VAE_FILE}:vae.model", "--data", "digits"]
     argv += ["--guides", f"{VAE_FILE}:vae.guide", "--epochs", "5", "--lr", "0.01"]
-    argv += ["--num-samples", "20", "--elbo-particles", "2", "--num-draws", "8"]
-    argv += ["--json", "--out", str(out_dir)]
+    argv += ["--num-samples", "20", "--eval-particles", "2", "--num-draws", "8"]
+    argv += ["--json", "--run-dir", str(out_dir)]
     code, out = _run(argv, capsys)
     assert code == 0, out
     (row,) = json.loads(out)["rows"]
@@ -260,8 +260,8 @@ def test_eight_schools_compares_a_hand_written_guide_with_autoguides(tmp_path, c
     guides = f"{SCHOOLS}:guide,AutoNormal,AutoMultivariateNormal,AutoIAFNormal"
     argv = ["compare", "--model", f"{SCHOOLS}:model", "--data", f"{SCHOOLS}:data"]
     argv += ["--guides", guides, "--epochs", "800", "--lr", "0.02", "--estimator", "auto"]
-    argv += ["--num-samples", "500", "--elbo-particles", "50", "--num-draws", "8"]
-    argv += ["--json", "--out", str(out_dir)]
+    argv += ["--num-samples", "500", "--eval-particles", "50", "--num-draws", "8"]
+    argv += ["--json", "--run-dir", str(out_dir)]
     code, out = _run(argv, capsys)
     assert code == 0, out
     rows = {r["guide"]: r for r in json.loads(out)["rows"]}
@@ -323,8 +323,8 @@ def test_compare_runs_on_each_model(regression_npz, tmp_path, capsys):
     for name, (model_args, guides, estimator) in runs.items():
         argv = ["compare", *model_args, "--guides", guides, "--estimator", estimator]
         argv += ["--epochs", "300", "--lr", "0.03", "--num-samples", "200"]
-        argv += ["--elbo-particles", "20", "--num-draws", "8", "--json"]
-        argv += ["--out", str(tmp_path / name)]
+        argv += ["--eval-particles", "20", "--num-draws", "8", "--json"]
+        argv += ["--run-dir", str(tmp_path / name)]
         code, out = _run(argv, capsys)
         assert code == 0, (name, out)
         rows = json.loads(out)["rows"]
@@ -352,8 +352,8 @@ def test_compare_keeps_a_guide_whose_evaluation_fails(tmp_path, capsys):
     table, and the command says so with exit 1."""
     argv = ["compare", "--model", f"{MINIBATCH}:model", "--data", f"{MINIBATCH}:data"]
     argv += ["--guides", f"{MINIBATCH}:guide", "--epochs", "50", "--lr", "0.05"]
-    argv += ["--num-samples", "20", "--elbo-particles", "5", "--num-draws", "8", "--json"]
-    argv += ["--out", str(tmp_path / "mb")]
+    argv += ["--num-samples", "20", "--eval-particles", "5", "--num-draws", "8", "--json"]
+    argv += ["--run-dir", str(tmp_path / "mb")]
     code, out = _run(argv, capsys)
     assert code == 1
     (row,) = json.loads(out)["rows"]

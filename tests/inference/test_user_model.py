@@ -21,6 +21,7 @@ import torch
 from inference.cli import main
 from inference.errors import DataError, OptionError
 from inference.run import ModelSpec, load_run
+from inference.user_model import load_user_model
 
 SIGMA, ALPHA = 0.5, 1.0
 N_TRAIN, N_TEST, FEATURES = 30, 5, 3
@@ -216,3 +217,18 @@ def test_a_user_model_marked_static_trains_compiled_with_the_same_numbers(tmp_pa
         rows_ = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         histories[jit] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows_]
     assert histories["auto"] == histories["off"]
+
+
+def test_load_user_model(tmp_path):
+    path = tmp_path / "my_models.py"
+    path.write_text(textwrap.dedent(MODEL_FILE))
+    assert callable(load_user_model(f"{path}:model"))
+    assert load_user_model("inference.train:fit").__name__ == "fit"
+    for spec, message in [
+        (f"{path}:nope", "no attribute 'nope'"),
+        (f"{tmp_path}/missing.py:model", "no such file"),
+        ("no_such_package_xyz:model", "cannot import"),
+        (f"{path}", "expected FILE.py:NAME"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            load_user_model(spec)

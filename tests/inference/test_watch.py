@@ -28,7 +28,7 @@ from inference.watch import explain_watched, run_script
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "watch_scripts"
 #: small evaluation settings: these tests check identities, not precision
-FAST = ["--num-samples", "64", "--num-particles", "8", "--no-progress"]
+FAST = ["--num-samples", "64", "--eval-particles", "8", "--no-progress"]
 
 
 def _start(*argv, cwd) -> subprocess.Popen:
@@ -71,7 +71,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 #: the coin's last row decomposes the guide the script ends with: 256 draws for a small stderr
 TUTORIALS = {
-    "coin": ["--every", "100", "--num-particles", "256"],
+    "coin": ["--every", "100", "--eval-particles", "256"],
     "regression": ["--every", "25"],
     "vae": ["--every", "7"],
 }

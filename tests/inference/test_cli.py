@@ -8,9 +8,13 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import arviz as az
+import numpy as np
 import pytest
+import torch
 
 from inference.cli import build_parser, main
 
@@ -153,7 +157,6 @@ def test_installed_console_script():
 
 
 def test_threads_sets_torch_threads(tmp_path):
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -204,7 +207,7 @@ def test_help_and_option_errors_need_no_torch():
         "loaded = sorted(heavy & {m.split('.')[0] for m in sys.modules})\n"
         "assert not loaded, loaded\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True)
 
 
@@ -226,7 +229,6 @@ def test_parser_names_are_the_librarys():
 
 @pytest.mark.parametrize("command", ["evaluate", "explain"])
 def test_threads_option_of_evaluate_and_explain(command, trained, capsys):
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -244,7 +246,6 @@ def test_threads_option_of_evaluate_and_explain(command, trained, capsys):
 
 def test_default_threads_of_the_default_vae(tmp_path):
     """The default VAE's step (24 MFLOP) is far below a thread's worth of work: 1 thread."""
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -260,3 +261,196 @@ def test_parser_optimizers_are_the_librarys():
     from inference import choices, train
 
     assert choices.OPTIMIZERS == tuple(train.OPTIMIZERS)
+
+
+COMPARE_MODEL_FILE = """
+import pyro, pyro.distributions as dist, torch
+
+def model(data):
+    X, y = data[:, :-1], data[:, -1]
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((w * X).sum(-1), 1.0), obs=y)
+"""
+
+
+def regression_data(n=10, d=3, seed=1):
+    """[X | y] ``(n, d + 1)`` for COMPARE_MODEL_FILE, with correlated columns."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n, 1, generator=g)
+    X = shared + 0.5 * torch.randn(n, d, generator=g)
+    y = X @ torch.tensor([1.0, -0.5, 0.3]) + torch.randn(n, generator=g)
+    return torch.cat([X, y[:, None]], dim=1)
+
+
+def test_cli_compare_vae(tmp_path, capsys):
+    out = tmp_path / "vae"
+    argv = ["compare", "--guides", "diag,flow", "--epochs", "1", "--latent-dim", "2"]
+    argv += ["--hidden-dims", "16", "--num-samples", "16", "--eval-particles", "2"]
+    argv += ["--num-draws", "20", "--run-dir", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| diag |" in printed and "| flow |" in printed
+    for name in ("comparison.csv", "comparison.json", "comparison.md", "comparison.png"):
+        assert (out / name).exists()
+    idata = az.from_netcdf(out / "posterior_flow.nc")
+    assert dict(idata.posterior.sizes) == {"chain": 4, "draw": 5, "datum": 359, "z_dim": 2}
+    assert main(argv) == 2  # exists without --force
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_compare_user_model(tmp_path, capsys):
+    path = tmp_path / "my_models.py"
+    path.write_text(textwrap.dedent(COMPARE_MODEL_FILE))
+    data = regression_data(n=20).numpy().astype(np.float32)
+    np.savez(tmp_path / "data.npz", train=data[:15], test=data[15:])
+    argv = ["compare", "--model", f"{path}:model", "--guides", "AutoDelta,AutoNormal"]
+    argv += ["--data", str(tmp_path / "data.npz"), "--epochs", "5", "--num-samples", "16"]
+    argv += ["--eval-particles", "2", "--num-draws", "20", "--run-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| AutoDelta |" in printed and "omits the entropy" in printed
+    assert az.summary(az.from_netcdf(tmp_path / "out" / "posterior_AutoNormal.nc")).shape[0] == 3
+    assert main(argv[:4] + ["diag"] + argv[5:] + ["--force"]) == 2
+    assert "amortized encoder" in capsys.readouterr().err
+
+
+# --- one vocabulary: every command that writes takes --run-dir, every one that computes
+# --threads; one name per count; renamed spellings warn for one release ---------------------------
+
+WRITES = ["train", "compare", "watch"]  # evaluate and explain read RUN_DIR (explain adds a figure)
+
+
+def _options(command: str) -> dict[str, argparse.Action]:
+    return {o: a for a in _subparsers(build_parser())[command]._actions for o in a.option_strings}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=COMMANDS)
+def test_every_command_takes_threads_and_every_writer_a_run_dir(command):
+    options = _options(command)
+    assert "--threads" in options
+    assert ("--run-dir" in options) == (command in WRITES)
+    if command in WRITES:
+        assert options["--run-dir"].option_strings[0] == "--run-dir"
+
+
+def test_a_count_has_one_name_in_every_command():
+    """--num-particles counts the training objective's draws, --eval-particles an estimated
+    ELBO's draws, --num-samples L_K's K, --num-draws saved posterior draws: a name means one
+    thing, and its help says which."""
+    meaning = {
+        "--num-particles": "training objective",
+        "--eval-particles": "ELBO and its standard error",
+        "--num-samples": "importance samples K",
+        "--num-draws": "posterior draws",
+    }
+    seen = set()
+    for command in COMMANDS:
+        for option, action in _options(command).items():
+            if option in meaning and option == action.option_strings[0]:
+                assert meaning[option] in action.help, (command, option, action.help)
+                seen.add(option)
+    assert seen == set(meaning)
+
+
+RENAMED = {
+    "compare-out": ("compare", "--out", "--run-dir", "x", Path("x")),
+    "compare-elbo-particles": ("compare", "--elbo-particles", "--eval-particles", "7", 7),
+    "watch-num-particles": ("watch", "--num-particles", "--eval-particles", "7", 7),
+}
+
+
+@pytest.mark.parametrize("case", list(RENAMED), ids=list(RENAMED))
+def test_a_renamed_option_still_works_with_one_warning(case, capsys):
+    command, old, new, text, value = RENAMED[case]
+    tail = ["script.py"] if command == "watch" else []
+    args = build_parser().parse_args([command, old, text, *tail])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"elbo-lab: warning: {old} is deprecated and will be removed in the next release; use {new}"
+    ]
+    assert getattr(args, new[2:].replace("-", "_")) == value
+    assert build_parser().parse_args([command, new, text, *tail]) == args
+    assert capsys.readouterr().err == ""  # the new spelling: no warning
+    assert (
+        old in _options(command) and f"formerly {old} (deprecated)" in _options(command)[old].help
+    )
+
+
+@pytest.mark.parametrize("spelling", ["--run-dir", "--out"])
+def test_compare_names_run_dir_in_its_errors(spelling, tmp_path, capsys):
+    """Whatever spelling the user typed, the option is named by its canonical name."""
+    (tmp_path / "file").write_text("")
+    assert _run(["compare", spelling, str(tmp_path / "file" / "x")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"elbo-lab: error: --run-dir: {tmp_path / 'file'} is a file, not a directory"
+    assert len(err) == (1 if spelling == "--run-dir" else 2)
+
+
+def test_parser_defaults_are_the_librarys():
+    """What the command line fills in when an option is not given is what the library takes by
+    default, read from inference/choices.py, not typed again."""
+    import inspect
+
+    from inference import choices, run, train
+    from inference.compare import CompareConfig
+    from inference.explain import explain
+    from inference.watch import WatchConfig, explain_watched
+
+    parse = build_parser().parse_args
+    config, spec = train.TrainConfig(), run.ModelSpec()
+    for command in ("train", "compare"):
+        args = parse([command])
+        assert (args.epochs, args.lr, args.seed, args.optimizer, args.jit) == (
+            config.epochs,
+            config.learning_rate,
+            config.seed,
+            config.optimizer,
+            config.jit,
+        )
+        assert args.batch_size is None  # built-in models: choices.BATCH_SIZE, as TrainConfig's
+        assert config.batch_size == choices.BATCH_SIZE
+        assert (args.model, args.data, args.latent_dim, args.hidden_dims) == (
+            spec.model,
+            spec.data,
+            spec.latent_dim,
+            spec.hidden_dims,
+        )
+        assert (args.device, args.dtype) == (spec.device, spec.dtype)
+    args = parse(["train"])
+    assert (args.estimator, args.num_particles, args.checkpoint_every) == (
+        config.estimator,
+        config.num_particles,
+        config.checkpoint_every,
+    )
+    args, options = parse(["compare"]), CompareConfig()
+    assert (args.num_samples, args.eval_particles, args.num_draws) == (
+        options.num_samples,
+        options.elbo_particles,
+        options.num_draws,
+    )
+    assert args.estimator == choices.COMPARE_ESTIMATOR
+    args, watching = parse(["watch", "script.py"]), WatchConfig()
+    assert (args.num_samples, args.eval_particles) == (watching.num_samples, watching.num_particles)
+    args = parse(["explain", "run"])
+    assert args.num_samples == inspect.signature(explain).parameters["num_samples"].default
+    assert args.num_samples == inspect.signature(explain_watched).parameters["num_samples"].default
+    assert config.eval_batch_size == choices.EVAL_BATCH_SIZE
+    for function in (train.evaluate, train.pyro_loss):
+        assert (
+            inspect.signature(function).parameters["batch_size"].default == config.eval_batch_size
+        )
+
+
+def test_watch_sets_threads(tmp_path, capsys, monkeypatch):
+    """``watch --threads 1`` sets torch's threads before the script runs."""
+    script = tmp_path / "threads.py"
+    script.write_text("import torch\nprint('threads', torch.get_num_threads())\n")
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["watch", "--threads", "1", "--no-progress", str(script)]) == 0
+        assert "threads 1" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)

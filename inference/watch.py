@@ -48,7 +48,7 @@ from pyro.infer.elbo import ELBOModule
 
 from .elbo import ElboDecomposition, decompose
 from .errors import OptionError, RunError
-from .evidence import deprecated_alias, iwae, psis_khat
+from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
 from .io import atomic_write_text, write_csv, write_json, write_jsonl
 from .train import EVAL_SEED, seeded
 
@@ -597,7 +597,7 @@ class Watch:
                     if fit.lk is None
                     else math.hypot(fit.lk_stderr, fit.elbo_mc_stderr),
                     khat_median=float(torch.tensor(khat).median()) if log_w is not None else nan,
-                    khat_share_bad=float((torch.tensor(khat) > 0.7).double().mean())
+                    khat_share_bad=float((torch.tensor(khat) > KHAT_THRESHOLD).double().mean())
                     if log_w is not None
                     else nan,
                     ess_median=nan,

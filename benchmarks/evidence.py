@@ -67,7 +67,7 @@ def setup(run_dir: str | None, num_images: int, seed: int) -> tuple[VAE, torch.T
 @torch.no_grad()
 def plain_iwae(vae: VAE, x: torch.Tensor, num_samples: int, chunk_size: int) -> torch.Tensor:
     """Per-image L_K ``(N,)`` in plain PyTorch, ``chunk_size`` draws of every image at a time."""
-    loc, scale = vae.encoder(x)  # (N, L)
+    loc, scale = vae.encoder.encode(x)  # (N, L)
     log_norm = 0.5 * math.log(2 * math.pi) * loc.shape[-1]
     chunks = []
     for start in range(0, num_samples, chunk_size):
@@ -86,7 +86,7 @@ def run_once(impl: str, vae: VAE, x: torch.Tensor, k: int, chunk: int) -> float:
     """L_K summed over images, in nats."""
     if impl == "plain":
         return float(plain_iwae(vae, x, k, chunk).sum())
-    return iwae(vae.model, vae.guide, x, num_samples=k, chunk_size=chunk).log_px
+    return iwae(vae.model, vae.guide, x, num_samples=k, chunk_size=chunk).lk
 
 
 def _status_bytes(key: str) -> int:
@@ -203,7 +203,7 @@ def _benchmark(args) -> int:
             s = statistics.median(seconds[impl, k])
             row[f"{impl}_seconds"] = s
             row[f"{impl}_images_per_s"] = n / s
-            row[f"{impl}_log_px_per_image"] = statistics.median(values[impl, k]) / n
+            row[f"{impl}_lk_per_image"] = statistics.median(values[impl, k]) / n
             if not args.no_memory:
                 row[f"{impl}_extra_mib"] = _memory_in_subprocess(impl, k, args)["extra_mib"]
         row["throughput_ratio"] = row["elbo-lab_images_per_s"] / row["plain_images_per_s"]
@@ -237,7 +237,7 @@ def _benchmark(args) -> int:
             print(
                 f"  {impl:<9} {row[f'{impl}_images_per_s']:9.1f} images/s "
                 f"({row[f'{impl}_seconds']:.2f} s){mem_text}, "
-                f"L_K = {row[f'{impl}_log_px_per_image']:.3f} nats/image"
+                f"L_K = {row[f'{impl}_lk_per_image']:.3f} nats/image"
             )
         low, high = row["paired_ratio_range"]
         print(

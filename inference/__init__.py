@@ -1,5 +1,9 @@
 """Inference for elbo-lab: data, SVI training, ELBO decomposition, and the command line.
 
+``__all__`` is what users import (what the README and the notebooks use); the command line's
+machinery (``inference.cli``, ``inference.run``, ``inference.rundir``, ``inference.distributed``'s
+torchrun glue) stays in its modules.
+
 The public names below are imported on first use (PEP 562), so that ``import inference`` and
 ``elbo-lab --help`` do not pay for torch, Pyro and matplotlib before they are needed.
 """
@@ -18,17 +22,15 @@ _SOURCES = {
     "BoundCheck": "bounds",
     "check_bounds": "bounds",
     "compare": "compare",
-    "compare_guides": "compare",
     "CompareConfig": "compare",
     "Comparison": "compare",
     "ComparisonRow": "compare",
+    "format_table": "compare",
+    "write_comparison": "compare",
     "Dataset": "data",
     "load_data": "data",
     "load_model_data": "data",
     "ModelData": "data",
-    "DistributedError": "distributed",
-    "init_from_env": "distributed",
-    "World": "distributed",
     "decompose": "elbo",
     "ElboDecomposition": "elbo",
     "evaluate": "elbo",
@@ -41,17 +43,23 @@ _SOURCES = {
     "ElboLabError": "errors",
     "OptionError": "errors",
     "RunError": "errors",
+    "effective_sample_size": "evidence",
     "EvidenceEstimate": "evidence",
     "iwae": "evidence",
     "log_weights": "evidence",
+    "psis_khat": "evidence",
     "explain": "explain",
     "Explanation": "explain",
     "check_objective": "objectives",
     "check_objectives": "objectives",
     "ObjectiveCheck": "objectives",
+    "plot_bound": "plots",
+    "plot_comparison": "plots",
+    "plot_reconstructions": "plots",
+    "plot_training_curves": "plots",
+    "posterior_draws": "posterior",
     "fit": "train",
     "init": "train",
-    "Metrics": "train",
     "step": "train",
     "StepInfo": "train",
     "SVIState": "train",
@@ -104,14 +112,12 @@ if TYPE_CHECKING:  # the names as static analysis sees them
     from .compare import Comparison as Comparison
     from .compare import ComparisonRow as ComparisonRow
     from .compare import compare as compare
-    from .compare import compare_guides as compare_guides
+    from .compare import format_table as format_table
+    from .compare import write_comparison as write_comparison
     from .data import Dataset as Dataset
     from .data import ModelData as ModelData
     from .data import load_data as load_data
     from .data import load_model_data as load_model_data
-    from .distributed import DistributedError as DistributedError
-    from .distributed import World as World
-    from .distributed import init_from_env as init_from_env
     from .elbo import ElboDecomposition as ElboDecomposition
     from .elbo import PerDatumElbo as PerDatumElbo
     from .elbo import SiteTerm as SiteTerm
@@ -125,14 +131,20 @@ if TYPE_CHECKING:  # the names as static analysis sees them
     from .errors import OptionError as OptionError
     from .errors import RunError as RunError
     from .evidence import EvidenceEstimate as EvidenceEstimate
+    from .evidence import effective_sample_size as effective_sample_size
     from .evidence import iwae as iwae
     from .evidence import log_weights as log_weights
+    from .evidence import psis_khat as psis_khat
     from .explain import Explanation as Explanation
     from .explain import explain as explain
     from .objectives import ObjectiveCheck as ObjectiveCheck
     from .objectives import check_objective as check_objective
     from .objectives import check_objectives as check_objectives
-    from .train import Metrics as Metrics
+    from .plots import plot_bound as plot_bound
+    from .plots import plot_comparison as plot_comparison
+    from .plots import plot_reconstructions as plot_reconstructions
+    from .plots import plot_training_curves as plot_training_curves
+    from .posterior import posterior_draws as posterior_draws
     from .train import StepInfo as StepInfo
     from .train import SVIState as SVIState
     from .train import TrainConfig as TrainConfig

@@ -214,7 +214,7 @@ def checked_metrics(
     bounds = check_bounds(
         metrics.elbo,
         metrics.elbo_stderr,
-        estimate.log_px / n,
+        estimate.lk / n,
         se,
         num_samples,
         exact_log_px,

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -1065,6 +1064,8 @@ def _explain(args) -> int:
 
 
 def _compare(args) -> int:
+    from .compare import CompareConfig, compare, format_table, write_comparison
+
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
     model_name = Path(args.model.rpartition(":")[0]).stem if ":" in args.model else args.model
     out = args.run_dir or Path("runs") / f"compare-{model_name}-{data_name}-seed{args.seed}"
@@ -1073,22 +1074,8 @@ def _compare(args) -> int:
     if out.exists() and not args.force:
         raise OptionError(f"--run-dir: {out} exists (use --force to replace it)")
     if out.exists():
-        refuse_to_replace(out, "--run-dir", ours=lambda p: (p / "comparison.json").is_file())
+        refuse_to_replace(out, "--run-dir")
     _check_writable(out)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    # written beside, then renamed into place: an error or a kill leaves the old output whole
-    staging = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.new-"))
-    try:
-        code = _compare_into(args, out, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return code
-
-
-def _compare_into(args, out: Path, staging: Path) -> int:
-    from .compare import CompareConfig, compare_guides, format_table, write_comparison
-
     spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
     _use_threads(
         args, {**spec, "data_dim": 64}, args.batch_size or choices.BATCH_SIZE, backward=True
@@ -1096,34 +1083,34 @@ def _compare_into(args, out: Path, staging: Path) -> int:
     options = CompareConfig(
         num_samples=args.num_samples, elbo_particles=args.eval_particles, num_draws=args.num_draws
     )
-    comparison = compare_guides(
-        args.model,
-        args.guides.split(",") if args.guides else None,
-        args.data,
+    model, guides, dataset, batched = _compared_guides(args)
+    _check_comparison_memory(options, model, dataset, batched, available_memory())
+    batch_size = args.batch_size
+    if batch_size is None and batched:  # else a user model's rows, all at once
+        batch_size = choices.BATCH_SIZE
+    config = TrainConfig(
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         learning_rate=args.lr,
         seed=args.seed,
         estimator=args.estimator,
         optimizer=args.optimizer,
         jit=args.jit,
-        latent_dim=args.latent_dim,
-        hidden_dims=args.hidden_dims,
-        device=args.device,
-        dtype=args.dtype,
-        options=options,
-        out_dir=staging,
         progress=sys.stderr.isatty(),
-        max_bytes=available_memory(),
     )
-    write_comparison(comparison, staging)
-    if out.exists():
-        aside = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out.name}.old-"))
-        os.rename(out, aside / "out")
-        os.rename(staging, out)
-        shutil.rmtree(aside)  # the replaced comparison, checked above
-    else:
-        os.rename(staging, out)
+    # written beside an existing comparison, then renamed into place: an error or a kill
+    # leaves the old output whole (inference.rundir, as a training run is)
+    owner = RunDirectory.create(out, force=args.force, option="--run-dir")
+    try:
+        comparison = compare(
+            model, guides, dataset, config, options, out_dir=owner.path, model_name=args.model
+        )
+        write_comparison(comparison, owner.path)
+        owner.publish()
+    except BaseException:
+        owner.close(keep=False)
+        raise
+    owner.close()
     if args.json:
         print(json.dumps({"out": str(out), **comparison.to_dict()}, indent=2), file=args.out_)
     else:
@@ -1134,6 +1121,84 @@ def _compare_into(args, out: Path, staging: Path) -> int:
         )
     faults = [r.guide for r in comparison.rows if r.failed or r.bounds_ok is False]
     return 1 if faults else 0
+
+
+def _compared_guides(args):
+    """The model, its guides by name (or guide factories), its data and whether it is trained
+    in mini-batches, for ``--model``/``--guides``/``--data``: a built-in model with amortized
+    guides, or a user model ``FILE.py:NAME`` with autoguides (or the user's own guides).
+    Incompatible combinations are OptionErrors before anything is loaded."""
+    from models.guides import AUTOGUIDES, autoguide_name, make_guide
+
+    from .compare import DEFAULT_GUIDES, check_guides
+    from .io import seeded
+    from .run import MODELS
+    from .user_model import load_user_guide
+
+    user = is_user_model(args.model)
+    if not user and args.model not in MODELS:
+        raise OptionError(
+            f"--model: unknown model {args.model!r} "
+            f"(choose from {', '.join(MODELS)}, or FILE.py:NAME)"
+        )
+    names = [g.strip() for g in args.guides.split(",") if g.strip()] if args.guides else None
+    names = names if names is not None else list(DEFAULT_GUIDES["user" if user else "amortized"])
+    check_guides(names, amortized=not user, estimator=args.estimator)
+    if user:
+        if args.dtype not in DTYPES:
+            raise OptionError(f"--dtype: must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+        pyro.clear_param_store()
+        model = load_user_model(args.model)
+        dataset = load_model_data(args.data, model).to(args.device, DTYPES[args.dtype])
+        guides = {}
+        for n in names:
+            if is_user_model(n):  # the user's own guide, FILE.py:NAME: built once, now
+                with seeded(args.seed):
+                    guides[guide_label(n)] = load_user_guide(n, model, option="--guides")
+            else:
+                guides[autoguide_name(n)] = AUTOGUIDES[autoguide_name(n)]
+        return model, guides, dataset, takes_num_data(model)
+    spec = ModelSpec(  # validates the model options before anything is loaded
+        model=args.model,
+        data=args.data,
+        latent_dim=args.latent_dim,
+        hidden_dims=tuple(args.hidden_dims),
+        device=args.device,
+        dtype=args.dtype,
+    )
+    pyro.clear_param_store()
+    dtype = DTYPES[spec.dtype]
+    dataset = load_data(args.data).to(args.device, dtype)
+    with seeded(args.seed):
+        _, model, _ = build_model(spec, dataset)
+        widths = spec.hidden_dims if args.model == "vae" else ()  # linear encoders: exact family
+        try:
+            guides = {
+                n: make_guide(n, dataset.data_dim, args.latent_dim, widths).to(args.device, dtype)
+                for n in names
+            }
+        except ValueError as exc:  # models/ words it in model terms; the option is ours
+            raise OptionError(f"--guides: {exc}") from None
+    return model, guides, dataset, True
+
+
+def _check_comparison_memory(options, model, dataset, batched: bool, max_bytes) -> None:
+    """Refuse a K too large for memory: each guide's (K, N) log-weights, float64, twice over."""
+    from .batching import num_rows
+    from .data import Dataset
+
+    if max_bytes is None:
+        return
+    if isinstance(dataset, Dataset):
+        rows = max(len(dataset.train), len(dataset.test))
+    else:
+        rows = num_rows(model, dataset.train.args, dataset.train.kwargs, None)
+    need = 2 * options.num_samples * (rows if batched else 1) * 8
+    if need > max_bytes:
+        raise OptionError(
+            f"--num-samples: K = {options.num_samples} draws for {rows} points need about "
+            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
+        )
 
 
 def _watch(args) -> int:

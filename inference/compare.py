@@ -14,7 +14,8 @@ All values are nats per datum. Amortized guides are evaluated on the test split;
 describe the posterior of the data they were fit to (autoguides) on the training data.
 
 Draws from every guide's posterior are stored as an :class:`arviz.InferenceData` (posterior
-group, named dims and coords) in ``posterior_<guide>.nc``.
+group, named dims and coords) in ``posterior_<guide>.nc`` (:mod:`inference.posterior`); the
+diagnostics k̂ and ESS are :mod:`inference.evidence`'s, the figure :mod:`inference.plots`'.
 """
 
 from __future__ import annotations
@@ -23,59 +24,53 @@ import copy
 import logging
 import math
 import os
-import shutil
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyro
 import torch
-from matplotlib.figure import Figure
 from pyro import poutine
-from pyro.infer import Predictive
-from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .batching import ModelArgs, num_rows, takes_num_data
 from .bounds import check_bounds, is_point_estimate
 from .data import Dataset, ModelData
-from .elbo import decompose
+from .elbo import EVAL_SEED, decompose
 from .errors import NumericalError, OptionError
-from .evidence import iwae
-from .io import atomic_write_text, write_csv, write_json
-from .plots import save_figure
-from .train import ESTIMATORS, EVAL_SEED, TrainConfig, config_record, fit, seeded
-
-if TYPE_CHECKING:
-    import arviz
+from .evidence import KHAT_THRESHOLD, deprecated_alias, effective_sample_size, iwae, psis_khat
+from .io import atomic_write_text, seeded, write_csv, write_json
+from .plots import plot_comparison
+from .posterior import posterior_draws, save_netcdf, to_inference_data
+from .train import ESTIMATORS, TrainConfig, config_record, fit
 
 __all__ = [
+    "DEFAULT_GUIDES",
     "CompareConfig",
     "Comparison",
     "ComparisonRow",
     "check_guides",
-    "compare_guides",
     "compare",
     "format_table",
-    "plot_comparison",
-    "posterior_draws",
     "write_comparison",
 ]
 
 log = logging.getLogger(__name__)
-
-#: k̂ above this makes importance sampling with q unreliable (Yao et al. 2018).
-KHAT_THRESHOLD = 0.7
 
 #: Estimators with an analytic KL term; flows have no registered KL to use there.
 ANALYTIC_ESTIMATORS = ("meanfield", "jit-meanfield")
 FLOW_GUIDES = ("flow", "AutoIAFNormal")
 #: Estimator names as Pyro calls them, for the table.
 ESTIMATOR_NAMES = {name: cls.__name__ for name, cls in ESTIMATORS.items()}
+#: Guides compared by default, per kind of model: amortized encoders for the built-in models
+#: (local latents), autoguides for a user's model (global latents).
+DEFAULT_GUIDES = {
+    "amortized": ("diag", "full", "flow"),
+    "user": ("AutoNormal", "AutoMultivariateNormal"),
+}
 
 
 @dataclass(frozen=True)
@@ -125,8 +120,8 @@ class ComparisonRow(NamedTuple):
     elbo_stderr: float
     reconstruction: float
     kl: float
-    log_px: float  # L_K
-    log_px_stderr: float
+    lk: float  # L_K, the K-sample importance-weighted bound on log p(x)
+    lk_stderr: float
     gap: float  # L_K - elbo
     gap_stderr: float
     khat_median: float
@@ -139,6 +134,9 @@ class ComparisonRow(NamedTuple):
     bounds_ok: bool | None = None  # ELBO <= L_K within 5 s.e. (None: not checked)
     bounds: str = ""  # what was violated, or why nothing was checked
     failed: str = ""  # why training failed (a NaN loss, ...); the numbers are then NaN
+
+    log_px = deprecated_alias("lk", "log_px")
+    log_px_stderr = deprecated_alias("lk_stderr", "log_px_stderr")
 
 
 class Comparison(NamedTuple):
@@ -268,8 +266,8 @@ class _Evaluation(NamedTuple):
     elbo_var: float
     reconstruction: float
     kl: float
-    log_px: float
-    log_px_var: float
+    lk: float
+    lk_var: float
     log_weights: torch.Tensor  # (K, N) local or (K,) global
 
 
@@ -280,7 +278,7 @@ def _evaluate(
     variances; ``batched`` (local latents, one data tensor): in chunks of rows."""
     n = call.args[0].shape[0] if batched else 1
     step = options.eval_batch_size if batched else 1
-    elbo = elbo_var = recon = kl = log_px = log_px_var = 0.0
+    elbo = elbo_var = recon = kl = lk = lk_var = 0.0
     weights = []
     with seeded(EVAL_SEED):
         for start in range(0, n, step):
@@ -303,88 +301,13 @@ def _evaluate(
                 chunk_size=options.chunk_size,
                 **part.kwargs,
             )
-            log_px += est.log_px
-            log_px_var += est.stderr**2 if math.isfinite(est.stderr) else 0.0
+            lk += est.lk
+            lk_var += est.stderr**2 if math.isfinite(est.stderr) else 0.0
             weights.append(est.log_weights)
     if len(weights) > 1 and weights[0].dim() != 2:
         raise OptionError("a model with global latents must be evaluated in one batch")
     log_w = torch.cat(weights, dim=-1)
-    return _Evaluation(elbo, elbo_var, recon, kl, log_px, log_px_var, log_w)
-
-
-def psis_khat(log_weights: torch.Tensor) -> np.ndarray:
-    """Pareto k̂ of importance log-weights by ArviZ's PSIS: ``(K, N)`` -> ``(N,)``, ``(K,)`` -> ``()``.
-
-    Draws are independent, so the relative efficiency is 1 (Vehtari et al. 2024).
-    """
-    lw = log_weights.detach().cpu().numpy().astype(np.float64)
-    lw = lw.T if lw.ndim == 2 else lw  # ArviZ wants draws last
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        import arviz as az  # imported when needed: it costs 1.7 s at start-up of every command
-
-        _, khat = az.psislw(lw, reff=1.0)
-    return np.asarray(khat, dtype=np.float64)
-
-
-def posterior_draws(
-    model: Callable, guide: Callable, call: Any, num_draws: int, seed: int = EVAL_SEED
-) -> dict[str, torch.Tensor]:
-    """``num_draws`` independent draws of every latent site from the guide, ``(S, *site shape)``.
-
-    ``call``: the model's arguments (:class:`~inference.batching.ModelArgs` or one tensor).
-    Amortized guides with a ``distribution(x)`` are sampled in one vectorized call; any other
-    guide by Pyro's :class:`~pyro.infer.Predictive`, one guide run per draw. Only latent sites
-    of the model are returned.
-    """
-    call = ModelArgs.of(call)
-    with torch.no_grad(), seeded(seed):
-        if hasattr(guide, "distribution") and hasattr(guide, "site"):
-            return {guide.site: guide.distribution(call.args[0]).sample((num_draws,))}
-        guide_trace = poutine.trace(guide).get_trace(*call.args, **call.kwargs)
-        replayed = poutine.replay(model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(*call.args, **call.kwargs)
-        names = [
-            name
-            for name, site in model_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        ]
-        predictive = Predictive(model, guide=guide, num_samples=num_draws, return_sites=names)
-        draws = predictive(*call.args, **call.kwargs)
-    # Predictive pads every site to the model's plate nesting: back to each site's own shape
-    shapes = {name: model_trace.nodes[name]["value"].shape for name in names}
-    return {name: draws[name].detach().reshape(num_draws, *shapes[name]) for name in names}
-
-
-def _inference_data(
-    draws: Mapping[str, torch.Tensor], options: CompareConfig, *, local: bool, attrs: Mapping
-) -> arviz.InferenceData:
-    """Draws ``(S, ...)`` -> InferenceData with dims (chain, draw, ...), named dims and coords."""
-    chains = options.num_chains
-    per_chain = next(iter(draws.values())).shape[0] // chains
-    posterior, dims, coords = {}, {}, {}
-    for name, value in draws.items():
-        array = value[: chains * per_chain].cpu().numpy()
-        array = array.reshape(chains, per_chain, *array.shape[1:])
-        posterior[name] = array
-        if local and array.ndim == 4:  # (chain, draw, datum, latent)
-            dims[name] = ["datum", f"{name}_dim"]
-            coords["datum"] = np.arange(array.shape[2])
-            coords[f"{name}_dim"] = np.arange(array.shape[3])
-        else:
-            dims[name] = [f"{name}_dim_{i}" for i in range(array.ndim - 2)]
-            coords.update({f"{name}_dim_{i}": np.arange(s) for i, s in enumerate(array.shape[2:])})
-    import arviz as az
-
-    idata = az.from_dict(posterior=posterior, dims=dims, coords=coords)
-    idata.posterior.attrs.update({k: str(v) for k, v in attrs.items()})
-    return idata
-
-
-def _save_netcdf(idata: arviz.InferenceData, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    idata.to_netcdf(str(tmp))
-    os.replace(tmp, path)
+    return _Evaluation(elbo, elbo_var, recon, kl, lk, lk_var, log_w)
 
 
 # --- the comparison ------------------------------------------------------------------------------
@@ -400,8 +323,8 @@ def _failed_row(name: str, split: str, n: int, reason: str) -> ComparisonRow:
         elbo_stderr=nan,
         reconstruction=nan,
         kl=nan,
-        log_px=nan,
-        log_px_stderr=nan,
+        lk=nan,
+        lk_stderr=nan,
         gap=nan,
         gap_stderr=nan,
         khat_median=nan,
@@ -450,16 +373,14 @@ def compare(
         A :class:`Comparison`; its rows follow the order of ``guides``.
     """
     config = config if config is not None else TrainConfig()
-    if isinstance(data, Dataset):
-        train_call, test_call = ModelArgs((data.train,), {}), ModelArgs((data.test,), {})
-    elif isinstance(data, ModelData):
-        train_call, test_call = data.train, data.test
-    else:
-        train_call, test_call = ModelArgs.of(data), None
-    out_dir = Path(out_dir) if out_dir is not None else None
+    train_call, test_call = _calls(data)
     module = _model_module(model)
     initial = copy.deepcopy(module.state_dict()) if module is not None else None
     batched = takes_num_data(model)
+    probe = train_call  # the model's arguments for one traced run: two rows of a mini-batch
+    if batched:
+        x = train_call.args[0]
+        probe = ModelArgs((x[: min(2, x.shape[0])],), {"num_data": x.shape[0]})
     rows = []
     khats: dict[str, np.ndarray] = {}
     for name, entry in guides.items():
@@ -480,6 +401,7 @@ def compare(
             )
         eval_call = test_call if split == "test" else train_call
         n = num_rows(model, eval_call.args, eval_call.kwargs, None)
+        khats[name] = np.full(1, np.nan)
         log.info("comparing guides: training %s", name)
         # The comparison evaluates each guide itself afterwards: fit's per-epoch metrics
         # would only cost time, so they are computed once, after the last epoch.
@@ -493,87 +415,109 @@ def compare(
                 **train_call.kwargs,
             )
         except Exception as exc:  # keep the guides already compared; report this one
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            if not isinstance(exc, NumericalError | OptionError):
-                reason = f"{type(exc).__name__}: {reason}"
+            reason = _reason(exc, (NumericalError, OptionError))
             log.warning("guide %s failed: %s", name, reason)
             log.debug("guide %s failed", name, exc_info=True)
             rows.append(_failed_row(name, split, n, reason))
-            khats[name] = np.full(1, np.nan)
             continue
         seconds = time.perf_counter() - start
-        if batched:
-            x = train_call.args[0]
-            probe = ModelArgs((x[: min(2, x.shape[0])],), {"num_data": x.shape[0]})
-        else:
-            probe = train_call
         num_params = _param_count(guide, probe)
         try:
             ev = _evaluate(model, guide, eval_call, options, batched and amortized)
         except Exception as exc:  # e.g. no L_K for a plate that subsamples itself
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            if not isinstance(exc, OptionError):
-                reason = f"{type(exc).__name__}: {reason}"
+            reason = _reason(exc, (OptionError,))
             log.warning("guide %s: evaluation failed: %s", name, reason)
             rows.append(_failed_row(name, split, n, f"evaluation: {reason}"))
-            khats[name] = np.full(1, np.nan)
             continue
-        local = ev.log_weights.dim() == 2
         # a point mass has no density to importance-sample with: k̂ is undefined
         point = is_point_estimate(guide, *probe.args, **probe.kwargs)  # AutoDelta, a MAP guide
-        khat = np.full(1, np.nan) if point else psis_khat(ev.log_weights)
-        elbo_se = math.sqrt(ev.elbo_var) / n if ev.elbo_var > 0 else None
-        bounds = check_bounds(
-            ev.elbo / n,
-            elbo_se,
-            ev.log_px / n,
-            math.sqrt(ev.log_px_var) / n,
-            options.num_samples,
-            point_estimate=point,
-        )
-        khats[name] = khat
-        ess = torch.exp(
-            2 * torch.logsumexp(ev.log_weights, 0) - torch.logsumexp(2 * ev.log_weights, 0)
-        )
-        rows.append(
-            ComparisonRow(
-                guide=name,
-                split=split,
-                n=n,
-                elbo=ev.elbo / n,
-                elbo_stderr=math.sqrt(ev.elbo_var) / n,
-                reconstruction=ev.reconstruction / n,
-                kl=ev.kl / n,
-                log_px=ev.log_px / n,
-                log_px_stderr=math.sqrt(ev.log_px_var) / n,
-                gap=(ev.log_px - ev.elbo) / n,
-                gap_stderr=math.sqrt(ev.elbo_var + ev.log_px_var) / n,
-                khat_median=float(np.median(khat)),
-                khat_share_bad=math.nan if point else float(np.mean(khat > KHAT_THRESHOLD)),
-                ess_median=float(ess.median()),
-                seconds=seconds,
-                num_params=num_params,
-                note=_note(point),
-                estimator=ESTIMATOR_NAMES.get(result.estimator, result.estimator),
-                bounds_ok=bounds.ok if bounds.checked else None,
-                bounds="; ".join(bounds.violations) if bounds.checked else "point estimate",
-            )
-        )
+        khats[name] = np.full(1, np.nan) if point else psis_khat(ev.log_weights)
+        row = _row(name, split, n, ev, khats[name], point, options.num_samples)
+        estimator = ESTIMATOR_NAMES.get(result.estimator, result.estimator)
+        rows.append(row._replace(seconds=seconds, num_params=num_params, estimator=estimator))
         if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            draws = posterior_draws(model, guide, eval_call, options.num_draws)
-            attrs = {
-                "guide": name,
-                "model": model_name,
-                "split": split,
-                "note": "independent draws from the guide q (not MCMC); chains split them evenly",
-            }
-            _save_netcdf(
-                _inference_data(draws, options, local=local, attrs=attrs),
-                Path(out_dir) / f"posterior_{name}.nc",
-            )
+            attrs = {"guide": name, "model": model_name, "split": split}
+            _write_posterior(model, guide, eval_call, options, ev, attrs, Path(out_dir))
     train = {k: v for k, v in config_record(config).items() if k != "progress"}
     return Comparison(tuple(rows), options.num_samples, train, model_name, khats)
+
+
+def _calls(data: Any) -> tuple[ModelArgs, ModelArgs | None]:
+    """The model's arguments on the training split and on the test split (None: no test split)."""
+    if isinstance(data, Dataset):
+        return ModelArgs((data.train,), {}), ModelArgs((data.test,), {})
+    if isinstance(data, ModelData):
+        return data.train, data.test
+    return ModelArgs.of(data), None
+
+
+def _reason(exc: Exception, ours: tuple[type[Exception], ...]) -> str:
+    """The first line of an error; prefixed by its class unless it is one of ``ours``."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return reason if isinstance(exc, ours) else f"{type(exc).__name__}: {reason}"
+
+
+def _row(
+    name: str,
+    split: str,
+    n: int,
+    ev: _Evaluation,
+    khat: np.ndarray,
+    point: bool,
+    num_samples: int,
+) -> ComparisonRow:
+    """One guide's row, per datum, with ELBO <= L_K checked (not for a point estimate);
+    ``seconds``, ``num_params`` and ``estimator`` are the caller's to fill."""
+    elbo_se = math.sqrt(ev.elbo_var) / n if ev.elbo_var > 0 else None
+    bounds = check_bounds(
+        ev.elbo / n,
+        elbo_se,
+        ev.lk / n,
+        math.sqrt(ev.lk_var) / n,
+        num_samples,
+        point_estimate=point,
+    )
+    ess = effective_sample_size(ev.log_weights)
+    return ComparisonRow(
+        guide=name,
+        split=split,
+        n=n,
+        elbo=ev.elbo / n,
+        elbo_stderr=math.sqrt(ev.elbo_var) / n,
+        reconstruction=ev.reconstruction / n,
+        kl=ev.kl / n,
+        lk=ev.lk / n,
+        lk_stderr=math.sqrt(ev.lk_var) / n,
+        gap=(ev.lk - ev.elbo) / n,  # L_K - ELBO ~ KL(q(z|x) || p(z|x))
+        gap_stderr=math.sqrt(ev.elbo_var + ev.lk_var) / n,
+        khat_median=float(np.median(khat)),
+        khat_share_bad=math.nan if point else float(np.mean(khat > KHAT_THRESHOLD)),
+        ess_median=float(ess.median()),
+        seconds=math.nan,
+        num_params=0,
+        note=_note(point),
+        bounds_ok=bounds.ok if bounds.checked else None,
+        bounds="; ".join(bounds.violations) if bounds.checked else "point estimate",
+    )
+
+
+def _write_posterior(
+    model: Callable,
+    guide: Callable,
+    call: ModelArgs,
+    options: CompareConfig,
+    ev: _Evaluation,
+    attrs: Mapping[str, str],
+    out_dir: Path,
+) -> None:
+    """``posterior_<guide>.nc``: ``options.num_draws`` draws from the guide, as ArviZ data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draws = posterior_draws(model, guide, call, options.num_draws)
+    note = "independent draws from the guide q (not MCMC); chains split them evenly"
+    idata = to_inference_data(
+        draws, options.num_chains, local=ev.log_weights.dim() == 2, attrs={**attrs, "note": note}
+    )
+    save_netcdf(idata, out_dir / f"posterior_{attrs['guide']}.nc")
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -583,7 +527,7 @@ COLUMNS = (
     ("elbo", "ELBO", "{:.3f}"),
     ("reconstruction", "E[log p(x|z)]", "{:.3f}"),
     ("kl", "KL(q||p(z))", "{:.3f}"),
-    ("log_px", "L_K", "{:.3f}"),
+    ("lk", "L_K", "{:.3f}"),
     ("gap", "L_K - ELBO", "{:.3f}"),
     ("khat_median", "k̂ median", "{:.2f}"),
     ("khat_share_bad", "k̂ > 0.7", "{:.0%}"),
@@ -631,33 +575,6 @@ def format_table(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(comparison: Comparison, path: str | os.PathLike | None = None) -> Figure:
-    """ELBO and L_K per guide with ±2 standard-error bars (nats per datum)."""
-    rows = comparison.rows
-    fig = Figure(figsize=(1.6 + 1.3 * len(rows), 3.6), layout="constrained")
-    ax = fig.add_subplot(1, 1, 1)
-    xs = np.arange(len(rows))
-    for offset, key, label, marker in (
-        (-0.1, "elbo", "ELBO", "o"),
-        (0.1, "log_px", f"L_K (K = {comparison.num_samples})", "s"),
-    ):
-        values = [getattr(r, key) for r in rows]
-        errors = [2 * getattr(r, f"{key}_stderr") for r in rows]
-        ax.errorbar(xs + offset, values, yerr=errors, fmt=marker, capsize=4, label=label)
-    ax.set_xticks(xs, [r.guide for r in rows])
-    ax.set_ylabel(comparison.units if len(comparison.units) < 30 else "nats")
-    title = f"{comparison.model or 'model'}: ELBO ≤ L_K ≤ log p(x), ±2 s.e."
-    points = [r.guide for r in rows if math.isnan(r.khat_share_bad)]  # k̂ undefined: point mass
-    if points:
-        title += f"\n({', '.join(points)}: point estimate, its values are not bounds)"
-    ax.set_title(title, fontsize="medium")
-    ax.legend(loc="best", fontsize="small")
-    ax.grid(alpha=0.3)
-    if path is not None:
-        save_figure(fig, path)
-    return fig
-
-
 def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``comparison.csv``, ``.json``, ``.md`` and ``.png`` to ``out_dir``; return the paths."""
     out_dir = Path(out_dir)
@@ -668,125 +585,3 @@ def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> dict
     atomic_write_text(paths["md"], format_table(comparison) + "\n")
     plot_comparison(comparison, paths["png"])
     return paths
-
-
-# --- by name, as the command line asks -----------------------------------------------------------
-
-#: Default guides per kind of model.
-DEFAULT_GUIDES = {
-    "amortized": ("diag", "full", "flow"),
-    "user": ("AutoNormal", "AutoMultivariateNormal"),
-}
-
-
-def compare_guides(
-    model: str,
-    guides: Sequence[str] | None,
-    data: str,
-    *,
-    epochs: int = TrainConfig.epochs,
-    batch_size: int | None = None,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-    estimator: str = "trace",
-    optimizer: str = "adam",
-    jit: str = TrainConfig.jit,
-    latent_dim: int = 10,
-    hidden_dims: Sequence[int] = (200,),
-    device: str = "cpu",
-    dtype: str = "float32",
-    options: CompareConfig = CompareConfig(),
-    out_dir: str | os.PathLike | None = None,
-    replace: bool = False,
-    progress: bool = False,
-    max_bytes: int | None = None,
-) -> Comparison:
-    """:func:`compare` for a model and guides named as on the command line.
-
-    ``model`` is a built-in name (``vae``, ``ppca``, ``fa``: amortized ``diag``/``full``/``flow``
-    guides, linear encoders for the linear-Gaussian models) or a user model ``FILE.py:NAME`` /
-    ``package.module:NAME`` taking the data tensor (autoguides by name). ``batch_size=None`` is
-    128 for the built-in models and the full data for a user model without ``num_data``.
-    Incompatible combinations raise :class:`~inference.errors.OptionError` before any work.
-    """
-    from models.guides import AUTOGUIDES, autoguide_name, make_guide
-
-    from .data import load_data, load_model_data
-    from .run import DTYPES, MODELS, ModelSpec, build_model
-    from .user_model import guide_label, is_user_model, load_user_guide, load_user_model
-
-    user = is_user_model(model)
-    if not user and model not in MODELS:
-        raise OptionError(
-            f"--model: unknown model {model!r} (choose from {', '.join(MODELS)}, or FILE.py:NAME)"
-        )
-    names = [g.strip() for g in guides if g.strip()] if guides is not None else None
-    names = names if names is not None else list(DEFAULT_GUIDES["user" if user else "amortized"])
-    check_guides(names, amortized=not user, estimator=estimator)
-    spec = None
-    if not user:  # validate the model options before loading anything
-        spec = ModelSpec(
-            model=model,
-            data=data,
-            latent_dim=latent_dim,
-            hidden_dims=tuple(hidden_dims),
-            device=device,
-            dtype=dtype,
-        )
-    elif dtype not in DTYPES:
-        raise OptionError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    pyro.clear_param_store()
-    if user:
-        model_fn = load_user_model(model)
-        dataset = load_model_data(data, model_fn).to(device, DTYPES[dtype])
-        entries: dict[str, Any] = {}
-        for n in names:
-            if is_user_model(n):  # the user's own guide, FILE.py:NAME: built once, now
-                with seeded(seed):
-                    entries[guide_label(n)] = load_user_guide(n, model_fn, option="--guides")
-            else:
-                entries[autoguide_name(n)] = AUTOGUIDES[autoguide_name(n)]
-        batched = takes_num_data(model_fn)
-        label = model
-    else:
-        dataset = load_data(data).to(device, DTYPES[dtype])
-        with seeded(seed):
-            module, model_fn, _ = build_model(spec, dataset)
-            widths = tuple(hidden_dims) if model == "vae" else ()  # linear encoders: exact family
-            try:
-                entries = {
-                    n: make_guide(n, dataset.data_dim, latent_dim, widths).to(device, DTYPES[dtype])
-                    for n in names
-                }
-            except ValueError as exc:  # models/ words it in model terms; the option is ours
-                raise OptionError(f"--guides: {exc}") from None
-        batched, label = True, model
-    if batch_size is None:
-        batch_size = 128 if batched else None
-    if max_bytes is not None:  # the (K, N) log-weights of one guide, float64, twice over
-        if isinstance(dataset, Dataset):
-            rows = max(len(dataset.train), len(dataset.test))
-        else:
-            rows = num_rows(model_fn, dataset.train.args, dataset.train.kwargs, None)
-        need = 2 * options.num_samples * (rows if batched else 1) * 8
-        if need > max_bytes:
-            raise OptionError(
-                f"--num-samples: K = {options.num_samples} draws for {rows} points need about "
-                f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
-            )
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        seed=seed,
-        estimator=estimator,
-        optimizer=optimizer,
-        jit=jit,
-        progress=progress,
-    )
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        if out_dir.exists() and replace:
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    return compare(model_fn, entries, dataset, config, options, out_dir=out_dir, model_name=label)

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -41,7 +43,15 @@ from .enumeration import enumerated_log_joint, enumeration_in
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, is_static_pair
 
-__all__ = ["EvidenceEstimate", "PARTICLE_PLATE", "iwae", "log_weights"]
+__all__ = [
+    "EvidenceEstimate",
+    "KHAT_THRESHOLD",
+    "PARTICLE_PLATE",
+    "effective_sample_size",
+    "iwae",
+    "log_weights",
+    "psis_khat",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +63,44 @@ PARTICLE_PLATE = "_evidence_particles"
 CHUNK_ROWS = 4096
 
 
+def deprecated_alias(new: str, old: str) -> property:
+    """A read-only property ``old`` that returns the field ``new`` with a DeprecationWarning:
+    ``log_px`` named L_K as if it were log p(x), which L_K only bounds from below."""
+
+    def get(self):
+        warnings.warn(
+            f"{type(self).__name__}.{old} is deprecated: it holds L_K, the importance-weighted "
+            f"bound on log p(x), not log p(x); use .{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated name of :attr:`{new}`.")
+
+
 class EvidenceEstimate(NamedTuple):
     """L_K with its Monte-Carlo standard error, effective sample size and log-weights.
 
     Attributes:
-        log_px: L_K, nats: the sum of per-datum L_K for local models, else the whole-data value.
-        stderr: Monte-Carlo standard error of ``log_px`` (delta method, see :func:`iwae`).
+        lk: L_K, the K-sample importance-weighted bound on log p(x) (L_K <= log p(x) in
+            expectation), nats: the sum of per-datum L_K for local models, else the whole-data
+            value.
+        stderr: Monte-Carlo standard error of ``lk`` (delta method, see :func:`iwae`).
         per_datum: ``(N,)`` per-datum L_K for local models, else None.
         ess: effective sample size (sum w)^2 / sum w^2 of the weights, ``(N,)`` local or ``()``.
         log_weights: ``(K, N)`` local or ``(K,)`` global, log p(x, z_k) - log q(z_k | x), float64.
         num_samples: K.
     """
 
-    log_px: float
+    lk: float
     stderr: float
     per_datum: torch.Tensor | None
     ess: torch.Tensor
     log_weights: torch.Tensor
     num_samples: int
+
+    log_px = deprecated_alias("lk", "log_px")
 
 
 class _Layout(NamedTuple):
@@ -312,11 +342,6 @@ def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
-def _ess(log_w: torch.Tensor) -> torch.Tensor:
-    """(sum w)^2 / sum w^2 along dim 0, computed in log space."""
-    return torch.exp(2 * torch.logsumexp(log_w, dim=0) - torch.logsumexp(2 * log_w, dim=0))
-
-
 def iwae(
     model: Callable,
     guide: Callable,
@@ -351,7 +376,7 @@ def iwae(
         **kwargs,
     )
     bound = _log_mean_exp(log_w)  # (N,) or ()
-    ess = _ess(log_w)
+    ess = effective_sample_size(log_w)
     k = log_w.shape[0]
     if k > 1:
         variance = ((k / ess - 1) / (k - 1)).clamp(min=0)
@@ -360,10 +385,46 @@ def iwae(
         stderr = math.nan
     local = log_w.dim() == 2
     return EvidenceEstimate(
-        log_px=float(bound.sum()),
+        lk=float(bound.sum()),
         stderr=stderr,
         per_datum=bound if local else None,
         ess=ess,
         log_weights=log_w,
         num_samples=k,
     )
+
+
+# --- diagnostics of the log-weights: is q a good importance proposal? --------------------------
+
+#: Pareto k̂ above this makes importance sampling with q unreliable (Yao et al. 2018).
+KHAT_THRESHOLD = 0.7
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size of importance weights along dim 0, in log space:
+
+        ESS = (sum_k w_k)^2 / sum_k w_k^2 = exp(2 logsumexp(log w) - logsumexp(2 log w))
+
+    ``(K, N)`` -> ``(N,)``, ``(K,)`` -> ``()``; 1 <= ESS <= K, K for equal weights.
+    """
+    return torch.exp(2 * torch.logsumexp(log_w, dim=0) - torch.logsumexp(2 * log_w, dim=0))
+
+
+def psis_khat(log_weights: torch.Tensor) -> np.ndarray:
+    """Pareto k̂ of importance log-weights by ArviZ's PSIS: ``(K, N)`` -> ``(N,)``, ``(K,)`` -> ``()``.
+
+    k̂ < 0.5 good, 0.5-0.7 usable, > :data:`KHAT_THRESHOLD` unreliable. Draws are independent,
+    so the relative efficiency is 1.
+
+    References: Yao, Vehtari, Simpson & Gelman (2018), "Yes, but did it work?: Evaluating
+    variational inference"; Vehtari, Simpson, Gelman, Yao & Gabry (2024), "Pareto smoothed
+    importance sampling".
+    """
+    lw = log_weights.detach().cpu().numpy().astype(np.float64)
+    lw = lw.T if lw.ndim == 2 else lw  # ArviZ wants draws last
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import arviz as az  # imported when needed: it costs 1.7 s at start-up of every command
+
+        _, khat = az.psislw(lw, reff=1.0)
+    return np.asarray(khat, dtype=np.float64)

@@ -30,7 +30,7 @@ from .choices import EVAL_BATCH_SIZE
 from .elbo import EVAL_SEED, evaluate
 from .enumeration import exact_evidence
 from .errors import OptionError
-from .evidence import iwae
+from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
 from .io import seeded
 from .objectives import check_objective
 from .run import load_run
@@ -48,7 +48,8 @@ class Explanation(NamedTuple):
         loss, elbo, reconstruction, kl: :func:`~inference.elbo.evaluate` (analytic KL, fixed
             noise): loss = -elbo, elbo = reconstruction - kl.
         pyro_loss: ``TraceMeanField_ELBO().loss`` on the same data and noise (an independent check).
-        log_px, log_px_stderr: L_K, the importance-weighted estimate of log p(x).
+        lk, lk_stderr: L_K, the K-sample importance-weighted bound on log p(x) (Burda et al.
+            2016), and its standard error.
         elbo_mc, elbo_mc_stderr: the ELBO from the same K draws, mean_k log w_k.
         gap, gap_stderr: L_K - elbo_mc >= 0, a lower bound on KL(q(z | x) || p(z | x)) that
             tightens as K grows.
@@ -75,8 +76,8 @@ class Explanation(NamedTuple):
     kl: float
     pyro_loss: float
     num_samples: int
-    log_px: float
-    log_px_stderr: float
+    lk: float
+    lk_stderr: float
     elbo_mc: float
     elbo_mc_stderr: float
     gap: float
@@ -92,6 +93,9 @@ class Explanation(NamedTuple):
     bounds: dict | None = None  # inference.bounds.BoundCheck.to_dict()
     objective: dict | None = None  # inference.objectives.ObjectiveCheck.to_dict(), whole data
     warnings: tuple[str, ...] = ()
+
+    log_px = deprecated_alias("lk", "log_px")
+    log_px_stderr = deprecated_alias("lk_stderr", "log_px_stderr")
 
     def to_dict(self) -> dict[str, Any]:
         d = self._asdict()
@@ -144,7 +148,7 @@ class Explanation(NamedTuple):
             f"   kl KL(q(z|x) || p(z)) >= 0: what {codes} cost against the prior",
             "",
             "3. The evidence log p(x), which the ELBO bounds from below",
-            f"   log p(x) ~ L_K = {self.log_px:.3f} +- {self.log_px_stderr:.3f} "
+            f"   log p(x) ~ L_K = {self.lk:.3f} +- {self.lk_stderr:.3f} "
             f"(importance-weighted, {weights} {self.ess:.1f})",
             f"   ELBO from the same draws = {self.elbo_mc:.3f} +- {self.elbo_mc_stderr:.3f}",
             f"   gap L_K - ELBO = {self.gap:.3f} +- {self.gap_stderr:.3f} >= 0, read as "
@@ -172,7 +176,7 @@ class Explanation(NamedTuple):
                 "",
                 "4. Exact: in closed form (linear-Gaussian model) or with every latent summed out",
                 f"   log p(x) = {self.exact_log_px:.3f}{exact_elbo}{exact_gap}",
-                f"   L_K - exact log p(x) = {self.log_px - self.exact_log_px:+.3f}",
+                f"   L_K - exact log p(x) = {self.lk - self.exact_log_px:+.3f}",
             ]
         return "\n".join(lines)
 
@@ -251,8 +255,8 @@ def explain(
     total_per_draw = log_w.sum(-1) if log_w.dim() == 2 else log_w
     elbo_mc = float(total_per_draw.mean()) / n
     elbo_mc_stderr = float(total_per_draw.std()) / math.sqrt(k) / n if k > 1 else math.nan
-    log_px = estimate.log_px / n
-    log_px_stderr = estimate.stderr / n
+    lk = estimate.lk / n
+    lk_stderr = estimate.stderr / n
     exact = _exact(run.module, args[0] if run.batched else None)
     if exact["exact_log_px"] is None:  # every latent enumerated: log p(x) summed out exactly
         whole = exact_evidence(run.model, run.guide, *args, **kwargs)
@@ -261,14 +265,12 @@ def explain(
     bounds = check_bounds(
         metrics.elbo,
         metrics.elbo_stderr,
-        log_px,
-        log_px_stderr if math.isfinite(log_px_stderr) else None,
+        lk,
+        lk_stderr if math.isfinite(lk_stderr) else None,
         k,
         exact["exact_log_px"],
         point_estimate=point,
     )
-    from .compare import KHAT_THRESHOLD, psis_khat
-
     khats = psis_khat(log_w) if not point else torch.full((1,), math.nan).numpy()
     khat = float(np.median(khats))
     share_bad = float(np.mean(khats > KHAT_THRESHOLD)) if log_w.dim() == 2 else math.nan
@@ -306,12 +308,12 @@ def explain(
         kl=metrics.kl,
         pyro_loss=checked,
         num_samples=k,
-        log_px=log_px,
-        log_px_stderr=log_px_stderr,
+        lk=lk,
+        lk_stderr=lk_stderr,
         elbo_mc=elbo_mc,
         elbo_mc_stderr=elbo_mc_stderr,
-        gap=log_px - elbo_mc,
-        gap_stderr=math.hypot(log_px_stderr, elbo_mc_stderr),
+        gap=lk - elbo_mc,
+        gap_stderr=math.hypot(lk_stderr, elbo_mc_stderr),
         ess=ess,
         **exact,
         estimator=ESTIMATORS[estimator].__name__,
@@ -329,7 +331,7 @@ def explain(
     return result
 
 
-def _bound_figure(path, run, x: torch.Tensor, log_w: torch.Tensor, log_px: torch.Tensor) -> None:
+def _bound_figure(path, run, x: torch.Tensor, log_w: torch.Tensor, lk: torch.Tensor) -> None:
     """Per-datum ELBO against L_K: the mean of the K log-weights (never above L_K), or the
     closed-form ELBO with the exact log p(x) for linear-Gaussian models."""
     from models.linear_gaussian import LinearGaussian
@@ -343,7 +345,7 @@ def _bound_figure(path, run, x: torch.Tensor, log_w: torch.Tensor, log_px: torch
         elbo, exact = run.module.exact_elbo(x).elbo, run.module.log_marginal(x)
     else:
         elbo, exact = log_w.mean(0), None
-    plot_bound(elbo, log_px, num_samples=log_w.shape[0], exact_log_px=exact, title=title, path=path)
+    plot_bound(elbo, lk, num_samples=log_w.shape[0], exact_log_px=exact, title=title, path=path)
 
 
 def _exact(module: torch.nn.Module, x: torch.Tensor) -> dict[str, float | None]:

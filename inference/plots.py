@@ -11,6 +11,7 @@ state and no display backend) and returns it; with ``path`` it also writes a PNG
 - :func:`plot_bound`: per-datum ELBO against the importance-weighted bound L_K (Burda et al. 2016);
   log p(x) >= L_K >= ELBO puts every point above the diagonal. With the exact log p(x)
   (linear-Gaussian models) the exact gap KL(q(z|x) || p(z|x)) = log p(x) - ELBO is drawn too.
+- :func:`plot_comparison`: ELBO and L_K of several guides (:func:`inference.compare.compare`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .io import atomic_write_bytes
 __all__ = [
     "pca_2d",
     "plot_bound",
+    "plot_comparison",
     "plot_latent_space",
     "plot_reconstructions",
     "plot_samples",
@@ -354,7 +356,7 @@ def _zoom_inset(ax, elbo: np.ndarray, ys: list[np.ndarray], lims: tuple[float, f
 
 def plot_bound(
     elbo: Any,
-    log_px_estimate: Any,
+    lk: Any,
     *,
     num_samples: int | None = None,
     exact_log_px: Any | None = None,
@@ -371,11 +373,12 @@ def plot_bound(
 
     Args:
         elbo: per-datum ELBO ``(N,)`` in nats.
-        log_px_estimate: per-datum L_K ``(N,)`` (e.g. ``EvidenceEstimate.per_datum``).
+        lk: per-datum L_K ``(N,)``, the K-sample importance-weighted bound (e.g.
+            ``EvidenceEstimate.per_datum``).
         num_samples: K, for the labels.
         exact_log_px: per-datum exact log p(x) ``(N,)``, when the model has one.
     """
-    elbo, lk = _numpy(elbo).reshape(-1), _numpy(log_px_estimate).reshape(-1)
+    elbo, lk = _numpy(elbo).reshape(-1), _numpy(lk).reshape(-1)
     if elbo.shape != lk.shape or elbo.size == 0:
         raise OptionError(
             f"plot_bound: elbo {tuple(elbo.shape)} and L_K {tuple(lk.shape)} must be equal, non-empty"
@@ -429,6 +432,35 @@ def plot_bound(
     return _finish(fig, path)
 
 
+def plot_comparison(comparison: Any, path: str | os.PathLike | None = None) -> Figure:
+    """ELBO and L_K per guide with ±2 standard-error bars (nats per datum).
+
+    ``comparison``: an :class:`inference.compare.Comparison` (typed loosely: ``compare`` imports
+    this module). ELBO <= L_K <= log p(x) holds for every guide that is not a point mass.
+    """
+    rows = comparison.rows
+    fig = Figure(figsize=(1.6 + 1.3 * len(rows), 3.6), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    xs = np.arange(len(rows))
+    for offset, key, label, marker in (
+        (-0.1, "elbo", "ELBO", "o"),
+        (0.1, "lk", f"L_K (K = {comparison.num_samples})", "s"),
+    ):
+        values = [getattr(r, key) for r in rows]
+        errors = [2 * getattr(r, f"{key}_stderr") for r in rows]
+        ax.errorbar(xs + offset, values, yerr=errors, fmt=marker, capsize=4, label=label)
+    ax.set_xticks(xs, [r.guide for r in rows])
+    ax.set_ylabel(comparison.units if len(comparison.units) < 30 else "nats")
+    title = f"{comparison.model or 'model'}: ELBO ≤ L_K ≤ log p(x), ±2 s.e."
+    points = [r.guide for r in rows if math.isnan(r.khat_share_bad)]  # k̂ undefined: point mass
+    if points:
+        title += f"\n({', '.join(points)}: point estimate, its values are not bounds)"
+    ax.set_title(title, fontsize="medium")
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
 # --- a run's figures ---------------------------------------------------------------------------
 
 
@@ -477,6 +509,6 @@ def write_training_figures(
             plot_samples(samples, data.image_shape, path=paths[-1])
         if data.image_shape is not None and hasattr(module, "encoder"):
             paths.append(run_dir / "latent.png")
-            z_loc = module.encoder(x)[0]
+            z_loc = module.encoder.distribution(x).mean  # the guide's means
             plot_latent_space(z_loc, labels, path=paths[-1])
     return paths

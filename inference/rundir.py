@@ -28,8 +28,9 @@ MARKER = ".elbo-lab-run"
 
 
 def is_run_directory(path: Path) -> bool:
-    """Whether ``path`` is a directory elbo-lab wrote (its marker, or a run's config.json)."""
-    if (path / MARKER).is_file():
+    """Whether ``path`` is a directory elbo-lab wrote (its marker, a run's config.json, or a
+    comparison's comparison.json)."""
+    if (path / MARKER).is_file() or (path / "comparison.json").is_file():
         return True
     try:
         return "train" in json.loads((path / "config.json").read_text())

@@ -48,7 +48,7 @@ from pyro.infer.elbo import ELBOModule
 
 from .elbo import EVAL_SEED, ElboDecomposition, decompose
 from .errors import OptionError, RunError
-from .evidence import iwae
+from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
 from .io import atomic_write_text, seeded, write_csv, write_json, write_jsonl
 
 __all__ = [
@@ -118,8 +118,8 @@ class WatchedFit(NamedTuple):
     """One SVI object (or ELBO module) at the end of the script, nats as ``svi.step`` reports them.
 
     ``decomposition`` is the guide after the last step on that step's arguments; ``pyro_loss``
-    Pyro's own estimator on the same draws (None where not an ELBO); ``log_px`` L_K with its
-    standard error, ``elbo_mc`` the ELBO of the same K draws, ``gap = log_px - elbo_mc``.
+    Pyro's own estimator on the same draws (None where not an ELBO); ``lk`` L_K with its
+    standard error, ``elbo_mc`` the ELBO of the same K draws, ``gap = lk - elbo_mc``.
     """
 
     name: str
@@ -129,14 +129,17 @@ class WatchedFit(NamedTuple):
     last_loss: float
     decomposition: ElboDecomposition | None
     pyro_loss: float | None
-    log_px: float | None
-    log_px_stderr: float | None
+    lk: float | None
+    lk_stderr: float | None
     elbo_mc: float | None
     elbo_mc_stderr: float | None
     num_samples: int
     seconds: float
     observe_seconds: float
     note: str
+
+    log_px = deprecated_alias("lk", "log_px")
+    log_px_stderr = deprecated_alias("lk_stderr", "log_px_stderr")
 
     def to_dict(self) -> dict[str, Any]:
         d = self._asdict()
@@ -425,7 +428,7 @@ class Watch:
 
     def _final(self, tracked: _Tracked) -> WatchedFit:
         d = pyro_value = None
-        log_px = log_px_stderr = elbo_mc = elbo_mc_stderr = None
+        lk = lk_stderr = elbo_mc = elbo_mc_stderr = None
         note = tracked.note
         if tracked.analytic_kl is not None and tracked.rows:
             d = _decomposition(tracked.rows[-1])
@@ -442,7 +445,7 @@ class Watch:
                 tracked.log_weights = est.log_weights
                 total = est.log_weights.sum(-1) if est.log_weights.dim() == 2 else est.log_weights
                 k = total.shape[0]
-                log_px, log_px_stderr = est.log_px, est.stderr
+                lk, lk_stderr = est.lk, est.stderr
                 elbo_mc = float(total.mean())
                 elbo_mc_stderr = float(total.std()) / math.sqrt(k) if k > 1 else math.nan
             except Exception as exc:
@@ -457,8 +460,8 @@ class Watch:
             last_loss=tracked.losses[-1] if tracked.losses else math.nan,
             decomposition=d,
             pyro_loss=pyro_value,
-            log_px=log_px,
-            log_px_stderr=log_px_stderr,
+            lk=lk,
+            lk_stderr=lk_stderr,
             elbo_mc=elbo_mc,
             elbo_mc_stderr=elbo_mc_stderr,
             num_samples=self.config.num_samples,
@@ -566,7 +569,7 @@ class Watch:
             )
 
     def _comparison(self) -> None:
-        from .compare import Comparison, ComparisonRow, psis_khat, write_comparison
+        from .compare import Comparison, ComparisonRow, write_comparison
 
         rows = []
         for fit, tracked in zip(self.fits, self._tracked.values(), strict=True):
@@ -576,7 +579,7 @@ class Watch:
             log_w = tracked.log_weights
             khat = psis_khat(log_w) if log_w is not None else float("nan")
             nan = float("nan")
-            gap = nan if fit.log_px is None else fit.log_px - fit.elbo_mc
+            gap = nan if fit.lk is None else fit.lk - fit.elbo_mc
             rows.append(
                 ComparisonRow(
                     guide=fit.name,
@@ -586,14 +589,14 @@ class Watch:
                     elbo_stderr=d.elbo_stderr,
                     reconstruction=d.reconstruction,
                     kl=d.kl,
-                    log_px=nan if fit.log_px is None else fit.log_px,
-                    log_px_stderr=nan if fit.log_px_stderr is None else fit.log_px_stderr,
+                    lk=nan if fit.lk is None else fit.lk,
+                    lk_stderr=nan if fit.lk_stderr is None else fit.lk_stderr,
                     gap=gap,
                     gap_stderr=nan
-                    if fit.log_px is None
-                    else math.hypot(fit.log_px_stderr, fit.elbo_mc_stderr),
+                    if fit.lk is None
+                    else math.hypot(fit.lk_stderr, fit.elbo_mc_stderr),
                     khat_median=float(torch.tensor(khat).median()) if log_w is not None else nan,
-                    khat_share_bad=float((torch.tensor(khat) > 0.7).double().mean())
+                    khat_share_bad=float((torch.tensor(khat) > KHAT_THRESHOLD).double().mean())
                     if log_w is not None
                     else nan,
                     ess_median=nan,
@@ -733,11 +736,11 @@ def _fit_report(fit: WatchedFit) -> list[str]:
         f"  svi.step() returned {fit.last_loss:.4f} at the last step: one draw of the loss "
         "(before that step's update)"
     )
-    if fit.log_px is not None:
-        gap = fit.log_px - fit.elbo_mc
-        gap_se = math.hypot(fit.log_px_stderr, fit.elbo_mc_stderr)
+    if fit.lk is not None:
+        gap = fit.lk - fit.elbo_mc
+        gap_se = math.hypot(fit.lk_stderr, fit.elbo_mc_stderr)
         lines += [
-            f"  log p(x) >= L_{fit.num_samples} = {fit.log_px:.4f} ± {fit.log_px_stderr:.4f}; "
+            f"  log p(x) >= L_{fit.num_samples} = {fit.lk:.4f} ± {fit.lk_stderr:.4f}; "
             f"ELBO from the same draws = {fit.elbo_mc:.4f} ± {fit.elbo_mc_stderr:.4f}",
             f"  gap L_K - ELBO = {gap:.4f} ± {gap_se:.4f} >= 0, read as KL(q(z|x) || p(z|x)) "
             "(a lower bound on it)"

@@ -10,13 +10,11 @@ from .structure import has_static_structure as has_static_structure
 from .structure import static_structure as static_structure
 from .vae import VAE as VAE
 from .vae import Decoder as Decoder
-from .vae import Encoder as Encoder
 
 __all__ = [
     "VAE",
     "Decoder",
     "DiagonalNormalGuide",
-    "Encoder",
     "FlowGuide",
     "FullNormalGuide",
     "LinearGaussian",

@@ -35,7 +35,6 @@ from torch import nn
 
 from .plate import data_plate
 from .structure import static_structure as declare_static
-from .vae import mlp
 
 __all__ = [
     "AUTOGUIDES",
@@ -47,6 +46,7 @@ __all__ = [
     "data_plate",
     "make_autoguide",
     "make_guide",
+    "mlp",
 ]
 
 #: Pyro's autoguides for models with global latents, by name.
@@ -59,6 +59,16 @@ AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
     "AutoIAFNormal": autoguide.AutoIAFNormal,
     "AutoLaplaceApproximation": autoguide.AutoLaplaceApproximation,
 }
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers of the given sizes with softplus between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.Softplus())
+    return nn.Sequential(*layers)
 
 
 class AmortizedGuide(nn.Module):
@@ -109,6 +119,12 @@ class AmortizedGuide(nn.Module):
         """h(x) ``(B, H)``: the encoder's last hidden layer (x itself for a linear encoder)."""
         return self.act(self.body(x))
 
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``(B, D)`` -> (m(x), s(x)) ``(B, L)`` each, s = exp(log-scale head): the location and
+        scale of the diagonal Normal every family starts from."""
+        h = self.features(x)
+        return self.loc(h), torch.exp(self.log_scale(h))
+
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x), batch shape ``(B,)``, event shape ``(L,)``."""
         raise NotImplementedError
@@ -130,8 +146,8 @@ class DiagonalNormalGuide(AmortizedGuide):
     family = "diag"
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
-        h = self.features(x)
-        return dist.Normal(self.loc(h), torch.exp(self.log_scale(h))).to_event(1)
+        z_loc, z_scale = self.encode(x)
+        return dist.Normal(z_loc, z_scale).to_event(1)
 
 
 class FullNormalGuide(AmortizedGuide):

@@ -4,7 +4,8 @@ Generative model, for each image x_n in a plate over the data set:
 
     z_n ~ N(0, I_L),            x_n | z_n ~ Bernoulli(logits = decoder(z_n))
 
-Guide (amortized, mean-field):  q(z_n | x_n) = N(z_loc(x_n), diag(z_scale(x_n)^2)).
+Guide (amortized, mean-field):  q(z_n | x_n) = N(z_loc(x_n), diag(z_scale(x_n)^2)), the
+``diag`` family of :mod:`models.guides` (:class:`~models.guides.DiagonalNormalGuide`).
 
 ``model(x)`` and ``guide(x)`` share the signature and the site names ``"z"`` and ``"x"``. With
 ``num_data`` the plate is subsampled, so a mini-batch of B images is scaled by N / B and the ELBO
@@ -22,36 +23,11 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .guides import DiagonalNormalGuide, mlp
 from .plate import data_plate
 from .structure import static_structure
 
-__all__ = ["VAE", "Decoder", "Encoder", "mlp"]
-
-
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers of the given sizes with softplus between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.Softplus())
-    return nn.Sequential(*layers)
-
-
-class Encoder(nn.Module):
-    """x ``(B, D)`` -> (z_loc ``(B, L)``, z_scale ``(B, L)``), z_scale = exp(log-scale head)."""
-
-    def __init__(self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int]):
-        super().__init__()
-        self.body = mlp([data_dim, *hidden_dims])
-        self.act = nn.Softplus() if hidden_dims else nn.Identity()
-        width = hidden_dims[-1] if hidden_dims else data_dim
-        self.loc = nn.Linear(width, latent_dim)
-        self.log_scale = nn.Linear(width, latent_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.act(self.body(x))
-        return self.loc(h), torch.exp(self.log_scale(h))
+__all__ = ["VAE", "Decoder"]
 
 
 class Decoder(nn.Module):
@@ -68,6 +44,9 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """Bernoulli VAE with a diagonal-Normal amortized guide.
 
+    ``encoder`` is that guide, a :class:`~models.guides.DiagonalNormalGuide` registered as
+    ``"encoder"`` (``encoder.encode(x)`` gives z_loc, z_scale); ``decoder`` maps z to logits.
+
     Args:
         data_dim: D, pixels per image.
         latent_dim: L.
@@ -78,7 +57,9 @@ class VAE(nn.Module):
         super().__init__()
         self.data_dim, self.latent_dim = int(data_dim), int(latent_dim)
         self.hidden_dims = tuple(int(h) for h in hidden_dims)
-        self.encoder = Encoder(self.data_dim, self.latent_dim, self.hidden_dims)
+        self.encoder = DiagonalNormalGuide(
+            self.data_dim, self.latent_dim, self.hidden_dims, name="encoder"
+        )
         self.decoder = Decoder(self.data_dim, self.latent_dim, self.hidden_dims)
 
     @static_structure
@@ -96,15 +77,12 @@ class VAE(nn.Module):
     @static_structure
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """q(z | x) = N(z; z_loc(x), diag z_scale(x)^2). ``x``: ``(B, D)``; returns z ``(B, L)``."""
-        pyro.module("encoder", self.encoder)
-        with data_plate(x, num_data):
-            z_loc, z_scale = self.encoder(x)
-            return pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+        return self.encoder.guide(x, num_data)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Bernoulli means sigmoid(decoder(z_loc(x))) at the guide's mean, ``(B, D)``."""
-        z_loc, _ = self.encoder(x)
+        z_loc, _ = self.encoder.encode(x)
         return torch.sigmoid(self.decoder(z_loc))
 
     @torch.no_grad()

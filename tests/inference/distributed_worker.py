@@ -52,7 +52,7 @@ def shared_noise_pair(vae: VAE):
         pyro.module("encoder", vae.encoder)
         pixels, eps = x[:, :DATA_DIM], x[:, DATA_DIM:]
         with data_plate(x, num_data):
-            z_loc, z_scale = vae.encoder(pixels)
+            z_loc, z_scale = vae.encoder.encode(pixels)
             log_density = dist.Normal(0.0, 1.0).log_prob(eps).sum(-1)
             base = dist.Delta(eps, log_density=log_density, event_dim=1)
             q = dist.TransformedDistribution(base, [AffineTransform(z_loc, z_scale, event_dim=1)])

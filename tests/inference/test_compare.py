@@ -102,7 +102,7 @@ def test_full_rank_elbo_reaches_the_log_evidence(regression_comparison):
     assert (row.guide, row.split, n) == ("AutoMultivariateNormal", "train", 10)
     # ELBO <= log p(y), closely; L_K within 5 standard errors of log p(y)
     assert -0.05 - 5 * row.elbo_stderr * n < row.elbo * n - log_evidence < 5 * row.elbo_stderr * n
-    assert abs(row.log_px * n - log_evidence) < 5 * row.log_px_stderr * n + 1e-3
+    assert abs(row.lk * n - log_evidence) < 5 * row.lk_stderr * n + 1e-3
     assert row.khat_median < 0.5
 
 
@@ -138,7 +138,7 @@ def test_written_tables_and_figure(regression_comparison):
     assert record["units"] == "nats per datum" and record["num_samples"] == 1000
     assert [r["guide"] for r in record["rows"]] == ["AutoNormal", "AutoMultivariateNormal"]
     header = paths["csv"].read_text().splitlines()[0].split(",")
-    assert {"elbo", "log_px", "gap", "khat_median", "khat_share_bad", "seconds"} <= set(header)
+    assert {"elbo", "lk", "gap", "khat_median", "khat_share_bad", "seconds"} <= set(header)
     assert "| AutoNormal |" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -190,3 +190,53 @@ def test_a_failing_guide_is_a_failed_row_and_the_others_are_kept():
     table = format_table(comparison)
     assert "| broken | failed |" in table and "broken: training failed: " in table
     json.dumps(comparison.to_dict(), allow_nan=False)  # JSON proper: NaN is null
+
+
+USER_MODEL = """
+import pyro, pyro.distributions as dist, torch
+
+def model(data):
+    X, y = data[:, :-1], data[:, -1]
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((w * X).sum(-1), 1.0), obs=y)
+"""
+
+
+def test_cli_compare_replaces_its_run_directory_only_once_done(tmp_path, capsys, monkeypatch):
+    """The command line builds the configs, calls compare and owns --run-dir as train does
+    (inference.rundir): --force writes beside the old comparison and renames it into place, so
+    a comparison that fails on the way leaves the old one whole and nothing beside it."""
+    import importlib
+
+    from inference.cli import main
+
+    compare_module = importlib.import_module("inference.compare")  # inference.compare: the function
+
+    (tmp_path / "m.py").write_text(USER_MODEL)
+    np.save(tmp_path / "data.npy", regression_data(n=12).numpy().astype(np.float32))
+    out = tmp_path / "runs" / "cmp"
+    argv = [
+        "compare",
+        "--model",
+        f"{tmp_path / 'm.py'}:model",
+        "--data",
+        str(tmp_path / "data.npy"),
+    ]
+    argv += ["--guides", "AutoNormal", "--epochs", "2", "--num-samples", "8"]
+    argv += ["--eval-particles", "2", "--num-draws", "8", "--run-dir", str(out)]
+
+    def seed_of_the_comparison():
+        return json.loads((out / "comparison.json").read_text())["train"]["seed"]
+
+    assert main(argv) == 0 and seed_of_the_comparison() == 0
+    assert main(argv + ["--force", "--seed", "1"]) == 0 and seed_of_the_comparison() == 1
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "comparison.csv"))
+
+    monkeypatch.setattr(compare_module, "write_comparison", broken)
+    assert main(argv + ["--force", "--seed", "2"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert seed_of_the_comparison() == 1 and (out / "posterior_AutoNormal.nc").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cmp"]  # no temporary siblings

@@ -83,7 +83,7 @@ def test_mixture_all_enumerated_is_exact(model):
         -exact, abs=1e-4
     )
     estimate = iwae(model, empty_guide, data, num_samples=16)
-    assert estimate.log_px == pytest.approx(exact, abs=1e-4)  # every weight is p(x)
+    assert estimate.lk == pytest.approx(exact, abs=1e-4)  # every weight is p(x)
     assert exact_evidence(model, empty_guide, data) == pytest.approx(
         {"exact_log_px": exact, "exact_elbo": exact, "exact_gap": 0.0}, abs=1e-4
     )
@@ -165,8 +165,8 @@ def test_mixture_bounds_with_continuous_latent(model, vectorized, caplog):
     # the tutorial's locs[assignment] does not broadcast over particles: one draw at a time
     estimate = iwae(model, guide, data, num_samples=200)
     assert ("does not vectorize" in caplog.text) is not vectorized
-    assert d.elbo <= estimate.log_px + 5 * math.hypot(d.elbo_stderr, estimate.stderr)
-    assert estimate.log_px <= exact + 5 * estimate.stderr
+    assert d.elbo <= estimate.lk + 5 * math.hypot(d.elbo_stderr, estimate.stderr)
+    assert estimate.lk <= exact + 5 * estimate.stderr
     # L_K marginalizes the assignments: its draws average to the same ELBO
     mean_log_w = float(estimate.log_weights.mean())
     se = float(estimate.log_weights.std()) / math.sqrt(200)
@@ -246,7 +246,7 @@ def test_hmm_exact_evidence_is_the_forward_algorithm():
     assert d.sites[0].name == "x_0+...+x_14 (15 sites)"
     loss = TraceEnum_ELBO(max_plate_nesting=1).loss(hmm, empty_guide, sequences)
     assert loss == pytest.approx(-exact, abs=1e-3)
-    assert iwae(hmm, empty_guide, sequences, num_samples=4).log_px == pytest.approx(exact, abs=1e-3)
+    assert iwae(hmm, empty_guide, sequences, num_samples=4).lk == pytest.approx(exact, abs=1e-3)
 
 
 def test_subsampled_enumeration_scales_as_trace_enum():

@@ -5,14 +5,23 @@ conjugate Bayesian linear regression (a global latent), where log p(x) and p(z |
 """
 
 import math
+import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
 from inference.errors import OptionError
-from inference.evidence import PARTICLE_PLATE, iwae, log_weights
+from inference.evidence import (
+    KHAT_THRESHOLD,
+    PARTICLE_PLATE,
+    effective_sample_size,
+    iwae,
+    log_weights,
+    psis_khat,
+)
 from models.linear_gaussian import LinearGaussian
 from models.vae import VAE
 
@@ -110,7 +119,7 @@ def test_exact_posterior_weights_equal_log_evidence(float64, noise):
     assert est.log_weights.shape == (64, 20)
     torch.testing.assert_close(est.log_weights, exact.expand(64, 20), rtol=0, atol=1e-8)
     torch.testing.assert_close(est.per_datum, exact, rtol=0, atol=1e-8)
-    assert est.log_px == pytest.approx(float(exact.sum()), abs=1e-8)
+    assert est.lk == pytest.approx(float(exact.sum()), abs=1e-8)
     torch.testing.assert_close(est.ess, torch.full((20,), 64.0, dtype=torch.float64))
     assert est.stderr < 1e-6
     assert est.num_samples == 64
@@ -127,7 +136,7 @@ def test_exact_posterior_global_latent(float64, vectorizable):
     torch.testing.assert_close(
         est.log_weights, torch.full((30,), blr.log_evidence(), dtype=torch.float64)
     )
-    assert est.log_px == pytest.approx(blr.log_evidence(), abs=1e-8)
+    assert est.lk == pytest.approx(blr.log_evidence(), abs=1e-8)
 
 
 def test_subsampling_scale_is_removed_from_per_datum_weights(float64):
@@ -172,7 +181,7 @@ def test_lk_is_non_decreasing_in_k_and_above_the_elbo(float64):
     exact_log_px = float(module.log_marginal(x).sum())
     assert abs(means[0] - exact_elbo) < 5 * stderrs[0]
     assert means[-1] < exact_log_px + 5 * stderrs[-1]
-    assert iwae(module.model, module.guide, x, num_samples=100).log_px > exact_elbo
+    assert iwae(module.model, module.guide, x, num_samples=100).lk > exact_elbo
 
 
 @pytest.mark.parametrize("noise", ["isotropic", "diagonal"], ids=["ppca", "fa"])
@@ -182,15 +191,15 @@ def test_lk_converges_to_exact_log_evidence(float64, noise):
     near_posterior_guide(module, x)
     exact_log_px = float(module.log_marginal(x).sum())
     est = iwae(module.model, module.guide, x, num_samples=5000)
-    assert abs(est.log_px - exact_log_px) < 5 * est.stderr
-    assert est.log_px - float(module.exact_elbo(x).elbo.sum()) > 5 * est.stderr  # L_K > ELBO
+    assert abs(est.lk - exact_log_px) < 5 * est.stderr
+    assert est.lk - float(module.exact_elbo(x).elbo.sum()) > 5 * est.stderr  # L_K > ELBO
 
 
 def test_global_lk_converges_to_exact_log_evidence(float64):
     blr = BayesianLinearRegression(shift=0.1, inflate=1.2)
     est = iwae(blr.model, blr.guide, num_samples=5000)
-    assert abs(est.log_px - blr.log_evidence()) < 5 * est.stderr
-    assert est.log_px > blr.elbo()
+    assert abs(est.lk - blr.log_evidence()) < 5 * est.stderr
+    assert est.lk > blr.elbo()
 
 
 def test_vae_lk_above_elbo_and_per_datum():
@@ -200,9 +209,9 @@ def test_vae_lk_above_elbo_and_per_datum():
     est = iwae(vae.model, vae.guide, x, num_samples=200)
     assert est.log_weights.shape == (200, 12) and est.per_datum.shape == (12,)
     assert est.ess.shape == (12,) and bool(((est.ess >= 1) & (est.ess <= 200)).all())
-    assert est.log_px == pytest.approx(float(est.per_datum.sum()))
+    assert est.lk == pytest.approx(float(est.per_datum.sum()))
     assert bool((est.per_datum >= est.log_weights.mean(0)).all())  # Jensen, draw by draw
-    assert est.log_px > float(est.log_weights.sum(-1).mean()) + 5 * est.stderr
+    assert est.lk > float(est.log_weights.sum(-1).mean()) + 5 * est.stderr
 
 
 # --- chunking and errors ------------------------------------------------------------------------
@@ -244,7 +253,7 @@ def test_global_and_local_latents_give_whole_data_weights(float64):
 
     est = iwae(model, guide, x, num_samples=50, chunk_size=20)
     assert est.log_weights.shape == (50,) and est.per_datum is None
-    assert math.isfinite(est.log_px) and est.stderr > 0
+    assert math.isfinite(est.lk) and est.stderr > 0
 
 
 def test_errors_are_one_line_option_errors(float64):
@@ -305,3 +314,53 @@ def test_only_declared_static_pairs_are_compiled_by_default(float64):
     assert traced.compilations == 1  # chunks of 4, 4, then 2 run eagerly: one graph
     log_weights(module.model, module.guide, x, num_samples=10, chunk_size=4)
     assert traced.compilations == 1  # graphs are kept for the pair
+
+
+# --- diagnostics of the log-weights: ESS and PSIS k̂ -----------------------------------------------
+
+
+def test_effective_sample_size_closed_forms(float64):
+    """ESS = (sum w)^2 / sum w^2: K for equal weights, 1 for one weight, (1 + a)^2 / (1 + a^2)
+    for the pair (1, a); per column for (K, N) log-weights."""
+    a = 3.0
+    log_w = torch.stack(
+        [
+            torch.zeros(5),  # five equal weights
+            torch.tensor([0.0, -math.inf, -math.inf, -math.inf, -math.inf]),  # one weight
+            torch.tensor([0.0, math.log(a), -math.inf, -math.inf, -math.inf]),  # the pair (1, a)
+        ],
+        dim=1,
+    )  # (K = 5, N = 3)
+    expected = torch.tensor([5.0, 1.0, (1 + a) ** 2 / (1 + a**2)])
+    torch.testing.assert_close(effective_sample_size(log_w), expected)
+    torch.testing.assert_close(
+        effective_sample_size(log_w[:, 2] + 700.0), expected[2]
+    )  # no overflow
+
+
+def test_iwae_reports_the_effective_sample_size_of_its_weights(float64):
+    module, x = linear_gaussian("isotropic")
+    est = iwae(module.model, module.guide, x, num_samples=64)
+    torch.testing.assert_close(est.ess, effective_sample_size(est.log_weights))
+
+
+@pytest.mark.parametrize("alpha", [5.0, 0.8], ids=["light-tail-k0.2", "heavy-tail-k1.25"])
+def test_psis_khat_recovers_the_pareto_tail_of_the_weights(alpha):
+    """Weights w ~ Pareto(1, alpha) have tail index k = 1 / alpha; log w ~ Exponential(alpha)."""
+    g = torch.Generator().manual_seed(0)
+    log_w = torch.empty(4000, 3, dtype=torch.float64).exponential_(alpha, generator=g)
+    khat = psis_khat(log_w)
+    assert khat.shape == (3,)
+    assert np.abs(khat - 1 / alpha).max() < 0.25, khat
+    assert ((khat > KHAT_THRESHOLD) == (1 / alpha > KHAT_THRESHOLD)).all()
+    assert psis_khat(log_w[:, 0]).shape == ()  # (K,) global weights: one k̂
+
+
+def test_log_px_is_a_deprecated_name_of_the_bound(float64):
+    module, x = linear_gaussian("isotropic")
+    est = iwae(module.model, module.guide, x, num_samples=8)
+    with pytest.warns(DeprecationWarning, match="use .lk"):
+        assert est.log_px == est.lk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "log_px" not in est._asdict() and est.lk == est._asdict()["lk"]

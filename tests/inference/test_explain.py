@@ -43,9 +43,9 @@ def test_vae_explanation_orders_elbo_below_lk(vae_run):
     assert e.elbo == pytest.approx(e.reconstruction - e.kl)
     assert e.pyro_loss == pytest.approx(e.loss, rel=1e-5)
     assert e.kl > 0 and e.reconstruction < 0
-    assert e.log_px >= e.elbo_mc and e.gap > 0
+    assert e.lk >= e.elbo_mc and e.gap > 0
     assert e.gap > 5 * e.gap_stderr
-    assert e.log_px > e.elbo  # the evaluate() ELBO too
+    assert e.lk > e.elbo  # the evaluate() ELBO too
     assert abs(e.elbo_mc - e.elbo) < 5 * math.hypot(e.elbo_mc_stderr, 0.05)
     assert 1 <= e.ess <= 200
     assert e.exact_log_px is None and e.exact_gap is None
@@ -57,7 +57,7 @@ def test_vae_explanation_orders_elbo_below_lk(vae_run):
 def test_ppca_explanation_has_exact_evidence(ppca_run):
     """For pPCA, L_K is within 5 stderr of the exact log p(x), and gap = log p(x) - ELBO."""
     e = explain(ppca_run, num_samples=500)
-    assert abs(e.log_px - e.exact_log_px) < 5 * e.log_px_stderr + 1e-6
+    assert abs(e.lk - e.exact_log_px) < 5 * e.lk_stderr + 1e-6
     assert e.exact_gap == pytest.approx(e.exact_log_px - e.exact_elbo, abs=1e-8)
     assert e.exact_gap >= 0 and e.gap <= e.exact_gap + 5 * e.gap_stderr
     assert abs(e.elbo_mc - e.exact_elbo) < 5 * e.elbo_mc_stderr

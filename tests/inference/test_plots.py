@@ -10,6 +10,7 @@ from inference.errors import OptionError
 from inference.plots import (
     pca_2d,
     plot_bound,
+    plot_comparison,
     plot_latent_space,
     plot_reconstructions,
     plot_samples,
@@ -143,6 +144,34 @@ def test_bound_picture_with_exact_evidence(tmp_path, no_pyplot_leak):
 def test_bound_picture_shapes_must_agree():
     with pytest.raises(OptionError, match="must be equal"):
         plot_bound(np.zeros(3), np.zeros(4))
+
+
+def test_comparison_figure_puts_elbo_and_lk_with_two_standard_errors(tmp_path, no_pyplot_leak):
+    import math
+
+    from inference.compare import Comparison, ComparisonRow
+
+    def row(guide, elbo, lk, share_bad):
+        return ComparisonRow(
+            guide=guide, split="test", n=10, elbo=elbo, elbo_stderr=0.1, reconstruction=elbo,
+            kl=0.0, lk=lk, lk_stderr=0.05, gap=lk - elbo, gap_stderr=0.11, khat_median=0.3,
+            khat_share_bad=share_bad, ess_median=50.0, seconds=1.0, num_params=4, note="",
+        )  # fmt: skip
+
+    rows = (row("diag", -25.0, -24.5, 0.0), row("AutoDelta", -20.0, -21.0, math.nan))
+    comparison = Comparison(rows, num_samples=100, train={}, model="vae")
+    path = tmp_path / "comparison.png"
+    fig = plot_comparison(comparison, path)
+    assert_png(path, min_bytes=1_000)
+    (ax,) = fig.axes
+    elbo, lk = ax.containers  # errorbar containers, in the order drawn
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ELBO", "L_K (K = 100)"]
+    for container, values, stderr in ((elbo, [-25.0, -20.0], 0.1), (lk, [-24.5, -21.0], 0.05)):
+        np.testing.assert_allclose(np.asarray(container.lines[0].get_ydata(), float), values)
+        for segment, value in zip(container.lines[2][0].get_segments(), values, strict=True):
+            np.testing.assert_allclose(segment[:, 1], [value - 2 * stderr, value + 2 * stderr])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["diag", "AutoDelta"]
+    assert "AutoDelta: point estimate" in ax.get_title()
 
 
 def test_save_figure_is_atomic_png(tmp_path):

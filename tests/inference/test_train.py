@@ -148,7 +148,7 @@ def _plain_elbo(vae, x, batch_size):
         torch.manual_seed(EVAL_SEED)
         for start in range(0, x.shape[0], batch_size):
             xb = x[start : start + batch_size]
-            z_loc, z_scale = vae.encoder(xb)
+            z_loc, z_scale = vae.encoder.encode(xb)
             z = z_loc + z_scale * torch.randn_like(z_loc)  # reparameterized draw, as rsample
             log_p_x_given_z = -F.binary_cross_entropy_with_logits(
                 vae.decoder(z), xb, reduction="sum"

@@ -75,7 +75,7 @@ def test_coin_explain_agrees_with_the_closed_form_evidence(coin_run, capsys):
     e = json.loads(out)
     n, exact = e["n"], coin_log_evidence()
     assert e["latents"] == "global" and e["guide"].endswith("coin.py:guide")
-    assert abs(e["log_px"] * n - exact) < 5 * e["log_px_stderr"] * n + 1e-3
+    assert abs(e["lk"] * n - exact) < 5 * e["lk_stderr"] * n + 1e-3
     assert 0 <= e["gap"] * n < 0.05  # the gap goes to ~0 at the optimum
     assert e["bounds"]["ok"] and not e["warnings"]
 
@@ -93,7 +93,7 @@ def test_coin_compare_mixes_a_hand_written_guide_and_autoguides(tmp_path, capsys
     # compare trains every guide with Trace_ELBO unless --estimator says otherwise
     assert {r["estimator"] for r in rows.values()} == {"Trace_ELBO"}
     for row in rows.values():
-        assert row["bounds_ok"] and row["log_px"] * row["n"] <= coin_log_evidence() + 0.05
+        assert row["bounds_ok"] and row["lk"] * row["n"] <= coin_log_evidence() + 0.05
 
 
 # --- (b) Bayesian regression model(X, y) -------------------------------------------------------
@@ -143,7 +143,7 @@ def test_regression_of_X_and_y_against_the_exact_evidence(
     n, exact = e["n"], regression_log_evidence(X, y)
     assert n == 30 and e["bounds"]["ok"]
     assert e["elbo"] * n <= exact + 5 * e["elbo_stderr"] * n
-    assert abs(e["log_px"] * n - exact) < 5 * e["log_px_stderr"] * n + 0.02
+    assert abs(e["lk"] * n - exact) < 5 * e["lk_stderr"] * n + 0.02
     if guide == "AutoMultivariateNormal":  # contains the Gaussian posterior: the gap closes
         assert exact - e["elbo"] * n < 0.1
 
@@ -170,7 +170,7 @@ def test_enumerated_mixture_has_an_exact_evidence(tmp_path, capsys):
     code, out = _run(["explain", str(run_dir), "--json", "--num-samples", "50"], capsys)
     assert code == 0
     e = json.loads(out)
-    assert e["exact_log_px"] == pytest.approx(e["log_px"], abs=1e-5)
+    assert e["exact_log_px"] == pytest.approx(e["lk"], abs=1e-5)
     assert e["exact_gap"] == pytest.approx(0.0, abs=1e-6) and e["objective"]["ok"]
     # the exact value by hand: sum_n logsumexp_k (log w_k + log N(x_n; mu_k, s))
     import pyro
@@ -272,7 +272,7 @@ def test_eight_schools_compares_a_hand_written_guide_with_autoguides(tmp_path, c
     # tau is positive: the autoguides' Deltas carry a log-Jacobian, so Trace_ELBO is chosen
     assert rows["AutoNormal"]["estimator"] == "Trace_ELBO"
     # the same exact log p(y) bounds them all: L_K agree within their errors and the gaps
-    lks = [r["log_px"] for r in rows.values()]
+    lks = [r["lk"] for r in rows.values()]
     assert max(lks) - min(lks) < 0.1
 
 

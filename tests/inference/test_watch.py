@@ -235,7 +235,7 @@ def test_explain_rebuilds_a_guarded_script_and_declines_an_unguarded_one(tmp_pat
     exact = float(
         dist.MultivariateNormal(torch.zeros(30, dtype=torch.float64), cov).log_prob(x.double())
     )
-    assert fit.log_px == pytest.approx(exact, abs=0.05)
+    assert fit.lk == pytest.approx(exact, abs=0.05)
     assert main(["explain", str(run_dir)]) == 0
     assert "L_1000" in capsys.readouterr().out
     assert main(["explain", "--json", str(run_dir)]) == 0

@@ -16,7 +16,7 @@ def _data(n=17, d=12, seed=3):
 
 def _plain_loss(vae, x, num_data, analytic_kl):
     """-ELBO written by hand: BCE-with-logits(sum) + KL, scaled by N / B."""
-    z_loc, z_scale = vae.encoder(x)
+    z_loc, z_scale = vae.encoder.encode(x)
     q = torch.distributions.Normal(z_loc, z_scale)
     z = q.rsample()  # the same standard-normal draw Pyro's Normal.rsample makes
     bce = F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")

@@ -48,6 +48,7 @@ from .errors import NumericalError, OptionError
 from .evidence import iwae
 from .io import atomic_write_text, write_csv, write_json
 from .plots import save_figure
+from .subsample import decompose_all_rows
 from .train import ESTIMATORS, EVAL_SEED, TrainConfig, config_record, fit, seeded
 
 if TYPE_CHECKING:
@@ -285,7 +286,8 @@ def _evaluate(
     with seeded(EVAL_SEED):
         for start in range(0, n, step):
             part = ModelArgs((call.args[0][start : start + step],), {}) if batched else call
-            d = decompose(
+            # one call of the model's own arguments: a self-subsampling plate, all its rows
+            d = (decompose if batched else decompose_all_rows)(
                 model,
                 guide,
                 *part.args,

@@ -41,6 +41,7 @@ from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
 from .io import MetricsLog, load_checkpoint, save_checkpoint, write_json
+from .subsample import decompose_all_rows, full_data_pairs
 
 __all__ = [
     "ESTIMATORS",
@@ -353,7 +354,8 @@ def evaluate(
     """
     batching = batching if batching is not None else default_batching(model)
     n = num_rows(model, args, kwargs, batching)
-    step = n if batch_size is None or batching is None else batch_size
+    whole = batch_size is None or batching is None or not batching.args  # nothing to cut
+    step = n if whole else batch_size
     device = _device(args, kwargs)
     recon = kl = variance = 0.0
     with seeded(seed):
@@ -363,7 +365,8 @@ def evaluate(
             else:
                 rows = torch.arange(start, min(start + step, n), device=device)
                 call = take(model, args, kwargs, batching, rows, None)
-            d = decompose(
+            # undeclared batching: a plate that subsamples itself is run over all its rows
+            d = (decompose if batching is not None else decompose_all_rows)(
                 model,
                 guide,
                 *call.args,
@@ -394,7 +397,8 @@ def pyro_loss(
     for the same estimator's KL terms."""
     batching = batching if batching is not None else default_batching(model)
     n = num_rows(model, args, kwargs, batching)
-    step = n if batch_size is None or batching is None else batch_size
+    whole = batch_size is None or batching is None or not batching.args  # nothing to cut
+    step = n if whole else batch_size
     device = _device(args, kwargs)
     elbo_estimator = make_elbo(estimator, num_particles)
     total = 0.0
@@ -405,7 +409,11 @@ def pyro_loss(
             else:
                 rows = torch.arange(start, min(start + step, n), device=device)
                 call = take(model, args, kwargs, batching, rows, None)
-            total += elbo_estimator.loss(model, guide, *call.args, **call.kwargs)
+            pairs = [(model, guide)]
+            if batching is None:  # a plate that subsamples itself: all its rows, in chunks
+                pairs = full_data_pairs(model, guide, call.args, call.kwargs)
+            for m, g in pairs:
+                total += elbo_estimator.loss(m, g, *call.args, **call.kwargs)
     return total / n
 
 

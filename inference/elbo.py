@@ -178,6 +178,12 @@ def meanfield_violations(model: Callable, guide: Callable, *args, **kwargs) -> l
         for name, s in guide_trace.nodes.items()
     )
     violations = []
+    for name, site in guide_trace.nodes.items():  # Pyro's check_fully_reparametrized
+        if site["type"] == "sample" and not getattr(site["fn"], "has_rsample", True):
+            violations.append(
+                f"site {name!r}: the guide's {type(site['fn']).__name__} is not "
+                "reparameterized, which TraceMeanField_ELBO needs at every guide site"
+            )
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or name not in guide_trace.nodes:
             continue

@@ -37,7 +37,12 @@ from tqdm.auto import tqdm
 from .batching import Batching, ModelArgs, default_batching, num_rows, slicer, take
 from .distributed import World, current_world
 from .elbo import decompose, meanfield_violations
-from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
+from .enumeration import (
+    TraceEnum_ELBO,
+    enumeration,
+    has_enumerated_sites,
+    refuse_guide_enumeration,
+)
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
 from .io import MetricsLog, load_checkpoint, save_checkpoint, write_json
@@ -547,6 +552,7 @@ def init(
     """
     dtype = _floating_dtype(args, kwargs)
     with default_dtype(dtype):  # a lazily built guide's parameters at the data's dtype
+        refuse_guide_enumeration(guide, *args, **kwargs)  # in one line, whatever the estimator
         if isinstance(config.estimator, ELBO):  # the user's own ELBO object, as given
             estimator, elbo = estimator_name(config.estimator), config.estimator
         else:

@@ -369,3 +369,11 @@ def test_trace_elbo_on_an_enumerated_model_is_refused_in_one_line(tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only TraceEnum_ELBO sums out" in err[0]
+
+
+def test_a_guide_that_enumerates_is_refused_in_one_line(tmp_path, capsys):
+    argv = ["train", "--model", f"{MIXTURE}:model", "--guide", f"{MIXTURE}:enumerated_guide"]
+    argv += ["--data", f"{MIXTURE}:data", "--epochs", "2", "--run-dir", str(tmp_path / "g")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "site 'assignment' is enumerated in the guide" in err[0]

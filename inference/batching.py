@@ -43,6 +43,9 @@ class Batching:
     Attributes:
         args: names of the model's parameters whose values are indexed along dim 0 (tensors,
             or lists/tuples of per-row values); every one must have the same number of rows.
+            Empty for a model whose plate picks its rows itself, ``pyro.plate("data", len(x),
+            subsample=ind)`` with ``obs=x[ind]`` (SVI Part II): its arguments stay whole, only
+            ``subsample`` receives the batch's rows, and N is the first argument's rows.
         size: the keyword that receives N, the number of rows of the whole data set, or None
             when the model's plate needs no size (it is then given the subsample instead).
         subsample: the keyword that receives the batch's row indices (``pyro.plate(...,
@@ -57,8 +60,11 @@ class Batching:
         if isinstance(self.args, str):
             object.__setattr__(self, "args", (self.args,))
         object.__setattr__(self, "args", tuple(self.args))
-        if not self.args:
-            raise ValueError("batching: name at least one batched argument")
+        if not self.args and self.subsample is None:
+            raise ValueError(
+                "batching: name at least one batched argument, or the subsample keyword of a "
+                "plate that picks its rows from whole arguments (pyro.plate(..., subsample=ind))"
+            )
         if self.size is None and self.subsample is None:
             raise ValueError(
                 "batching: the model must learn of the subsampling, through a size keyword "
@@ -139,7 +145,7 @@ def _length(value: Any) -> int:
 def num_rows(model: Callable, args: Sequence, kwargs: Mapping, batching: Batching | None) -> int:
     """N: the rows of the batched arguments (all equal), else of the first argument that has
     rows (a tensor's dim 0, a list's length), else 1. Per-datum values are totals / N."""
-    if batching is not None:
+    if batching is not None and batching.args:
         bound = _bind(model, args, kwargs).arguments
         sizes = {}
         for name in batching.args:
@@ -240,7 +246,8 @@ def chunks(
     plate (:func:`take` with no size keyword), as evaluation needs; with ``size=None`` or no
     ``batching`` one call with the arguments as given."""
     n = num_rows(model, args, kwargs, batching)
-    step = n if size is None or batching is None else size
+    whole = size is None or batching is None or not batching.args  # nothing to cut
+    step = n if whole else size
     device = device_of(args, kwargs)
     for start in range(0, n, step):
         if step == n:

@@ -39,7 +39,7 @@ from torch import nn
 from .batching import ModelArgs, num_rows, takes_num_data
 from .bounds import check_bounds, is_point_estimate
 from .data import Dataset, ModelData
-from .elbo import EVAL_SEED, decompose
+from .elbo import EVAL_SEED, decompose, decompose_all_rows
 from .errors import NumericalError, OptionError
 from .evidence import KHAT_THRESHOLD, deprecated_alias, effective_sample_size, iwae, psis_khat
 from .io import atomic_write_text, seeded, write_csv, write_json
@@ -283,7 +283,8 @@ def _evaluate(
     with seeded(EVAL_SEED):
         for start in range(0, n, step):
             part = ModelArgs((call.args[0][start : start + step],), {}) if batched else call
-            d = decompose(
+            # one call of the model's own arguments: a self-subsampling plate, all its rows
+            d = (decompose if batched else decompose_all_rows)(
                 model,
                 guide,
                 *part.args,

@@ -38,6 +38,7 @@ from .enumeration import (
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
 from .io import seeded
+from .subsample import full_data_pairs
 
 __all__ = [
     "EVAL_SEED",
@@ -45,6 +46,7 @@ __all__ = [
     "PerDatumElbo",
     "SiteTerm",
     "decompose",
+    "decompose_all_rows",
     "elbo_and_loss",
     "evaluate",
     "kl_method",
@@ -203,6 +205,12 @@ def meanfield_violations(model: Callable, guide: Callable, *args, **kwargs) -> l
         for name, s in guide_trace.nodes.items()
     )
     violations = []
+    for name, site in guide_trace.nodes.items():  # Pyro's check_fully_reparametrized
+        if site["type"] == "sample" and not getattr(site["fn"], "has_rsample", True):
+            violations.append(
+                f"site {name!r}: the guide's {type(site['fn']).__name__} is not "
+                "reparameterized, which TraceMeanField_ELBO needs at every guide site"
+            )
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or name not in guide_trace.nodes:
             continue
@@ -498,6 +506,56 @@ class PerDatumElbo(NamedTuple):
         return cls(loss / n, elbo / n, reconstruction / n, kl / n, n, elbo_stderr)
 
 
+def decompose_all_rows(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int = 1,
+    analytic_kl: bool = True,
+    **kwargs,
+):
+    """:func:`decompose` of the whole data: of the pair itself, or summed over
+    the chunks of a self-subsampling plate (independent, so variances add)."""
+    options = dict(num_particles=num_particles, analytic_kl=analytic_kl)
+    pairs = full_data_pairs(model, guide, args, kwargs)
+    parts = [decompose(m, g, *args, **options, **kwargs) for m, g in pairs]
+    if len(parts) == 1:
+        return parts[0]
+
+    def total(name: str) -> float:
+        return sum(getattr(p, name) for p in parts)
+
+    def stderr(name: str) -> float:
+        return math.sqrt(sum(getattr(p, name) ** 2 for p in parts))
+
+    sites: dict[str, list[SiteTerm]] = {}
+    for p in parts:
+        for s in p.sites:
+            sites.setdefault(s.name, []).append(s)
+    elbo, loss = elbo_and_loss(total("reconstruction"), total("kl"))
+    return ElboDecomposition(
+        elbo=elbo,
+        loss=loss,
+        reconstruction=total("reconstruction"),
+        kl=total("kl"),
+        elbo_stderr=stderr("elbo_stderr"),
+        reconstruction_stderr=stderr("reconstruction_stderr"),
+        kl_stderr=stderr("kl_stderr"),
+        num_particles=parts[0].num_particles,
+        sites=tuple(
+            SiteTerm(
+                name,
+                terms[0].kind,
+                terms[0].method,
+                sum(t.value for t in terms),
+                math.sqrt(sum(t.stderr**2 for t in terms)),
+            )
+            for name, terms in sites.items()
+        ),
+        enumerated=parts[0].enumerated,
+    )
+
+
 def evaluate(
     model: Callable,
     guide: Callable,
@@ -524,7 +582,8 @@ def evaluate(
     recon = kl = variance = 0.0
     with seeded(seed):
         for call in chunks(model, args, kwargs, batching, batch_size):
-            d = decompose(
+            # undeclared batching: a plate that subsamples itself is run over all its rows
+            d = (decompose if batching is not None else decompose_all_rows)(
                 model,
                 guide,
                 *call.args,

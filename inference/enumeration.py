@@ -53,6 +53,7 @@ __all__ = [
     "exact_evidence",
     "exact_log_evidence",
     "has_enumerated_sites",
+    "refuse_guide_enumeration",
 ]
 
 
@@ -114,6 +115,16 @@ def enumeration_in(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> En
         if f.vectorized
     ]
     return Enumeration(tuple(sites), -min(dims) if dims else 0)
+
+
+def refuse_guide_enumeration(guide: Callable, *args, **kwargs) -> None:
+    """Raise an :class:`OptionError` naming the first site the guide marks for enumeration
+    (``@config_enumerate`` on a guide): elbo-lab sums out only the model's enumerated sites,
+    and any other estimator would sample such a site as if it were not marked. Runs the guide
+    once, drawing none of the caller's noise."""
+    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    enumeration_in(poutine.Trace(), trace)
 
 
 #: Enumerations of recently used static pairs: fixed for arguments of the same shapes.

@@ -16,6 +16,10 @@ gap log p(x) - ELBO is KL(q(z | x) || p(z | x)) (Kingma & Welling 2014, eq. 1).
 VAE's ``"data"`` plate), factorize over data points, so L_K is computed per datum and summed.
 Any other model gets one weight per draw for the whole data set (*global*).
 
+A plate that subsamples itself (``pyro.plate("data", N, subsample_size=B)``) is run over all
+its N rows, B at a time, one draw of the latents outside it serving every chunk
+(:mod:`inference.subsample`): the weights are those of the whole data, never of a mini-batch.
+
 Particles are vectorized: model and guide run inside a ``pyro.plate`` of ``chunk_size`` draws at
 dim ``-(max_plate_nesting + 1)``, as Pyro's ``vectorize_particles`` does, one chunk at a time so
 memory stays bounded. A model that does not broadcast over that leftmost dim falls back to one
@@ -42,6 +46,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from .enumeration import enumerated_log_joint, enumeration_in
 from .errors import OptionError
 from .estimators import RecentByFunction, TracedLoss, is_static_pair
+from .subsample import RowChunk, SubsampledPlate, SubsampleOrigin, chunk_rows, subsampled_plate
 
 __all__ = [
     "EvidenceEstimate",
@@ -112,6 +117,7 @@ class _Layout(NamedTuple):
     data_size: int  # rows per draw: the data plate's (subsample) size, else the largest plate's
     data_scale: float  # full_size / subsample size of the data plate (1 if not subsampled)
     enumerated: bool = False  # the model enumerates sites, summed out in each weight
+    subsample: SubsampledPlate | None = None  # a plate drawing its own rows: run over all
 
 
 def _sample_sites(trace) -> list[dict]:
@@ -122,12 +128,25 @@ def _sample_sites(trace) -> list[dict]:
 def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
     """Run the pair once (drawing none of the caller's noise) to find the plate nesting, the
     enumerated sites and whether one plate holds every site."""
+    model_origin, guide_origin = SubsampleOrigin(), SubsampleOrigin()
     with torch.random.fork_rng(devices=[]):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        guide_trace = poutine.trace(guide_origin(guide)).get_trace(*args, **kwargs)
+        replayed = poutine.replay(model_origin(model), trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     enumerated = set(enumeration_in(model_trace, guide_trace).sites)
+    own = subsampled_plate((guide_trace, model_trace), model_origin.own | guide_origin.own)
+    outside = sorted(
+        name
+        for name in enumerated
+        if own is not None
+        and all(f.name != own.name for f in model_trace.nodes[name]["cond_indep_stack"])
+    )
+    if outside:  # summed once per chunk, it would count once per chunk
+        raise OptionError(
+            f"plate {own.name!r} subsamples {own.size} of its {own.full_size} rows and the "
+            f"model enumerates {', '.join(outside)} outside it: evidence over all rows is "
+            "summed out only for sites inside such a plate; give it subsample_size=None"
+        )
     sites = _sample_sites(model_trace) + _sample_sites(guide_trace)
     guide_names = {s["name"] for s in _sample_sites(guide_trace)}
     for site in _sample_sites(model_trace):
@@ -144,18 +163,28 @@ def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
         named = [f for f in common if f.name == "data"]
         plate = named[0] if named else min(common, key=lambda f: f.dim)  # outermost
         full = plate.full_size if plate.full_size is not None else plate.size
+        if own is not None and own.name == plate.name:  # every row, chunk by chunk
+            return _Layout(
+                nesting, plate.name, plate.dim, own.full_size, 1.0, bool(enumerated), own
+            )
         scale = full / plate.size
-        return _Layout(nesting, plate.name, plate.dim, int(plate.size), scale, bool(enumerated))
-    subsampled = [f for f in all_frames if f.full_size is not None and f.full_size > f.size]
+        return _Layout(
+            nesting, plate.name, plate.dim, int(plate.size), scale, bool(enumerated), own
+        )
+    subsampled = [
+        f
+        for f in all_frames
+        if f.full_size is not None and f.full_size > f.size and (own is None or f.name != own.name)
+    ]
     if subsampled:  # global latents: one weight needs every row, never a mini-batch
         f = subsampled[0]
         raise OptionError(
-            f"plate {f.name!r} subsamples {f.size} of its {f.full_size} rows: a bound on log p(x) "
-            "needs one weight of all the rows (a mini-batch weight scaled by N / B is no "
-            "evidence); run the model on all rows (subsample_size=None) to estimate it"
+            f"plate {f.name!r} subsamples {f.size} of its {f.full_size} rows, its indices given "
+            "by the model's arguments: a bound on log p(x) needs one weight of all the rows (a "
+            "mini-batch weight scaled by N / B is no evidence); call the model without them"
         )
     size = max((int(f.size) for f in all_frames), default=1)
-    return _Layout(nesting, None, None, size, 1.0, bool(enumerated))
+    return _Layout(nesting, None, None, size, 1.0, bool(enumerated), own)
 
 
 def _reduce(log_p: torch.Tensor, layout: _Layout, particles: int | None) -> torch.Tensor:
@@ -190,6 +219,47 @@ def _draw(
     model: Callable, guide: Callable, args, kwargs, layout: _Layout, particles: int | None
 ) -> torch.Tensor:
     """log w for ``particles`` vectorized draws (or one unvectorized draw when None)."""
+    if layout.subsample is None:
+        return _draw_once(model, guide, args, kwargs, layout, particles)[0]
+    return _draw_all_rows(model, guide, args, kwargs, layout, particles)
+
+
+def _draw_all_rows(
+    model: Callable, guide: Callable, args, kwargs, layout: _Layout, particles: int | None
+) -> torch.Tensor:
+    """log w of the whole data for a plate that subsamples itself: the sum over chunks of B
+    rows (:mod:`inference.subsample`), chunk 0 drawing the latents outside the plate and
+    counting their terms, the other chunks taking those values with the terms masked.
+
+        log w = sum_c [log p(x_{R_c}, z_{R_c} | z_g) - log q(z_{R_c} | z_g)] + log p(z_g) - log q(z_g)
+    """
+    plate = layout.subsample
+    local = layout.data_dim is not None
+    chunk_layout = layout._replace(data_size=plate.size, data_scale=1.0)
+    total, columns, values = 0.0, [], None
+    for rows, real in chunk_rows(plate):
+        first = values is None
+        chunk = RowChunk(plate, rows, real, 1.0 if first else 0.0, values)
+        log_w, guide_trace = _draw_once(
+            chunk(model), chunk(guide), args, kwargs, chunk_layout, particles
+        )
+        if first:  # the global latents of this draw, for the other chunks
+            values = {
+                s["name"]: s["value"]
+                for s in _sample_sites(guide_trace)
+                if all(f.name != plate.name for f in s["cond_indep_stack"])
+            }
+        if local:
+            columns.append(log_w[:, :real])
+        else:
+            total = total + log_w
+    return torch.cat(columns, dim=1) if local else total
+
+
+def _draw_once(
+    model: Callable, guide: Callable, args, kwargs, layout: _Layout, particles: int | None
+):
+    """(log w, the guide's trace) for ``particles`` vectorized draws (or one when None)."""
 
     def run(fn):
         if particles is None:
@@ -233,7 +303,7 @@ def _draw(
         shape = (particles or 1,) + ((layout.data_size,) if layout.data_dim is not None else ())
         log_w = torch.zeros(shape)
     # per-datum weights carry no subsampling scale N / B
-    return log_w.to(torch.float64) / layout.data_scale
+    return log_w.to(torch.float64) / layout.data_scale, guide_trace
 
 
 @torch.no_grad()
@@ -266,7 +336,8 @@ def log_weights(
         raise OptionError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     layout = _layout(model, guide, args, kwargs)  # refuses a global model's mini-batch
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ROWS // max(layout.data_size, 1))
+        rows = layout.subsample.size if layout.subsample is not None else layout.data_size
+        chunk_size = max(1, CHUNK_ROWS // max(rows, 1))
     chunks: list[torch.Tensor] = []
     vectorize = True
     draw = _drawer(model, guide, layout, compiled)
@@ -319,7 +390,7 @@ def _drawer(
     bit, except that a traced MultivariateNormal log-density can differ in the last bit)."""
     if compiled is None:
         compiled = is_static_pair(model, guide)
-    if not compiled or layout.enumerated:
+    if not compiled or layout.enumerated or layout.subsample is not None:
         return lambda args, kwargs, particles: _draw(model, guide, args, kwargs, layout, particles)
     traced = _GRAPHS.get(
         (model, guide),

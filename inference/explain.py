@@ -34,6 +34,7 @@ from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
 from .io import seeded
 from .objectives import check_objective
 from .run import load_run
+from .subsample import full_data_pairs
 from .train import ESTIMATORS, choose_estimator, make_elbo, pyro_loss
 
 __all__ = ["Explanation", "explain"]
@@ -289,9 +290,7 @@ def explain(
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
     # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug)
-    objective = check_objective(
-        make_elbo(estimator), run.model, run.guide, *args, seed=seed, **kwargs
-    )
+    objective = _check_objective_all_rows(make_elbo(estimator), run, args, kwargs, seed)
     if not objective.ok:
         warnings.append(f"{objective.estimator}.loss is not -{objective.objective} here")
     result = Explanation(
@@ -329,6 +328,23 @@ def explain(
     if bound_figure is not None and estimate.per_datum is not None:
         _bound_figure(bound_figure, run, args[0], log_w, estimate.per_datum)
     return result
+
+
+def _check_objective_all_rows(elbo, run, args: tuple, kwargs: dict, seed: int):
+    """:func:`~inference.objectives.check_objective` on the whole split: summed over the chunks
+    of a plate that subsamples itself (:func:`inference.subsample.full_data_pairs`)."""
+    pairs = full_data_pairs(run.model, run.guide, args, kwargs)
+    checks = [check_objective(elbo, m, g, *args, seed=seed, **kwargs) for m, g in pairs]
+    if len(checks) == 1:
+        return checks[0]
+    return checks[0]._replace(
+        loss=sum(c.loss for c in checks),
+        loss_and_grads=sum(c.loss_and_grads for c in checks),
+        minus_objective=sum(c.minus_objective for c in checks),
+        residual=sum(c.residual for c in checks),
+        ok=all(c.ok for c in checks),
+        note="; ".join(sorted({c.note for c in checks if c.note})),
+    )
 
 
 def _bound_figure(path, run, x: torch.Tensor, log_w: torch.Tensor, lk: torch.Tensor) -> None:

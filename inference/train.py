@@ -51,7 +51,12 @@ from .batching import (
 from .choices import BATCH_SIZE, EVAL_BATCH_SIZE
 from .distributed import World, current_world
 from .elbo import EVAL_SEED, PerDatumElbo, evaluate, meanfield_violations
-from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
+from .enumeration import (
+    TraceEnum_ELBO,
+    enumeration,
+    has_enumerated_sites,
+    refuse_guide_enumeration,
+)
 from .errors import NumericalError, OptionError, RunError
 from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
 from .io import (
@@ -65,6 +70,7 @@ from .io import (
     set_rng_state,
     write_json,
 )
+from .subsample import full_data_pairs
 
 __all__ = [
     "ESTIMATORS",
@@ -313,7 +319,11 @@ def pyro_loss(
     total = 0.0
     with seeded(seed):
         for call in chunks(model, args, kwargs, batching, batch_size):
-            total += elbo_estimator.loss(model, guide, *call.args, **call.kwargs)
+            pairs = [(model, guide)]
+            if batching is None:  # a plate that subsamples itself: all its rows, in chunks
+                pairs = full_data_pairs(model, guide, call.args, call.kwargs)
+            for m, g in pairs:
+                total += elbo_estimator.loss(m, g, *call.args, **call.kwargs)
     return total / n
 
 
@@ -447,6 +457,7 @@ def init(
     """
     dtype = _floating_dtype(args, kwargs)
     with default_dtype(dtype):  # a lazily built guide's parameters at the data's dtype
+        refuse_guide_enumeration(guide, *args, **kwargs)  # in one line, whatever the estimator
         if isinstance(config.estimator, ELBO):  # the user's own ELBO object, as given
             estimator, elbo = estimator_name(config.estimator), config.estimator
         else:

@@ -132,7 +132,7 @@ def main(out: Path) -> None:
 
 
 def dead_rank(world: World, out: Path) -> None:
-    """Rank 1 crashes in its third step; rank 0 writes the seconds and the error it got."""
+    """Rank 1 crashes in its first step; rank 0 writes the seconds and the error it got."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     vae = VAE(DATA_DIM, LATENT_DIM, hidden_dims=(16,))
@@ -141,7 +141,9 @@ def dead_rank(world: World, out: Path) -> None:
     def dying_guide(x, num_data=None):
         nonlocal calls
         calls += 1
-        if world.rank == 1 and calls == 3:
+        # setup runs the guide 3 times (the guide-enumeration check, the estimator's choice,
+        # the parameters' creation): call 4 is in the first step, after the broadcast
+        if world.rank == 1 and calls == 4:
             os._exit(3)  # a crash: no exception, no goodbye to the process group
         return vae.guide(x, num_data)
 

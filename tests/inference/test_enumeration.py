@@ -251,7 +251,8 @@ def test_hmm_exact_evidence_is_the_forward_algorithm():
 
 def test_subsampled_enumeration_scales_as_trace_enum():
     """A mini-batch of the mixture: the enumerated term is scaled by N / B outside the log,
-    as TraceEnum_ELBO scales it; evidence refuses a subsample of global latents' data."""
+    as TraceEnum_ELBO scales it; evidence covers all rows, chunk by chunk, with the weights of
+    the model without subsampling, draw for draw."""
     data = mixture_data(40)
 
     @config_enumerate
@@ -270,5 +271,15 @@ def test_subsampled_enumeration_scales_as_trace_enum():
         loss = TraceEnum_ELBO(max_plate_nesting=1, num_particles=2).loss(model, guide, data)
         assert d.loss == pytest.approx(loss, rel=1e-6, abs=1e-4)
     assert exact_log_evidence(model, data) is None
-    with pytest.raises(OptionError, match="subsamples 8 of its 40 rows"):
-        iwae(model, guide, data, num_samples=4)
+
+    @config_enumerate
+    def whole(data):
+        locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(data)):
+            assignment = pyro.sample("assignment", dist.Categorical(WEIGHTS))
+            pyro.sample("obs", dist.Normal(Vindex(locs)[..., assignment], SCALE), obs=data)
+
+    pyro.set_rng_seed(2)
+    chunked = iwae(model, guide, data, num_samples=4).log_weights
+    pyro.set_rng_seed(2)
+    assert torch.allclose(chunked, iwae(whole, guide, data, num_samples=4).log_weights, atol=1e-4)

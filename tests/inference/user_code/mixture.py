@@ -24,3 +24,13 @@ def model(data):
 
 def guide(data):
     """Every latent is enumerated in the model: the guide samples nothing."""
+
+
+@config_enumerate
+def enumerated_guide(data):
+    """A guide that enumerates the assignments itself (Pyro's guide-side enumeration)."""
+    probs = pyro.param(
+        "assignment_probs", torch.ones(len(data), 2) / 2, constraint=dist.constraints.simplex
+    )
+    with pyro.plate("data", len(data)):
+        pyro.sample("assignment", dist.Categorical(probs))

@@ -22,10 +22,10 @@ import pyro
 import pytest
 import torch
 
-from inference.elbo import decompose
+from inference.elbo import decompose, decompose_all_rows
 from inference.errors import OptionError
 from inference.evidence import iwae, log_weights
-from inference.subsample import chunk_rows, decompose_all_rows, find_subsampled_plate
+from inference.subsample import chunk_rows, find_subsampled_plate
 from inference.train import evaluate, pyro_loss
 
 CODE = runpy.run_path(str(Path(__file__).parent / "user_code" / "minibatch.py"))

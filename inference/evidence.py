@@ -283,10 +283,11 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> Non
 def _drawer(
     model: Callable, guide: Callable, layout: _Layout, compiled: bool | None
 ) -> Callable[[tuple, dict, int], torch.Tensor]:
-    """``draw(args, kwargs, particles)`` -> log w of one chunk: eager, or a graph traced once per
-    chunk size (:class:`~inference.estimators.TracedLoss`) for a pair declared static, which
-    draws the same noise and computes the same log-weights without Pyro's Python work (bit for
-    bit, except that a traced MultivariateNormal log-density can differ in the last bit)."""
+    """``draw(args, kwargs, particles)`` -> log w of one chunk: eager, or for a pair declared
+    static a graph exported per chunk size once it recurs (:class:`~inference.estimators.
+    TracedLoss`, after :data:`EXPORT_AFTER_CHUNKS` chunks), which draws the same noise and
+    computes the same log-weights without Pyro's Python work (bit for bit, except that a
+    recorded MultivariateNormal log-density can differ in the last bit)."""
     if compiled is None:
         compiled = is_static_pair(model, guide)
     if not compiled or layout.enumerated:
@@ -298,6 +299,7 @@ def _drawer(
             lambda *args, particles, **kwargs: _draw(model, guide, args, kwargs, layout, particles),
             differentiable=False,  # log_weights runs without gradients
             hoist=True,
+            export_after=EXPORT_AFTER_CHUNKS,
         ),
     )
     memo: dict = {}  # what draws no noise is computed once per call of log_weights
@@ -306,6 +308,12 @@ def _drawer(
 
 #: Traced log-weight graphs of the most recently used static model/guide pairs.
 _GRAPHS = RecentByFunction(4)
+
+#: Chunks of one size drawn eagerly before their graph is exported
+#: (:class:`~inference.estimators.TracedLoss`): exporting costs about as much as 100 eager
+#: digits chunks, so an ``iwae`` at K = 1000 (77 chunks) runs eagerly, a second call or a
+#: larger K switches to the graph.
+EXPORT_AFTER_CHUNKS = 100
 
 
 def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:

@@ -182,11 +182,12 @@ def checked_metrics(
     enumerated (:func:`inference.enumeration.exact_log_evidence`).
     """
     from .enumeration import exact_log_evidence
+    from .estimators import plain_estimator
     from .evidence import iwae
-    from .train import COMPILED, EVAL_SEED, evaluate, pyro_loss, seeded
+    from .train import EVAL_SEED, evaluate, pyro_loss, seeded
 
     seed = EVAL_SEED if seed is None else seed
-    plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(estimator, estimator)
+    plain = plain_estimator(estimator)  # whose .loss is -ELBO (trace for jit and renyi)
     particles = num_particles or (10 if batched else 100)
     batch = 1024 if batched else None
     common = dict(batch_size=batch, seed=seed, num_particles=particles)

@@ -32,7 +32,7 @@ from .enumeration import (
     has_enumerated_sites,
 )
 from .errors import OptionError
-from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
+from .traced_loss import RecentByFunction, TracedLoss, freeze, is_static_pair
 
 __all__ = [
     "ElboDecomposition",
@@ -116,7 +116,7 @@ def _latent_parents_once(model: Callable, args: tuple, kwargs: dict) -> dict | N
     if not has_static_structure(model):
         return find()
     try:
-        shapes = (_freeze(args), _freeze(kwargs))
+        shapes = (freeze(args), freeze(kwargs))
     except TypeError:  # an unhashable argument
         return find()
     return _PARENTS.get((model,), shapes, find)
@@ -294,7 +294,7 @@ def _float64(value: torch.Tensor | float) -> torch.Tensor:
 _TERMS = RecentByFunction(8)
 
 #: Draws with one argument shape that :func:`decompose` runs eagerly before it exports their
-#: graph (:class:`~inference.estimators.TracedLoss`): exporting costs about as much as 50 eager
+#: graph (:class:`~inference.traced_loss.TracedLoss`): exporting costs about as much as 50 eager
 #: draws of a digits evaluation batch, so ``fit``'s default evaluations (about 20 a run) stay
 #: eager, and evaluating every epoch, or many particles, switches to the graph.
 EXPORT_AFTER_DRAWS = 50
@@ -397,7 +397,7 @@ def decompose(
         analytic_kl: use closed-form KL terms where valid.
         compiled: run each draw as a traced graph (the same noise and the same numbers, bit
             for bit, without Pyro's Python work); default: for a pair declared static
-            (:func:`inference.estimators.is_static_pair`).
+            (:func:`inference.traced_loss.is_static_pair`).
 
     Reference: Kingma & Welling (2014), eq. (3).
     """

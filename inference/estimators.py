@@ -1,16 +1,18 @@
-"""Compiled ELBO estimators: Pyro's ``Trace_ELBO`` and ``TraceMeanField_ELBO``, exported once.
+"""ELBO estimators by name, and the compiled forms of Pyro's ``Trace_ELBO`` and
+``TraceMeanField_ELBO``.
 
 The loss is exactly the plain estimator's (Kingma & Welling 2014, eq. 3):
 
     loss = -ELBO = -(1/S) sum_s [log p(x, z_s) - log q(z_s | x)],   z_s ~ q(z | x)
 
 with the KL term in closed form for :class:`JitTraceMeanField_ELBO`. The whole loss (guide,
-model replay, log-densities) is recorded once per argument shapes with :func:`torch.export.export`
-(non-strict: Pyro's Python runs once, on fake tensors) and then run as a graph of ATen ops,
-which removes Pyro's per-step Python work. A graph that keeps being called (``compile_after``
-calls, :data:`COMPILE_AFTER_CALLS` by default) is compiled with :func:`torch.compile`
-(inductor: fused kernels, forward and backward), so that only long runs pay for compiling.
-Only public torch APIs are used; nothing rewrites the graph.
+model replay, log-densities) runs through a :class:`~inference.traced_loss.TracedLoss`: eagerly
+for the first :data:`EXPORT_AFTER_CALLS` calls of an argument shape, then as a graph recorded
+by :func:`torch.export.export` and made lean by exact :mod:`torch.fx` rewrites
+(:mod:`inference.lean_graph`), which removes Pyro's per-step Python work; a graph that keeps
+being called (:data:`COMPILE_AFTER_CALLS`) is compiled with :func:`torch.compile` (inductor:
+fused kernels, forward and backward), so that only long runs pay for compiling. Only public
+torch and Pyro APIs are used.
 
 Differences from ``pyro.infer.JitTrace_ELBO`` / ``JitTraceMeanField_ELBO`` (Pyro 1.9.2), which
 use the deprecated ``torch.jit.trace``:
@@ -24,364 +26,76 @@ use the deprecated ``torch.jit.trace``:
 * a param-only ``poutine.trace`` around a call still sees the parameters.
 
 Before it is compiled, a graph runs the eager estimator's own ATen ops on the same random
-stream: loss and gradients are bit-identical to the eager estimator's for shared noise (tested
-with ``torch.equal`` for the built-in models and guides, several particles, in-place edits and
-``view(dtype)``). Compiled, inductor fuses elementwise ops and rounds differently: values and
+stream, less those the rewrites prove redundant: loss and gradients are bit-identical to the
+eager estimator's for shared noise (tested with ``torch.equal`` for the built-in models and
+guides, several particles, in-place edits and ``view(dtype)``; only the sign of an exactly zero
+loss may differ). Compiled, inductor fuses elementwise ops and rounds differently: values and
 gradients agree to float rounding (tested, with a check that the compiled function ran). The
 noise stays ATen's (``fallback_random``), so the draws are the eager estimator's either way.
 
 Like Pyro's JIT estimators they need models of static structure whose tensor inputs are
 positional arguments and whose other inputs are keyword arguments.
 
-Reference: D. P. Kingma and M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
+:data:`ESTIMATORS` names every estimator the command line offers (``--estimator``);
+``renyi:ALPHA`` is Pyro's ``RenyiELBO(alpha=ALPHA)`` (Li & Turner 2016), ``renyi`` its default
+alpha = 0. :func:`choose_estimator` and :func:`resolve_estimator` pick one for a model/guide pair.
+
+References: D. P. Kingma and M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
+Y. Li and R. E. Turner, "Renyi Divergence Variational Inference", NeurIPS 2016.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
-from collections.abc import Callable, Hashable
+import math
+from collections.abc import Callable
 from typing import Any
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoGuide
-from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_identically_zero
-from pyro.poutine.runtime import am_i_wrapped
-from torch.export.graph_signature import InputKind, OutputKind
-from torch.overrides import TorchFunctionMode
+from pyro.infer import (
+    ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
+from pyro.infer.util import (
+    MultiFrameTensor,
+    get_dependent_plate_dims,
+    get_plate_stacks,
+    is_identically_zero,
+    torch_sum,
+)
 
-from models.structure import has_static_structure
+from .elbo import meanfield_violations
+from .enumeration import TraceEnum_ELBO, enumeration, has_enumerated_sites
+from .errors import OptionError
+from .traced_loss import (
+    COMPILE_AFTER_CALLS,
+    EXPORT_AFTER_CALLS,
+    RecentByFunction,
+    TracedLoss,
+    function_key,
+    is_static_pair,
+)
 
-from .lean_graph import lean, split_invariant
-
-__all__ = ["COMPILED", "JitTrace_ELBO", "JitTraceMeanField_ELBO", "TracedLoss", "is_static_pair"]
-
-log = logging.getLogger(__name__)
-
-
-def is_static_pair(model: Callable, guide: Callable) -> bool:
-    """Whether a model and guide may be traced: both declared static
-    (:func:`models.structure.static_structure`), a Pyro autoguide counting as static as the
-    model it was built from."""
-    if not has_static_structure(model):
-        return False
-    return has_static_structure(guide) or isinstance(guide, AutoGuide)
-
-
-def _identity(fn: Callable) -> Hashable:
-    """A key for ``fn`` that is stable across accesses of the same bound method."""
-    owner = getattr(fn, "__self__", None)
-    if owner is not None and hasattr(fn, "__func__"):
-        return (id(owner), id(fn.__func__))
-    return id(fn)
-
-
-class RecentByFunction:
-    """The values last computed for a few model/guide functions, most recently used kept.
-
-    Keyed by the functions' identity (a bound method's owner and function, so ``vae.model``
-    finds its entry again) and an extra hashable key. Each entry holds the functions, so their
-    ids cannot be reused by other objects while it lives.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self._entries: dict[Hashable, tuple[tuple[Callable, ...], Any]] = {}
-
-    def get(self, fns: tuple[Callable, ...], key: Hashable, make: Callable[[], Any]) -> Any:
-        """The value for ``fns`` and ``key``, computed by ``make()`` if absent."""
-        full = (tuple(_identity(fn) for fn in fns), key)
-        entry = self._entries.pop(full, None)
-        if entry is None:
-            entry = (fns, make())
-        self._entries[full] = entry  # most recently used last
-        while len(self._entries) > self.size:
-            self._entries.pop(next(iter(self._entries)))
-        return entry[1]
-
-    def values(self) -> list[Any]:
-        return [value for _, value in self._entries.values()]
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def _freeze(value: Any) -> Hashable:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
-    if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    hash(value)
-    return value
-
-
-#: Calls with one argument shape before :class:`TracedLoss` exports a graph for it; until then
-#: the loss runs eagerly (the same numbers). Exporting costs about 0.2-0.9 s (the first one in a
-#: process the most) and saves about 0.6 ms per digits step, so it pays after some 1,000 steps:
-#: a default digits run (11 full mini-batches an epoch) exports its batch shape in the 19th
-#: epoch, while the ragged last batch (one call an epoch) and the evaluation batches (about 20
-#: calls a run) stay eager. Counting calls, not seconds, keeps a run's numbers independent of
-#: the machine's speed.
-EXPORT_AFTER_CALLS = 200
-
-#: Calls of one graph before :class:`TracedLoss` compiles it with ``torch.compile``. Compiling
-#: costs seconds (about 2 s per graph with inductor's on-disk cache warm, 10-25 s cold on a
-#: 2-core CPU) and saves under a millisecond per digits step, so a default digits run (200
-#: epochs: 2,200 full mini-batches) never compiles, and an MNIST-sized run (469 steps an epoch)
-#: compiles in its 11th epoch.
-COMPILE_AFTER_CALLS = 5000
-
-
-class _Substitute(TorchFunctionMode):
-    """Inside it, every torch function sees ``mapping[id(t)]`` in place of the tensor ``t``:
-    the param store's tensors become the inputs of the exported graph, wherever a module or a
-    constraint transform reads them."""
-
-    def __init__(self, mapping: dict[int, torch.Tensor]):
-        super().__init__()
-        self.mapping = mapping
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*self._swap(args), **self._swap(kwargs or {}))
-
-    def _swap(self, value):
-        if isinstance(value, torch.Tensor):
-            return self.mapping.get(id(value), value)
-        if isinstance(value, list | tuple):
-            return type(value)(self._swap(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self._swap(v) for k, v in value.items()}
-        return value
-
-
-class _Replay(torch.nn.Module):
-    """``fn(*args, **kwargs)`` as a module of (parameters..., args...), for :func:`torch.export`."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], params: tuple, kwargs: dict):
-        super().__init__()
-        self.fn, self.params, self.kwargs = fn, params, kwargs
-
-    def forward(self, *params_and_args):
-        inputs, args = params_and_args[: len(self.params)], params_and_args[len(self.params) :]
-        with _Substitute({id(p): q for p, q in zip(self.params, inputs, strict=True)}):
-            return self.fn(*args, **self.kwargs)
-
-
-class _Graph:
-    """One exported graph, made lean (:func:`inference.lean_graph.lean`): run as the ATen ops
-    that Pyro's eager run computes, without its Python; after ``compile_after`` calls (None:
-    never), compiled by ``torch.compile``. ``module`` returns the loss, or (with ``unpack``) a
-    tuple holding only the loss. With ``prefix`` (a hoisted graph, :func:`split_invariant`),
-    ``prefix`` computes what draws no noise and ``module`` takes it as its last inputs."""
-
-    def __init__(
-        self,
-        names: list[str],
-        module: torch.fx.GraphModule,
-        unpack: bool,
-        compile_after: int | None,
-        prefix: torch.fx.GraphModule | None = None,
-    ):
-        self.names, self.module, self.unpack, self.compiled = names, module, unpack, None
-        self.compile_after = compile_after
-        self.prefix = prefix
-        self.calls = 0
-        self._run = module.forward  # no nn.Module hooks: about 5 us a call
-
-    def __call__(self, inputs: tuple, memo: dict | None = None, key: Hashable = None):
-        if self.prefix is not None:
-            kept = None if memo is None else memo.get(key)
-            if kept is None:
-                kept = self.prefix.forward(*inputs)
-                if memo is not None:
-                    memo[key] = kept
-            inputs = (*inputs, *kept)
-        if self.compiled is None and self.calls == self.compile_after:
-            self.compiled = self._compile(inputs)  # one try
-            if self.compiled is not None:
-                self._run = self.compiled
-        self.calls += 1
-        out = self._run(*inputs)
-        return out[0] if self.unpack else out
-
-    def _compile(self, inputs: tuple) -> Callable | None:
-        """The graph compiled, or None if compiling fails (no C++ compiler, say). A first call
-        under a forked random state compiles the forward and, with gradients, the backward;
-        it checks the compiled value against the uncompiled one."""
-        # fallback_random: draw with ATen's kernels, the same noise as eager Pyro. Each graph
-        # module has its own code object, so its compiled code is cached apart from the others'.
-        compiled = torch.compile(self.module, dynamic=False, options={"fallback_random": True})
-        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
-        wrt = [t for t in tensors if t.requires_grad] if torch.is_grad_enabled() else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                got = compiled(*inputs)
-                got = got[0] if self.unpack else got
-                if wrt and got.requires_grad:
-                    torch.autograd.grad(got, wrt, allow_unused=True)
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                want = self.module(*inputs)
-                want = want[0] if self.unpack else want
-            torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-5)
-        except Exception as exc:  # noqa: BLE001 (any compiler failure: keep the exported graph)
-            log.warning("torch.compile failed; the loss runs uncompiled: %s", exc)
-            return None
-        log.info("compiled a loss graph after %d calls", self.calls)
-        return compiled
-
-
-class _Shape:
-    """What :class:`TracedLoss` knows of one argument shape: how often it was called, and its
-    graph once exported (:data:`EAGER` where it could not be)."""
-
-    __slots__ = ("calls", "graph")
-
-    def __init__(self):
-        self.calls = 0
-        self.graph: _Graph | None | str = None
-
-
-#: The graph of an argument shape that :func:`torch.export.export` could not record.
-EAGER = "eager"
-
-
-class TracedLoss:
-    """``fn(*args, **kwargs)`` run as a graph exported once per argument shapes and keywords.
-
-    ``fn`` is a Pyro function returning a tensor. Its first ``export_after`` calls with one
-    argument shape run eagerly; then one eager run creates its parameters (``pyro.param`` and
-    ``pyro.module`` sites), and :func:`torch.export.export` records the run (guide, model
-    replay, log-densities) as ATen ops, with the parameters as inputs of the graph, so gradients
-    flow to the param store. :func:`inference.lean_graph.lean` removes the ops that only
-    recording put there (exactly). The graph runs the same ops on the same random stream as the
-    eager run, so it computes the same values and gradients, without Pyro's per-call Python
-    work. After ``compile_after`` calls of one graph (``None``: never) it is compiled with
-    ``torch.compile`` (inductor, ``fallback_random`` so that the noise stays ATen's); fused
-    kernels round differently, so from then on values and gradients agree with the eager run's
-    to float rounding rather than bit for bit.
-
-    ``compilations`` counts the graphs exported so far, ``compiled`` those switched to the
-    compiled function, ``graph_calls`` the calls a graph (exported or compiled) ran, and
-    ``fallbacks`` the argument shapes that could not be exported and run eagerly.
-    ``differentiable=False`` (for graphs only ever run without gradients) also merges common
-    subexpressions; ``hoist=True`` on top of it splits off the part of the graph that draws no
-    noise, which :meth:`call` with a memo computes once for repeated calls on the same inputs.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[..., torch.Tensor],
-        differentiable: bool = True,
-        hoist: bool = False,
-        export_after: int = EXPORT_AFTER_CALLS,
-        compile_after: int | None = COMPILE_AFTER_CALLS,
-    ):
-        if hoist and differentiable:
-            raise ValueError("hoisting is for graphs run without gradients (differentiable=False)")
-        self.fn = fn
-        self.differentiable = differentiable
-        self.hoist = hoist
-        self.export_after = export_after
-        self.compile_after = compile_after
-        self.compilations = 0
-        self.fallbacks = 0
-        self._shapes: dict[Hashable, _Shape] = {}
-
-    @property
-    def compiled(self) -> int:
-        """How many of the graphs run compiled by ``torch.compile``."""
-        return sum(
-            isinstance(s.graph, _Graph) and s.graph.compiled is not None
-            for s in self._shapes.values()
-        )
-
-    @property
-    def graph_calls(self) -> int:
-        """How many calls ran an exported (or compiled) graph rather than ``fn`` itself."""
-        return sum(s.graph.calls for s in self._shapes.values() if isinstance(s.graph, _Graph))
-
-    def graphs(self) -> list[_Graph]:
-        """The exported graphs, one per argument shape."""
-        return [s.graph for s in self._shapes.values() if isinstance(s.graph, _Graph)]
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return self.call(None, *args, **kwargs)
-
-    def call(self, memo: dict | None, *args, **kwargs) -> torch.Tensor:
-        """``fn(*args, **kwargs)``; with a ``memo`` (``hoist=True`` only), the values that do
-        not depend on random draws are computed at the first call and kept in it. The caller
-        promises that parameters and arguments stay the same while it uses the memo."""
-        key = (_freeze(args), _freeze(kwargs))
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = self._shapes[key] = _Shape()
-        graph = shape.graph
-        if graph is None:
-            if shape.calls < self.export_after:
-                shape.calls += 1
-                return self.fn(*args, **kwargs)
-            graph = shape.graph = self._export(args, kwargs)
-        if graph is EAGER:
-            return self.fn(*args, **kwargs)
-        if am_i_wrapped():  # let enclosing handlers (e.g. a param-only trace) see the parameters
-            params = [pyro.param(name).unconstrained() for name in graph.names]
-        else:
-            store = dict(pyro.get_param_store().named_parameters())
-            params = [store[name] for name in graph.names]
-        return graph((*params, *args), memo, key)
-
-    def _export(self, args: tuple, kwargs: dict) -> _Graph | str:
-        devices = sorted({a.device.index or 0 for a in args if _is_cuda(a)})
-        with torch.random.fork_rng(devices=devices):
-            # one eager run (validated if validation is on) creates and names the parameters
-            with poutine.trace(param_only=True) as capture:
-                self.fn(*args, **kwargs)
-            names = sorted(capture.trace.nodes)
-            store = dict(pyro.get_param_store().named_parameters())
-            params = tuple(store[name] for name in names)
-            replay = _Replay(self.fn, params, kwargs)
-            with (
-                poutine.block(),  # enclosing handlers see the call, not the recording
-                pyro.validation_enabled(False),
-                warnings.catch_warnings(),
-            ):
-                warnings.simplefilter("ignore")
-                try:
-                    exported = torch.export.export(replay, params + tuple(args), strict=False)
-                except Exception as exc:  # noqa: BLE001 (whatever cannot be recorded runs eagerly)
-                    log.warning("cannot export the loss, running it eagerly: %s", exc)
-                    self.fallbacks += 1
-                    return EAGER
-        self.compilations += 1
-        # Where every input is the caller's and the one output is the loss, the graph module
-        # itself runs it: ``exported.module()`` would also flatten the arguments and check their
-        # shapes at every call (about 0.1 ms), which the graph's key already guarantees.
-        signature = exported.graph_signature
-        plain = all(spec.kind == InputKind.USER_INPUT for spec in signature.input_specs) and [
-            spec.kind for spec in signature.output_specs
-        ] == [OutputKind.USER_OUTPUT]
-        # lifted constants or buffers: the module knows where they go
-        module = exported.graph_module if plain else exported.module()
-        module = lean(module, self.differentiable)
-        prefix = None
-        if self.hoist and plain:
-            split = split_invariant(module)
-            if split is not None:
-                prefix, module = split
-        return _Graph(names, module, plain, self.compile_after, prefix)
-
-
-def _is_cuda(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_cuda
+__all__ = [
+    "AUTO",
+    "COMPILED",
+    "DifferentiableRenyiELBO",
+    "ESTIMATORS",
+    "ESTIMATOR_CHOICES",
+    "JitTrace_ELBO",
+    "JitTraceMeanField_ELBO",
+    "RecentByFunction",
+    "TracedLoss",
+    "check_estimator",
+    "choose_estimator",
+    "estimator_label",
+    "is_static_pair",
+    "make_elbo",
+    "plain_estimator",
+    "resolve_estimator",
+]
 
 
 class _Compiled:
@@ -405,7 +119,7 @@ class _Compiled:
 
     def _traced(self, model: Callable, guide: Callable) -> TracedLoss:
         cache = self.__dict__.setdefault("_traced_losses", {})
-        key = (_identity(model), _identity(guide))
+        key = (function_key(model), function_key(guide))
         if key not in cache:
             # the cache holds model and guide, so their ids cannot be reused while it lives
             cache[key] = TracedLoss(
@@ -432,7 +146,9 @@ class _Compiled:
 
     def traced_loss(self, model: Callable, guide: Callable) -> TracedLoss | None:
         """The :class:`TracedLoss` of this model/guide pair, None before its first call."""
-        return self.__dict__.get("_traced_losses", {}).get((_identity(model), _identity(guide)))
+        return self.__dict__.get("_traced_losses", {}).get(
+            (function_key(model), function_key(guide))
+        )
 
     def compilations(self, model: Callable, guide: Callable) -> int:
         """How many graphs were exported for this model/guide pair."""
@@ -509,5 +225,221 @@ class JitTraceMeanField_ELBO(_Compiled, TraceMeanField_ELBO):
         return loss.to(surrogate.dtype) + (surrogate - surrogate.detach())
 
 
-#: The compiled counterpart of each plain estimator name (see ``inference.train.ESTIMATORS``).
+class DifferentiableRenyiELBO(RenyiELBO):
+    """Pyro's ``RenyiELBO`` with a ``differentiable_loss``, so that it runs as a module
+    ``loss = elbo(model, guide)`` in :func:`inference.train.fit` like every other estimator.
+
+    The value is ``RenyiELBO.loss``'s, minus the Renyi bound with K = ``num_particles`` draws
+    (Li & Turner 2016, eq. 11):
+
+        loss = -1/(1 - alpha) * log (1/K) sum_k w_k^(1 - alpha),   w_k = p(x, z_k) / q(z_k | x)
+
+    and its gradient is the surrogate that ``RenyiELBO.loss_and_grads`` differentiates: the
+    particles' surrogate ELBOs weighted by the normalized w_k^(1 - alpha) (tested against it).
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        elbos, surrogates = [], []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+            elbo = surrogate = 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    log_p = torch_sum(site["log_prob"], sum_dims)
+                    elbo, surrogate = elbo + log_p.detach(), surrogate + log_p
+            for site in guide_trace.nodes.values():
+                if site["type"] != "sample":
+                    continue
+                _, score_function_term, entropy_term = site["score_parts"]
+                log_q = torch_sum(site["log_prob"], sum_dims)
+                elbo = elbo - log_q.detach()
+                if not is_identically_zero(entropy_term):
+                    if not is_identically_zero(score_function_term):
+                        raise NotImplementedError("RenyiELBO: partly reparameterized sites")
+                    surrogate = surrogate - log_q
+                if not is_identically_zero(score_function_term):
+                    surrogate = surrogate + (self.alpha / (1.0 - self.alpha)) * log_q
+            elbos.append(torch.as_tensor(elbo))
+            surrogates.append(torch.as_tensor(surrogate))
+        vectorized = self.vectorize_particles and self.num_particles > 1
+        elbo_k = elbos[0] if vectorized else torch.stack(elbos)
+        surrogate_k = surrogates[0] if vectorized else torch.stack(surrogates)
+        log_w = (1.0 - self.alpha) * elbo_k  # log w_k^(1 - alpha)
+        log_mean_w = torch.logsumexp(log_w, dim=0, keepdim=True) - math.log(self.num_particles)
+        loss = -log_mean_w.sum() / (1.0 - self.alpha)
+        weights = (log_w - log_mean_w).exp()
+        surrogate_loss = -(weights * surrogate_k).sum() / self.num_particles
+        return loss + (surrogate_loss - surrogate_loss.detach())
+
+
+# --- the estimators by name ----------------------------------------------------------------------
+
+#: ELBO estimators by name: Monte-Carlo KL, analytic KL, and their compiled variants (traced
+#: once per shape, same noise and gradients as the plain); ``graph`` (Trace_ELBO's loss,
+#: Rao-Blackwellized score-function gradients), ``enum`` (the model's enumerated discrete sites
+#: summed out, :mod:`inference.enumeration`) and ``renyi`` (the Renyi bound, ``renyi:ALPHA``).
+ESTIMATORS: dict[str, type[ELBO]] = {
+    "trace": Trace_ELBO,
+    "meanfield": TraceMeanField_ELBO,
+    "jit": JitTrace_ELBO,
+    "jit-meanfield": JitTraceMeanField_ELBO,
+    "graph": TraceGraph_ELBO,
+    "enum": TraceEnum_ELBO,
+    "renyi": DifferentiableRenyiELBO,
+}
+
+#: An estimator name may also be this: TraceMeanField_ELBO where its analytic KL is valid for
+#: the model/guide pair (:func:`inference.elbo.meanfield_violations`), else Trace_ELBO.
+AUTO = "auto"
+ESTIMATOR_CHOICES = (AUTO, *ESTIMATORS)
+
+#: The compiled counterpart of each plain estimator name.
 COMPILED = {"trace": "jit", "meanfield": "jit-meanfield"}
+
+#: The one estimator that takes a parameter: ``renyi:ALPHA``.
+RENYI = "renyi"
+
+
+def _split(name: str) -> tuple[str, str | None]:
+    base, sep, parameter = name.partition(":")
+    return base, (parameter if sep else None)
+
+
+def check_estimator(name: str, num_particles: int = 1) -> None:
+    """Raise an :class:`OptionError` (one line) unless ``name`` is an estimator name of
+    :data:`ESTIMATOR_CHOICES` or ``renyi:ALPHA`` with ALPHA a finite number other than 1,
+    and, for ``renyi``, ``num_particles`` > 1 (with one draw its bound is the ELBO)."""
+    if not isinstance(name, str):
+        raise OptionError(f"--estimator: must be a name, got {name!r}")
+    base, parameter = _split(name)
+    if base not in ESTIMATOR_CHOICES or (parameter is not None and base != RENYI):
+        raise OptionError(
+            f"--estimator: unknown estimator {name!r} "
+            f"(choose from {', '.join(ESTIMATOR_CHOICES)}; renyi:ALPHA for RenyiELBO's alpha)"
+        )
+    if base != RENYI:
+        return
+    if parameter is not None:
+        try:
+            alpha = float(parameter)
+        except ValueError:
+            alpha = math.nan
+        if not math.isfinite(alpha) or alpha == 1:
+            raise OptionError(
+                f"--estimator {name}: ALPHA must be a finite number other than 1 "
+                "(alpha = 1 is the ELBO: use trace), e.g. renyi:0.5"
+            )
+    if num_particles < 2:
+        raise OptionError(
+            f"--estimator {name}: the Renyi bound needs --num-particles K > 1 (with one draw "
+            "it is the ELBO)"
+        )
+
+
+def renyi_alpha(name: str) -> float:
+    """ALPHA of ``renyi:ALPHA`` (Pyro's default 0 for a bare ``renyi``)."""
+    _, parameter = _split(name)
+    return 0.0 if parameter is None else float(parameter)
+
+
+def make_elbo(name: str, num_particles: int = 1) -> ELBO:
+    """Instantiate an estimator by name (particles drawn one at a time for > 1)."""
+    check_estimator(name, num_particles if _split(name)[0] == RENYI else 2)
+    base, _ = _split(name)
+    if base == AUTO:
+        raise OptionError("--estimator auto: choose it for a model and guide first")
+    if base == RENYI:
+        return DifferentiableRenyiELBO(
+            alpha=renyi_alpha(name), num_particles=num_particles, vectorize_particles=False
+        )
+    if num_particles == 1:
+        return ESTIMATORS[base]()
+    return ESTIMATORS[base](num_particles=num_particles, vectorize_particles=False)
+
+
+def estimator_label(name: str) -> str:
+    """The Pyro class an estimator name stands for: ``TraceMeanField_ELBO``,
+    ``TraceMeanField_ELBO (JIT-compiled)`` for its compiled form, ``RenyiELBO(alpha=0.5)``."""
+    base, _ = _split(name)
+    if base == RENYI:
+        return f"RenyiELBO(alpha={renyi_alpha(name):g})"
+    plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(base)
+    if plain is not None:
+        return f"{ESTIMATORS[plain].__name__} (JIT-compiled)"
+    return ESTIMATORS[base].__name__
+
+
+def plain_estimator(name: str) -> str:
+    """The plain estimator whose ``.loss`` is -ELBO for ``name``: ``trace`` for ``jit`` and
+    for ``renyi`` (whose loss is the Renyi bound, not the ELBO), ``meanfield`` for
+    ``jit-meanfield``, else ``name``."""
+    if _split(name)[0] == RENYI:
+        return "trace"
+    return {compiled: plain for plain, compiled in COMPILED.items()}.get(name, name)
+
+
+def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwargs) -> str:
+    """The plain estimator for ``name`` on this pair and arguments.
+
+    ``"auto"`` is ``enum`` (TraceEnum_ELBO) when the model enumerates discrete sites
+    (``@config_enumerate``; :func:`inference.enumeration.enumeration`), else ``meanfield``
+    (TraceMeanField_ELBO) when its analytic KL is valid at every site
+    (:func:`inference.elbo.meanfield_violations`), else ``trace`` (Trace_ELBO, valid for every
+    pair). An explicit ``meanfield`` on a pair where it is not valid is an
+    :class:`OptionError` naming the site: it would train on, and report, a wrong objective
+    (e.g. an "ELBO" above log p(x) for an autoguide over a constrained latent); so is any
+    estimator but ``enum`` on a model with enumerated sites, which it would sample from the
+    prior with no guide term.
+    """
+    plain = {compiled: plain for plain, compiled in COMPILED.items()}
+    base = plain.get(name, name)
+    enumerable = base != "enum" and bool(args or kwargs)
+    if enumerable and has_enumerated_sites(model, guide, *args, **kwargs):
+        enumerated = enumeration(model, guide, *args, **kwargs).sites
+        if enumerated and base == AUTO:
+            return "enum"
+        if enumerated:
+            raise OptionError(
+                f"--estimator {name}: the model enumerates {', '.join(enumerated)}, which only "
+                "TraceEnum_ELBO sums out; use --estimator enum or auto"
+            )
+    if base not in (AUTO, "meanfield"):
+        return name
+    violations = meanfield_violations(model, guide, *args, **kwargs)
+    if base == AUTO:
+        return "trace" if violations else "meanfield"
+    if violations:
+        raise OptionError(
+            f"--estimator {name}: TraceMeanField_ELBO's analytic KL is not valid for this pair "
+            f"({violations[0]}); use --estimator trace or auto"
+        )
+    return name
+
+
+def resolve_estimator(config: Any, model: Callable, guide: Callable, *args, **kwargs) -> str:
+    """The estimator :func:`inference.train.fit` runs: ``config.estimator`` (``auto`` chosen
+    for the pair on ``*args, **kwargs`` by :func:`choose_estimator`), compiled when
+    ``config.jit`` says (a :class:`inference.train.TrainConfig`).
+
+    ``jit="auto"`` compiles (``trace`` -> ``jit``, ``meanfield`` -> ``jit-meanfield``) when the
+    model and the guide are both declared static (:func:`models.structure.static_structure`:
+    every built-in model and guide is; a Pyro autoguide is as static as the model it was built
+    from) and per-step validation is off, which needs the eager path. A compiled estimator
+    computes the plain one's loss and gradients for shared noise (bit for bit for the built-in
+    models, to rounding in general); it only removes Pyro's per-step Python work. Undeclared
+    functions run eagerly: a recorded graph would silently freeze a data-dependent branch.
+    """
+    name = config.estimator
+    if name in (AUTO, "meanfield", "jit-meanfield"):
+        if not args and not kwargs:
+            raise OptionError(f"--estimator {name}: choosing it needs the model's arguments")
+        name = choose_estimator(name, model, guide, *args, **kwargs)
+    elif args or kwargs:  # any other name is checked too: enumerated sites need TraceEnum_ELBO
+        name = choose_estimator(name, model, guide, *args, **kwargs)
+    if name not in COMPILED:  # already a compiled estimator, or one without a compiled form
+        return name
+    if config.jit == "on" or (
+        config.jit == "auto" and not config.validate and is_static_pair(model, guide)
+    ):
+        return COMPILED[name]
+    return name

@@ -39,7 +39,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from .enumeration import enumerated_log_joint, enumeration_in
 from .errors import OptionError
-from .estimators import RecentByFunction, TracedLoss, is_static_pair
+from .traced_loss import RecentByFunction, TracedLoss, is_static_pair
 
 __all__ = ["EvidenceEstimate", "PARTICLE_PLATE", "iwae", "log_weights"]
 
@@ -284,7 +284,7 @@ def _drawer(
     model: Callable, guide: Callable, layout: _Layout, compiled: bool | None
 ) -> Callable[[tuple, dict, int], torch.Tensor]:
     """``draw(args, kwargs, particles)`` -> log w of one chunk: eager, or for a pair declared
-    static a graph exported per chunk size once it recurs (:class:`~inference.estimators.
+    static a graph exported per chunk size once it recurs (:class:`~inference.traced_loss.
     TracedLoss`, after :data:`EXPORT_AFTER_CHUNKS` chunks), which draws the same noise and
     computes the same log-weights without Pyro's Python work (bit for bit, except that a
     recorded MultivariateNormal log-density can differ in the last bit)."""
@@ -310,7 +310,7 @@ def _drawer(
 _GRAPHS = RecentByFunction(4)
 
 #: Chunks of one size drawn eagerly before their graph is exported
-#: (:class:`~inference.estimators.TracedLoss`): exporting costs about as much as 100 eager
+#: (:class:`~inference.traced_loss.TracedLoss`): exporting costs about as much as 100 eager
 #: digits chunks, so an ``iwae`` at K = 1000 (77 chunks) runs eagerly, a second call or a
 #: larger K switches to the graph.
 EXPORT_AFTER_CHUNKS = 100

@@ -291,10 +291,13 @@ def explain(
             f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
-    # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug)
-    objective = check_objective(
-        make_elbo(estimator), run.model, run.guide, *args, seed=seed, **kwargs
-    )
+    # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug):
+    # the run's own estimator where it trained with one of another objective (renyi:ALPHA)
+    trained = run.state.get("config", {})
+    checked_elbo = make_elbo(estimator)
+    if str(trained.get("estimator", "")).startswith("renyi"):
+        checked_elbo = make_elbo(trained["estimator"], trained.get("num_particles", 2))
+    objective = check_objective(checked_elbo, run.model, run.guide, *args, seed=seed, **kwargs)
     if not objective.ok:
         warnings.append(f"{objective.estimator}.loss is not -{objective.objective} here")
     result = Explanation(

@@ -239,6 +239,81 @@ def sum_before_negation(graph: fx.Graph) -> None:
         _reroute(node, flipped)
 
 
+def _single_use(node: Any, target: Any) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target is target
+        and len(node.users) == 1
+        and not node.kwargs
+    )
+
+
+def fold_negations(graph: fx.Graph) -> None:
+    """``(-a) * c`` as ``a * (-c)`` for a number ``c`` (negation is exact and rounding symmetric
+    in sign), and a particle's loss ``-((0 - kl) + log_lik)``, as the analytic-KL estimator
+    adds it up, as ``kl - log_lik`` (the same value, but for the sign of a zero loss; the
+    same gradient, +1 and -1)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs:
+            continue
+        if node.target is aten.mul.Tensor and len(node.args) == 2:
+            negated, factor = node.args
+            if _scalar(factor) is not None and _single_use(negated, aten.neg.default):
+                source = negated.args[0]
+                if _floating(source) and _same_tensor(source, node):
+                    with graph.inserting_before(node):
+                        scaled = graph.call_function(aten.mul.Tensor, (source, -factor))
+                    scaled.meta["val"] = node.meta.get("val")
+                    _reroute(node, scaled)
+        elif node.target is aten.neg.default and _single_use(node.args[0], aten.add.Tensor):
+            total = node.args[0]
+            first, second = total.args
+            if not (
+                _single_use(first, aten.rsub.Scalar)
+                and len(first.args) == 2
+                and _scalar(first.args[1]) == 0
+                and all(_same_tensor(v, node) for v in (first.args[0], second))
+            ):
+                continue
+            with graph.inserting_before(node):
+                difference = graph.call_function(aten.sub.Tensor, (first.args[0], second))
+            difference.meta["val"] = node.meta.get("val")
+            _reroute(node, difference)
+
+
+def draw_in_one_call(graph: fx.Graph) -> None:
+    """``empty(size).normal_(mean, std)`` as ``normal(mean, std, size)``: ATen's
+    ``normal`` is that empty tensor filled by the same kernel from the same random stream."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.normal_.default:
+            continue
+        empty = node.args[0]
+        if not (
+            isinstance(empty, fx.Node)
+            and empty.op == "call_function"
+            and empty.target is aten.empty.memory_format
+            and len(empty.users) == 1
+            and len(empty.args) == 1
+            and empty.kwargs.get("memory_format") in (None, torch.contiguous_format)
+            and set(empty.kwargs) <= {"dtype", "device", "layout", "pin_memory", "memory_format"}
+        ):
+            continue
+        mean = node.args[1] if len(node.args) > 1 else node.kwargs.get("mean", 0.0)
+        std = node.args[2] if len(node.args) > 2 else node.kwargs.get("std", 1.0)
+        options = {k: v for k, v in empty.kwargs.items() if k != "memory_format"}
+        if "generator" in node.kwargs:
+            options["generator"] = node.kwargs["generator"]
+        with graph.inserting_before(node):
+            draw = graph.call_function(
+                aten.normal.float_float, (float(mean), float(std), empty.args[0]), options
+            )
+        draw.meta["val"] = node.meta.get("val")
+        _reroute(node, draw)
+        graph.erase_node(node)
+        graph.erase_node(empty)
+
+
 def drop_assertions(graph: fx.Graph) -> None:
     """Remove the metadata assertions export records (the graph is only ever run on
     arguments of the shapes, dtypes and devices it was recorded for)."""
@@ -284,6 +359,7 @@ _BINDINGS: dict[str, Any] = {
     "aten::softplus": torch.nn.functional.softplus,
     "aten::binary_cross_entropy_with_logits": torch.binary_cross_entropy_with_logits,
     "aten::empty.memory_format": torch.empty,
+    "aten::normal.float_float": torch.normal,
     "aten::normal_": torch.Tensor.normal_,
     "aten::expand": torch.Tensor.expand,
     "aten::view": torch.Tensor.view,
@@ -344,7 +420,9 @@ def lean(module: fx.GraphModule, differentiable: bool = True) -> fx.GraphModule:
         if not differentiable:
             eliminate_common_subexpressions(graph)
         sum_before_negation(graph)
+        fold_negations(graph)
         graph.eliminate_dead_code()
+    draw_in_one_call(graph)
     call_public_functions(graph)
     graph.lint()
     module.recompile()

@@ -173,8 +173,8 @@ def test_lean_graph_keeps_only_the_arithmetic_of_the_loss():
     for gone in ("arange", "expand", "broadcast_tensors", "new_zeros", "ones_like", "div"):
         assert gone not in ops, gone
     assert not any(name.startswith("aten.") for name in ops), ops
-    assert ops["normal_"] == 1 and ops["linear"] == 5 and ops["softplus"] == 2
-    assert sum(ops.values()) <= 31, ops
+    assert ops["normal"] == 1 and ops["linear"] == 5 and ops["softplus"] == 2
+    assert sum(ops.values()) == 26, ops
 
 
 def test_fill_arithmetic_that_broadcasts_is_kept():
@@ -338,3 +338,106 @@ def test_compiled_user_model_with_constrained_parameters_is_pyros_to_rounding():
     store = pyro.get_param_store()
     params = [store.get_param(name).unconstrained() for name in ("loc", "scale")]
     _close_to_plain_compiled(Trace_ELBO, JitTrace_ELBO, model, guide, x, params)
+
+
+# --- the estimators by name ------------------------------------------------------------------------
+
+
+def test_the_command_lines_names_are_the_registrys():
+    from inference import choices
+    from inference.estimators import ESTIMATOR_CHOICES
+
+    assert choices.ESTIMATORS == ESTIMATOR_CHOICES
+
+
+@pytest.mark.parametrize(
+    "name, alpha", [("renyi", 0.0), ("renyi:0.5", 0.5), ("renyi:-2", -2.0), ("renyi:1e-3", 1e-3)]
+)
+def test_renyi_by_name_is_pyros_renyi_elbo_with_that_alpha(name, alpha):
+    from pyro.infer import RenyiELBO
+
+    from inference.estimators import estimator_label, make_elbo
+
+    elbo = make_elbo(name, num_particles=4)
+    assert isinstance(elbo, RenyiELBO) and elbo.alpha == alpha and elbo.num_particles == 4
+    assert estimator_label(name) == f"RenyiELBO(alpha={alpha:g})"
+
+
+@pytest.mark.parametrize(
+    "name, particles, match",
+    [
+        ("renyi:1", 4, "other than 1"),
+        ("renyi:x", 4, "finite number"),
+        ("renyi:nan", 4, "finite number"),
+        ("renyi:0.5", 1, "--num-particles K > 1"),
+        ("trace:0.5", 4, "unknown estimator"),
+        ("renyl", 4, "unknown estimator"),
+    ],
+)
+def test_a_bad_estimator_name_is_one_clear_line(name, particles, match):
+    from inference.errors import OptionError
+    from inference.train import TrainConfig
+
+    with pytest.raises(OptionError, match=match) as info:
+        TrainConfig(estimator=name, num_particles=particles)
+    assert "\n" not in str(info.value) and str(info.value).startswith("--estimator")
+
+
+def test_a_renyi_run_trains_through_the_cli_and_explain_checks_its_objective(tmp_path):
+    """``--estimator renyi:0.5`` trains RenyiELBO(alpha=0.5) on K = 3 draws; the report's sign
+    check uses Trace_ELBO (whose loss is -ELBO); explain checks what RenyiELBO's .loss is minus
+    (the Renyi bound, from the same draws) and finds it."""
+    import contextlib
+    import io
+    import json
+
+    from inference.cli import main
+
+    run_dir = tmp_path / "renyi"
+    common = ["--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2", "--no-progress"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(
+            ["train", "--estimator", "renyi:0.5", "--num-particles", "3", "--run-dir"]
+            + [str(run_dir), "--json", *common]
+        )
+    assert code == 0
+    report = json.loads(out.getvalue())
+    assert report["estimator"] == "RenyiELBO(alpha=0.5)"
+    assert report["test"]["estimator"] == "trace" or "Trace_ELBO" in report["test"]["estimator"]
+    residual = report["test"]["pyro_loss"] - (
+        report["test"]["kl"] - report["test"]["reconstruction"]
+    )
+    assert abs(residual) <= 1e-5 * max(1.0, abs(report["test"]["loss"]))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["explain", str(run_dir), "--num-samples", "20", "--json"]) == 0
+    objective = json.loads(printed.getvalue())["objective"]
+    assert "RenyiELBO(alpha=0.5" in objective["estimator"]
+    assert objective["ok"], objective
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, -1.0])
+def test_renyi_differentiable_loss_is_pyros_loss_and_its_gradient(float64, alpha):
+    """``DifferentiableRenyiELBO.differentiable_loss``: Pyro's RenyiELBO.loss value, and the
+    gradient its loss_and_grads accumulates, for the same draws."""
+    from pyro.infer import RenyiELBO
+
+    from inference.estimators import DifferentiableRenyiELBO
+
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((9, 6), 0.4))
+    options = dict(alpha=alpha, num_particles=4, vectorize_particles=False)
+    params = list(vae.parameters())
+    pyro.set_rng_seed(3)
+    want = RenyiELBO(**options).loss_and_grads(vae.model, vae.guide, x, num_data=30)
+    want_grads = [p.grad.clone() for p in params]
+    vae.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(3)
+    got = DifferentiableRenyiELBO(**options).differentiable_loss(
+        vae.model, vae.guide, x, num_data=30
+    )
+    got.backward()
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    for p, g in zip(params, want_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["lean", "count_ops"]
+__all__ = ["call_public_functions", "count_ops", "lean", "split_invariant"]
 
 aten = torch.ops.aten
 
@@ -52,6 +52,10 @@ _FILLS: dict[Any, float | int] = {
     aten.new_ones.default: 1.0,
 }
 _FULLS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2}
+
+#: In-place ops that change no value (autograd metadata only): ``torch.tensor(...)`` inside a
+#: recorded function becomes a lifted constant, copied and detached in place.
+_METADATA_ONLY = {aten.detach_.default}
 
 #: Fresh tensors that an in-place random op may fill without making the graph "mutating".
 _EMPTY = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default}
@@ -137,7 +141,7 @@ def _mutates(graph: fx.Graph) -> bool:
     for node in graph.nodes:
         if node.op != "call_function" or _is_assertion(node):
             continue
-        if not node.is_impure(impure_random=False):
+        if not node.is_impure(impure_random=False) or node.target in _METADATA_ONLY:
             continue
         target = node.args[0] if node.args else None
         fresh = (
@@ -392,17 +396,20 @@ for _name in (
     _BINDINGS[f"aten::{_name}"] = getattr(torch, _name)
 
 
-def call_public_functions(graph: fx.Graph) -> None:
-    """Call each ATen op through its public torch function (``torch.mul`` for
-    ``aten.mul.Tensor``): the same kernel and derivative, about 2 us less per call than the
-    operator overload's Python wrapper."""
-    for node in graph.nodes:
+def call_public_functions(module: fx.GraphModule) -> fx.GraphModule:
+    """``module`` (edited in place) calling each ATen op through its public torch function
+    (``torch.mul`` for ``aten.mul.Tensor``): the same kernel and derivative, about 2 us less
+    per call than the operator overload's Python wrapper. The last edit: the other rewrites
+    read the operator overloads' schemas and tags."""
+    for node in module.graph.nodes:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "name", None)
         binding = _BINDINGS.get(name()) if callable(name) else None
         if binding is not None:
             node.target = binding
+    module.recompile()
+    return module
 
 
 def lean(module: fx.GraphModule, differentiable: bool = True) -> fx.GraphModule:
@@ -423,7 +430,6 @@ def lean(module: fx.GraphModule, differentiable: bool = True) -> fx.GraphModule:
         fold_negations(graph)
         graph.eliminate_dead_code()
     draw_in_one_call(graph)
-    call_public_functions(graph)
     graph.lint()
     module.recompile()
     return module

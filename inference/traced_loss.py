@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from models.structure import has_static_structure
 
-from .lean_graph import lean, split_invariant
+from .lean_graph import call_public_functions, lean, split_invariant
 
 __all__ = [
     "COMPILE_AFTER_CALLS",
@@ -349,19 +349,49 @@ class TracedLoss:
         # Where every input is the caller's and the one output is the loss, the graph module
         # itself runs it: ``exported.module()`` would also flatten the arguments and check their
         # shapes at every call (about 0.1 ms), which the graph's key already guarantees.
-        signature = exported.graph_signature
-        plain = all(spec.kind == InputKind.USER_INPUT for spec in signature.input_specs) and [
-            spec.kind for spec in signature.output_specs
-        ] == [OutputKind.USER_OUTPUT]
-        # lifted constants or buffers: the module knows where they go
-        module = exported.graph_module if plain else exported.module()
+        module = _inline_constants(exported)
+        plain = module is not None
+        if module is None:  # buffers or mutated inputs: the module knows where they go
+            module = exported.module()
         module = lean(module, self.differentiable)
         prefix = None
         if self.hoist and plain:
             split = split_invariant(module)
             if split is not None:
                 prefix, module = split
+                call_public_functions(prefix)
+        call_public_functions(module)
         return _Graph(names, module, plain, self.compile_after, prefix)
+
+
+def _inline_constants(exported: torch.export.ExportedProgram) -> torch.fx.GraphModule | None:
+    """The exported graph module as a function of the caller's inputs alone, its one output
+    the loss, with each lifted constant (a tensor the loss creates or closes over) an
+    attribute of the module; None where the graph also takes buffers or mutates an input.
+    Run directly, it skips ``exported.module()``'s argument flattening and shape checks at
+    every call (about 0.1 ms), which the graph's key already guarantees."""
+    signature = exported.graph_signature
+    if [spec.kind for spec in signature.output_specs] != [OutputKind.USER_OUTPUT]:
+        return None
+    kinds = {spec.kind for spec in signature.input_specs}
+    if not kinds <= {InputKind.USER_INPUT, InputKind.CONSTANT_TENSOR}:
+        return None
+    module = exported.graph_module
+    graph = module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    for i, (node, spec) in enumerate(zip(placeholders, signature.input_specs, strict=True)):
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        name = f"constant_{i}"
+        module.register_buffer(name, exported.constants[spec.target], persistent=False)
+        with graph.inserting_before(node):
+            attribute = graph.get_attr(name)
+        attribute.meta = dict(node.meta)
+        node.replace_all_uses_with(attribute)
+        graph.erase_node(node)
+    graph.lint()
+    module.recompile()
+    return module
 
 
 def _is_cuda(value: Any) -> bool:

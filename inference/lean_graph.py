@@ -332,9 +332,7 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> None:
     contributions before the shared part instead of after, another rounding."""
     seen: dict[tuple, fx.Node] = {}
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.is_impure(impure_random=True):
-            continue
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        if node.op != "call_function" or not _pure(node):
             continue
         try:
             key = (node.target, _hashable(node.args), _hashable(node.kwargs))
@@ -345,6 +343,17 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> None:
             _reroute(node, seen[key])
         else:
             seen[key] = node
+
+
+def _pure(node: fx.Node) -> bool:
+    """Whether ``node`` computes its value from its inputs alone, so that one computation may
+    stand for several, or be kept across calls: no random draw, no in-place write, and not a
+    fresh buffer (``empty``) that a later op fills in place."""
+    if node.is_impure(impure_random=True) or node.target in _EMPTY:
+        return False
+    if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        return False
+    return not any(user.is_impure(impure_random=False) for user in node.users)
 
 
 def _hashable(value: Any) -> Any:
@@ -462,9 +471,7 @@ def split_invariant(module: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphMod
     for node in graph.nodes:
         if node.op == "placeholder":
             invariant.add(node)
-        elif node.op == "call_function" and not node.is_impure(impure_random=True):
-            if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
-                continue
+        elif node.op == "call_function" and _pure(node):
             if all(arg in invariant for arg in node.all_input_nodes):
                 invariant.add(node)
     boundary = [

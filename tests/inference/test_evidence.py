@@ -327,3 +327,31 @@ def test_only_declared_static_pairs_are_compiled_by_default(float64, export_at_o
     assert traced.compilations == 1  # chunks of 4, 4, then 2 run eagerly: one graph
     log_weights(module.model, module.guide, x, num_samples=10, chunk_size=4)
     assert traced.compilations == 1  # graphs are kept for the pair
+
+
+def test_two_latents_of_one_shape_keep_their_own_draws(export_at_once):
+    """Two sites drawing noise of the same shape: the exported chunk graph (common
+    subexpressions merged, the noise-free part kept across chunks) still draws twice."""
+    import inference.evidence as evidence
+    from models.structure import static_structure
+
+    @static_structure
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            b = pyro.sample("b", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(a + b, 1.0).to_event(1), obs=x)
+
+    @static_structure
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("a", dist.Normal(loc.expand(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("b", dist.Normal(loc.expand(x.shape[0], 2), 1.0).to_event(1))
+
+    x = torch.randn(5, 2)
+    assert_compiled_matches_eager(
+        lambda: log_weights(model, guide, x, num_samples=8, chunk_size=4, compiled=False),
+        lambda: log_weights(model, guide, x, num_samples=8, chunk_size=4, compiled=True),
+        lambda: sum(traced.graph_calls for traced in evidence._GRAPHS.values()),
+    )

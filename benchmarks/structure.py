@@ -121,12 +121,7 @@ def main(argv=None) -> None:
     print(f"## cycles: {len(found_cycles)}")
     for cycle in found_cycles:
         print("  " + " -> ".join(cycle))
-    leaf = all(
-        not dep.startswith("inference")
-        for n, d in graph.items()
-        if n.startswith("models")
-        for dep in d
-    )
+    leaf = all(not dep.startswith("inference") for n, d in graph.items() if n.startswith("models") for dep in d)
     print(f"## models imports inference: {'no' if leaf else 'YES'}")
     print("## command-line options")
     print(option_table(args.root), end="")

@@ -97,6 +97,9 @@ class RecentByFunction:
 
 
 def freeze(value: Any) -> Hashable:
+    """A hashable key for call arguments: a tensor by its shape, dtype, device and whether it
+    requires a gradient (a graph is recorded for those, not for its values); lists, tuples and
+    dicts by their parts; anything else as itself (it must be hashable)."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
     if isinstance(value, list | tuple):

@@ -184,12 +184,13 @@ def checked_metrics(
     """
     from .elbo import EVAL_SEED, evaluate
     from .enumeration import exact_log_evidence
+    from .estimators import plain_estimator
     from .evidence import iwae
     from .io import seeded
-    from .train import COMPILED, pyro_loss
+    from .train import pyro_loss
 
     seed = EVAL_SEED if seed is None else seed
-    plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(estimator, estimator)
+    plain = plain_estimator(estimator)  # whose .loss is -ELBO (trace for jit and renyi)
     particles = num_particles or (10 if batched else 100)
     batch = EVAL_BATCH_SIZE if batched else None
     common = dict(batch_size=batch, seed=seed, num_particles=particles)

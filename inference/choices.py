@@ -7,7 +7,7 @@ A default is defined here once: the library's configs (:class:`inference.train.T
 ``tests/inference/test_cli.py`` checks that what the parser fills in equals what the library
 takes by default. The names themselves are the library's vocabulary, spelled out once more
 (checked against :data:`inference.run.MODELS`, :data:`inference.run.DTYPES`,
-:data:`inference.train.ESTIMATOR_CHOICES`, :data:`inference.train.JIT_MODES`,
+:data:`inference.estimators.ESTIMATOR_CHOICES`, :data:`inference.train.JIT_MODES`,
 :data:`inference.train.OPTIMIZERS`).
 
 Sample counts have one name each, whatever the command:
@@ -53,8 +53,9 @@ MODELS = ("vae", "ppca", "fa")
 #: Floating-point types a run may compute in.
 DTYPES = ("float32", "float64")
 #: ELBO estimators: auto (chosen for the pair), Monte-Carlo KL, analytic KL, their compiled
-#: variants, TraceGraph_ELBO and TraceEnum_ELBO (inference.train.ESTIMATOR_CHOICES).
-ESTIMATORS = ("auto", "trace", "meanfield", "jit", "jit-meanfield", "graph", "enum")
+#: variants, TraceGraph_ELBO, TraceEnum_ELBO and RenyiELBO (``renyi:ALPHA``)
+#: (inference.estimators.ESTIMATOR_CHOICES).
+ESTIMATORS = ("auto", "trace", "meanfield", "jit", "jit-meanfield", "graph", "enum", "renyi")
 #: Optimizers (inference.train.OPTIMIZERS).
 OPTIMIZERS = ("adam", "adamw", "sgd")
 #: When training compiles its estimator.

@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # bound at run time by _load_library, when a command runs
     from .bounds import CheckedMetrics, checked_metrics
     from .data import load_data, load_model_data
     from .distributed import device_for, init_from_env, shutdown
-    from .estimators import COMPILED
-    from .io import load_checkpoint
+    from .estimators import ESTIMATORS, choose_estimator, estimator_label, plain_estimator
+    from .io import CHECKPOINT, load_checkpoint
     from .plots import write_training_figures
     from .run import (
         DEFAULT_AUTOGUIDE,
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # bound at run time by _load_library, when a command runs
         load_run,
     )
     from .rundir import RunDirectory, refuse_to_replace
-    from .train import CHECKPOINT, ESTIMATORS, Interrupted, TrainConfig, choose_estimator, fit
+    from .train import Interrupted, TrainConfig, fit
     from .user_model import (
         guide_label,
         is_user_model,
@@ -81,7 +81,7 @@ def _load_library() -> None:
         **{n: getattr(bounds, n) for n in ("CheckedMetrics", "checked_metrics")},
         **{n: getattr(data, n) for n in ("load_data", "load_model_data")},
         **{n: getattr(distributed, n) for n in ("device_for", "init_from_env", "shutdown")},
-        "COMPILED": estimators.COMPILED,
+        **{n: getattr(estimators, n) for n in ("estimator_label", "plain_estimator")},
         "load_checkpoint": io.load_checkpoint,
         "write_training_figures": plots.write_training_figures,
         **{
@@ -155,6 +155,18 @@ def _seconds(text: str) -> float:
 
 #: numpy's global seed (set by pyro.set_rng_seed) takes 0 <= seed < 2**32.
 MAX_SEED = 2**32 - 1
+
+
+def _estimator(text: str) -> str:
+    """An estimator name of :data:`inference.choices.ESTIMATORS`, or ``renyi:ALPHA`` (ALPHA is
+    checked with the other options, by :func:`inference.estimators.check_estimator`)."""
+    name, sep, _ = text.partition(":")
+    if name not in choices.ESTIMATORS or (sep and name != "renyi"):
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(choices.ESTIMATORS)}; "
+            "renyi:ALPHA for RenyiELBO's alpha)"
+        )
+    return text
 
 
 def _seed(text: str) -> int:
@@ -526,20 +538,23 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
     p.add_argument(
         "--estimator",
         default=estimator,
-        choices=list(choices.ESTIMATORS),
+        type=_estimator,
+        metavar="{" + ",".join(choices.ESTIMATORS) + "}",
         help="ELBO estimator: auto = TraceMeanField_ELBO where its analytic KL is valid for "
         "the model and guide (the VAE), else Trace_ELBO; meanfield = TraceMeanField_ELBO "
         "(refused where its analytic KL would be wrong, e.g. an autoguide over a constrained "
         "latent); trace = Trace_ELBO (Monte-Carlo KL); jit / jit-meanfield = their "
-        f"JIT-compiled versions ({estimator})",
+        "compiled versions; graph = TraceGraph_ELBO; enum = TraceEnum_ELBO; renyi:ALPHA = "
+        "RenyiELBO(alpha=ALPHA) with --num-particles K > 1 (bare renyi: alpha 0, the "
+        f"importance-weighted bound) ({estimator})",
     )
     p.add_argument(
         "--jit",
         default=choices.JIT,
         choices=list(choices.JIT_MODES),
-        help="compile the estimator with torch.jit (same loss and gradients, less Python per "
-        "step): on, off, or auto = when model and guide are declared static, as every "
-        f"built-in one is ({choices.JIT})",
+        help="compile the estimator with torch.export (same loss and gradients, less Python "
+        "per step; torch.compile for long runs): on, off, or auto = when model and guide are "
+        f"declared static, as every built-in one is ({choices.JIT})",
     )
     _add_threads_option(p)
     p.add_argument("--device", default=choices.DEVICE, help=f"cpu or cuda[:N] ({choices.DEVICE})")
@@ -655,11 +670,8 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def _estimator_label(name: str) -> str:
-    """``TraceMeanField_ELBO``, or ``TraceMeanField_ELBO (JIT-compiled)`` for its traced form."""
-    plain = {compiled: plain for plain, compiled in COMPILED.items()}.get(name)
-    if plain is None:
-        return ESTIMATORS[name].__name__
-    return f"{ESTIMATORS[plain].__name__} (JIT-compiled)"
+    """``TraceMeanField_ELBO``, ``... (JIT-compiled)``, ``RenyiELBO(alpha=0.5)``."""
+    return estimator_label(name)
 
 
 #: Options ``--resume`` accepts besides the run directory: documented changes and display.
@@ -913,7 +925,7 @@ def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: 
     call = run.train_call if spec.user_model else run.test_call
     batched = takes_num_data(run.model) and not spec.user_model
     exact = _exact_log_px(run.module, call)
-    plain = {c: p for p, c in COMPILED.items()}.get(result.estimator, result.estimator)
+    plain = plain_estimator(result.estimator)  # whose .loss is -ELBO, for the sign check
     checked = checked_metrics(
         run.model,
         run.guide,

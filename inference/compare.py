@@ -41,11 +41,12 @@ from .bounds import check_bounds, is_point_estimate
 from .data import Dataset, ModelData
 from .elbo import EVAL_SEED, decompose, decompose_all_rows
 from .errors import NumericalError, OptionError
+from .estimators import ESTIMATORS
 from .evidence import KHAT_THRESHOLD, deprecated_alias, effective_sample_size, iwae, psis_khat
 from .io import atomic_write_text, seeded, write_csv, write_json
 from .plots import plot_comparison
 from .posterior import posterior_draws, save_netcdf, to_inference_data
-from .train import ESTIMATORS, TrainConfig, config_record, fit
+from .train import TrainConfig, config_record, fit
 
 __all__ = [
     "DEFAULT_GUIDES",

@@ -36,9 +36,9 @@ from .enumeration import (
     has_enumerated_sites,
 )
 from .errors import OptionError
-from .estimators import RecentByFunction, TracedLoss, _freeze, is_static_pair
 from .io import seeded
 from .subsample import full_data_pairs
+from .traced_loss import RecentByFunction, TracedLoss, freeze, is_static_pair
 
 __all__ = [
     "EVAL_SEED",
@@ -143,7 +143,7 @@ def _latent_parents_once(model: Callable, args: tuple, kwargs: dict) -> dict | N
     if not has_static_structure(model):
         return find()
     try:
-        shapes = (_freeze(args), _freeze(kwargs))
+        shapes = (freeze(args), freeze(kwargs))
     except TypeError:  # an unhashable argument
         return find()
     return _PARENTS.get((model,), shapes, find)
@@ -326,6 +326,12 @@ def _float64(value: torch.Tensor | float) -> torch.Tensor:
 #: Traced site terms of recently used static pairs, with the layout their tracing filled in.
 _TERMS = RecentByFunction(8)
 
+#: Draws with one argument shape that :func:`decompose` runs eagerly before it exports their
+#: graph (:class:`~inference.traced_loss.TracedLoss`): exporting costs about as much as 50 eager
+#: draws of a digits evaluation batch, so ``fit``'s default evaluations (about 20 a run) stay
+#: eager, and evaluating every epoch, or many particles, switches to the graph.
+EXPORT_AFTER_DRAWS = 50
+
 
 def _terms_function(
     model: Callable,
@@ -362,6 +368,7 @@ def _terms_function(
                 model, guide, args, kwargs, analytic_kl, parents, layout
             ),
             differentiable=False,
+            export_after=EXPORT_AFTER_DRAWS,
         )
         return traced, layout
 
@@ -423,7 +430,7 @@ def decompose(
         analytic_kl: use closed-form KL terms where valid.
         compiled: run each draw as a traced graph (the same noise and the same numbers, bit
             for bit, without Pyro's Python work); default: for a pair declared static
-            (:func:`inference.estimators.is_static_pair`).
+            (:func:`inference.traced_loss.is_static_pair`).
 
     Reference: Kingma & Welling (2014), eq. (3).
     """

@@ -40,7 +40,7 @@ from pyro.poutine.util import prune_subsample_sites
 from models.structure import has_static_structure
 
 from .errors import OptionError
-from .estimators import RecentByFunction, _freeze
+from .traced_loss import RecentByFunction, freeze
 
 __all__ = [
     "EnumeratedTerm",
@@ -143,7 +143,7 @@ def enumeration(model: Callable, guide: Callable | None, *args, **kwargs) -> Enu
     if not has_static_structure(model) or (guide is not None and not has_static_structure(guide)):
         return _find(model, guide, args, kwargs)
     try:
-        shapes = (_freeze(args), _freeze(kwargs))
+        shapes = (freeze(args), freeze(kwargs))
     except TypeError:  # an unhashable argument
         return _find(model, guide, args, kwargs)
     fns = (model,) if guide is None else (model, guide)

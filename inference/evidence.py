@@ -45,8 +45,8 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from .enumeration import enumerated_log_joint, enumeration_in
 from .errors import OptionError
-from .estimators import RecentByFunction, TracedLoss, is_static_pair
 from .subsample import RowChunk, SubsampledPlate, SubsampleOrigin, chunk_rows, subsampled_plate
+from .traced_loss import RecentByFunction, TracedLoss, is_static_pair
 
 __all__ = [
     "EvidenceEstimate",
@@ -384,10 +384,11 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> Non
 def _drawer(
     model: Callable, guide: Callable, layout: _Layout, compiled: bool | None
 ) -> Callable[[tuple, dict, int], torch.Tensor]:
-    """``draw(args, kwargs, particles)`` -> log w of one chunk: eager, or a graph traced once per
-    chunk size (:class:`~inference.estimators.TracedLoss`) for a pair declared static, which
-    draws the same noise and computes the same log-weights without Pyro's Python work (bit for
-    bit, except that a traced MultivariateNormal log-density can differ in the last bit)."""
+    """``draw(args, kwargs, particles)`` -> log w of one chunk: eager, or for a pair declared
+    static a graph exported per chunk size once it recurs (:class:`~inference.traced_loss.
+    TracedLoss`, after :data:`EXPORT_AFTER_CHUNKS` chunks), which draws the same noise and
+    computes the same log-weights without Pyro's Python work (bit for bit, except that a
+    recorded MultivariateNormal log-density can differ in the last bit)."""
     if compiled is None:
         compiled = is_static_pair(model, guide)
     if not compiled or layout.enumerated or layout.subsample is not None:
@@ -399,6 +400,7 @@ def _drawer(
             lambda *args, particles, **kwargs: _draw(model, guide, args, kwargs, layout, particles),
             differentiable=False,  # log_weights runs without gradients
             hoist=True,
+            export_after=EXPORT_AFTER_CHUNKS,
         ),
     )
     memo: dict = {}  # what draws no noise is computed once per call of log_weights
@@ -407,6 +409,12 @@ def _drawer(
 
 #: Traced log-weight graphs of the most recently used static model/guide pairs.
 _GRAPHS = RecentByFunction(4)
+
+#: Chunks of one size drawn eagerly before their graph is exported
+#: (:class:`~inference.traced_loss.TracedLoss`): exporting costs about as much as 100 eager
+#: digits chunks, so an ``iwae`` at K = 1000 (77 chunks) runs eagerly, a second call or a
+#: larger K switches to the graph.
+EXPORT_AFTER_CHUNKS = 100
 
 
 def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:

@@ -30,12 +30,13 @@ from .choices import EVAL_BATCH_SIZE
 from .elbo import EVAL_SEED, evaluate
 from .enumeration import exact_evidence
 from .errors import OptionError
+from .estimators import ESTIMATORS, choose_estimator, make_elbo
 from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
 from .io import seeded
 from .objectives import check_objective
 from .run import load_run
 from .subsample import full_data_pairs
-from .train import ESTIMATORS, choose_estimator, make_elbo, pyro_loss
+from .train import pyro_loss
 
 __all__ = ["Explanation", "explain"]
 
@@ -289,8 +290,13 @@ def explain(
             f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
-    # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug)
-    objective = _check_objective_all_rows(make_elbo(estimator), run, args, kwargs, seed)
+    # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug):
+    # the run's own estimator where it trained with one of another objective (renyi:ALPHA)
+    trained = run.state.get("config", {})
+    checked_elbo = make_elbo(estimator)
+    if str(trained.get("estimator", "")).startswith("renyi"):
+        checked_elbo = make_elbo(trained["estimator"], trained.get("num_particles", 2))
+    objective = _check_objective_all_rows(checked_elbo, run, args, kwargs, seed)
     if not objective.ok:
         warnings.append(f"{objective.estimator}.loss is not -{objective.objective} here")
     result = Explanation(

@@ -22,9 +22,9 @@ from torch import nn
 from .batching import ModelArgs
 from .data import Dataset, ModelData, check_support, load_data, load_model_data
 from .errors import OptionError, RunError
-from .io import load_checkpoint
+from .io import CHECKPOINT, load_checkpoint
 from .provenance import check_absolute, data_fingerprint, file_fingerprint, verify_fingerprint
-from .train import CHECKPOINT, restore
+from .train import restore
 from .user_model import (
     check_user_model,
     is_user_model,

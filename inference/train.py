@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from tqdm.auto import tqdm
 
 from .batching import (
@@ -50,15 +50,21 @@ from .batching import (
 )
 from .choices import BATCH_SIZE, EVAL_BATCH_SIZE
 from .distributed import World, current_world
-from .elbo import EVAL_SEED, PerDatumElbo, evaluate, meanfield_violations
+from .elbo import EVAL_SEED, PerDatumElbo, evaluate
 from .enumeration import (
-    TraceEnum_ELBO,
-    enumeration,
-    has_enumerated_sites,
     refuse_guide_enumeration,
 )
 from .errors import NumericalError, OptionError, RunError
-from .estimators import COMPILED, JitTrace_ELBO, JitTraceMeanField_ELBO, is_static_pair
+from .estimators import (  # the estimator registry lives there; re-exported for old imports
+    AUTO,
+    COMPILED,
+    ESTIMATOR_CHOICES,
+    ESTIMATORS,
+    check_estimator,
+    choose_estimator,
+    make_elbo,
+    resolve_estimator,
+)
 from .io import (
     CHECKPOINT,
     MetricsLog,
@@ -73,11 +79,15 @@ from .io import (
 from .subsample import full_data_pairs
 
 __all__ = [
+    "AUTO",
+    "COMPILED",
     "ESTIMATORS",
+    "ESTIMATOR_CHOICES",
     "Interrupted",
     "Metrics",
     "TrainConfig",
     "TrainResult",
+    "choose_estimator",
     "evaluate",
     "fit",
     "make_elbo",
@@ -87,24 +97,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-
-#: ELBO estimators by name: Monte-Carlo KL, analytic KL, and their JIT-compiled variants
-#: (:mod:`inference.estimators`: traced once per shape, same noise and gradients as the plain);
-#: ``graph`` (Trace_ELBO's loss, Rao-Blackwellized score-function gradients) and ``enum``
-#: (the model's enumerated discrete sites summed out, :mod:`inference.enumeration`).
-ESTIMATORS: dict[str, type[ELBO]] = {
-    "trace": Trace_ELBO,
-    "meanfield": TraceMeanField_ELBO,
-    "jit": JitTrace_ELBO,
-    "jit-meanfield": JitTraceMeanField_ELBO,
-    "graph": TraceGraph_ELBO,
-    "enum": TraceEnum_ELBO,
-}
-
-#: ``TrainConfig.estimator`` may also be this: TraceMeanField_ELBO where its analytic KL is
-#: valid for the model/guide pair (:func:`inference.elbo.meanfield_violations`), else Trace_ELBO.
-AUTO = "auto"
-ESTIMATOR_CHOICES = (AUTO, *ESTIMATORS)
 
 #: When :func:`fit` compiles its estimator (``TrainConfig.jit``).
 JIT_MODES = ("auto", "on", "off")
@@ -174,13 +166,8 @@ class TrainConfig:
                 f"--optimizer: unknown optimizer {self.optimizer!r} "
                 f"(choose from {', '.join(OPTIMIZER_NAMES)})"
             )
-        if isinstance(self.estimator, ELBO):
-            pass  # the user's own Pyro ELBO object, run as given
-        elif self.estimator not in ESTIMATOR_CHOICES:
-            raise OptionError(
-                f"--estimator: unknown estimator {self.estimator!r} "
-                f"(choose from {', '.join(ESTIMATOR_CHOICES)})"
-            )
+        if not isinstance(self.estimator, ELBO):  # else the user's own ELBO, run as given
+            check_estimator(self.estimator, self.num_particles)
         if self.jit not in JIT_MODES:
             raise OptionError(f"--jit: must be one of {', '.join(JIT_MODES)}, got {self.jit!r}")
         if not (
@@ -214,86 +201,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int, where: str):
         super().__init__(f"interrupted by signal {signum} at {where}; checkpoint written")
         self.signum = signum
-
-
-def make_elbo(name: str, num_particles: int = 1) -> ELBO:
-    """Instantiate an estimator from :data:`ESTIMATORS` (vectorized particles for >1)."""
-    if name not in ESTIMATORS:
-        raise OptionError(
-            f"--estimator: unknown estimator {name!r} (choose from {', '.join(ESTIMATORS)})"
-        )
-    if num_particles == 1:
-        return ESTIMATORS[name]()
-    return ESTIMATORS[name](num_particles=num_particles, vectorize_particles=False)
-
-
-def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwargs) -> str:
-    """The plain estimator for ``name`` on this pair and arguments.
-
-    ``"auto"`` is ``enum`` (TraceEnum_ELBO) when the model enumerates discrete sites
-    (``@config_enumerate``; :func:`inference.enumeration.enumeration`), else ``meanfield``
-    (TraceMeanField_ELBO) when its analytic KL is valid at every site
-    (:func:`inference.elbo.meanfield_violations`), else ``trace`` (Trace_ELBO, valid for every
-    pair). An explicit ``meanfield`` on a pair where it is not valid is an
-    :class:`OptionError` naming the site: it would train on, and report, a wrong objective
-    (e.g. an "ELBO" above log p(x) for an autoguide over a constrained latent); so is any
-    estimator but ``enum`` on a model with enumerated sites, which it would sample from the
-    prior with no guide term.
-    """
-    plain = {compiled: plain for plain, compiled in COMPILED.items()}
-    base = plain.get(name, name)
-    enumerable = base != "enum" and bool(args or kwargs)
-    if enumerable and has_enumerated_sites(model, guide, *args, **kwargs):
-        enumerated = enumeration(model, guide, *args, **kwargs).sites
-        if enumerated and base == AUTO:
-            return "enum"
-        if enumerated:
-            raise OptionError(
-                f"--estimator {name}: the model enumerates {', '.join(enumerated)}, which only "
-                "TraceEnum_ELBO sums out; use --estimator enum or auto"
-            )
-    if base not in (AUTO, "meanfield"):
-        return name
-    violations = meanfield_violations(model, guide, *args, **kwargs)
-    if base == AUTO:
-        return "trace" if violations else "meanfield"
-    if violations:
-        raise OptionError(
-            f"--estimator {name}: TraceMeanField_ELBO's analytic KL is not valid for this pair "
-            f"({violations[0]}); use --estimator trace or auto"
-        )
-    return name
-
-
-def resolve_estimator(
-    config: TrainConfig, model: Callable, guide: Callable, *args, **kwargs
-) -> str:
-    """The estimator :func:`fit` runs: ``config.estimator`` (``auto`` chosen for the pair on
-    ``*args, **kwargs`` by :func:`choose_estimator`), compiled when ``config.jit`` says.
-
-    ``jit="auto"`` compiles (``trace`` -> ``jit``, ``meanfield`` -> ``jit-meanfield``) when the
-    model and the guide are both declared static (:func:`models.structure.static_structure`:
-    every built-in model and guide is; a Pyro autoguide is as static as the model it was built
-    from) and per-step validation is off, which needs the eager path. A compiled estimator
-    computes the plain one's loss and gradients for shared noise (bit for bit for the built-in
-    models, to rounding in general: :mod:`inference.estimators`); it only removes Pyro's
-    per-step Python work. Undeclared functions run eagerly: a traced graph would silently
-    freeze a data-dependent branch.
-    """
-    name = config.estimator
-    if name in (AUTO, "meanfield", "jit-meanfield"):
-        if not args and not kwargs:
-            raise OptionError(f"--estimator {name}: choosing it needs the model's arguments")
-        name = choose_estimator(name, model, guide, *args, **kwargs)
-    elif args or kwargs:  # any other name is checked too: enumerated sites need TraceEnum_ELBO
-        name = choose_estimator(name, model, guide, *args, **kwargs)
-    if name not in COMPILED:  # already a compiled estimator
-        return name
-    if config.jit == "on" or (
-        config.jit == "auto" and not config.validate and is_static_pair(model, guide)
-    ):
-        return COMPILED[name]
-    return name
 
 
 # --- evaluation ----------------------------------------------------------------------------------

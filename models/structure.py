@@ -3,18 +3,13 @@
 A model or guide has *static structure* when every call with arguments of the same shapes runs
 the same sample sites, with the same distributions, through the same tensor operations: no
 Python ``if`` or loop on tensor values. Such a function can be recorded once as a graph
-(:func:`torch.jit.trace`) and replayed, which is what Pyro's ``JitTrace_ELBO`` requires.
-elbo-lab's training compiles the ELBO of a model/guide pair when both are marked, and runs it
-eagerly otherwise; a traced graph of a function that is *not* static would silently freeze one
-branch, so nothing is marked by guessing.
+(:func:`torch.export.export`, as :mod:`inference.estimators` does) and replayed, which is also
+what Pyro's ``JitTrace_ELBO`` requires. elbo-lab's training compiles the ELBO of a model/guide
+pair when both are marked, and runs it eagerly otherwise; a recorded graph of a function that
+is *not* static would silently freeze one branch, so nothing is marked by guessing.
 
     @static_structure
     def model(x, num_data=None): ...
-
-While a float64 model is traced, the default dtype is float64: a tensor the model creates at
-the default dtype (``torch.tensor(0.5)``, ``dist.Normal(0.0, 1.0)`` with no tensor argument)
-is then float64 where the eager run makes it float32. Create such tensors with the data's
-dtype (``x.new_tensor(0.5)``, ``torch.zeros((), dtype=x.dtype)``), as the built-in models do.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from equivalence import assert_compiled_matches_eager
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints
 
+import inference.elbo as elbo_module
 from inference.elbo import decompose
 from models.vae import VAE
 
@@ -130,7 +132,6 @@ def test_conditioned_prior_falls_back_to_monte_carlo():
 def test_latent_parents_are_found_once_per_static_model_and_shape(monkeypatch):
     """Provenance tracking runs once for a declared-static model and argument shape, at every
     call for any other model; the decomposition is the same either way."""
-    import inference.elbo as elbo_module
     from models.vae import VAE
 
     calls = []
@@ -157,42 +158,62 @@ def test_latent_parents_are_found_once_per_static_model_and_shape(monkeypatch):
     assert results[0] == results[1] == results[2] == results[3]
 
 
-def _decompositions(model, guide, x, **options):
-    out = []
-    for compiled in (False, True, True):  # the second compiled call replays the graph
-        pyro.set_rng_seed(3)
-        out.append(decompose(model, guide, x, compiled=compiled, **options))
-    return out
+@pytest.fixture
+def export_at_once(monkeypatch):
+    """decompose exports each draw's graph at its first call (not after EXPORT_AFTER_DRAWS)."""
+    monkeypatch.setattr(elbo_module, "EXPORT_AFTER_DRAWS", 0)
+    elbo_module._TERMS.clear()
+    yield
+    elbo_module._TERMS.clear()
+
+
+def _graph_calls():
+    return sum(traced.graph_calls for traced, _ in elbo_module._TERMS.values())
+
+
+def _assert_decompositions_match(model, guide, x, exact=True, **options):
+    """decompose compiled (a graph per draw, which must run) equals decompose eager, twice:
+    the first compiled call exports the graph, the second replays it."""
+    assert_compiled_matches_eager(
+        lambda: decompose(model, guide, x, compiled=False, **options),
+        lambda: decompose(model, guide, x, compiled=True, **options),
+        _graph_calls,
+        seeds=(3, 3),
+        exact=exact,
+        rtol=1e-6,
+        atol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("analytic_kl", [True, False])
 @pytest.mark.parametrize("family", ["own", "diag", "full", "flow"])
-def test_compiled_decomposition_is_the_eager_one(family, analytic_kl):
-    """Traced per-site terms: every number of the decomposition equals the eager one."""
+def test_compiled_decomposition_is_the_eager_one(export_at_once, family, analytic_kl):
+    """Exported per-site terms: every number of the decomposition equals the eager one."""
     from models.guides import make_guide
 
     torch.manual_seed(0)
     vae = VAE(10, latent_dim=3, hidden_dims=(6,))
     guide = vae.guide if family == "own" else make_guide(family, 10, 3, (6,))
     x = torch.bernoulli(torch.full((9, 10), 0.4))
-    eager, first, second = _decompositions(
-        vae.model, guide, x, num_particles=3, analytic_kl=analytic_kl, num_data=30
+    # A recorded MultivariateNormal.log_prob (torch's _batch_mahalanobis) can differ from the
+    # eager one in the last bit of float32: equal to rounding, not bit for bit.
+    _assert_decompositions_match(
+        vae.model,
+        guide,
+        x,
+        exact=family != "full",
+        num_particles=3,
+        analytic_kl=analytic_kl,
+        num_data=30,
     )
-    assert first == second
-    if family == "full":
-        # A traced MultivariateNormal.log_prob (torch's _batch_mahalanobis) can differ from
-        # the eager one in the last bit of float32: equal to rounding, not bit for bit.
-        assert first.elbo == pytest.approx(eager.elbo, rel=1e-6, abs=1e-4)
-        assert first.kl == pytest.approx(eager.kl, rel=1e-6, abs=1e-4)
-        assert first.reconstruction == eager.reconstruction
-    else:
-        assert eager == first
+    pyro.set_rng_seed(3)
+    eager = decompose(vae.model, guide, x, num_particles=3, analytic_kl=analytic_kl, num_data=30)
     methods = {s.name: s.method for s in eager.sites}
     analytic = analytic_kl and family in ("own", "diag")  # no registered KL(MVN || Normal)
     assert methods["z"] == ("analytic" if analytic else "monte_carlo")
 
 
-def test_compiled_decomposition_of_linear_gaussian_and_a_static_user_model(float64):
+def test_compiled_decomposition_of_linear_gaussian_and_a_static_user_model(float64, export_at_once):
     from pyro.infer.autoguide import AutoNormal
 
     from models.linear_gaussian import LinearGaussian
@@ -201,8 +222,7 @@ def test_compiled_decomposition_of_linear_gaussian_and_a_static_user_model(float
     torch.manual_seed(0)
     lg = LinearGaussian(5, 2, noise="diagonal").double()
     y = torch.randn(7, 5, dtype=torch.float64)
-    eager, first, second = _decompositions(lg.model, lg.guide, y, num_particles=2)
-    assert eager == first == second
+    _assert_decompositions_match(lg.model, lg.guide, y, num_particles=2)
 
     @static_structure
     def regression(data):
@@ -214,8 +234,7 @@ def test_compiled_decomposition_of_linear_gaussian_and_a_static_user_model(float
     data = torch.randn(11, 3, dtype=torch.float64)
     guide = AutoNormal(regression)
     guide(data)  # create the guide's parameters
-    eager, first, second = _decompositions(regression, guide, data, num_particles=2)
-    assert eager == first == second
+    _assert_decompositions_match(regression, guide, data, num_particles=2)
 
 
 def test_evaluate_is_decompose_per_datum_under_its_seed():

@@ -1,12 +1,16 @@
-"""The traced ELBOs equal their plain twins for shared noise, in value and gradient, and
-trace once per shape (Kingma & Welling 2014, eq. 3)."""
+"""The exported ELBOs equal their plain twins for shared noise, in value and gradient, bit for
+bit; compiled by ``torch.compile``, to float rounding; one graph per shape (Kingma & Welling
+2014, eq. 3). Every comparison goes through :func:`equivalence.assert_compiled_matches_eager`,
+which asserts that the graph (or the compiled function) ran, not an eager fallback."""
 
 import pyro
 import pytest
 import torch
+from equivalence import assert_compiled_matches_eager
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from inference.estimators import JitTrace_ELBO, JitTraceMeanField_ELBO
+from inference.estimators import EXPORT_AFTER_CALLS, JitTrace_ELBO, JitTraceMeanField_ELBO
+from inference.lean_graph import count_ops
 from models.vae import VAE
 
 PAIRS = [(Trace_ELBO, JitTrace_ELBO), (TraceMeanField_ELBO, JitTraceMeanField_ELBO)]
@@ -25,7 +29,7 @@ def test_traced_loss_and_gradient_equal_the_plain_estimators(float64, plain, tra
     torch.manual_seed(0)
     vae = VAE(6, latent_dim=2, hidden_dims=(5,))
     x = torch.bernoulli(torch.full((20, 6), 0.5))
-    compiled = traced()
+    compiled = traced(export_after=0)
     for seed, rows in [(1, 8), (2, 8), (3, 4)]:  # a ragged last batch gets its own graph
         want, want_grad = _loss_and_grad(plain(), vae, x[:rows], 20, seed)
         got, got_grad = _loss_and_grad(lambda m, g: compiled(m, g), vae, x[:rows], 20, seed)
@@ -33,13 +37,14 @@ def test_traced_loss_and_gradient_equal_the_plain_estimators(float64, plain, tra
         for a, b in zip(got_grad, want_grad, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert compiled.compilations(vae.model, vae.guide) == 2
+    assert compiled.traced_loss(vae.model, vae.guide).graph_calls == 3
 
 
 def test_meanfield_compiles_once_per_shape_for_fresh_bound_methods():
     torch.manual_seed(0)
     vae = VAE(6, latent_dim=2, hidden_dims=(5,))
     x = torch.bernoulli(torch.full((8, 6), 0.5))
-    elbo = JitTraceMeanField_ELBO()
+    elbo = JitTraceMeanField_ELBO(export_after=0)
     for _ in range(4):  # vae.model is a new bound-method object each time
         elbo.differentiable_loss(vae.model, vae.guide, x)
     assert elbo.compilations(vae.model, vae.guide) == 1
@@ -49,37 +54,67 @@ def test_first_call_draws_the_same_noise_as_later_calls():
     torch.manual_seed(0)
     vae = VAE(6, latent_dim=2, hidden_dims=(5,))
     x = torch.bernoulli(torch.full((8, 6), 0.5))
-    elbo = JitTrace_ELBO()
+    elbo = JitTrace_ELBO(export_after=0)
     values = []
     for _ in range(2):
         pyro.set_rng_seed(5)
-        values.append(elbo.loss(vae.model, vae.guide, x))
+        values.append(elbo.differentiable_loss(vae.model, vae.guide, x))
     pyro.set_rng_seed(5)
-    assert values[0] == values[1] == pytest.approx(Trace_ELBO().loss(vae.model, vae.guide, x))
+    assert torch.equal(values[0], values[1])
+    assert torch.equal(values[0], Trace_ELBO().differentiable_loss(vae.model, vae.guide, x))
+    assert elbo.traced_loss(vae.model, vae.guide).graph_calls == 2
+
+
+def test_a_shape_runs_eagerly_until_it_recurs_then_as_a_graph_with_the_same_numbers():
+    """The first ``export_after`` calls of a shape run Pyro's Python; the next ones the graph,
+    on the same random stream: one run's losses and gradients are those of an eager run."""
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((8, 6), 0.5))
+    params = list(vae.parameters())
+
+    def run(elbo):
+        pyro.set_rng_seed(4)
+        out = []
+        for _ in range(5):
+            loss = elbo.differentiable_loss(vae.model, vae.guide, x, num_data=20)
+            out.append((loss, torch.autograd.grad(loss, params)))
+        return out
+
+    switching = JitTraceMeanField_ELBO(export_after=3)
+    got, want = run(switching), run(TraceMeanField_ELBO())
+    traced = switching.traced_loss(vae.model, vae.guide)
+    assert (traced.compilations, traced.graph_calls) == (1, 2)
+    for (a, grads_a), (b, grads_b) in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+        assert all(torch.equal(g, h) for g, h in zip(grads_a, grads_b, strict=True))
+    assert EXPORT_AFTER_CALLS > 0  # the default: short-lived shapes never pay for an export
 
 
 # --- the compiled graph is the plain estimator, bit for bit ---------------------------------------
 
 
-def _pair_grads(loss, params):
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+def _graph_calls(elbo, model, guide):
+    def count():
+        traced = elbo.traced_loss(model, guide)
+        return 0 if traced is None else traced.graph_calls
+
+    return count
 
 
 def _bitwise_equal_to_plain(plain, traced, model, guide, x, num_data, params, seeds=(1, 2)):
-    compiled = traced()(model, guide)
-    eager = plain()(model, guide)
+    """The exported graph (from the first call) against Pyro's eager estimator: the same loss
+    and gradients bit for bit, and the graph ran."""
+    estimator = traced(export_after=0)
     kwargs = {"num_data": num_data} if num_data is not None else {}
-    for seed in seeds:
-        pyro.set_rng_seed(seed)
-        want = eager(x, **kwargs)
-        want_grad = _pair_grads(want, params)
-        pyro.set_rng_seed(seed)
-        got = compiled(x, **kwargs)
-        got_grad = _pair_grads(got, params)
-        assert torch.equal(got, want), (got.item(), want.item())
-        for a, b in zip(got_grad, want_grad, strict=True):
-            assert torch.equal(a, b)
+    assert_compiled_matches_eager(
+        lambda: plain().differentiable_loss(model, guide, x, **kwargs),
+        lambda: estimator.differentiable_loss(model, guide, x, **kwargs),
+        _graph_calls(estimator, model, guide),
+        params=params,
+        seeds=seeds,
+    )
+    assert estimator.traced_loss(model, guide).fallbacks == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -124,35 +159,22 @@ def test_builtin_guides_and_linear_gaussian_graphs_are_bitwise_plain(family):
         )
 
 
-def _graph_of(elbo, model, guide):
-    (traced,) = elbo._traced_losses.values()
-    ((_, graph),) = traced._graphs.values()
-    return graph.graph
-
-
 def test_lean_graph_keeps_only_the_arithmetic_of_the_loss():
-    """Shape arithmetic, identity reshapes, fills and arithmetic with them are gone; the ops
-    that compute the loss remain, one normal draw included."""
+    """Dead log-densities, the plate's arange, identity expands and broadcasts, the N(0, 1)
+    prior's fills and the arithmetic with them are gone; the ops that compute the loss remain,
+    one noise draw included, each called through its public torch function."""
     torch.manual_seed(0)
     vae = VAE(6, latent_dim=3, hidden_dims=(5,))
     x = torch.bernoulli(torch.full((7, 6), 0.4))
-    elbo = JitTraceMeanField_ELBO()
+    elbo = JitTraceMeanField_ELBO(export_after=0)
     elbo.differentiable_loss(vae.model, vae.guide, x, num_data=20)
-    kinds = [node.kind() for node in _graph_of(elbo, vae.model, vae.guide).nodes()]
-    for gone in (
-        "aten::size",
-        "aten::arange",
-        "aten::expand",
-        "aten::broadcast_tensors",
-        "aten::zeros",
-        "aten::ones",
-        "aten::ones_like",
-        "aten::new_zeros",
-        "aten::div",
-    ):
-        assert gone not in kinds, gone
-    assert kinds.count("aten::normal") == 1
-    assert kinds.count("aten::linear") == 5 and kinds.count("aten::softplus") == 2
+    ((graph),) = elbo.traced_loss(vae.model, vae.guide).graphs()
+    ops = count_ops(graph.module)
+    for gone in ("arange", "expand", "broadcast_tensors", "new_zeros", "ones_like", "div"):
+        assert gone not in ops, gone
+    assert not any(name.startswith("aten.") for name in ops), ops
+    assert ops["normal"] == 1 and ops["linear"] == 5 and ops["softplus"] == 2
+    assert sum(ops.values()) == 26, ops
 
 
 def test_fill_arithmetic_that_broadcasts_is_kept():
@@ -170,9 +192,31 @@ def test_fill_arithmetic_that_broadcasts_is_kept():
 
     x = torch.randn(4, 2, 3)
     pyro.clear_param_store()
-    want = Trace_ELBO().differentiable_loss(model, guide, x)
-    got = JitTrace_ELBO().differentiable_loss(model, guide, x)
-    assert torch.equal(got, want)
+    model(x)
+    _bitwise_equal_to_plain(
+        Trace_ELBO, JitTrace_ELBO, model, guide, x, None, [pyro.param("w").unconstrained()]
+    )
+
+
+def test_a_tensor_the_model_closes_over_stays_the_models():
+    """A tensor from outside the model (lifted into the graph as a constant) is read where the
+    model reads it."""
+    offset = torch.tensor([0.1, -0.2, 0.3])
+
+    def model(x):
+        w = pyro.param("w", torch.full((3,), 0.5))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", pyro.distributions.Normal(w + offset, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    x = torch.randn(4, 3)
+    pyro.clear_param_store()
+    model(x)
+    _bitwise_equal_to_plain(
+        Trace_ELBO, JitTrace_ELBO, model, guide, x, None, [pyro.param("w").unconstrained()]
+    )
 
 
 def _mask_model(x):
@@ -185,8 +229,8 @@ def _mask_model(x):
 
 
 def _bits_model(x):
-    """``view(dtype)``, which TorchScript's alias analysis cannot handle: the graph runs as
-    traced, unoptimized."""
+    """``view(dtype)``: reinterpreted bits, which TorchScript could not optimize; exported,
+    it is one more ATen op (and the test checks that the graph ran, not an eager fallback)."""
     w = pyro.param("w", torch.full((3,), 0.5))
     odd = (x.view(torch.int32) & 1).to(x.dtype)
     with pyro.plate("data", x.shape[0]):
@@ -194,7 +238,7 @@ def _bits_model(x):
 
 
 @pytest.mark.parametrize("model", [_mask_model, _bits_model], ids=["mask", "view-dtype"])
-def test_graphs_that_mutate_or_defeat_the_passes_still_equal_eager(model):
+def test_graphs_that_mutate_or_view_as_another_dtype_equal_eager(model):
     x = torch.randn(4, 3)
     pyro.clear_param_store()
     model(x)  # create w
@@ -217,8 +261,183 @@ def test_several_particles_are_averaged_as_pyro_averages_them(plain, traced, row
     x = torch.bernoulli(torch.full((rows, 64), 0.3))
 
     def make(cls):
-        return lambda: cls(num_particles=3, vectorize_particles=False)
+        return lambda **options: cls(num_particles=3, vectorize_particles=False, **options)
 
     _bitwise_equal_to_plain(
         make(plain), make(traced), vae.model, vae.guide, x, 200, list(vae.parameters())
     )
+
+
+# --- compiled by torch.compile: Pyro's numbers to float rounding ----------------------------------
+
+
+def _close_to_plain_compiled(plain, traced, model, guide, x, params, **kwargs):
+    """The compiled graph (exported and compiled at its first call) against Pyro's eager
+    estimator for shared noise: the same loss and gradients to float32 rounding, and the
+    compiled function ran (AOTAutograd's backward node, not eager autograd's)."""
+    estimator = traced(export_after=0, compile_after=0)
+
+    def compiled():
+        loss = estimator.differentiable_loss(model, guide, x, **kwargs)
+        assert "Compiled" in type(loss.grad_fn).__name__
+        return loss
+
+    def compiled_calls():
+        traced_loss = estimator.traced_loss(model, guide)
+        if traced_loss is None:
+            return 0
+        return sum(g.calls for g in traced_loss.graphs() if g.compiled is not None)
+
+    assert_compiled_matches_eager(
+        lambda: plain().differentiable_loss(model, guide, x, **kwargs),
+        compiled,
+        compiled_calls,
+        params=params,
+        exact=False,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    traced_loss = estimator.traced_loss(model, guide)
+    assert traced_loss.compiled == 1 and traced_loss.fallbacks == 0
+
+
+def test_compiled_vae_loss_and_gradients_are_pyros_to_rounding():
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((8, 6), 0.5))
+    _close_to_plain_compiled(
+        TraceMeanField_ELBO,
+        JitTraceMeanField_ELBO,
+        vae.model,
+        vae.guide,
+        x,
+        list(vae.parameters()),
+        num_data=20,
+    )
+
+
+def test_compiled_user_model_with_constrained_parameters_is_pyros_to_rounding():
+    """A user's model and guide written with pyro.param: a positive scale (read through its
+    constraint's transform) and a global latent, Monte-Carlo KL."""
+
+    def model(x):
+        mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 2.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", pyro.distributions.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.3))
+        scale = pyro.param(
+            "scale", torch.tensor(0.5), constraint=pyro.distributions.constraints.positive
+        )
+        pyro.sample("mu", pyro.distributions.Normal(loc, scale))
+
+    x = torch.randn(10) + 1.0
+    pyro.clear_param_store()
+    guide(x)
+    store = pyro.get_param_store()
+    params = [store.get_param(name).unconstrained() for name in ("loc", "scale")]
+    _close_to_plain_compiled(Trace_ELBO, JitTrace_ELBO, model, guide, x, params)
+
+
+# --- the estimators by name ------------------------------------------------------------------------
+
+
+def test_the_command_lines_names_are_the_registrys():
+    from inference import choices
+    from inference.estimators import ESTIMATOR_CHOICES
+
+    assert choices.ESTIMATORS == ESTIMATOR_CHOICES
+
+
+@pytest.mark.parametrize(
+    "name, alpha", [("renyi", 0.0), ("renyi:0.5", 0.5), ("renyi:-2", -2.0), ("renyi:1e-3", 1e-3)]
+)
+def test_renyi_by_name_is_pyros_renyi_elbo_with_that_alpha(name, alpha):
+    from pyro.infer import RenyiELBO
+
+    from inference.estimators import estimator_label, make_elbo
+
+    elbo = make_elbo(name, num_particles=4)
+    assert isinstance(elbo, RenyiELBO) and elbo.alpha == alpha and elbo.num_particles == 4
+    assert estimator_label(name) == f"RenyiELBO(alpha={alpha:g})"
+
+
+@pytest.mark.parametrize(
+    "name, particles, match",
+    [
+        ("renyi:1", 4, "other than 1"),
+        ("renyi:x", 4, "finite number"),
+        ("renyi:nan", 4, "finite number"),
+        ("renyi:0.5", 1, "--num-particles K > 1"),
+        ("trace:0.5", 4, "unknown estimator"),
+        ("renyl", 4, "unknown estimator"),
+    ],
+)
+def test_a_bad_estimator_name_is_one_clear_line(name, particles, match):
+    from inference.errors import OptionError
+    from inference.train import TrainConfig
+
+    with pytest.raises(OptionError, match=match) as info:
+        TrainConfig(estimator=name, num_particles=particles)
+    assert "\n" not in str(info.value) and str(info.value).startswith("--estimator")
+
+
+def test_a_renyi_run_trains_through_the_cli_and_explain_checks_its_objective(tmp_path):
+    """``--estimator renyi:0.5`` trains RenyiELBO(alpha=0.5) on K = 3 draws; the report's sign
+    check uses Trace_ELBO (whose loss is -ELBO); explain checks what RenyiELBO's .loss is minus
+    (the Renyi bound, from the same draws) and finds it."""
+    import contextlib
+    import io
+    import json
+
+    from inference.cli import main
+
+    run_dir = tmp_path / "renyi"
+    common = ["--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2", "--no-progress"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(
+            ["train", "--estimator", "renyi:0.5", "--num-particles", "3", "--run-dir"]
+            + [str(run_dir), "--json", *common]
+        )
+    assert code == 0
+    report = json.loads(out.getvalue())
+    assert report["estimator"] == "RenyiELBO(alpha=0.5)"
+    assert report["test"]["estimator"] == "trace" or "Trace_ELBO" in report["test"]["estimator"]
+    residual = report["test"]["pyro_loss"] - (
+        report["test"]["kl"] - report["test"]["reconstruction"]
+    )
+    assert abs(residual) <= 1e-5 * max(1.0, abs(report["test"]["loss"]))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["explain", str(run_dir), "--num-samples", "20", "--json"]) == 0
+    objective = json.loads(printed.getvalue())["objective"]
+    assert "RenyiELBO(alpha=0.5" in objective["estimator"]
+    assert objective["ok"], objective
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, -1.0])
+def test_renyi_differentiable_loss_is_pyros_loss_and_its_gradient(float64, alpha):
+    """``DifferentiableRenyiELBO.differentiable_loss``: Pyro's RenyiELBO.loss value, and the
+    gradient its loss_and_grads accumulates, for the same draws."""
+    from pyro.infer import RenyiELBO
+
+    from inference.estimators import DifferentiableRenyiELBO
+
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((9, 6), 0.4))
+    options = dict(alpha=alpha, num_particles=4, vectorize_particles=False)
+    params = list(vae.parameters())
+    pyro.set_rng_seed(3)
+    want = RenyiELBO(**options).loss_and_grads(vae.model, vae.guide, x, num_data=30)
+    want_grads = [p.grad.clone() for p in params]
+    vae.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(3)
+    got = DifferentiableRenyiELBO(**options).differentiable_loss(
+        vae.model, vae.guide, x, num_data=30
+    )
+    got.backward()
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    for p, g in zip(params, want_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)

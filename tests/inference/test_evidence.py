@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from equivalence import assert_compiled_matches_eager
 
 from inference.errors import OptionError
 from inference.evidence import (
@@ -274,11 +275,26 @@ def test_errors_are_one_line_option_errors(float64):
 # --- compiled chunks -----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def export_at_once(monkeypatch):
+    """log_weights exports a chunk size's graph at its first chunk (not after
+    EXPORT_AFTER_CHUNKS chunks)."""
+    import inference.evidence as evidence
+
+    monkeypatch.setattr(evidence, "EXPORT_AFTER_CHUNKS", 0)
+    evidence._GRAPHS.clear()
+    yield
+    evidence._GRAPHS.clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("which", ["vae", "ppca", "fa"])
-def test_compiled_chunks_draw_the_same_weights_bit_for_bit(which, dtype):
-    """A static pair's chunks run as traced graphs: the same noise and the same log-weights as
-    Pyro run eagerly, last (ragged) chunk included."""
+def test_compiled_chunks_draw_the_same_weights_bit_for_bit(export_at_once, which, dtype):
+    """A static pair's chunks run as exported graphs (the part that draws no noise computed
+    once per call): the same noise and the same log-weights as Pyro run eagerly, last
+    (ragged) chunk included; the second compiled call replays the graphs."""
+    import inference.evidence as evidence
+
     pyro.clear_param_store()
     torch.manual_seed(0)
     if which == "vae":
@@ -288,17 +304,23 @@ def test_compiled_chunks_draw_the_same_weights_bit_for_bit(which, dtype):
         noise = "isotropic" if which == "ppca" else "diagonal"
         module = LinearGaussian(5, 2, noise=noise).to(dtype)
         x = torch.randn(12, 5, dtype=dtype)
-    weights = {}
-    for compiled in (False, True, True):  # the second compiled call reuses the graphs
-        pyro.set_rng_seed(7)
-        weights[compiled] = log_weights(
+
+    def weights(compiled):
+        return log_weights(
             module.model, module.guide, x, num_samples=50, chunk_size=20, compiled=compiled
         )
-    assert weights[True].shape == (50, 12)
-    assert torch.equal(weights[True], weights[False])
+
+    assert_compiled_matches_eager(
+        lambda: weights(False),
+        lambda: weights(True),
+        lambda: sum(traced.graph_calls for traced in evidence._GRAPHS.values()),
+        seeds=(7, 7),
+    )
+    (traced,) = evidence._GRAPHS.values()
+    assert traced.hoist and all(graph.prefix is not None for graph in traced.graphs())
 
 
-def test_only_declared_static_pairs_are_compiled_by_default(float64):
+def test_only_declared_static_pairs_are_compiled_by_default(float64, export_at_once):
     import inference.evidence as evidence
 
     module, x = linear_gaussian("diagonal")
@@ -314,6 +336,34 @@ def test_only_declared_static_pairs_are_compiled_by_default(float64):
     assert traced.compilations == 1  # chunks of 4, 4, then 2 run eagerly: one graph
     log_weights(module.model, module.guide, x, num_samples=10, chunk_size=4)
     assert traced.compilations == 1  # graphs are kept for the pair
+
+
+def test_two_latents_of_one_shape_keep_their_own_draws(export_at_once):
+    """Two sites drawing noise of the same shape: the exported chunk graph (common
+    subexpressions merged, the noise-free part kept across chunks) still draws twice."""
+    import inference.evidence as evidence
+    from models.structure import static_structure
+
+    @static_structure
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            b = pyro.sample("b", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(a + b, 1.0).to_event(1), obs=x)
+
+    @static_structure
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("a", dist.Normal(loc.expand(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("b", dist.Normal(loc.expand(x.shape[0], 2), 1.0).to_event(1))
+
+    x = torch.randn(5, 2)
+    assert_compiled_matches_eager(
+        lambda: log_weights(model, guide, x, num_samples=8, chunk_size=4, compiled=False),
+        lambda: log_weights(model, guide, x, num_samples=8, chunk_size=4, compiled=True),
+        lambda: sum(traced.graph_calls for traced in evidence._GRAPHS.values()),
+    )
 
 
 # --- diagnostics of the log-weights: ESS and PSIS k̂ -----------------------------------------------

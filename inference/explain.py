@@ -379,6 +379,10 @@ def _anatomy(
             f"--num-samples: K = {num_samples} draws for {n} points need about "
             f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
         )
+    probe = ModelArgs(tuple(args), dict(kwargs))
+    if batching is not None and batching.args:  # a few rows choose as well as all of them
+        probe = take(model, args, kwargs, batching, torch.arange(min(2, n)), None)
+    name = choose_estimator(_estimator_name(estimator), model, guide, *probe.args, **probe.kwargs)
     with seeded(seed):
         estimate = iwae(
             model, guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
@@ -389,11 +393,6 @@ def _anatomy(
     # at once, as fit trains them (chunks would count KL(q(z) || p(z)) once per chunk)
     chunked = local and batching is not None and bool(batching.args)
     batch_size = EVAL_BATCH_SIZE if chunked else None
-    probe = ModelArgs(tuple(args), dict(kwargs))
-    if chunked:  # a few rows choose the estimator as well as all of them
-        probe = take(model, args, kwargs, batching, torch.arange(min(2, n)), None)
-    name = _estimator_name(estimator)
-    name = choose_estimator(name, model, guide, *probe.args, **probe.kwargs)
     particles = 10 if batch_size else 100  # the ELBO with its standard error
     common = dict(batch_size=batch_size, batching=batching, seed=seed, num_particles=particles)
     metrics = evaluate(model, guide, *args, analytic_kl=name == "meanfield", **common, **kwargs)

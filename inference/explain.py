@@ -188,7 +188,7 @@ class Explanation(NamedTuple):
         return "\n".join(lines)
 
 
-def explain(model: Callable | str | os.PathLike, /, *args, **kwargs) -> Explanation:
+def explain(model: Callable | str | os.PathLike | None = None, /, *args, **kwargs) -> Explanation:
     """Compute the ELBO anatomy of a model/guide pair on the model's arguments, or of a run.
 
     Two forms, told apart by the first argument:
@@ -205,6 +205,8 @@ def explain(model: Callable | str | os.PathLike, /, *args, **kwargs) -> Explanat
     """
     if isinstance(model, str | os.PathLike):
         return explain_run(model, *args, **kwargs)
+    if model is None and "run_dir" in kwargs:  # explain(run_dir=...), as it was once called
+        return explain_run(**kwargs)
     return explain_pair(model, *args, **kwargs)
 
 

@@ -27,7 +27,7 @@ from pyro.infer import ELBO
 
 from .batching import Batching, ModelArgs, default_batching, num_rows, take
 from .bounds import check_bounds, is_point_estimate
-from .choices import EVAL_BATCH_SIZE
+from .choices import EVAL_BATCH_SIZE, NUM_SAMPLES
 from .elbo import EVAL_SEED, evaluate
 from .enumeration import exact_evidence
 from .errors import OptionError
@@ -188,33 +188,56 @@ class Explanation(NamedTuple):
         return "\n".join(lines)
 
 
-def explain(model: Callable | str | os.PathLike | None = None, /, *args, **kwargs) -> Explanation:
+def explain(
+    model: Callable | str | os.PathLike | None = None,
+    /,
+    *args,
+    num_samples: int = NUM_SAMPLES,
+    chunk_size: int | None = None,
+    seed: int = EVAL_SEED,
+    max_bytes: int | None = None,
+    bound_figure: str | os.PathLike | None = None,
+    on_report: Callable[[Explanation], None] | None = None,
+    **kwargs,
+) -> Explanation:
     """Compute the ELBO anatomy of a model/guide pair on the model's arguments, or of a run.
 
     Two forms, told apart by the first argument:
 
-    - ``explain(model, guide, *args, num_samples=1000, batching=None, estimator="auto", ...,
-      **kwargs)``: the pair as Pyro's ``SVI.step(*args, **kwargs)`` runs it, with the
-      parameters now in Pyro's param store (:func:`explain_pair`);
-    - ``explain(run_dir, num_samples=1000, split=None, data=None, ...)``: a directory written
-      by ``elbo-lab train``, its model and guide rebuilt from disk, then the pair form on
-      one of its splits (:func:`explain_run`).
+    - ``explain(model, guide, *args, batching=None, estimator="auto", **kwargs)``: the pair
+      as Pyro's ``SVI.step(*args, **kwargs)`` runs it, with the parameters now in Pyro's
+      param store (:func:`explain_pair`);
+    - ``explain(run_dir, split=None, data=None, allow_changed=False, warn=None)``: a
+      directory written by ``elbo-lab train``, its model and guide rebuilt from disk, then the
+      pair form on one of its splits (:func:`explain_run`).
+
+    The options below are common to both (see :func:`explain_pair`).
 
     Returns:
         An :class:`Explanation` (per-datum values, nats).
     """
-    if isinstance(model, str | os.PathLike):
-        return explain_run(model, *args, **kwargs)
+    common = dict(
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        seed=seed,
+        max_bytes=max_bytes,
+        bound_figure=bound_figure,
+        on_report=on_report,
+    )
     if model is None and "run_dir" in kwargs:  # explain(run_dir=...), as it was once called
-        return explain_run(**kwargs)
-    return explain_pair(model, *args, **kwargs)
+        model = kwargs.pop("run_dir")
+    if model is None:
+        raise TypeError("explain() takes a model and its guide, or a run directory")
+    if isinstance(model, str | os.PathLike):
+        return explain_run(model, *args, **common, **kwargs)
+    return explain_pair(model, *args, **common, **kwargs)
 
 
 def explain_pair(
     model: Callable,
     guide: Callable,
     *args,
-    num_samples: int = 1000,
+    num_samples: int = NUM_SAMPLES,
     batching: Batching | None = None,
     estimator: str | ELBO = "auto",
     chunk_size: int | None = None,
@@ -283,7 +306,7 @@ def explain_pair(
 def explain_run(
     run_dir: str | os.PathLike,
     *,
-    num_samples: int = 1000,
+    num_samples: int = NUM_SAMPLES,
     split: str | None = None,
     data: str | None = None,
     chunk_size: int | None = None,

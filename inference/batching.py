@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "Batching",
     "ModelArgs",
+    "check_batching",
     "chunks",
     "default_batching",
     "device_of",
@@ -255,3 +256,55 @@ def chunks(
         else:
             rows = torch.arange(start, min(start + step, n), device=device)
             yield take(model, args, kwargs, batching, rows, None)
+
+
+def check_batching(model: Callable, args: Sequence, kwargs: Mapping, batching: Batching) -> int:
+    """Check a declared batching against the model and its arguments; return N.
+
+    Every name must be a parameter of the model, the batched arguments must have the same
+    number of rows N, and a batch of one row must reach the model's plates scaled by N: some
+    site's ``scale`` is N (``pyro.plate("data", N, subsample=ind)``, or a plate of size
+    ``num_data`` over a batch), or the mini-batch ELBO would not be unbiased for the whole's.
+
+    Raises:
+        ValueError: ``"FIELD: problem"``, FIELD the one at fault (``args``, ``size``,
+            ``subsample``), or ``batching`` when the declaration as a whole does not fit.
+    """
+    import pyro
+    from pyro import poutine
+
+    parameters = _parameters(model)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    fields = {"args": batching.args, "size": (batching.size,), "subsample": (batching.subsample,)}
+    for field, names in fields.items():
+        for name in names:
+            if name is not None and name not in parameters and not open_ended:
+                raise ValueError(
+                    f"{field}: the model has no parameter {name!r} "
+                    f"(its parameters: {', '.join(parameters) or 'none'})"
+                )
+    try:
+        n = num_rows(model, args, kwargs, batching)
+    except ValueError as exc:
+        raise ValueError(f"args: {str(exc).removeprefix('batching: ')}") from None
+    if n < 2:
+        return n
+    call = take(model, args, kwargs, batching, torch.zeros(1, dtype=torch.long), n)
+    try:
+        with torch.random.fork_rng(devices=[]), poutine.block(), pyro.validation_enabled(False):
+            trace = poutine.trace(model).get_trace(*call.args, **call.kwargs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(
+            f"batching: the model fails on a batch of 1 of the {n} rows cut as declared "
+            f"({type(exc).__name__}: {first})"
+        ) from None
+    scales = [float(site["scale"]) for site in trace.nodes.values() if site["type"] == "sample"]
+    if not any(abs(scale - n) <= 1e-6 * n for scale in scales):
+        raise ValueError(
+            f"batching: a batch of 1 of the {n} rows reaches the model's plates "
+            f"unscaled (site scales {sorted(set(scales)) or 'none'}, not {n}): the plate must "
+            "learn N through the size keyword (pyro.plate('data', num_data)) or take the "
+            "batch's rows through the subsample keyword (pyro.plate('data', N, subsample=ind))"
+        )
+    return n

@@ -24,7 +24,7 @@ from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
 if TYPE_CHECKING:  # bound at run time by _load_library, when a command runs
     import pyro
 
-    from .batching import ModelArgs, takes_num_data
+    from .batching import Batching, ModelArgs, check_batching, takes_num_data
     from .bounds import CheckedMetrics, checked_metrics
     from .data import load_data, load_model_data
     from .distributed import device_for, init_from_env, shutdown
@@ -77,7 +77,10 @@ def _load_library() -> None:
 
     names = {
         "pyro": pyro,
-        **{n: getattr(batching, n) for n in ("ModelArgs", "takes_num_data")},
+        **{
+            n: getattr(batching, n)
+            for n in ("Batching", "ModelArgs", "check_batching", "takes_num_data")
+        },
         **{n: getattr(bounds, n) for n in ("CheckedMetrics", "checked_metrics")},
         **{n: getattr(data, n) for n in ("load_data", "load_model_data")},
         **{n: getattr(distributed, n) for n in ("device_for", "init_from_env", "shutdown")},
@@ -287,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "models train their own mean-field encoder, diag",
     )
     _add_training_options(t, estimator=choices.ESTIMATOR, every="")
+    _add_batching_options(t)
     t.add_argument(
         "--num-particles",
         type=_positive_int,
@@ -482,6 +486,80 @@ def _add_watch_parser(sub) -> None:
     w.add_argument("--no-progress", action="store_true", help="hide the progress line")
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """Comma-separated parameter names ('' for none)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a parameter name")
+    return names
+
+
+def _name(text: str) -> str:
+    (name,) = _names(text) or ("",)
+    if not name or "," in text:
+        raise argparse.ArgumentTypeError(f"expected one parameter name, got {text!r}")
+    return name
+
+
+def _add_batching_options(p: argparse.ArgumentParser) -> None:
+    """How --batch-size cuts your own model's arguments (inference.batching.Batching)."""
+    p.add_argument(
+        "--batch-args",
+        type=_names,
+        default=None,
+        metavar="NAMES",
+        help="your model's parameters that hold the data rows, comma-separated (e.g. X,y): a "
+        "mini-batch indexes them along dim 0; '' when the plate picks its rows itself "
+        "(--subsample-arg). Default: the first parameter, if the model takes num_data",
+    )
+    p.add_argument(
+        "--size-arg",
+        type=_name,
+        default=None,
+        metavar="NAME",
+        help="the keyword that receives N, the rows of all the data, so that the model's plate "
+        "scales a batch of B rows by N / B (e.g. num_data for pyro.plate('data', num_data))",
+    )
+    p.add_argument(
+        "--subsample-arg",
+        type=_name,
+        default=None,
+        metavar="NAME",
+        help="the keyword that receives the batch's row indices, for a plate "
+        "pyro.plate('data', N, subsample=ind) (SVI Part II)",
+    )
+
+
+def _declared_batching(args) -> Batching | None:
+    """The batching named by --batch-args/--size-arg/--subsample-arg (None: none given)."""
+    names, size, subsample = args.batch_args, args.size_arg, args.subsample_arg
+    if names is None and size is None and subsample is None:
+        return None
+    if not names and subsample is None:
+        raise OptionError(
+            "--batch-args: name the parameters that hold the data rows (e.g. --batch-args X,y), "
+            "or give --subsample-arg for a plate that picks its rows itself"
+        )
+    if size is None and subsample is None:
+        raise OptionError(
+            f"--size-arg: the model must learn that {','.join(names)} is a batch, through "
+            "--size-arg (e.g. num_data) or --subsample-arg, or its ELBO would not be scaled"
+        )
+    return Batching(args=names or (), size=size, subsample=subsample)
+
+
+def _check_declared_batching(model, call: ModelArgs, batching: Batching) -> None:
+    """The declared batching fits the model and its data, in one line naming the option."""
+    options = {"args": "--batch-args", "size": "--size-arg", "subsample": "--subsample-arg"}
+    try:
+        check_batching(model, call.args, call.kwargs, batching)
+    except ValueError as exc:
+        field, _, problem = str(exc).partition(": ")
+        given = [o for f, o in options.items() if getattr(batching, f)] or ["--batch-args"]
+        raise OptionError(f"{options.get(field, '/'.join(given))}: {problem}") from None
+
+
 def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: str) -> None:
     """The options that say what is trained on which data, shared by train and compare."""
     p.add_argument(
@@ -514,7 +592,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, estimator: str, every: 
         type=_positive_int,
         default=None,
         help=f"mini-batch size ({choices.BATCH_SIZE}; all rows for your own model unless it "
-        "takes num_data)",
+        "takes num_data or declares --batch-args/--subsample-arg)",
     )
     p.add_argument(
         "--lr",
@@ -769,6 +847,7 @@ def _new_spec(args) -> ModelSpec:
         device=args.device,
         dtype=args.dtype,
         guide=args.guide,
+        batching=_declared_batching(args),
     )
 
 
@@ -853,6 +932,8 @@ def _set_up_training(args, spec, config, run_dir, source, source_sha256) -> _Tra
         pyro.set_rng_seed(config.seed)
         module, model, guide = build_model(replace(spec, device=device), dataset, user_model)
         train_call, test_call, split = dataset.train, dataset.test, "train"
+        if spec.batching is not None:
+            _check_declared_batching(model, train_call, spec.batching)
     else:
         dataset = load_data(spec.data).to(device, DTYPES[spec.dtype])
         if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
@@ -873,7 +954,7 @@ def _set_up_training(args, spec, config, run_dir, source, source_sha256) -> _Tra
         module, model, guide = build_model(replace(spec, device=device), dataset)
         train_call = ModelArgs((dataset.train,), {})
         test_call, split = ModelArgs((dataset.test,), {}), "test"
-    if config.batch_size is None and takes_num_data(model):  # mini-batches scale by num_data
+    if config.batch_size is None and (takes_num_data(model) or spec.batching is not None):
         config = replace(config, batch_size=choices.BATCH_SIZE)
     return _TrainingRun(
         config, spec, world, module, model, guide, train_call, test_call, split, dataset
@@ -896,6 +977,7 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool):
             *train_call.args,
             test=run.test_call,
             config=config,
+            batching=spec.batching,
             run_dir=owner.path if owner is not None else run_dir,
             resume=resume,
             metadata={"model_spec": spec.to_dict(), "provenance": provenance},

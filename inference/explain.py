@@ -23,10 +23,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from pyro.infer import ELBO
 
-from .batching import num_rows, takes_num_data
+from .batching import Batching, ModelArgs, default_batching, num_rows, take
 from .bounds import check_bounds, is_point_estimate
-from .choices import EVAL_BATCH_SIZE
+from .choices import EVAL_BATCH_SIZE, NUM_SAMPLES
 from .elbo import EVAL_SEED, evaluate
 from .enumeration import exact_evidence
 from .errors import OptionError
@@ -36,9 +37,9 @@ from .io import seeded
 from .objectives import check_objective
 from .run import load_run
 from .subsample import full_data_pairs
-from .train import pyro_loss
+from .train import estimator_name, pyro_loss
 
-__all__ = ["Explanation", "explain"]
+__all__ = ["Explanation", "explain", "explain_pair", "explain_run"]
 
 SPLITS = ("train", "test")
 
@@ -60,7 +61,9 @@ class Explanation(NamedTuple):
             over every value of a model whose latents are all enumerated
             (:func:`inference.enumeration.exact_evidence`), else None;
             exact_gap = KL(q(z | x) || p(z | x)).
-        guide: the guide's name (``diag`` for a built-in model, an autoguide for a user model).
+        run_dir, data, split: where the run and its data are (empty for :func:`explain_pair`).
+        guide: the guide's name (``diag`` for a built-in model, an autoguide for a user model,
+            the function's name for :func:`explain_pair`).
         latents: ``"local"`` (one z per data point; L_K per datum, summed) or ``"global"`` (z
             shared by all rows; L_K and the ELBO are whole-data values divided by N).
     """
@@ -120,9 +123,12 @@ class Explanation(NamedTuple):
 
     def report(self) -> str:
         """The worked answer as text for people."""
+        where = f"{self.run_dir}: " if self.run_dir else ""
+        what = f" on {self.data}" if self.data else ""
+        split = f"{self.split} split, " if self.split else ""
         lines = [
-            f"{self.run_dir}: {self.model} with guide {self.guide} on {self.data}, {self.split} "
-            f"split, {self.n} data points; nats per data point",
+            f"{where}{self.model} with guide {self.guide}{what}, {split}{self.n} data points; "
+            "nats per data point",
         ]
         if self.latents == "global":
             lines += [
@@ -184,9 +190,124 @@ class Explanation(NamedTuple):
 
 
 def explain(
+    model: Callable | str | os.PathLike | None = None,
+    /,
+    *args,
+    num_samples: int = NUM_SAMPLES,
+    chunk_size: int | None = None,
+    seed: int = EVAL_SEED,
+    max_bytes: int | None = None,
+    bound_figure: str | os.PathLike | None = None,
+    on_report: Callable[[Explanation], None] | None = None,
+    **kwargs,
+) -> Explanation:
+    """Compute the ELBO anatomy of a model/guide pair on the model's arguments, or of a run.
+
+    Two forms, told apart by the first argument:
+
+    - ``explain(model, guide, *args, batching=None, estimator="auto", **kwargs)``: the pair
+      as Pyro's ``SVI.step(*args, **kwargs)`` runs it, with the parameters now in Pyro's
+      param store (:func:`explain_pair`);
+    - ``explain(run_dir, split=None, data=None, allow_changed=False, warn=None)``: a
+      directory written by ``elbo-lab train``, its model and guide rebuilt from disk, then the
+      pair form on one of its splits (:func:`explain_run`).
+
+    The options below are common to both (see :func:`explain_pair`).
+
+    Returns:
+        An :class:`Explanation` (per-datum values, nats).
+    """
+    common = dict(
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        seed=seed,
+        max_bytes=max_bytes,
+        bound_figure=bound_figure,
+        on_report=on_report,
+    )
+    if model is None and "run_dir" in kwargs:  # explain(run_dir=...), as it was once called
+        model = kwargs.pop("run_dir")
+    if model is None:
+        raise TypeError("explain() takes a model and its guide, or a run directory")
+    if isinstance(model, str | os.PathLike):
+        return explain_run(model, *args, **common, **kwargs)
+    return explain_pair(model, *args, **common, **kwargs)
+
+
+def explain_pair(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = NUM_SAMPLES,
+    batching: Batching | None = None,
+    estimator: str | ELBO = "auto",
+    chunk_size: int | None = None,
+    seed: int = EVAL_SEED,
+    max_bytes: int | None = None,
+    bound_figure: str | os.PathLike | None = None,
+    on_report: Callable[[Explanation], None] | None = None,
+    **kwargs,
+) -> Explanation:
+    """The ELBO anatomy of ``model``/``guide`` on the model's own arguments, per datum.
+
+        loss = -ELBO = KL - E_q[log p(x | z)],   ELBO <= L_K <= log p(x)
+
+    ``explain_pair(model, guide, *args, **kwargs)`` runs ``model(*args, **kwargs)`` as
+    ``SVI.step`` does, with the parameters in Pyro's param store (as training left them).
+    Values are whole-data totals divided by N, the rows of the data
+    (:func:`inference.batching.num_rows`): for local latents (one z per row) L_K is per
+    datum, summed; for global latents it bounds log p(x_1, ..., x_N). Nothing is mini-batched:
+    a model whose plate subsamples itself is run over all its rows.
+
+    Args:
+        model, guide: Pyro functions (or modules) of the same arguments.
+        *args, **kwargs: the model's arguments (the data it is conditioned on).
+        num_samples: K for the importance-weighted bound L_K (Burda et al. 2016).
+        batching: which arguments hold the rows (:class:`~inference.batching.Batching`;
+            default: a ``num_data`` model's); with local latents the ELBO is evaluated in
+            chunks of these rows.
+        estimator: the Pyro ELBO whose KL terms the decomposition uses and whose ``.loss`` is
+            checked: ``"auto"`` (:func:`inference.train.choose_estimator`), a name of
+            :data:`inference.train.ESTIMATORS` or such a Pyro ELBO object.
+        chunk_size: particles vectorized at once (see :func:`inference.evidence.log_weights`).
+        seed: the noise of every estimate.
+        max_bytes: refuse (OptionError, with the estimate) when the K x N log-weights would
+            need more memory than this.
+        bound_figure: write the per-datum bound picture here as PNG
+            (:func:`inference.plots.plot_bound`; local latents only).
+        on_report: called with the result before the figure is drawn, so a figure that fails
+            to be written loses nothing.
+
+    Returns:
+        An :class:`Explanation`; ``run_dir`` and ``split`` are empty, ``model``/``guide``
+        the functions' names.
+    """
+    labels = dict(run_dir="", model=_name(model), guide=_name(guide), data="", split="")
+    result, estimate = _anatomy(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples=num_samples,
+        batching=batching,
+        estimator=estimator,
+        chunk_size=chunk_size,
+        seed=seed,
+        max_bytes=max_bytes,
+        labels=labels,
+    )
+    if on_report is not None:
+        on_report(result)
+    if bound_figure is not None and estimate.per_datum is not None:
+        title = f"{result.model}: ELBO ≤ L_K ≤ log p(x) per datum"
+        _bound_figure(bound_figure, _module_of(model), title, args, estimate)
+    return result
+
+
+def explain_run(
     run_dir: str | os.PathLike,
     *,
-    num_samples: int = 1000,
+    num_samples: int = NUM_SAMPLES,
     split: str | None = None,
     data: str | None = None,
     chunk_size: int | None = None,
@@ -197,38 +318,89 @@ def explain(
     max_bytes: int | None = None,
     on_report: Callable[[Explanation], None] | None = None,
 ) -> Explanation:
-    """Compute the ELBO anatomy of a trained run on one of its splits.
+    """The ELBO anatomy of a trained run on one of its splits: the run rebuilt from disk,
+    then :func:`explain_pair` on the split's arguments with the run's batching.
 
     Args:
         run_dir: a directory written by ``elbo-lab train``.
-        num_samples: K for the importance-weighted bound.
         split: ``"test"`` or ``"train"``; default ``"test"``, ``"train"`` for a user model
-            (the data its autoguide's posterior describes).
+            (the data its guide's posterior describes).
         data: other data of the same dimension (default: the run's).
-        chunk_size: particles vectorized at once (see :func:`inference.evidence.log_weights`).
-        seed: the noise of every estimate.
-        bound_figure: write the per-datum bound picture here as PNG
-            (:func:`inference.plots.plot_bound`; models with local latents only).
         allow_changed, warn: use a run whose model file or data changed since training,
             reporting it through ``warn`` (:func:`inference.run.check_sources`).
-        max_bytes: refuse (OptionError, with the estimate) when the K x N log-weights would
-            need more memory than this.
-        on_report: called with the result before the figure is drawn, so a figure that fails
-            to be written loses nothing.
-
-    Returns:
-        An :class:`Explanation` (per-datum values). L_K and the ELBO are computed on the whole
-        split at once (no subsampling scale); for global latents they are whole-data values / N.
+        num_samples, chunk_size, seed, max_bytes, bound_figure, on_report: as
+            :func:`explain_pair`.
     """
     if split is not None and split not in SPLITS:
         raise OptionError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
     run = load_run(run_dir, data=data, allow_changed=allow_changed, warn=warn)
     split = split or run.default_split
     call = run.split(split)
-    args, kwargs = call.args, call.kwargs
-    n = num_rows(run.model, args, kwargs, None)
+    labels = dict(
+        run_dir=str(run_dir), model=run.spec.model, guide=run.spec.guide, data=run.spec.data
+    )
+    result, estimate = _anatomy(
+        run.model,
+        run.guide,
+        call.args,
+        call.kwargs,
+        num_samples=num_samples,
+        batching=run.batching,
+        estimator="auto",
+        chunk_size=chunk_size,
+        seed=seed,
+        max_bytes=max_bytes,
+        labels={**labels, "split": split},
+        objective=_trained_objective(run),
+    )
+    if on_report is not None:
+        on_report(result)
+    if bound_figure is not None and estimate.per_datum is not None:
+        title = (
+            f"{run.spec.model} on {os.path.basename(run.spec.data)}: "
+            "ELBO ≤ L_K ≤ log p(x) per datum"
+        )
+        _bound_figure(bound_figure, run.module, title, call.args, estimate)
+    return result
+
+
+def _name(fn: Any) -> str:
+    """A readable name of a model or guide: its function's name, or its class's."""
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _module_of(model: Callable) -> torch.nn.Module | None:
+    """The module a model is a method of (a built-in model's ``module.model``), else None."""
+    owner = getattr(model, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def _anatomy(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_samples: int,
+    batching: Batching | None,
+    estimator: str | ELBO,
+    chunk_size: int | None,
+    seed: int,
+    max_bytes: int | None,
+    labels: dict[str, str],
+    objective: ELBO | None = None,
+) -> tuple[Explanation, Any]:
+    """The :class:`Explanation` of the pair on ``model(*args, **kwargs)`` and its
+    :class:`~inference.evidence.EvidenceEstimate`. ``objective``: the Pyro ELBO whose
+    ``.loss`` sign is checked, when it is not the decomposition's own (a Renyi run)."""
+    batching = batching if batching is not None else default_batching(model)
+    try:
+        n = num_rows(model, args, kwargs, batching)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     if n == 0:
-        raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
+        where = f"the {labels['split']} split of {labels['data']}" if labels["data"] else "data"
+        raise OptionError(f"--split: {where} is empty")
     # the (K, N) log-weights, kept in float64 with about as much again for the work in flight
     need = 2 * num_samples * n * 8
     if max_bytes is not None and need > max_bytes:
@@ -236,34 +408,37 @@ def explain(
             f"--num-samples: K = {num_samples} draws for {n} points need about "
             f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
         )
-    # global latents (a user model, or any model without num_data): all rows at once, as fit
-    # trains them; batches would count KL(q(z) || p(z)) once per batch
-    batch_size = EVAL_BATCH_SIZE if takes_num_data(run.model) and run.batched else None
-    probe = run.probe(call)
-    estimator = choose_estimator("auto", run.model, run.guide, *probe.args, **probe.kwargs)
-    particles = 10 if batch_size else 100  # the ELBO with its standard error
-    common = dict(batch_size=batch_size, seed=seed, num_particles=particles)
-    metrics = evaluate(
-        run.model, run.guide, *args, analytic_kl=estimator == "meanfield", **common, **kwargs
-    )
-    checked = pyro_loss(run.model, run.guide, *args, estimator=estimator, **common, **kwargs)
+    probe = ModelArgs(tuple(args), dict(kwargs))
+    if batching is not None and batching.args:  # a few rows choose as well as all of them
+        probe = take(model, args, kwargs, batching, torch.arange(min(2, n)), None)
+    name = choose_estimator(_estimator_name(estimator), model, guide, *probe.args, **probe.kwargs)
     with seeded(seed):
         estimate = iwae(
-            run.model, run.guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
+            model, guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
         )
     log_w = estimate.log_weights  # (K, N) local, (K,) global
+    local = log_w.dim() == 2
+    # local latents with declared rows: the ELBO in chunks of rows; global latents all rows
+    # at once, as fit trains them (chunks would count KL(q(z) || p(z)) once per chunk)
+    chunked = local and batching is not None and bool(batching.args)
+    batch_size = EVAL_BATCH_SIZE if chunked else None
+    particles = 10 if batch_size else 100  # the ELBO with its standard error
+    common = dict(batch_size=batch_size, batching=batching, seed=seed, num_particles=particles)
+    metrics = evaluate(model, guide, *args, analytic_kl=name == "meanfield", **common, **kwargs)
+    checked = pyro_loss(model, guide, *args, estimator=name, **common, **kwargs)
     k = log_w.shape[0]
     # ELBO from the same draws: mean_k log w_k, its stderr across draws of the data-set total
-    total_per_draw = log_w.sum(-1) if log_w.dim() == 2 else log_w
+    total_per_draw = log_w.sum(-1) if local else log_w
     elbo_mc = float(total_per_draw.mean()) / n
     elbo_mc_stderr = float(total_per_draw.std()) / math.sqrt(k) / n if k > 1 else math.nan
     lk = estimate.lk / n
     lk_stderr = estimate.stderr / n
-    exact = _exact(run.module, args[0] if run.batched else None)
+    module = _module_of(model)
+    exact = _exact(module, args[0] if module is not None else None)
     if exact["exact_log_px"] is None:  # every latent enumerated: log p(x) summed out exactly
-        whole = exact_evidence(run.model, run.guide, *args, **kwargs)
-        exact = {k: None if v is None else v / n for k, v in whole.items()}
-    point = is_point_estimate(run.guide, *probe.args, **probe.kwargs)
+        whole = exact_evidence(model, guide, *args, **kwargs)
+        exact = {key: None if v is None else v / n for key, v in whole.items()}
+    point = is_point_estimate(guide, *probe.args, **probe.kwargs)
     bounds = check_bounds(
         metrics.elbo,
         metrics.elbo_stderr,
@@ -275,7 +450,7 @@ def explain(
     )
     khats = psis_khat(log_w) if not point else torch.full((1,), math.nan).numpy()
     khat = float(np.median(khats))
-    share_bad = float(np.mean(khats > KHAT_THRESHOLD)) if log_w.dim() == 2 else math.nan
+    share_bad = float(np.mean(khats > KHAT_THRESHOLD)) if local else math.nan
     ess = float(estimate.ess.to(torch.float64).mean())
     warnings = []
     if point:
@@ -291,21 +466,14 @@ def explain(
             "error can't be trusted; raise --num-samples or use a richer guide"
         )
     # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug):
-    # the run's own estimator where it trained with one of another objective (renyi:ALPHA)
-    trained = run.state.get("config", {})
-    checked_elbo = make_elbo(estimator)
-    if str(trained.get("estimator", "")).startswith("renyi"):
-        checked_elbo = make_elbo(trained["estimator"], trained.get("num_particles", 2))
-    objective = _check_objective_all_rows(checked_elbo, run, args, kwargs, seed)
+    # the run's own objective where it trained on another one than the ELBO (renyi:ALPHA)
+    checked_elbo = objective if objective is not None else make_elbo(name)
+    objective = _check_objective_all_rows(checked_elbo, model, guide, args, kwargs, seed)
     if not objective.ok:
         warnings.append(f"{objective.estimator}.loss is not -{objective.objective} here")
     result = Explanation(
-        run_dir=str(run_dir),
-        model=run.spec.model,
-        guide=run.spec.guide,
-        latents="local" if log_w.dim() == 2 else "global",
-        data=run.spec.data,
-        split=split,
+        **labels,
+        latents="local" if local else "global",
         n=n,
         loss=metrics.loss,
         elbo=metrics.elbo,
@@ -321,7 +489,7 @@ def explain(
         gap_stderr=math.hypot(lk_stderr, elbo_mc_stderr),
         ess=ess,
         **exact,
-        estimator=ESTIMATORS[estimator].__name__,
+        estimator=ESTIMATORS[name].__name__,
         elbo_stderr=metrics.elbo_stderr,
         khat=khat,
         khat_share_bad=share_bad,
@@ -329,17 +497,35 @@ def explain(
         warnings=tuple(warnings),
         objective=objective.to_dict(),
     )
-    if on_report is not None:
-        on_report(result)
-    if bound_figure is not None and estimate.per_datum is not None:
-        _bound_figure(bound_figure, run, args[0], log_w, estimate.per_datum)
-    return result
+    return result, estimate
 
 
-def _check_objective_all_rows(elbo, run, args: tuple, kwargs: dict, seed: int):
+def _trained_objective(run) -> ELBO | None:
+    """The Pyro ELBO a run trained on when it is not an ELBO decomposition's (``renyi:ALPHA``),
+    else None."""
+    trained = run.state.get("config", {})
+    if str(trained.get("estimator", "")).startswith("renyi"):
+        return make_elbo(trained["estimator"], trained.get("num_particles", 2))
+    return None
+
+
+def _estimator_name(estimator: str | ELBO) -> str:
+    """A name of :data:`~inference.train.ESTIMATORS` (or ``auto``) for ``estimator``."""
+    if isinstance(estimator, str):
+        return estimator
+    name = estimator_name(estimator)
+    if name not in ESTIMATORS:
+        raise OptionError(
+            f"--estimator: explain decomposes the ELBO of {', '.join(ESTIMATORS)}; "
+            f"{name} is not one of them"
+        )
+    return name
+
+
+def _check_objective_all_rows(elbo, model, guide, args: tuple, kwargs: dict, seed: int):
     """:func:`~inference.objectives.check_objective` on the whole split: summed over the chunks
     of a plate that subsamples itself (:func:`inference.subsample.full_data_pairs`)."""
-    pairs = full_data_pairs(run.model, run.guide, args, kwargs)
+    pairs = full_data_pairs(model, guide, args, kwargs)
     checks = [check_objective(elbo, m, g, *args, seed=seed, **kwargs) for m, g in pairs]
     if len(checks) == 1:
         return checks[0]
@@ -353,18 +539,17 @@ def _check_objective_all_rows(elbo, run, args: tuple, kwargs: dict, seed: int):
     )
 
 
-def _bound_figure(path, run, x: torch.Tensor, log_w: torch.Tensor, lk: torch.Tensor) -> None:
+def _bound_figure(path, module, title: str, args: tuple, estimate) -> None:
     """Per-datum ELBO against L_K: the mean of the K log-weights (never above L_K), or the
     closed-form ELBO with the exact log p(x) for linear-Gaussian models."""
     from models.linear_gaussian import LinearGaussian
 
     from .plots import plot_bound
 
-    title = (
-        f"{run.spec.model} on {os.path.basename(run.spec.data)}: ELBO ≤ L_K ≤ log p(x) per datum"
-    )
-    if isinstance(run.module, LinearGaussian):
-        elbo, exact = run.module.exact_elbo(x).elbo, run.module.log_marginal(x)
+    log_w, lk = estimate.log_weights, estimate.per_datum
+    if isinstance(module, LinearGaussian):
+        x = args[0]
+        elbo, exact = module.exact_elbo(x).elbo, module.log_marginal(x)
     else:
         elbo, exact = log_w.mean(0), None
     plot_bound(elbo, lk, num_samples=log_w.shape[0], exact_log_px=exact, title=title, path=path)

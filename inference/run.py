@@ -19,7 +19,7 @@ import pyro
 import torch
 from torch import nn
 
-from .batching import ModelArgs
+from .batching import Batching, ModelArgs
 from .data import Dataset, ModelData, check_support, load_data, load_model_data
 from .errors import OptionError, RunError
 from .io import CHECKPOINT, load_checkpoint
@@ -72,6 +72,9 @@ class ModelSpec:
     dtype: str = "float32"
     data_dim: int | None = field(default=None)
     guide: str | None = None
+    #: how mini-batches of a user model's arguments are cut (``--batch-args`` ...); None: the
+    #: ``num_data`` convention (:func:`~inference.batching.default_batching`), if it applies
+    batching: Batching | None = None
 
     def __post_init__(self):
         if self.model not in MODELS and not is_user_model(self.model):
@@ -92,6 +95,11 @@ class ModelSpec:
             raise OptionError(f"--device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionError(f"--device: {self.device!r} requested but CUDA is not available")
+        if self.batching is not None and not self.user_model:
+            raise OptionError(
+                "--batch-args/--size-arg/--subsample-arg: the built-in models batch their own "
+                "rows; these options declare the batching of your own model (FILE.py:NAME)"
+            )
 
     @property
     def user_model(self) -> bool:
@@ -101,11 +109,16 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden_dims"] = list(self.hidden_dims)
+        if self.batching is not None:
+            d["batching"] = {**d["batching"], "args": list(self.batching.args)}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(**{**d, "hidden_dims": tuple(d["hidden_dims"])})
+        batching = d.get("batching")
+        if isinstance(batching, dict):
+            batching = Batching(**{**batching, "args": tuple(batching["args"])})
+        return cls(**{**d, "hidden_dims": tuple(d["hidden_dims"]), "batching": batching})
 
 
 def _check_guide(model: str, guide: str | None) -> str:
@@ -160,6 +173,12 @@ class LoadedRun(NamedTuple):
     def default_split(self) -> str:
         """``train`` for a user model (the data its posterior describes), else ``test``."""
         return "train" if self.spec.user_model else "test"
+
+    @property
+    def batching(self) -> Batching | None:
+        """How the run's mini-batches were cut: declared (``--batch-args`` ...), or None for the
+        ``num_data`` convention (:func:`~inference.batching.default_batching`)."""
+        return self.spec.batching
 
     @property
     def batched(self) -> bool:

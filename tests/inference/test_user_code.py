@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -377,3 +378,125 @@ def test_a_guide_that_enumerates_is_refused_in_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "site 'assignment' is enumerated in the guide" in err[0]
+
+
+# --- mini-batching declared on the command line -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def indexed_run(tmp_path_factory):
+    """SVI Part II's model(data, ind=None), pyro.plate("data", N, subsample=ind), trained on
+    mini-batches of 20 of its 200 rows: no argument is cut, the plate takes the batch's rows."""
+    run_dir = tmp_path_factory.mktemp("indexed") / "run"
+    argv = ["train", "--model", f"{MINIBATCH}:indexed_model"]
+    argv += ["--guide", f"{MINIBATCH}:indexed_guide", "--data", f"{MINIBATCH}:data"]
+    argv += ["--batch-args", "", "--subsample-arg", "ind", "--batch-size", "20"]
+    argv += ["--epochs", "20", "--lr", "0.05", "--no-progress", "--run-dir", str(run_dir)]
+    assert main(argv) == 0
+    return run_dir
+
+
+def test_declared_subsample_is_recorded_and_unbiased(indexed_run):
+    """The run records its batching; a mini-batch cut as training cuts it gives -loss whose
+    mean over batches and draws is the whole data's ELBO, in closed form for q = N(m, s^2):
+    sum_n E_q[log N(x_n; mu, 1)] - KL(q || N(0, 10^2))."""
+    from pyro.infer import Trace_ELBO
+
+    from inference import Batching
+    from inference.batching import slicer
+    from inference.run import load_run
+
+    run = load_run(indexed_run)
+    assert run.batching == Batching(args=(), size=None, subsample="ind")
+    (data,), kwargs = run.data.train
+    n = len(data)
+    cut = slicer(run.model, (data,), kwargs, run.batching)
+    generator = torch.Generator().manual_seed(1)
+    elbos = []
+    for _ in range(400):
+        call = cut(torch.randperm(n, generator=generator)[:20], n)
+        assert call.kwargs["ind"].shape == (20,) and call.args[0] is data
+        elbos.append(-Trace_ELBO().loss(run.model, run.guide, *call.args, **call.kwargs))
+    elbos = torch.tensor(elbos, dtype=torch.float64)
+    m, s = float(pyro.param("loc").detach()), float(pyro.param("scale").detach())
+    x = data.double()
+    expected_log_lik = float((-0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + s**2)).sum())
+    q, prior = torch.distributions.Normal(m, s), torch.distributions.Normal(0.0, 10.0)
+    exact_elbo = expected_log_lik - float(torch.distributions.kl_divergence(q, prior))
+    stderr = float(elbos.std()) / math.sqrt(len(elbos))
+    assert abs(float(elbos.mean()) - exact_elbo) < 5 * stderr
+    assert stderr < 5.0  # about 1 nat of 280: the check has teeth
+
+
+def test_declared_subsample_run_explains_and_resumes(indexed_run, capsys):
+    """evaluate and explain rebuild the run with its batching, on all 200 rows; --resume
+    continues it with the stored declaration."""
+    code, out = _run(["explain", str(indexed_run), "--json", "--num-samples", "500"], capsys)
+    assert code == 0
+    e = json.loads(out)
+    n, exact = e["n"], minibatch_log_evidence()
+    assert n == 200 and e["bounds"]["ok"] and e["objective"]["ok"] and not e["warnings"]
+    assert abs(e["lk"] * n - exact) < 5 * e["lk_stderr"] * n + 1e-3
+    code, out = _run(["evaluate", str(indexed_run), "--json"], capsys)
+    assert code == 0 and json.loads(out)["n"] == 200
+    argv = ["train", "--resume", "--run-dir", str(indexed_run), "--epochs", "22", "--no-progress"]
+    code, out = _run(argv, capsys)
+    assert code == 0 and "(ok, within 5 s.e.)" in out
+    argv += ["--subsample-arg", "other"]
+    assert main(argv) == 2
+    assert "--subsample-arg cannot change" in capsys.readouterr().err
+
+
+def test_declared_batch_args_cut_X_and_y(regression_npz, tmp_path, capsys):
+    """model(X, y, num_data=None): X and y are cut together, num_data scales the plate."""
+    path, X, y = regression_npz
+    run_dir = tmp_path / "run"
+    argv = ["train", "--model", f"{REGRESSION}:batched_model"]
+    argv += ["--guide", f"{REGRESSION}:batched_guide", "--data", str(path)]
+    argv += ["--batch-args", "X,y", "--size-arg", "num_data", "--batch-size", "10"]
+    argv += ["--epochs", "300", "--lr", "0.03", "--no-progress", "--run-dir", str(run_dir)]
+    code, out = _run(argv, capsys)
+    assert code == 0 and "VIOLATED" not in out, out
+    code, out = _run(["explain", str(run_dir), "--json", "--num-samples", "2000"], capsys)
+    e = json.loads(out)
+    n, exact = e["n"], regression_log_evidence(X, y)
+    assert code == 0 and n == 30 and e["bounds"]["ok"]
+    assert abs(e["lk"] * n - exact) < 5 * e["lk_stderr"] * n + 0.02
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--batch-args", "x", "--size-arg", "ind"],
+            "--batch-args: the model has no parameter 'x' (its parameters: ",
+        ),
+        (["--batch-args", "data", "--size-arg", "n"], "--size-arg: the model has no parameter"),
+        (["--size-arg", "ind"], "--batch-args: name the parameters that hold the data rows"),
+        (["--batch-args", "data"], "--size-arg: the model must learn that data is a batch"),
+        (["--batch-args", "data", "--size-arg", "ind"], "the model fails on a batch of 1"),
+        (["--batch-args", "data,ind", "--subsample-arg", "ind"], "--batch-args: "),
+        (["--batch-args", "", "--size-arg", "ind", "--subsample-arg", "data"], "fails on"),
+        (["--batch-args", "data", "--subsample-arg", "ind", "--size-arg", "ind"], "unscaled"),
+    ],
+    ids=[
+        "unknown-arg",
+        "unknown-size",
+        "no-args",
+        "no-size",
+        "fails",
+        "no-rows",
+        "wrong",
+        "unscaled",
+    ],
+)
+def test_a_wrong_batching_declaration_is_one_line_naming_the_option(
+    options, message, tmp_path, capsys
+):
+    argv = ["train", "--model", f"{MINIBATCH}:indexed_model"]
+    argv += ["--guide", f"{MINIBATCH}:indexed_guide", "--data", f"{MINIBATCH}:data", *options]
+    argv += ["--epochs", "1", "--run-dir", str(tmp_path / "refused")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elbo-lab: error: ") and message in err[0], err
+    assert not (tmp_path / "refused").exists()

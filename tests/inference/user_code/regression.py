@@ -20,6 +20,18 @@ def model(X, y=None):
         return pyro.sample("obs", dist.Normal(X @ w + b, SIGMA), obs=y)
 
 
+def batched_model(X, y=None, num_data=None):
+    """The same model on a mini-batch of rows of X and y, scaled to num_data rows by its plate."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", num_data or X.shape[0], subsample_size=X.shape[0]):
+        return pyro.sample("obs", dist.Normal(X @ w + b, SIGMA), obs=y)
+
+
+def batched_guide(X, y=None, num_data=None):
+    return guide(X, y)
+
+
 def guide(X, y=None):
     w_loc = pyro.param("w_loc", torch.zeros(X.shape[1]))
     w_scale = pyro.param("w_scale", torch.ones(X.shape[1]), constraint=dist.constraints.positive)

@@ -36,6 +36,7 @@ from .enumeration import (
     has_enumerated_sites,
 )
 from .errors import OptionError
+from .evidence import latents_are_local
 from .io import seeded
 from .subsample import full_data_pairs
 from .traced_loss import RecentByFunction, TracedLoss, freeze, is_static_pair
@@ -47,6 +48,7 @@ __all__ = [
     "SiteTerm",
     "decompose",
     "decompose_all_rows",
+    "eval_chunk_rows",
     "elbo_and_loss",
     "evaluate",
     "kl_method",
@@ -563,6 +565,25 @@ def decompose_all_rows(
     )
 
 
+def eval_chunk_rows(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    batching: Batching | None,
+    batch_size: int | None,
+) -> int | None:
+    """The rows per chunk an evaluation may use: ``batch_size`` for local latents, None (all
+    rows in one call) for global ones, whose KL(q(z) || p(z)) each chunk would count again
+    (:func:`inference.evidence.latents_are_local`, run on the first chunk)."""
+    if batch_size is None or batching is None or not batching.args:
+        return batch_size
+    if num_rows(model, args, kwargs, batching) <= batch_size:
+        return batch_size  # one chunk: nothing is counted twice
+    first = next(chunks(model, args, kwargs, batching, batch_size))
+    return batch_size if latents_are_local(model, guide, *first.args, **first.kwargs) else None
+
+
 def evaluate(
     model: Callable,
     guide: Callable,
@@ -581,11 +602,13 @@ def evaluate(
     model's, :func:`~inference.batching.default_batching`) and ``batch_size``, the rows are
     evaluated in chunks, each a full plate (local latents sum over rows;
     :func:`~inference.batching.chunks`); ``batch_size=None`` or no batching evaluates
-    everything in one call, as models with global latents need. With several particles
-    ``elbo_stderr`` is the standard error of the per-datum ELBO (chunks independent).
+    everything in one call, as models with global latents need (and get, whatever
+    ``batch_size`` says: :func:`eval_chunk_rows`). With several particles ``elbo_stderr`` is the
+    standard error of the per-datum ELBO (chunks independent).
     """
     batching = batching if batching is not None else default_batching(model)
     n = num_rows(model, args, kwargs, batching)
+    batch_size = eval_chunk_rows(model, guide, args, kwargs, batching, batch_size)
     recon = kl = variance = 0.0
     with seeded(seed):
         for call in chunks(model, args, kwargs, batching, batch_size):

@@ -49,6 +49,7 @@ from .subsample import RowChunk, SubsampledPlate, SubsampleOrigin, chunk_rows, s
 from .traced_loss import RecentByFunction, TracedLoss, is_static_pair
 
 __all__ = [
+    "latents_are_local",
     "EvidenceEstimate",
     "KHAT_THRESHOLD",
     "PARTICLE_PLATE",
@@ -118,6 +119,16 @@ class _Layout(NamedTuple):
     data_scale: float  # full_size / subsample size of the data plate (1 if not subsampled)
     enumerated: bool = False  # the model enumerates sites, summed out in each weight
     subsample: SubsampledPlate | None = None  # a plate drawing its own rows: run over all
+
+
+def latents_are_local(model: Callable, guide: Callable, *args, **kwargs) -> bool:
+    """Whether one plate holds every site of the pair (one z per row), so that its rows can be
+    evaluated in separate chunks; False for global latents, whose KL a chunked evaluation
+    would count once per chunk, and for pairs whose layout evidence refuses."""
+    try:
+        return _layout(model, guide, args, kwargs).data_plate is not None
+    except OptionError:
+        return False
 
 
 def _sample_sites(trace) -> list[dict]:

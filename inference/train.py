@@ -50,7 +50,7 @@ from .batching import (
 )
 from .choices import BATCH_SIZE, EVAL_BATCH_SIZE
 from .distributed import World, current_world
-from .elbo import EVAL_SEED, PerDatumElbo, evaluate
+from .elbo import EVAL_SEED, PerDatumElbo, eval_chunk_rows, evaluate
 from .enumeration import (
     refuse_guide_enumeration,
 )
@@ -222,6 +222,7 @@ def pyro_loss(
     for the same estimator's KL terms."""
     batching = batching if batching is not None else default_batching(model)
     n = num_rows(model, args, kwargs, batching)
+    batch_size = eval_chunk_rows(model, guide, args, kwargs, batching, batch_size)
     elbo_estimator = make_elbo(estimator, num_particles)
     total = 0.0
     with seeded(seed):

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -983,6 +984,62 @@ def _data_label(data: str) -> str:
     return Path(data.removeprefix("mnist:")).stem
 
 
+#: Library parameter -> the option that sets it. The library words its errors in its own
+#: parameters (``OptionError(..., option="learning_rate")``, hints as ``estimator='trace'``);
+#: :func:`error_line` words them as the command line's options.
+FLAGS = {
+    "allow_changed": "--allow-changed",
+    "batch_size": "--batch-size",
+    "checkpoint_every": "--checkpoint-every",
+    "clip_norm": "--clip-norm",
+    "data": "--data",
+    "device": "--device",
+    "dtype": "--dtype",
+    "epochs": "--epochs",
+    "estimator": "--estimator",
+    "eval_every": "--eval-every",
+    "eval_particles": "--eval-particles",
+    "every": "--every",
+    "force": "--force",
+    "guide": "--guide",
+    "guides": "--guides",
+    "hidden_dims": "--hidden-dims",
+    "jit": "--jit",
+    "latent_dim": "--latent-dim",
+    "learning_rate": "--lr",
+    "model": "--model",
+    "num_draws": "--num-draws",
+    "num_particles": "--num-particles",
+    "num_samples": "--num-samples",
+    "optimizer": "--optimizer",
+    "resume": "--resume",
+    "run_dir": "--run-dir",
+    "seed": "--seed",
+    "split": "--split",
+    "threads": "--threads",
+}
+
+#: ``name=True``, ``name='value'`` or ``name=value`` in a library message.
+_KEYWORD = re.compile(r"\b([a-z_]+)=(?:(True)\b|'([^']*)'|([\w.:/-]+))")
+
+
+def error_line(exc: ElboLabError) -> str:
+    """The one line the command line prints for a library error: the parameter it names and the
+    keywords its hint names are worded as options (``num_draws: ...`` -> ``--num-draws: ...``,
+    ``use estimator='trace'`` -> ``use --estimator trace``)."""
+
+    def as_flag(m: re.Match) -> str:
+        name, flag, quoted, plain = m.groups()
+        if name not in FLAGS:
+            return m.group(0)
+        return FLAGS[name] if flag else f"{FLAGS[name]} {quoted if quoted is not None else plain}"
+
+    message = _KEYWORD.sub(as_flag, exc.message if isinstance(exc, ElboLabError) else str(exc))
+    if getattr(exc, "option", None):
+        return f"{FLAGS.get(exc.option, exc.option)}: {message}"
+    return message
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
@@ -1074,14 +1131,14 @@ def _compare(args) -> int:
     if out.exists() and not args.force:
         raise OptionError(f"--run-dir: {out} exists (use --force to replace it)")
     if out.exists():
-        refuse_to_replace(out, "--run-dir")
+        refuse_to_replace(out, "run_dir")
     _check_writable(out)
     spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
     _use_threads(
         args, {**spec, "data_dim": 64}, args.batch_size or choices.BATCH_SIZE, backward=True
     )
     options = CompareConfig(
-        num_samples=args.num_samples, elbo_particles=args.eval_particles, num_draws=args.num_draws
+        num_samples=args.num_samples, eval_particles=args.eval_particles, num_draws=args.num_draws
     )
     model, guides, dataset, batched = _compared_guides(args)
     _check_comparison_memory(options, model, dataset, batched, available_memory())
@@ -1100,7 +1157,7 @@ def _compare(args) -> int:
     )
     # written beside an existing comparison, then renamed into place: an error or a kill
     # leaves the old output whole (inference.rundir, as a training run is)
-    owner = RunDirectory.create(out, force=args.force, option="--run-dir")
+    owner = RunDirectory.create(out, force=args.force)
     try:
         comparison = compare(
             model, guides, dataset, config, options, out_dir=owner.path, model_name=args.model
@@ -1154,7 +1211,7 @@ def _compared_guides(args):
         for n in names:
             if is_user_model(n):  # the user's own guide, FILE.py:NAME: built once, now
                 with seeded(args.seed):
-                    guides[guide_label(n)] = load_user_guide(n, model, option="--guides")
+                    guides[guide_label(n)] = load_user_guide(n, model, option="guides")
             else:
                 guides[autoguide_name(n)] = AUTOGUIDES[autoguide_name(n)]
         return model, guides, dataset, takes_num_data(model)
@@ -1214,7 +1271,7 @@ def _watch(args) -> int:
         shutil.rmtree(run_dir)
     config = WatchConfig(
         every=args.every,
-        num_particles=args.eval_particles,
+        eval_particles=args.eval_particles,
         num_samples=args.num_samples,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
@@ -1289,7 +1346,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             return COMMANDS[args.command](args)
     except ElboLabError as exc:
-        print(f"elbo-lab: error: {exc}", file=sys.stderr)
+        print(f"elbo-lab: error: {error_line(exc)}", file=sys.stderr)
         distributed = sys.modules.get(f"{__package__}.distributed")  # loaded if it can fail
         if distributed is not None and isinstance(exc, distributed.DistributedError):
             # a peer died or hung: the process group's threads still wait on it, and tearing

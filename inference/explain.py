@@ -220,20 +220,21 @@ def explain(
         split at once (no subsampling scale); for global latents they are whole-data values / N.
     """
     if split is not None and split not in SPLITS:
-        raise OptionError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise OptionError(f"must be one of {', '.join(SPLITS)}, got {split!r}", option="split")
     run = load_run(run_dir, data=data, allow_changed=allow_changed, warn=warn)
     split = split or run.default_split
     call = run.split(split)
     args, kwargs = call.args, call.kwargs
     n = num_rows(run.model, args, kwargs, None)
     if n == 0:
-        raise OptionError(f"--split: the {split} split of {run.spec.data} is empty")
+        raise OptionError(f"the {split} split of {run.spec.data} is empty", option="split")
     # the (K, N) log-weights, kept in float64 with about as much again for the work in flight
     need = 2 * num_samples * n * 8
     if max_bytes is not None and need > max_bytes:
         raise OptionError(
-            f"--num-samples: K = {num_samples} draws for {n} points need about "
-            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
+            f"K = {num_samples} draws for {n} points need about "
+            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available",
+            option="num_samples",
         )
     # global latents (a user model, or any model without num_data): all rows at once, as fit
     # trains them; batches would count KL(q(z) || p(z)) once per batch

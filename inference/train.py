@@ -150,47 +150,51 @@ class TrainConfig:
         for name in ("epochs", "num_particles", "eval_particles"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise OptionError(
-                    f"--{name.replace('_', '-')}: must be a positive integer, "
-                    f"got {getattr(self, name)!r}"
+                    f"must be a positive integer, got {getattr(self, name)!r}", option=name
                 )
         for name in ("batch_size", "eval_batch_size", "eval_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
-                raise OptionError(
-                    f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}"
-                )
+                raise OptionError(f"must be a positive integer, got {v!r}", option=name)
         if not (
             isinstance(self.learning_rate, float | int)
             and math.isfinite(self.learning_rate)
             and self.learning_rate > 0
         ):
-            raise OptionError(f"--lr: must be a positive number, got {self.learning_rate!r}")
+            raise OptionError(
+                f"must be a positive number, got {self.learning_rate!r}", option="learning_rate"
+            )
         if self.clip_norm is not None and not (
             math.isfinite(self.clip_norm) and self.clip_norm > 0
         ):
-            raise OptionError(f"--clip-norm: must be a positive number, got {self.clip_norm!r}")
+            raise OptionError(
+                f"must be a positive number, got {self.clip_norm!r}", option="clip_norm"
+            )
         if self.optimizer not in OPTIMIZER_NAMES:
             raise OptionError(
-                f"--optimizer: unknown optimizer {self.optimizer!r} "
-                f"(choose from {', '.join(OPTIMIZER_NAMES)})"
+                f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZER_NAMES)})",
+                option="optimizer",
             )
         if isinstance(self.estimator, ELBO):
             pass  # the user's own Pyro ELBO object, run as given
         elif self.estimator not in ESTIMATOR_CHOICES:
             raise OptionError(
-                f"--estimator: unknown estimator {self.estimator!r} "
-                f"(choose from {', '.join(ESTIMATOR_CHOICES)})"
+                f"unknown estimator {self.estimator!r} "
+                f"(choose from {', '.join(ESTIMATOR_CHOICES)})",
+                option="estimator",
             )
         if self.jit not in JIT_MODES:
-            raise OptionError(f"--jit: must be one of {', '.join(JIT_MODES)}, got {self.jit!r}")
+            raise OptionError(
+                f"must be one of {', '.join(JIT_MODES)}, got {self.jit!r}", option="jit"
+            )
         if not (
             isinstance(self.checkpoint_every, float | int)
             and math.isfinite(self.checkpoint_every)
             and self.checkpoint_every >= 0
         ):
             raise OptionError(
-                f"--checkpoint-every: must be a non-negative number of seconds, "
-                f"got {self.checkpoint_every!r}"
+                f"must be a non-negative number of seconds, got {self.checkpoint_every!r}",
+                option="checkpoint_every",
             )
 
 
@@ -220,7 +224,7 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
     """Instantiate an estimator from :data:`ESTIMATORS` (vectorized particles for >1)."""
     if name not in ESTIMATORS:
         raise OptionError(
-            f"--estimator: unknown estimator {name!r} (choose from {', '.join(ESTIMATORS)})"
+            f"unknown estimator {name!r} (choose from {', '.join(ESTIMATORS)})", option="estimator"
         )
     if num_particles == 1:
         return ESTIMATORS[name]()
@@ -249,8 +253,9 @@ def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwarg
             return "enum"
         if enumerated:
             raise OptionError(
-                f"--estimator {name}: the model enumerates {', '.join(enumerated)}, which only "
-                "TraceEnum_ELBO sums out; use --estimator enum or auto"
+                f"{name!r}: the model enumerates {', '.join(enumerated)}, which only "
+                "TraceEnum_ELBO sums out; use estimator='enum' or estimator='auto'",
+                option="estimator",
             )
     if base not in (AUTO, "meanfield"):
         return name
@@ -259,8 +264,9 @@ def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwarg
         return "trace" if violations else "meanfield"
     if violations:
         raise OptionError(
-            f"--estimator {name}: TraceMeanField_ELBO's analytic KL is not valid for this pair "
-            f"({violations[0]}); use --estimator trace or auto"
+            f"{name!r}: TraceMeanField_ELBO's analytic KL is not valid for this pair "
+            f"({violations[0]}); use estimator='trace' or estimator='auto'",
+            option="estimator",
         )
     return name
 
@@ -283,7 +289,9 @@ def resolve_estimator(
     name = config.estimator
     if name in (AUTO, "meanfield", "jit-meanfield"):
         if not args and not kwargs:
-            raise OptionError(f"--estimator {name}: choosing it needs the model's arguments")
+            raise OptionError(
+                f"{name!r}: choosing it needs the model's arguments", option="estimator"
+            )
         name = choose_estimator(name, model, guide, *args, **kwargs)
     elif args or kwargs:  # any other name is checked too: enumerated sites need TraceEnum_ELBO
         name = choose_estimator(name, model, guide, *args, **kwargs)
@@ -588,9 +596,10 @@ class _Batches:
         size = n if config.batch_size is None else min(config.batch_size, n)
         if size < n and batching is None:
             raise OptionError(
-                f"--batch-size: mini-batches of {size} of {n} rows need a declared batching "
+                f"mini-batches of {size} of {n} rows need a declared batching "
                 "(which arguments hold the rows, and how the model's plate learns N: e.g. a "
-                f"'num_data' argument); train full batch (batch size >= {n})"
+                f"'num_data' argument); train full batch (batch size >= {n})",
+                option="batch_size",
             )
         self.world = current_world() if world is None else world
         self.world.check_batches(n, size, scaled=batching is not None)
@@ -738,7 +747,7 @@ class _RunFiles:
         """Load the checkpoint into the state (parameters, optimizer, this rank's RNG) and
         return where the run continues; a changed learning rate applies from there on."""
         if self.path is None:
-            raise OptionError("--resume needs a run directory")
+            raise OptionError("needs a run directory (run_dir)", option="resume")
         saved = load_checkpoint(self.path)
         stored, current = saved["config"], _config_for_checkpoint(self.config)
         fixed = [k for k in current if k not in TrainConfig.RESUMABLE_CHANGES]

@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="evaluate train/test metrics every N epochs and after the last (default: about "
-        "20 times per run; an epoch is one step when the model trains full batch)",
+        f"{choices.EVALUATIONS_PER_RUN} times per run; an epoch is one step when the model "
+        "trains full batch)",
     )
     t.add_argument(
         "--clip-norm",

@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import InitVar, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,7 +41,7 @@ from .bounds import check_bounds, is_point_estimate
 from .choices import COMPARE_EVAL_PARTICLES, NUM_DRAWS, NUM_SAMPLES
 from .data import Dataset, ModelData
 from .elbo import EVAL_SEED, decompose, decompose_all_rows
-from .errors import NumericalError, OptionError, renamed_field, warn_renamed
+from .errors import NumericalError, OptionError, renamed_keywords
 from .evidence import KHAT_THRESHOLD, deprecated_alias, effective_sample_size, iwae, psis_khat
 from .io import atomic_write_text, seeded, write_csv, write_json
 from .plots import plot_comparison
@@ -74,6 +74,7 @@ DEFAULT_GUIDES = {
 }
 
 
+@renamed_keywords(elbo_particles="eval_particles")
 @dataclass(frozen=True)
 class CompareConfig:
     """Options of the evaluation in :func:`compare`.
@@ -96,12 +97,8 @@ class CompareConfig:
     split: str = "auto"
     chunk_size: int | None = None
     eval_batch_size: int = 512
-    elbo_particles: InitVar[int | None] = None  # the former name of eval_particles
 
-    def __post_init__(self, elbo_particles: int | None):
-        if elbo_particles is not None:
-            warn_renamed("CompareConfig", "elbo_particles", "eval_particles")
-            object.__setattr__(self, "eval_particles", elbo_particles)
+    def __post_init__(self):
         for name in ("num_samples", "eval_particles", "num_draws", "num_chains", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -115,9 +112,6 @@ class CompareConfig:
             raise OptionError(
                 f"must be 'auto', 'test' or 'train', got {self.split!r}", option="split"
             )
-
-
-CompareConfig.elbo_particles = renamed_field("CompareConfig", "elbo_particles", "eval_particles")
 
 
 class ComparisonRow(NamedTuple):

@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the file or option and the problem."""
 
+import functools
 import warnings
 
 
@@ -39,22 +40,47 @@ class NumericalError(RuntimeError):
     """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""
 
 
-def warn_renamed(owner: str, old: str, new: str) -> None:
-    """Warn (DeprecationWarning) that ``owner``'s keyword ``old`` is now called ``new``; the old
-    name is accepted for one release."""
-    warnings.warn(
-        f"{owner}({old}=...) is deprecated and will be removed in the next release; use {new}=...",
-        DeprecationWarning,
-        stacklevel=4,
-    )
+def renamed_keywords(**renames: str):
+    """Class decorator: the constructor also takes each old keyword (``old="new"``) for one
+    release, with a DeprecationWarning, and ``obj.old`` reads ``obj.new`` (:func:`renamed_field`).
+    Put it above ``@dataclass``: the fields, ``replace`` and ``asdict`` know only the new names."""
+
+    def decorate(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for old, new in renames.items():
+                if old not in kwargs:
+                    continue
+                if new in kwargs:
+                    raise TypeError(f"{cls.__name__}() takes {new} or its old name {old}, not both")
+                warnings.warn(
+                    f"{cls.__name__}({old}=...) is deprecated and will be removed in the next "
+                    f"release; use {new}=...",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        for old, new in renames.items():
+            setattr(cls, old, renamed_field(old, new))
+        return cls
+
+    return decorate
 
 
-def renamed_field(owner: str, old: str, new: str) -> property:
-    """A read-only property ``old`` that returns the field ``new`` with a DeprecationWarning."""
+def renamed_field(
+    old: str, new: str, why: str = " and will be removed in the next release"
+) -> property:
+    """A read-only property ``old`` that returns the field ``new`` with a DeprecationWarning
+    (``<Class>.<old> is deprecated<why>; use .<new>``)."""
 
     def get(self):
         warnings.warn(
-            f"{owner}.{old} is deprecated and will be removed in the next release; use .{new}",
+            f"{type(self).__name__}.{old} is deprecated{why}; use .{new}",
             DeprecationWarning,
             stacklevel=2,
         )

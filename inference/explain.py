@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .batching import num_rows, takes_num_data
-from .bounds import check_bounds, is_point_estimate
+from .bounds import check_bounds, is_point_estimate, report_particles
 from .choices import EVAL_BATCH_SIZE
 from .elbo import EVAL_SEED, evaluate
 from .enumeration import exact_evidence
@@ -241,7 +241,7 @@ def explain(
     batch_size = EVAL_BATCH_SIZE if takes_num_data(run.model) and run.batched else None
     probe = run.probe(call)
     estimator = choose_estimator("auto", run.model, run.guide, *probe.args, **probe.kwargs)
-    particles = 10 if batch_size else 100  # the ELBO with its standard error
+    particles = report_particles(batch_size is not None)  # the ELBO with its standard error
     common = dict(batch_size=batch_size, seed=seed, num_particles=particles)
     metrics = evaluate(
         run.model, run.guide, *args, analytic_kl=estimator == "meanfield", **common, **kwargs

@@ -48,7 +48,7 @@ from .batching import (
     slicer,
     take,
 )
-from .choices import BATCH_SIZE, EVAL_BATCH_SIZE
+from .choices import BATCH_SIZE, EVAL_BATCH_SIZE, EVALUATIONS_PER_RUN
 from .distributed import World, current_world
 from .elbo import EVAL_SEED, PerDatumElbo, evaluate, meanfield_violations
 from .enumeration import (
@@ -111,10 +111,6 @@ JIT_MODES = ("auto", "on", "off")
 
 #: ``TrainConfig.optimizer`` choices (:data:`OPTIMIZERS` holds the functions).
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
-
-#: With ``eval_every=None``, :func:`fit` evaluates about this many times per run (and after
-#: the last epoch): evaluation stays a small share of training however long the run.
-EVALUATIONS_PER_RUN = 20
 
 
 @dataclass(frozen=True)
@@ -380,7 +376,7 @@ def _collect_params(
     one tensor under two names, as ``AutoIAFNormal`` does: the optimizer must step it once)."""
     with (
         torch.random.fork_rng(devices=[]),
-        default_dtype(_floating_dtype(args, kwargs)),
+        default_dtype(floating_dtype(args, kwargs)),
         poutine.trace(param_only=True) as capture,
     ):
         loss_fn(*args, **kwargs)
@@ -463,7 +459,7 @@ def init(
     ``config.estimator="auto"`` picks TraceMeanField_ELBO where its analytic KL is valid and
     Trace_ELBO otherwise (:func:`choose_estimator`); ``config.jit`` decides compilation.
     """
-    dtype = _floating_dtype(args, kwargs)
+    dtype = floating_dtype(args, kwargs)
     with default_dtype(dtype):  # a lazily built guide's parameters at the data's dtype
         refuse_guide_enumeration(guide, *args, **kwargs)  # in one line, whatever the estimator
         if isinstance(config.estimator, ELBO):  # the user's own ELBO object, as given
@@ -552,7 +548,7 @@ def _step(
     return StepInfo(loss_value), stop
 
 
-def _floating_dtype(args: tuple, kwargs: Mapping) -> torch.dtype | None:
+def floating_dtype(args: tuple, kwargs: Mapping) -> torch.dtype | None:
     """The dtype of the first floating-point tensor among the model's arguments."""
     for value in (*args, *kwargs.values()):
         values = value if isinstance(value, list | tuple) else (value,)
@@ -945,8 +941,8 @@ def fit(
     0 and the keyword that receives N, so the plate scales a batch by N / B); a model that
     takes ``num_data`` has one by default. An "epoch" is one pass over the rows.
 
-    After every ``config.eval_every`` epochs (default: about 20 times per run) the training
-    data (and ``test``) are evaluated and appended to the history, and with ``run_dir`` to
+    After every ``config.eval_every`` epochs (default: about :data:`EVALUATIONS_PER_RUN` times
+    per run) the training data (and ``test``) are evaluated and appended to the history, and with ``run_dir`` to
     ``metrics.jsonl``/``metrics.csv``. A checkpoint is written before the first step, every
     ``config.checkpoint_every`` seconds at an epoch's end, at the end and on SIGINT/SIGTERM.
 

@@ -207,14 +207,14 @@ def check_user_model(model: Callable, guide: Callable, call: Any, *, spec: str, 
         OptionError: the model has no latent site to infer.
     """
     from .batching import ModelArgs, takes_num_data
-    from .train import _floating_dtype, default_dtype
+    from .train import default_dtype, floating_dtype
 
     call = ModelArgs.of(call)
     args, kwargs = call.args, dict(call.kwargs)
     if takes_num_data(model) and args and torch.is_tensor(args[0]) and "num_data" not in kwargs:
         kwargs["num_data"] = args[0].shape[0]
     try:
-        with torch.random.fork_rng(devices=[]), default_dtype(_floating_dtype(args, kwargs)):
+        with torch.random.fork_rng(devices=[]), default_dtype(floating_dtype(args, kwargs)):
             with pyro.validation_enabled(True):
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 replayed = poutine.replay(model, trace=guide_trace)

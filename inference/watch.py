@@ -35,7 +35,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,7 +48,7 @@ from pyro.infer.elbo import ELBOModule
 
 from .choices import NUM_SAMPLES, WATCH_EVAL_PARTICLES
 from .elbo import EVAL_SEED, ElboDecomposition, decompose
-from .errors import OptionError, RunError, renamed_field, warn_renamed
+from .errors import OptionError, RunError, renamed_keywords
 from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
 from .io import atomic_write_text, copy_params, seeded, write_csv, write_json, write_jsonl
 
@@ -81,6 +81,7 @@ FLUSH_SECONDS = 10.0
 _KNOWN_NESTING = 1000
 
 
+@renamed_keywords(num_particles="eval_particles")
 @dataclass(frozen=True)
 class WatchConfig:
     """What :class:`Watch` computes.
@@ -102,12 +103,8 @@ class WatchConfig:
     num_samples: int = NUM_SAMPLES
     progress: bool = False
     figures: bool = True
-    num_particles: InitVar[int | None] = None  # the former name of eval_particles
 
-    def __post_init__(self, num_particles: int | None):
-        if num_particles is not None:
-            warn_renamed("WatchConfig", "num_particles", "eval_particles")
-            object.__setattr__(self, "eval_particles", num_particles)
+    def __post_init__(self):
         for name in ("eval_particles", "num_samples"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -116,9 +113,6 @@ class WatchConfig:
             raise OptionError(f"must be a positive integer, got {self.every!r}", option="every")
         if not 0 < self.budget < 1:
             raise OptionError(f"must lie in (0, 1), got {self.budget!r}", option="budget")
-
-
-WatchConfig.num_particles = renamed_field("WatchConfig", "num_particles", "eval_particles")
 
 
 class WatchedFit(NamedTuple):

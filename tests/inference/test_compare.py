@@ -11,6 +11,8 @@ field, stops short by 1/2 sum_j log Lambda_jj - 1/2 log |Lambda| (Bishop, PRML Â
 
 import json
 import math
+import warnings
+from dataclasses import replace
 
 import arviz as az
 import numpy as np
@@ -176,6 +178,9 @@ def test_config_errors_name_the_parameter_and_elbo_particles_is_deprecated():
     assert options.eval_particles == 7 and options == CompareConfig(eval_particles=7)
     with pytest.warns(DeprecationWarning):
         assert options.elbo_particles == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fields know the new name only
+        assert replace(options, num_samples=5).eval_particles == 7
 
 
 def test_rows_carry_the_estimator_and_a_passed_bound_check(regression_comparison):

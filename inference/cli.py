@@ -209,7 +209,7 @@ def _gb(n: float) -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"elbo-lab: warning: {message}", file=sys.stderr)
+    print(f"elbo-lab: warning: {as_options(message)}", file=sys.stderr)
 
 
 class _Renamed(argparse.Action):
@@ -1024,10 +1024,9 @@ FLAGS = {
 _KEYWORD = re.compile(r"\b([a-z_]+)=(?:(True)\b|'([^']*)'|([\w.:/-]+))")
 
 
-def error_line(exc: ElboLabError) -> str:
-    """The one line the command line prints for a library error: the parameter it names and the
-    keywords its hint names are worded as options (``num_draws: ...`` -> ``--num-draws: ...``,
-    ``use estimator='trace'`` -> ``use --estimator trace``)."""
+def as_options(message: str) -> str:
+    """A library message with the keywords it names worded as options (``use estimator='trace'``
+    -> ``use --estimator trace``, ``force=True`` -> ``--force``); other keywords unchanged."""
 
     def as_flag(m: re.Match) -> str:
         name, flag, quoted, plain = m.groups()
@@ -1035,10 +1034,14 @@ def error_line(exc: ElboLabError) -> str:
             return m.group(0)
         return FLAGS[name] if flag else f"{FLAGS[name]} {quoted if quoted is not None else plain}"
 
-    message = _KEYWORD.sub(as_flag, exc.message if isinstance(exc, ElboLabError) else str(exc))
-    if getattr(exc, "option", None):
-        return f"{FLAGS.get(exc.option, exc.option)}: {message}"
-    return message
+    return _KEYWORD.sub(as_flag, message)
+
+
+def error_line(exc: ElboLabError) -> str:
+    """The one line the command line prints for a library error: the parameter it names and the
+    keywords its hint names worded as options (``num_draws: ...`` -> ``--num-draws: ...``)."""
+    message = as_options(exc.message)
+    return f"{FLAGS.get(exc.option, exc.option)}: {message}" if exc.option else message
 
 
 def _first_line(exc: BaseException) -> str:

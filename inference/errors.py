@@ -1,4 +1,4 @@
-"""User-facing errors: one line that names the file or option and the problem."""
+"""User-facing errors: one line that names the file or parameter and the problem."""
 
 import functools
 import warnings
@@ -7,12 +7,12 @@ import warnings
 class ElboLabError(Exception):
     """A mistake in the user's input (data, options, run directory), reported without a traceback.
 
-    ``option`` names the library parameter the message is about (``num_draws``), or is None:
-    ``str(exc)`` then reads ``num_draws: must be a positive integer, got 0``, and the command line
-    prints the flag that sets it instead (``elbo-lab: error: --num-draws: must be ...``, from
-    its table :data:`inference.cli.FLAGS`) and exits with status 2. Other parameters a message
-    refers to are written as keywords (``estimator='trace'``), which the command line words as
-    flags too.
+    ``option`` is the library parameter the message is about (``num_draws``), or None. With
+    one, ``str(exc)`` reads ``num_draws: must be a positive integer, got 0``, and the command
+    line prints the option that sets it instead (``elbo-lab: error: --num-draws: must be ...``,
+    from its table :data:`inference.cli.FLAGS`) and exits with status 2. Other parameters a
+    message refers to are written as keywords (``use estimator='trace'``), which the command
+    line words as options too (``use --estimator trace``).
     """
 
     def __init__(self, message: str = "", *, option: str | None = None):

@@ -262,8 +262,10 @@ def check_sources(
 
     def changed(problem: str) -> None:
         if not allow_changed:
-            raise RunError(f"{where}: {problem}; refusing (pass --allow-changed to use it anyway)")
-        warn(f"{problem}; using it anyway (--allow-changed)")
+            raise RunError(
+                f"{where}: {problem}; refusing (pass allow_changed=True to use it anyway)"
+            )
+        warn(f"{problem}; using it anyway (allow_changed=True)")
 
     result: tuple[str | None, str | None] = (None, None)
     if is_user_model(str(spec.get("model", ""))):  # first: it decides what code may run

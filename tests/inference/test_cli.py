@@ -419,7 +419,7 @@ def _library_parameters_in_errors() -> set[str]:
 def test_library_errors_name_parameters_and_the_cli_one_table_words_them():
     """The library words an error in its parameter (``num_draws: ...``); the command line prints
     the option that sets it, from FLAGS, whose every entry is a real option."""
-    from inference.cli import FLAGS, error_line
+    from inference.cli import FLAGS, as_options, error_line
     from inference.errors import OptionError, RunError
 
     every_option = {o for command in COMMANDS for o in _options(command)}
@@ -436,6 +436,7 @@ def test_library_errors_name_parameters_and_the_cli_one_table_words_them():
     assert error_line(OptionError("'a' lacks it; use estimator='trace'", option="estimator")) == (
         "--estimator: 'a' lacks it; use --estimator trace"
     )
+    assert as_options("using it anyway (allow_changed=True)") == "using it anyway (--allow-changed)"
     assert error_line(OptionError("num_chains=4 is fixed", option="budget")) == (
         "budget: num_chains=4 is fixed"  # no option: the library's own words
     )

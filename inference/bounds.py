@@ -20,10 +20,10 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from .choices import EVAL_BATCH_SIZE
+from .choices import EVAL_BATCH_SIZE, EVAL_PARTICLES_GLOBAL, EVAL_PARTICLES_LOCAL
 from .errors import OptionError
 
-__all__ = ["BoundCheck", "check_bounds", "is_point_estimate"]
+__all__ = ["BoundCheck", "check_bounds", "is_point_estimate", "report_particles"]
 
 #: Standard errors a Monte-Carlo estimate may stray before an inequality counts as violated.
 Z = 5.0
@@ -159,6 +159,12 @@ class CheckedMetrics(NamedTuple):
     bounds: BoundCheck
 
 
+def report_particles(batched: bool) -> int:
+    """Draws of a reported ELBO with its standard error: per datum for ``batched`` models (local
+    latents, rows in chunks), whole-data draws otherwise (:mod:`inference.choices`)."""
+    return EVAL_PARTICLES_LOCAL if batched else EVAL_PARTICLES_GLOBAL
+
+
 def checked_metrics(
     model: Callable,
     guide: Callable,
@@ -177,8 +183,8 @@ def checked_metrics(
     Monte Carlo for ``trace``), so Pyro's ``.loss`` for the same noise must equal
     KL - reconstruction; L_K with ``num_samples`` draws (whole split at once; per datum for
     ``batched`` models, whose latents are local to rows) bounds it from above.
-    ``num_particles`` defaults to 10 draws per datum for batched models and 100 whole-data
-    draws otherwise, so the ELBO carries a standard error. Values are per datum (totals / N).
+    ``num_particles`` defaults to :func:`report_particles`, so the ELBO carries a standard
+    error. Values are per datum (totals / N).
     ``exact_log_px`` (per datum) defaults to the exact value of a model whose every latent is
     enumerated (:func:`inference.enumeration.exact_log_evidence`).
     """
@@ -191,7 +197,7 @@ def checked_metrics(
 
     seed = EVAL_SEED if seed is None else seed
     plain = plain_estimator(estimator)  # whose .loss is -ELBO (trace for jit and renyi)
-    particles = num_particles or (10 if batched else 100)
+    particles = num_particles or report_particles(batched)
     batch = EVAL_BATCH_SIZE if batched else None
     common = dict(batch_size=batch, seed=seed, num_particles=particles)
     metrics = evaluate(model, guide, *args, analytic_kl=plain == "meanfield", **common, **kwargs)

@@ -29,6 +29,9 @@ __all__ = [
     "DTYPE",
     "DTYPES",
     "EPOCHS",
+    "EVALUATIONS_PER_RUN",
+    "EVAL_PARTICLES_GLOBAL",
+    "EVAL_PARTICLES_LOCAL",
     "ESTIMATOR",
     "ESTIMATORS",
     "EVAL_BATCH_SIZE",
@@ -84,12 +87,20 @@ JIT = "auto"
 #: Draws of z per step of the training objective.
 NUM_PARTICLES = 1
 CHECKPOINT_EVERY = 30.0
+#: Without an ``eval_every``, training evaluates about this many times per run (and after the
+#: last epoch): evaluation stays a small share of training however long the run.
+EVALUATIONS_PER_RUN = 20
 
 # --- what is reported (explain, compare, watch) --------------------------------------------------
 #: K, the importance samples of L_K.
 NUM_SAMPLES = 1000
 #: Draws per datum for compare's ELBO and its standard error.
 COMPARE_EVAL_PARTICLES = 100
+#: Draws of the ELBO that ``evaluate`` and ``explain`` report with its standard error: per datum
+#: where the latents are local to rows evaluated in chunks, whole-data draws where they are
+#: global (a one-draw ELBO has no error bar).
+EVAL_PARTICLES_LOCAL = 10
+EVAL_PARTICLES_GLOBAL = 100
 #: Draws per decomposition of a watched step: watch observes while the script trains, so fewer.
 WATCH_EVAL_PARTICLES = 16
 #: Posterior draws per guide saved by compare (as 4 chains).

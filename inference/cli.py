@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -223,7 +224,7 @@ def _gb(n: float) -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"elbo-lab: warning: {message}", file=sys.stderr)
+    print(f"elbo-lab: warning: {as_options(message)}", file=sys.stderr)
 
 
 class _Renamed(argparse.Action):
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="evaluate train/test metrics every N epochs and after the last (default: about "
-        "20 times per run; an epoch is one step when the model trains full batch)",
+        f"{choices.EVALUATIONS_PER_RUN} times per run; an epoch is one step when the model "
+        "trains full batch)",
     )
     t.add_argument(
         "--clip-norm",
@@ -1077,6 +1079,69 @@ def _data_label(data: str) -> str:
     return Path(data.removeprefix("mnist:")).stem
 
 
+#: Library parameter -> the option that sets it. The library words its errors in its own
+#: parameters (``OptionError(..., option="learning_rate")``, hints as ``estimator='trace'``);
+#: :func:`error_line` words them as the command line's options.
+FLAGS = {
+    "allow_changed": "--allow-changed",
+    "batch_args": "--batch-args",
+    "batch_size": "--batch-size",
+    "batching": "--batch-args",
+    "checkpoint_every": "--checkpoint-every",
+    "clip_norm": "--clip-norm",
+    "data": "--data",
+    "device": "--device",
+    "dtype": "--dtype",
+    "epochs": "--epochs",
+    "estimator": "--estimator",
+    "eval_every": "--eval-every",
+    "eval_particles": "--eval-particles",
+    "every": "--every",
+    "force": "--force",
+    "guide": "--guide",
+    "guides": "--guides",
+    "hidden_dims": "--hidden-dims",
+    "jit": "--jit",
+    "latent_dim": "--latent-dim",
+    "learning_rate": "--lr",
+    "model": "--model",
+    "num_draws": "--num-draws",
+    "num_particles": "--num-particles",
+    "num_samples": "--num-samples",
+    "optimizer": "--optimizer",
+    "resume": "--resume",
+    "run_dir": "--run-dir",
+    "seed": "--seed",
+    "size_arg": "--size-arg",
+    "split": "--split",
+    "subsample_arg": "--subsample-arg",
+    "threads": "--threads",
+}
+
+#: ``name=True``, ``name='value'`` or ``name=value`` in a library message.
+_KEYWORD = re.compile(r"\b([a-z_]+)=(?:(True)\b|'([^']*)'|([\w.:/-]+))")
+
+
+def as_options(message: str) -> str:
+    """A library message with the keywords it names worded as options (``use estimator='trace'``
+    -> ``use --estimator trace``, ``force=True`` -> ``--force``); other keywords unchanged."""
+
+    def as_flag(m: re.Match) -> str:
+        name, flag, quoted, plain = m.groups()
+        if name not in FLAGS:
+            return m.group(0)
+        return FLAGS[name] if flag else f"{FLAGS[name]} {quoted if quoted is not None else plain}"
+
+    return _KEYWORD.sub(as_flag, message)
+
+
+def error_line(exc: ElboLabError) -> str:
+    """The one line the command line prints for a library error: the parameter it names and the
+    keywords its hint names worded as options (``num_draws: ...`` -> ``--num-draws: ...``)."""
+    message = as_options(exc.message)
+    return f"{FLAGS.get(exc.option, exc.option)}: {message}" if exc.option else message
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
@@ -1168,14 +1233,14 @@ def _compare(args) -> int:
     if out.exists() and not args.force:
         raise OptionError(f"--run-dir: {out} exists (use --force to replace it)")
     if out.exists():
-        refuse_to_replace(out, "--run-dir")
+        refuse_to_replace(out, "run_dir")
     _check_writable(out)
     spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
     _use_threads(
         args, {**spec, "data_dim": 64}, args.batch_size or choices.BATCH_SIZE, backward=True
     )
     options = CompareConfig(
-        num_samples=args.num_samples, elbo_particles=args.eval_particles, num_draws=args.num_draws
+        num_samples=args.num_samples, eval_particles=args.eval_particles, num_draws=args.num_draws
     )
     model, guides, dataset, batched = _compared_guides(args)
     _check_comparison_memory(options, model, dataset, batched, available_memory())
@@ -1194,7 +1259,7 @@ def _compare(args) -> int:
     )
     # written beside an existing comparison, then renamed into place: an error or a kill
     # leaves the old output whole (inference.rundir, as a training run is)
-    owner = RunDirectory.create(out, force=args.force, option="--run-dir")
+    owner = RunDirectory.create(out, force=args.force)
     try:
         comparison = compare(
             model, guides, dataset, config, options, out_dir=owner.path, model_name=args.model
@@ -1248,7 +1313,7 @@ def _compared_guides(args):
         for n in names:
             if is_user_model(n):  # the user's own guide, FILE.py:NAME: built once, now
                 with seeded(args.seed):
-                    guides[guide_label(n)] = load_user_guide(n, model, option="--guides")
+                    guides[guide_label(n)] = load_user_guide(n, model, option="guides")
             else:
                 guides[autoguide_name(n)] = AUTOGUIDES[autoguide_name(n)]
         return model, guides, dataset, takes_num_data(model)
@@ -1308,7 +1373,7 @@ def _watch(args) -> int:
         shutil.rmtree(run_dir)
     config = WatchConfig(
         every=args.every,
-        num_particles=args.eval_particles,
+        eval_particles=args.eval_particles,
         num_samples=args.num_samples,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
@@ -1383,7 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             return COMMANDS[args.command](args)
     except ElboLabError as exc:
-        print(f"elbo-lab: error: {exc}", file=sys.stderr)
+        print(f"elbo-lab: error: {error_line(exc)}", file=sys.stderr)
         distributed = sys.modules.get(f"{__package__}.distributed")  # loaded if it can fail
         if distributed is not None and isinstance(exc, distributed.DistributedError):
             # a peer died or hung: the process group's threads still wait on it, and tearing

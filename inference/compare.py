@@ -38,9 +38,10 @@ from torch import nn
 
 from .batching import ModelArgs, num_rows, takes_num_data
 from .bounds import check_bounds, is_point_estimate
+from .choices import COMPARE_EVAL_PARTICLES, NUM_DRAWS, NUM_SAMPLES
 from .data import Dataset, ModelData
 from .elbo import EVAL_SEED, decompose, decompose_all_rows
-from .errors import NumericalError, OptionError
+from .errors import NumericalError, OptionError, renamed_keywords
 from .estimators import ESTIMATORS
 from .evidence import KHAT_THRESHOLD, deprecated_alias, effective_sample_size, iwae, psis_khat
 from .io import atomic_write_text, seeded, write_csv, write_json
@@ -74,13 +75,15 @@ DEFAULT_GUIDES = {
 }
 
 
+@renamed_keywords(elbo_particles="eval_particles")
 @dataclass(frozen=True)
 class CompareConfig:
     """Options of the evaluation in :func:`compare`.
 
     Attributes:
         num_samples: K of L_K.
-        elbo_particles: draws per datum for the ELBO and its decomposition.
+        eval_particles: draws per datum for the ELBO and its decomposition (formerly
+            ``elbo_particles``, still accepted with a DeprecationWarning).
         num_draws, num_chains: posterior draws saved per guide, as ``num_chains`` chains of
             ``num_draws // num_chains`` independent draws (so ArviZ's multi-chain summaries run).
         split: ``"auto"`` (test for amortized guides, train otherwise), ``"test"`` or ``"train"``.
@@ -88,27 +91,28 @@ class CompareConfig:
         eval_batch_size: data rows per evaluation call for mini-batched models.
     """
 
-    num_samples: int = 1000
-    elbo_particles: int = 100
-    num_draws: int = 200
+    num_samples: int = NUM_SAMPLES
+    eval_particles: int = COMPARE_EVAL_PARTICLES
+    num_draws: int = NUM_DRAWS
     num_chains: int = 4
     split: str = "auto"
     chunk_size: int | None = None
     eval_batch_size: int = 512
 
     def __post_init__(self):
-        for name in ("num_samples", "elbo_particles", "num_draws", "num_chains", "eval_batch_size"):
+        for name in ("num_samples", "eval_particles", "num_draws", "num_chains", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise OptionError(
-                    f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}"
-                )
+                raise OptionError(f"must be a positive integer, got {v!r}", option=name)
         if self.num_draws < self.num_chains:
             raise OptionError(
-                f"--num-draws: need at least one draw per chain ({self.num_chains}), got {self.num_draws}"
+                f"need at least one draw per chain ({self.num_chains}), got {self.num_draws}",
+                option="num_draws",
             )
         if self.split not in ("auto", "test", "train"):
-            raise OptionError(f"split: must be 'auto', 'test' or 'train', got {self.split!r}")
+            raise OptionError(
+                f"must be 'auto', 'test' or 'train', got {self.split!r}", option="split"
+            )
 
 
 class ComparisonRow(NamedTuple):
@@ -181,32 +185,34 @@ def check_guides(names: Sequence[str], *, amortized: bool, estimator: str) -> No
     from models.guides import AUTOGUIDES, GUIDE_FAMILIES, autoguide_name
 
     if not names:
-        raise OptionError("--guides: name at least one guide")
+        raise OptionError("name at least one guide", option="guides")
     if len(set(names)) != len(names):
-        raise OptionError(f"--guides: a guide is named twice in {','.join(names)}")
+        raise OptionError(f"a guide is named twice in {','.join(names)}", option="guides")
     for name in names:
         if amortized and name not in GUIDE_FAMILIES:
             hint = " (an autoguide, for models with global latents)" if _is_autoguide(name) else ""
             raise OptionError(
-                f"--guides: {name!r}{hint} does not fit this model; choose from "
-                f"{', '.join(GUIDE_FAMILIES)}"
+                f"{name!r}{hint} does not fit this model; choose from {', '.join(GUIDE_FAMILIES)}",
+                option="guides",
             )
         if not amortized and ":" in name:  # the user's own guide, FILE.py:NAME
             continue
         if not amortized:
             if name in GUIDE_FAMILIES:
                 raise OptionError(
-                    f"--guides: {name!r} is an amortized encoder for the built-in models; a user "
-                    f"model takes autoguides ({', '.join(AUTOGUIDES)})"
+                    f"{name!r} is an amortized encoder for the built-in models; a user "
+                    f"model takes autoguides ({', '.join(AUTOGUIDES)})",
+                    option="guides",
                 )
             try:
                 name = autoguide_name(name)
             except ValueError as exc:
-                raise OptionError(f"--guides: {exc}") from None
+                raise OptionError(str(exc), option="guides") from None
         if estimator in ANALYTIC_ESTIMATORS and name in FLOW_GUIDES:
             raise OptionError(
-                f"--estimator {estimator}: needs an analytic KL, which the flow guide {name!r} "
-                f"lacks; use --estimator trace"
+                f"{estimator!r} needs an analytic KL, which the flow guide {name!r} lacks; "
+                f"use estimator='trace'",
+                option="estimator",
             )
 
 
@@ -289,7 +295,7 @@ def _evaluate(
                 model,
                 guide,
                 *part.args,
-                num_particles=options.elbo_particles,
+                num_particles=options.eval_particles,
                 analytic_kl=True,
                 **part.kwargs,
             )
@@ -399,7 +405,8 @@ def compare(
             getattr(guide, "family", "") == "flow" or type(guide).__name__ == "AutoIAFNormal"
         ):
             raise OptionError(
-                f"--estimator {config.estimator}: guide {name!r} is a flow without analytic KL"
+                f"{config.estimator!r}: guide {name!r} is a flow without analytic KL",
+                option="estimator",
             )
         eval_call = test_call if split == "test" else train_call
         n = num_rows(model, eval_call.args, eval_call.kwargs, None)

@@ -83,7 +83,7 @@ class Dataset:
                 bad = int((~torch.isfinite(x)).sum())
                 raise DataError(
                     f"{self.name}: {bad} {split} value(s) overflow {str(dtype).removeprefix('torch.')}"
-                    " (use --dtype float64 or rescale the data)"
+                    " (use dtype='float64' or rescale the data)"
                 )
         return Dataset(
             self.name, train, test, self.image_shape, self.train_labels, self.test_labels
@@ -452,7 +452,7 @@ def load_model_data(spec: str, model: Callable) -> ModelData:
     from .user_model import load_user_object
 
     if ":" in spec and not Path(spec).exists():
-        fn = load_user_object(spec, option="--data")
+        fn = load_user_object(spec, option="data")
         try:
             value = fn()
         except Exception as exc:

@@ -131,9 +131,10 @@ class World:
         last = n % batch or batch
         if min(batch, last) < self.size:
             raise OptionError(
-                f"--batch-size: with {self.size} processes every global batch needs at least "
+                f"with {self.size} processes every global batch needs at least "
                 f"{self.size} rows, but batch size {batch} over {n} rows leaves a last batch of "
-                f"{last}; choose another batch size"
+                f"{last}; choose another batch size",
+                option="batch_size",
             )
 
     # --- collectives -----------------------------------------------------------------------------

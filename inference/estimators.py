@@ -310,12 +310,13 @@ def check_estimator(name: str, num_particles: int = 1) -> None:
     :data:`ESTIMATOR_CHOICES` or ``renyi:ALPHA`` with ALPHA a finite number other than 1,
     and, for ``renyi``, ``num_particles`` > 1 (with one draw its bound is the ELBO)."""
     if not isinstance(name, str):
-        raise OptionError(f"--estimator: must be a name, got {name!r}")
+        raise OptionError(f"must be a name, got {name!r}", option="estimator")
     base, parameter = _split(name)
     if base not in ESTIMATOR_CHOICES or (parameter is not None and base != RENYI):
         raise OptionError(
-            f"--estimator: unknown estimator {name!r} "
-            f"(choose from {', '.join(ESTIMATOR_CHOICES)}; renyi:ALPHA for RenyiELBO's alpha)"
+            f"unknown estimator {name!r} "
+            f"(choose from {', '.join(ESTIMATOR_CHOICES)}; renyi:ALPHA for RenyiELBO's alpha)",
+            option="estimator",
         )
     if base != RENYI:
         return
@@ -326,13 +327,15 @@ def check_estimator(name: str, num_particles: int = 1) -> None:
             alpha = math.nan
         if not math.isfinite(alpha) or alpha == 1:
             raise OptionError(
-                f"--estimator {name}: ALPHA must be a finite number other than 1 "
-                "(alpha = 1 is the ELBO: use trace), e.g. renyi:0.5"
+                f"{name!r}: ALPHA must be a finite number other than 1 "
+                "(alpha = 1 is the ELBO: use estimator='trace'), e.g. renyi:0.5",
+                option="estimator",
             )
     if num_particles < 2:
         raise OptionError(
-            f"--estimator {name}: the Renyi bound needs --num-particles K > 1 (with one draw "
-            "it is the ELBO)"
+            f"{name!r}: the Renyi bound needs more than one draw, e.g. num_particles=8 (with "
+            "one draw it is the ELBO)",
+            option="estimator",
         )
 
 
@@ -347,7 +350,7 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
     check_estimator(name, num_particles if _split(name)[0] == RENYI else 2)
     base, _ = _split(name)
     if base == AUTO:
-        raise OptionError("--estimator auto: choose it for a model and guide first")
+        raise OptionError("'auto': choose it for a model and guide first", option="estimator")
     if base == RENYI:
         return DifferentiableRenyiELBO(
             alpha=renyi_alpha(name), num_particles=num_particles, vectorize_particles=False
@@ -400,8 +403,9 @@ def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwarg
             return "enum"
         if enumerated:
             raise OptionError(
-                f"--estimator {name}: the model enumerates {', '.join(enumerated)}, which only "
-                "TraceEnum_ELBO sums out; use --estimator enum or auto"
+                f"{name!r}: the model enumerates {', '.join(enumerated)}, which only "
+                "TraceEnum_ELBO sums out; use estimator='enum' or estimator='auto'",
+                option="estimator",
             )
     if base not in (AUTO, "meanfield"):
         return name
@@ -410,8 +414,9 @@ def choose_estimator(name: str, model: Callable, guide: Callable, *args, **kwarg
         return "trace" if violations else "meanfield"
     if violations:
         raise OptionError(
-            f"--estimator {name}: TraceMeanField_ELBO's analytic KL is not valid for this pair "
-            f"({violations[0]}); use --estimator trace or auto"
+            f"{name!r}: TraceMeanField_ELBO's analytic KL is not valid for this pair "
+            f"({violations[0]}); use estimator='trace' or estimator='auto'",
+            option="estimator",
         )
     return name
 
@@ -432,7 +437,9 @@ def resolve_estimator(config: Any, model: Callable, guide: Callable, *args, **kw
     name = config.estimator
     if name in (AUTO, "meanfield", "jit-meanfield"):
         if not args and not kwargs:
-            raise OptionError(f"--estimator {name}: choosing it needs the model's arguments")
+            raise OptionError(
+                f"{name!r}: choosing it needs the model's arguments", option="estimator"
+            )
         name = choose_estimator(name, model, guide, *args, **kwargs)
     elif args or kwargs:  # any other name is checked too: enumerated sites need TraceEnum_ELBO
         name = choose_estimator(name, model, guide, *args, **kwargs)

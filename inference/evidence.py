@@ -44,8 +44,8 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from .enumeration import enumerated_log_joint, enumeration_in
-from .errors import OptionError
-from .subsample import RowChunk, SubsampledPlate, SubsampleOrigin, chunk_rows, subsampled_plate
+from .errors import OptionError, renamed_field
+from .subsample import RowChunk, SubsampledPlate, chunk_rows, trace_pair
 from .traced_loss import RecentByFunction, TracedLoss, is_static_pair
 
 __all__ = [
@@ -73,16 +73,9 @@ def deprecated_alias(new: str, old: str) -> property:
     """A read-only property ``old`` that returns the field ``new`` with a DeprecationWarning:
     ``log_px`` named L_K as if it were log p(x), which L_K only bounds from below."""
 
-    def get(self):
-        warnings.warn(
-            f"{type(self).__name__}.{old} is deprecated: it holds L_K, the importance-weighted "
-            f"bound on log p(x), not log p(x); use .{new}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(self, new)
-
-    return property(get, doc=f"Deprecated name of :attr:`{new}`.")
+    return renamed_field(
+        old, new, ": it holds L_K, the importance-weighted bound on log p(x), not log p(x)"
+    )
 
 
 class EvidenceEstimate(NamedTuple):
@@ -139,13 +132,8 @@ def _sample_sites(trace) -> list[dict]:
 def _layout(model: Callable, guide: Callable, args, kwargs) -> _Layout:
     """Run the pair once (drawing none of the caller's noise) to find the plate nesting, the
     enumerated sites and whether one plate holds every site."""
-    model_origin, guide_origin = SubsampleOrigin(), SubsampleOrigin()
-    with torch.random.fork_rng(devices=[]):
-        guide_trace = poutine.trace(guide_origin(guide)).get_trace(*args, **kwargs)
-        replayed = poutine.replay(model_origin(model), trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    guide_trace, model_trace, own = trace_pair(model, guide, args, kwargs)
     enumerated = set(enumeration_in(model_trace, guide_trace).sites)
-    own = subsampled_plate((guide_trace, model_trace), model_origin.own | guide_origin.own)
     outside = sorted(
         name
         for name in enumerated

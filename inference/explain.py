@@ -26,7 +26,7 @@ import torch
 from pyro.infer import ELBO
 
 from .batching import Batching, ModelArgs, default_batching, num_rows, take
-from .bounds import check_bounds, is_point_estimate
+from .bounds import check_bounds, is_point_estimate, report_particles
 from .choices import EVAL_BATCH_SIZE, NUM_SAMPLES
 from .elbo import EVAL_SEED, evaluate
 from .enumeration import exact_evidence
@@ -332,7 +332,7 @@ def explain_run(
             :func:`explain_pair`.
     """
     if split is not None and split not in SPLITS:
-        raise OptionError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise OptionError(f"must be one of {', '.join(SPLITS)}, got {split!r}", option="split")
     run = load_run(run_dir, data=data, allow_changed=allow_changed, warn=warn)
     split = split or run.default_split
     call = run.split(split)
@@ -400,13 +400,14 @@ def _anatomy(
         raise OptionError(str(exc)) from None
     if n == 0:
         where = f"the {labels['split']} split of {labels['data']}" if labels["data"] else "data"
-        raise OptionError(f"--split: {where} is empty")
+        raise OptionError(f"{where} is empty", option="split")
     # the (K, N) log-weights, kept in float64 with about as much again for the work in flight
     need = 2 * num_samples * n * 8
     if max_bytes is not None and need > max_bytes:
         raise OptionError(
-            f"--num-samples: K = {num_samples} draws for {n} points need about "
-            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available"
+            f"K = {num_samples} draws for {n} points need about "
+            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available",
+            option="num_samples",
         )
     probe = ModelArgs(tuple(args), dict(kwargs))
     if batching is not None and batching.args:  # a few rows choose as well as all of them
@@ -422,7 +423,7 @@ def _anatomy(
     # at once, as fit trains them (chunks would count KL(q(z) || p(z)) once per chunk)
     chunked = local and batching is not None and bool(batching.args)
     batch_size = EVAL_BATCH_SIZE if chunked else None
-    particles = 10 if batch_size else 100  # the ELBO with its standard error
+    particles = report_particles(batch_size is not None)  # the ELBO with its standard error
     common = dict(batch_size=batch_size, batching=batching, seed=seed, num_particles=particles)
     metrics = evaluate(model, guide, *args, analytic_kl=name == "meanfield", **common, **kwargs)
     checked = pyro_loss(model, guide, *args, estimator=name, **common, **kwargs)
@@ -516,8 +517,8 @@ def _estimator_name(estimator: str | ELBO) -> str:
     name = estimator_name(estimator)
     if name not in ESTIMATORS:
         raise OptionError(
-            f"--estimator: explain decomposes the ELBO of {', '.join(ESTIMATORS)}; "
-            f"{name} is not one of them"
+            f"explain decomposes the ELBO of {', '.join(ESTIMATORS)}; {name} is not one of them",
+            option="estimator",
         )
     return name
 

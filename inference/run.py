@@ -79,26 +79,34 @@ class ModelSpec:
     def __post_init__(self):
         if self.model not in MODELS and not is_user_model(self.model):
             raise OptionError(
-                f"--model: unknown model {self.model!r} (choose from {', '.join(MODELS)}, "
-                "or your own as FILE.py:NAME or package.module:NAME)"
+                f"unknown model {self.model!r} (choose from {', '.join(MODELS)}, "
+                "or your own as FILE.py:NAME or package.module:NAME)",
+                option="model",
             )
         object.__setattr__(self, "guide", _check_guide(self.model, self.guide))
         if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
-            raise OptionError(f"--latent-dim: must be a positive integer, got {self.latent_dim!r}")
+            raise OptionError(
+                f"must be a positive integer, got {self.latent_dim!r}", option="latent_dim"
+            )
         if any((not isinstance(h, int)) or h < 1 for h in self.hidden_dims):
             raise OptionError(
-                f"--hidden-dims: widths must be positive integers, got {self.hidden_dims!r}"
+                f"widths must be positive integers, got {self.hidden_dims!r}", option="hidden_dims"
             )
         if self.dtype not in DTYPES:
-            raise OptionError(f"--dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise OptionError(
+                f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}", option="dtype"
+            )
         if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise OptionError(f"--device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+            raise OptionError(f"must be 'cpu' or 'cuda[:N]', got {self.device!r}", option="device")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise OptionError(f"--device: {self.device!r} requested but CUDA is not available")
+            raise OptionError(
+                f"{self.device!r} requested but CUDA is not available", option="device"
+            )
         if self.batching is not None and not self.user_model:
             raise OptionError(
-                "--batch-args/--size-arg/--subsample-arg: the built-in models batch their own "
-                "rows; these options declare the batching of your own model (FILE.py:NAME)"
+                "the built-in models batch their own rows; a batching declares how your own "
+                "model's (FILE.py:NAME) rows are cut",
+                option="batching",
             )
 
     @property
@@ -124,7 +132,7 @@ class ModelSpec:
 def _check_guide(model: str, guide: str | None) -> str:
     """The canonical guide for ``model``: an autoguide name, the user's ``FILE.py:NAME`` (its
     file made absolute), or ``diag`` for a built-in model; else an OptionError naming
-    ``--guide``."""
+    ``guide``."""
     from models.guides import AUTOGUIDES, GUIDE_FAMILIES, autoguide_name
 
     if is_user_model(model):
@@ -134,24 +142,27 @@ def _check_guide(model: str, guide: str | None) -> str:
             return resolve_model_spec(guide)
         if guide in GUIDE_FAMILIES:
             raise OptionError(
-                f"--guide: {guide!r} is an amortized encoder for the built-in models; your "
+                f"{guide!r} is an amortized encoder for the built-in models; your "
                 f"model takes an autoguide ({', '.join(AUTOGUIDES)}) or your own guide as "
-                "FILE.py:NAME"
+                "FILE.py:NAME",
+                option="guide",
             )
         try:
             return autoguide_name(guide)
         except ValueError as exc:
-            raise OptionError(f"--guide: {exc}, or your own guide as FILE.py:NAME") from None
+            raise OptionError(f"{exc}, or your own guide as FILE.py:NAME", option="guide") from None
     if guide is None or guide == BUILTIN_GUIDE:
         return BUILTIN_GUIDE
     if guide in GUIDE_FAMILIES:
         raise OptionError(
-            f"--guide: {model} trains with its own mean-field encoder ({BUILTIN_GUIDE!r}); to fit "
-            f"{guide!r} use: elbo-lab compare --model {model} --guides {','.join(GUIDE_FAMILIES)}"
+            f"{model} trains with its own mean-field encoder ({BUILTIN_GUIDE!r}); to fit "
+            f"{guide!r} use: elbo-lab compare --model {model} --guides {','.join(GUIDE_FAMILIES)}",
+            option="guide",
         )
     raise OptionError(
-        f"--guide: {guide!r} does not fit {model}, which trains with its own mean-field encoder "
-        f"({BUILTIN_GUIDE!r}); autoguides are for your own model (--model FILE.py:NAME)"
+        f"{guide!r} does not fit {model}, which trains with its own mean-field encoder "
+        f"({BUILTIN_GUIDE!r}); autoguides are for your own model (model='FILE.py:NAME')",
+        option="guide",
     )
 
 
@@ -190,7 +201,7 @@ class LoadedRun(NamedTuple):
         if self.spec.user_model:
             call = self.data.train if name == "train" else self.data.test
             if call is None:
-                raise OptionError(f"--split: {self.spec.data} has no {name} data")
+                raise OptionError(f"{self.spec.data} has no {name} data", option="split")
             return call
         return ModelArgs((self.data.train if name == "train" else self.data.test,), {})
 
@@ -237,7 +248,7 @@ def build_model(
         with torch.no_grad():  # start mu at the data mean, as the ML solution has it
             module.decoder.mu.copy_(data.train.mean(0))
     else:  # pragma: no cover - guarded by ModelSpec
-        raise OptionError(f"--model: unknown model {spec.model!r}")
+        raise OptionError(f"unknown model {spec.model!r}", option="model")
     module = module.to(device=spec.device, dtype=DTYPES[spec.dtype])
     return module, module.model, module.guide
 
@@ -271,8 +282,10 @@ def check_sources(
 
     def changed(problem: str) -> None:
         if not allow_changed:
-            raise RunError(f"{where}: {problem}; refusing (pass --allow-changed to use it anyway)")
-        warn(f"{problem}; using it anyway (--allow-changed)")
+            raise RunError(
+                f"{where}: {problem}; refusing (pass allow_changed=True to use it anyway)"
+            )
+        warn(f"{problem}; using it anyway (allow_changed=True)")
 
     result: tuple[str | None, str | None] = (None, None)
     if is_user_model(str(spec.get("model", ""))):  # first: it decides what code may run

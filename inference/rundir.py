@@ -38,15 +38,16 @@ def is_run_directory(path: Path) -> bool:
         return False
 
 
-def _lock(directory: Path, what: str, *, mark: bool = False) -> int:
+def _lock(directory: Path, *, mark: bool = False, option: str | None = None) -> int:
     """Take the exclusive lock of ``directory`` (a ``flock`` on the directory itself, which
-    follows it through a rename); with ``mark`` also write its marker. Returns the fd."""
+    follows it through a rename); with ``mark`` also write its marker. Returns the fd; a
+    directory in use is a RunError about the parameter ``option``."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunError(f"{what}: in use by another elbo-lab process") from None
+        raise RunError(f"{directory}: in use by another elbo-lab process", option=option) from None
     if mark:
         try:
             (directory / MARKER).write_text('{"format": "elbo-lab/run"}\n')
@@ -61,17 +62,21 @@ def refuse_to_replace(path: Path, option: str, ours: Callable[[Path], bool] = is
     working directory or one above it, a symbolic link, or a non-empty directory that ``ours``
     does not recognize as elbo-lab's."""
     if path.is_symlink():
-        raise RunError(f"{option}: {path} is a symbolic link; refusing to replace it")
+        raise RunError(f"{path} is a symbolic link; refusing to replace it", option=option)
     resolved = path.resolve()
     cwd = Path.cwd().resolve()
     if str(path) in ("", ".", "..") or resolved in (Path("/"), Path.home().resolve()):
-        raise RunError(f"{option}: refusing to replace {str(path) or '.'!r}")
+        raise RunError(f"refusing to replace {str(path) or '.'!r}", option=option)
     if cwd == resolved or cwd.is_relative_to(resolved):
-        raise RunError(f"{option}: {path} contains the working directory; refusing to replace it")
+        raise RunError(
+            f"{path} contains the working directory; refusing to replace it", option=option
+        )
     if not path.is_dir():
-        raise RunError(f"{option}: {path} is not a directory; refusing to replace it")
+        raise RunError(f"{path} is not a directory; refusing to replace it", option=option)
     if any(path.iterdir()) and not ours(path):
-        raise RunError(f"{option}: {path} is not an elbo-lab run directory; refusing to replace it")
+        raise RunError(
+            f"{path} is not an elbo-lab run directory; refusing to replace it", option=option
+        )
 
 
 class RunDirectory:
@@ -91,11 +96,13 @@ class RunDirectory:
         )
 
     @classmethod
-    def create(cls, run_dir: Path, *, force: bool = False, option: str = "--run-dir"):
+    def create(cls, run_dir: Path, *, force: bool = False, option: str = "run_dir"):
         """Own a new run directory: create it exclusively, reuse one of ours that never got a
         checkpoint, or (``force``) prepare to replace an existing run."""
         if run_dir.is_symlink():
-            raise RunError(f"{option}: {run_dir} is a symbolic link; name the directory itself")
+            raise RunError(
+                f"{run_dir} is a symbolic link; name the directory itself", option=option
+            )
         parent = run_dir.absolute().parent
         created = [p for p in (parent, *parent.parents) if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +112,7 @@ class RunDirectory:
         except FileExistsError:
             return cls._existing(run_dir, force=force, option=option)
         try:
-            fd = _lock(run_dir, f"{option}: {run_dir}", mark=True)
+            fd = _lock(run_dir, option=option, mark=True)
         except BaseException:
             cls._remove_created(created)
             raise
@@ -115,20 +122,21 @@ class RunDirectory:
     def _existing(cls, run_dir: Path, *, force: bool, option: str):
         if not force:
             if run_dir.is_dir() and (run_dir / MARKER).is_file():
-                fd = _lock(run_dir, f"{option}: {run_dir}")
+                fd = _lock(run_dir, option=option)
                 if not (run_dir / "checkpoint.pt").exists():  # a run killed before its start
                     clean_temporary_files(run_dir)
                     return cls(run_dir, run_dir, fd, created=[])
                 os.close(fd)
             raise RunError(
-                f"{option}: {run_dir} exists (use --force to replace it, --resume to continue it)"
+                f"{run_dir} exists (use force=True to replace it, resume=True to continue it)",
+                option=option,
             )
         refuse_to_replace(run_dir, option)
-        old_fd = _lock(run_dir, f"{option}: {run_dir}") if is_run_directory(run_dir) else None
+        old_fd = _lock(run_dir, option=option) if is_run_directory(run_dir) else None
         try:
             _clean_stale_siblings(run_dir)
             tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.new-"))
-            fd = _lock(tmp, f"{option}: {tmp}", mark=True)
+            fd = _lock(tmp, option=option, mark=True)
         except BaseException:
             if old_fd is not None:
                 os.close(old_fd)
@@ -136,17 +144,19 @@ class RunDirectory:
         return cls(run_dir, tmp, fd, created=[tmp], old_fd=old_fd)
 
     @classmethod
-    def open(cls, run_dir: Path, *, option: str = "--run-dir"):
+    def open(cls, run_dir: Path, *, option: str = "run_dir"):
         """Own an existing run directory to resume it; clean temporary files of killed writes."""
         if run_dir.is_symlink():
-            raise RunError(f"{option}: {run_dir} is a symbolic link; name the directory itself")
+            raise RunError(
+                f"{run_dir} is a symbolic link; name the directory itself", option=option
+            )
         if not run_dir.is_dir():
             raise RunError(f"{run_dir / 'checkpoint.pt'}: no checkpoint (no such run directory)")
         if not (run_dir / MARKER).is_file() and not (run_dir / "checkpoint.pt").is_file():
             raise RunError(
                 f"{run_dir / 'checkpoint.pt'}: no checkpoint (is this an elbo-lab run directory?)"
             )
-        fd = _lock(run_dir, f"{option}: {run_dir}")
+        fd = _lock(run_dir, option=option)
         clean_temporary_files(run_dir)
         return cls(run_dir, run_dir, fd, created=[])
 
@@ -195,7 +205,7 @@ def _clean_stale_siblings(run_dir: Path) -> None:
     for p in run_dir.parent.glob(f".{run_dir.name}.new-*"):
         if p.is_dir() and not p.is_symlink() and not (p / "checkpoint.pt").exists():
             try:
-                fd = _lock(p, str(p))
+                fd = _lock(p)
             except (RunError, OSError):
                 continue
             shutil.rmtree(p, ignore_errors=True)

@@ -40,10 +40,12 @@ from .errors import OptionError
 __all__ = [
     "SubsampledPlate",
     "SubsampleOrigin",
+    "TracedPair",
     "chunk_rows",
     "find_subsampled_plate",
     "full_data_pairs",
     "RowChunk",
+    "trace_pair",
 ]
 
 
@@ -100,18 +102,33 @@ def subsampled_plate(traces, own: set[str]) -> SubsampledPlate | None:
     return next(iter(plates.values()), None)
 
 
+class TracedPair(NamedTuple):
+    """One run of a model and guide: the guide's trace, the model's replayed on it, and the
+    plate that subsamples itself (None if none does)."""
+
+    guide_trace: poutine.Trace
+    model_trace: poutine.Trace
+    own: SubsampledPlate | None
+
+
+def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: Mapping) -> TracedPair:
+    """Run the pair once, the caller's noise untouched (:class:`TracedPair`)."""
+    model_origin, guide_origin = SubsampleOrigin(), SubsampleOrigin()
+    with torch.random.fork_rng(devices=[]):
+        guide_trace = poutine.trace(guide_origin(guide)).get_trace(*args, **kwargs)
+        replayed = poutine.replay(model_origin(model), trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    own = subsampled_plate((guide_trace, model_trace), model_origin.own | guide_origin.own)
+    return TracedPair(guide_trace, model_trace, own)
+
+
 @torch.no_grad()
 def find_subsampled_plate(
     model: Callable, guide: Callable, args: tuple, kwargs: Mapping
 ) -> SubsampledPlate | None:
     """Run the pair once (the caller's noise untouched) and return the plate that subsamples
     itself, or None."""
-    model_origin, guide_origin = SubsampleOrigin(), SubsampleOrigin()
-    with torch.random.fork_rng(devices=[]):
-        guide_trace = poutine.trace(guide_origin(guide)).get_trace(*args, **kwargs)
-        replayed = poutine.replay(model_origin(model), trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-    return subsampled_plate((guide_trace, model_trace), model_origin.own | guide_origin.own)
+    return trace_pair(model, guide, args, kwargs).own
 
 
 def chunk_rows(plate: SubsampledPlate) -> list[tuple[torch.Tensor, int]]:

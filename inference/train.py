@@ -48,7 +48,7 @@ from .batching import (
     slicer,
     take,
 )
-from .choices import BATCH_SIZE, EVAL_BATCH_SIZE
+from .choices import BATCH_SIZE, EVAL_BATCH_SIZE, EVALUATIONS_PER_RUN
 from .distributed import World, current_world
 from .elbo import EVAL_SEED, PerDatumElbo, eval_chunk_rows, evaluate
 from .enumeration import (
@@ -104,10 +104,6 @@ JIT_MODES = ("auto", "on", "off")
 #: ``TrainConfig.optimizer`` choices (:data:`OPTIMIZERS` holds the functions).
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 
-#: With ``eval_every=None``, :func:`fit` evaluates about this many times per run (and after
-#: the last epoch): evaluation stays a small share of training however long the run.
-EVALUATIONS_PER_RUN = 20
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -142,42 +138,45 @@ class TrainConfig:
         for name in ("epochs", "num_particles", "eval_particles"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise OptionError(
-                    f"--{name.replace('_', '-')}: must be a positive integer, "
-                    f"got {getattr(self, name)!r}"
+                    f"must be a positive integer, got {getattr(self, name)!r}", option=name
                 )
         for name in ("batch_size", "eval_batch_size", "eval_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
-                raise OptionError(
-                    f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}"
-                )
+                raise OptionError(f"must be a positive integer, got {v!r}", option=name)
         if not (
             isinstance(self.learning_rate, float | int)
             and math.isfinite(self.learning_rate)
             and self.learning_rate > 0
         ):
-            raise OptionError(f"--lr: must be a positive number, got {self.learning_rate!r}")
+            raise OptionError(
+                f"must be a positive number, got {self.learning_rate!r}", option="learning_rate"
+            )
         if self.clip_norm is not None and not (
             math.isfinite(self.clip_norm) and self.clip_norm > 0
         ):
-            raise OptionError(f"--clip-norm: must be a positive number, got {self.clip_norm!r}")
+            raise OptionError(
+                f"must be a positive number, got {self.clip_norm!r}", option="clip_norm"
+            )
         if self.optimizer not in OPTIMIZER_NAMES:
             raise OptionError(
-                f"--optimizer: unknown optimizer {self.optimizer!r} "
-                f"(choose from {', '.join(OPTIMIZER_NAMES)})"
+                f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZER_NAMES)})",
+                option="optimizer",
             )
         if not isinstance(self.estimator, ELBO):  # else the user's own ELBO, run as given
             check_estimator(self.estimator, self.num_particles)
         if self.jit not in JIT_MODES:
-            raise OptionError(f"--jit: must be one of {', '.join(JIT_MODES)}, got {self.jit!r}")
+            raise OptionError(
+                f"must be one of {', '.join(JIT_MODES)}, got {self.jit!r}", option="jit"
+            )
         if not (
             isinstance(self.checkpoint_every, float | int)
             and math.isfinite(self.checkpoint_every)
             and self.checkpoint_every >= 0
         ):
             raise OptionError(
-                f"--checkpoint-every: must be a non-negative number of seconds, "
-                f"got {self.checkpoint_every!r}"
+                f"must be a non-negative number of seconds, got {self.checkpoint_every!r}",
+                option="checkpoint_every",
             )
 
 
@@ -280,7 +279,7 @@ def _collect_params(
     one tensor under two names, as ``AutoIAFNormal`` does: the optimizer must step it once)."""
     with (
         torch.random.fork_rng(devices=[]),
-        default_dtype(_floating_dtype(args, kwargs)),
+        default_dtype(floating_dtype(args, kwargs)),
         poutine.trace(param_only=True) as capture,
     ):
         loss_fn(*args, **kwargs)
@@ -363,7 +362,7 @@ def init(
     ``config.estimator="auto"`` picks TraceMeanField_ELBO where its analytic KL is valid and
     Trace_ELBO otherwise (:func:`choose_estimator`); ``config.jit`` decides compilation.
     """
-    dtype = _floating_dtype(args, kwargs)
+    dtype = floating_dtype(args, kwargs)
     with default_dtype(dtype):  # a lazily built guide's parameters at the data's dtype
         refuse_guide_enumeration(guide, *args, **kwargs)  # in one line, whatever the estimator
         if isinstance(config.estimator, ELBO):  # the user's own ELBO object, as given
@@ -452,7 +451,7 @@ def _step(
     return StepInfo(loss_value), stop
 
 
-def _floating_dtype(args: tuple, kwargs: Mapping) -> torch.dtype | None:
+def floating_dtype(args: tuple, kwargs: Mapping) -> torch.dtype | None:
     """The dtype of the first floating-point tensor among the model's arguments."""
     for value in (*args, *kwargs.values()):
         values = value if isinstance(value, list | tuple) else (value,)
@@ -496,9 +495,10 @@ class _Batches:
         size = n if config.batch_size is None else min(config.batch_size, n)
         if size < n and batching is None:
             raise OptionError(
-                f"--batch-size: mini-batches of {size} of {n} rows need a declared batching "
+                f"mini-batches of {size} of {n} rows need a declared batching "
                 "(which arguments hold the rows, and how the model's plate learns N: e.g. a "
-                f"'num_data' argument); train full batch (batch size >= {n})"
+                f"'num_data' argument); train full batch (batch size >= {n})",
+                option="batch_size",
             )
         self.world = current_world() if world is None else world
         self.world.check_batches(n, size, scaled=batching is not None)
@@ -646,7 +646,7 @@ class _RunFiles:
         """Load the checkpoint into the state (parameters, optimizer, this rank's RNG) and
         return where the run continues; a changed learning rate applies from there on."""
         if self.path is None:
-            raise OptionError("--resume needs a run directory")
+            raise OptionError("needs a run directory (run_dir)", option="resume")
         saved = load_checkpoint(self.path)
         stored, current = saved["config"], _config_for_checkpoint(self.config)
         fixed = [k for k in current if k not in TrainConfig.RESUMABLE_CHANGES]
@@ -844,8 +844,8 @@ def fit(
     0 and the keyword that receives N, so the plate scales a batch by N / B); a model that
     takes ``num_data`` has one by default. An "epoch" is one pass over the rows.
 
-    After every ``config.eval_every`` epochs (default: about 20 times per run) the training
-    data (and ``test``) are evaluated and appended to the history, and with ``run_dir`` to
+    After every ``config.eval_every`` epochs (default: about :data:`EVALUATIONS_PER_RUN` times
+    per run) the training data (and ``test``) are evaluated and appended to the history, and with ``run_dir`` to
     ``metrics.jsonl``/``metrics.csv``. A checkpoint is written before the first step, every
     ``config.checkpoint_every`` seconds at an epoch's end, at the end and on SIGINT/SIGTERM.
 

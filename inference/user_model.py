@@ -62,7 +62,7 @@ def user_model_label(spec: str) -> str:
 
 def load_user_object(
     spec: str,
-    option: str = "--model",
+    option: str = "model",
     *,
     path: str | None = None,
     expected_sha256: str | None = None,
@@ -78,33 +78,36 @@ def load_user_object(
 
     Raises:
         OptionError: malformed spec, missing file or module, import failure (or ``sys.exit``),
-            missing attribute (one line naming ``option`` and the spec).
+            missing attribute (one line naming the parameter ``option`` and the spec).
         RunError: the file's hash differs from ``expected_sha256``.
     """
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not all(part.isidentifier() for part in name.split(".")):
-        raise OptionError(f"{option}: expected FILE.py:NAME or package.module:NAME, got {spec!r}")
+        raise OptionError(
+            f"expected FILE.py:NAME or package.module:NAME, got {spec!r}", option=option
+        )
     if path is not None or _is_file_spec(source):
         file = Path(source) if path is None else Path(path)
         if not file.is_file():
-            raise OptionError(f"{option}: {file}: no such file")
+            raise OptionError(f"{file}: no such file", option=option)
         module = _import_file(file, option, expected_sha256)
     else:
         try:
             module = importlib.import_module(source)
         except SystemExit as exc:
             raise OptionError(
-                f"{option}: {source!r} called sys.exit({exc.code!r}) at import"
+                f"{source!r} called sys.exit({exc.code!r}) at import", option=option
             ) from None
         except Exception as exc:
             raise OptionError(
-                f"{option}: cannot import {source!r} ({type(exc).__name__}: {_first_line(exc)})"
+                f"cannot import {source!r} ({type(exc).__name__}: {_first_line(exc)})",
+                option=option,
             ) from None
     value = module
     for part in name.split("."):
         value = getattr(value, part, None)
         if value is None:
-            raise OptionError(f"{option}: {source} has no attribute {name!r}")
+            raise OptionError(f"{source} has no attribute {name!r}", option=option)
     return value
 
 
@@ -120,7 +123,7 @@ def _import_file(path: Path, option: str, expected_sha256: str | None = None) ->
         return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise OptionError(f"{option}: {path}: cannot be loaded as a Python module")
+        raise OptionError(f"{path}: cannot be loaded as a Python module", option=option)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:
@@ -132,7 +135,7 @@ def _import_file(path: Path, option: str, expected_sha256: str | None = None) ->
             if isinstance(exc, SystemExit)
             else f"failed to import ({type(exc).__name__}: {_first_line(exc)})"
         )
-        raise OptionError(f"{option}: {path}: {what}") from None
+        raise OptionError(f"{path}: {what}", option=option) from None
     return module
 
 
@@ -142,13 +145,13 @@ def load_user_model(
     """The model ``NAME`` from ``FILE.py:NAME`` or ``package.module:NAME`` (a function, a
     ``PyroModule``, or a bound ``model`` method such as ``FILE.py:vae.model``); ``path`` and
     ``expected_sha256`` as in :func:`load_user_object`."""
-    fn = load_user_object(spec, "--model", path=path, expected_sha256=expected_sha256)
+    fn = load_user_object(spec, "model", path=path, expected_sha256=expected_sha256)
     if not callable(fn):
-        raise OptionError(f"--model: {spec} is not callable")
+        raise OptionError(f"{spec} is not callable", option="model")
     return fn
 
 
-def load_user_guide(spec: str, model: Callable, option: str = "--guide") -> Callable:
+def load_user_guide(spec: str, model: Callable, option: str = "guide") -> Callable:
     """The guide named ``spec`` for ``model``: a Pyro autoguide by name (``AutoNormal``, any
     class of :data:`models.guides.AUTOGUIDES`), or the user's own as ``FILE.py:NAME``:
 
@@ -165,12 +168,12 @@ def load_user_guide(spec: str, model: Callable, option: str = "--guide") -> Call
         try:
             return make_autoguide(spec, model)
         except ValueError as exc:
-            raise OptionError(f"{option}: {exc} or your own guide as FILE.py:NAME") from None
+            raise OptionError(f"{exc} or your own guide as FILE.py:NAME", option=option) from None
     value = load_user_object(spec, option)
     if isinstance(value, type) and issubclass(value, AutoGuide):
         return value(model)
     if not callable(value):
-        raise OptionError(f"{option}: {spec} is not callable")
+        raise OptionError(f"{spec} is not callable", option=option)
     return value
 
 
@@ -204,14 +207,14 @@ def check_user_model(model: Callable, guide: Callable, call: Any, *, spec: str, 
         OptionError: the model has no latent site to infer.
     """
     from .batching import ModelArgs, takes_num_data
-    from .train import _floating_dtype, default_dtype
+    from .train import default_dtype, floating_dtype
 
     call = ModelArgs.of(call)
     args, kwargs = call.args, dict(call.kwargs)
     if takes_num_data(model) and args and torch.is_tensor(args[0]) and "num_data" not in kwargs:
         kwargs["num_data"] = args[0].shape[0]
     try:
-        with torch.random.fork_rng(devices=[]), default_dtype(_floating_dtype(args, kwargs)):
+        with torch.random.fork_rng(devices=[]), default_dtype(floating_dtype(args, kwargs)):
             with pyro.validation_enabled(True):
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 replayed = poutine.replay(model, trace=guide_trace)
@@ -235,4 +238,6 @@ def check_user_model(model: Callable, guide: Callable, call: Any, *, spec: str, 
             "data reach the model's arguments?"
         )
     if all(site["is_observed"] for site in sites):
-        raise OptionError(f"--model: {spec} has no latent sample site: there is nothing to infer")
+        raise OptionError(
+            f"{spec} has no latent sample site: there is nothing to infer", option="model"
+        )

@@ -46,10 +46,11 @@ from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoGuide
 from pyro.infer.elbo import ELBOModule
 
+from .choices import NUM_SAMPLES, WATCH_EVAL_PARTICLES
 from .elbo import EVAL_SEED, ElboDecomposition, decompose
-from .errors import OptionError, RunError
+from .errors import OptionError, RunError, renamed_keywords
 from .evidence import KHAT_THRESHOLD, deprecated_alias, iwae, psis_khat
-from .io import atomic_write_text, seeded, write_csv, write_json, write_jsonl
+from .io import atomic_write_text, copy_params, seeded, write_csv, write_json, write_jsonl
 
 __all__ = [
     "Watch",
@@ -80,6 +81,7 @@ FLUSH_SECONDS = 10.0
 _KNOWN_NESTING = 1000
 
 
+@renamed_keywords(num_particles="eval_particles")
 @dataclass(frozen=True)
 class WatchConfig:
     """What :class:`Watch` computes.
@@ -88,7 +90,8 @@ class WatchConfig:
         every: decompose every N-th step of each SVI object (and the first and the last);
             None: adaptively, while observing costs at most ``budget`` of the steps' time.
         budget: share of the steps' time the adaptive cadence may spend observing.
-        num_particles: draws from the guide per decomposition (its standard errors).
+        eval_particles: draws from the guide per decomposition (its standard errors; formerly
+            ``num_particles``, still accepted with a DeprecationWarning).
         num_samples: K of the bound L_K on the last step's arguments.
         progress: show a progress line on stderr with the signed ELBO.
         figures: write ``curves.png`` and ``bound.png``.
@@ -96,22 +99,20 @@ class WatchConfig:
 
     every: int | None = None
     budget: float = 0.04
-    num_particles: int = 16
-    num_samples: int = 1000
+    eval_particles: int = WATCH_EVAL_PARTICLES
+    num_samples: int = NUM_SAMPLES
     progress: bool = False
     figures: bool = True
 
     def __post_init__(self):
-        for name in ("num_particles", "num_samples"):
+        for name in ("eval_particles", "num_samples"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise OptionError(
-                    f"--{name.replace('_', '-')}: must be a positive integer, got {v}"
-                )
+                raise OptionError(f"must be a positive integer, got {v!r}", option=name)
         if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
-            raise OptionError(f"--every: must be a positive integer, got {self.every!r}")
+            raise OptionError(f"must be a positive integer, got {self.every!r}", option="every")
         if not 0 < self.budget < 1:
-            raise OptionError(f"budget: must lie in (0, 1), got {self.budget!r}")
+            raise OptionError(f"must lie in (0, 1), got {self.budget!r}", option="budget")
 
 
 class WatchedFit(NamedTuple):
@@ -355,7 +356,7 @@ class Watch:
                     tracked.model,
                     tracked.guide,
                     *tracked.last_args,
-                    num_particles=self.config.num_particles,
+                    num_particles=self.config.eval_particles,
                     analytic_kl=tracked.analytic_kl,
                     **tracked.last_kwargs,
                 )
@@ -474,7 +475,7 @@ class Watch:
         """Pyro's own estimator on the draws of the last decomposition (an independent check)."""
         cls = TraceMeanField_ELBO if tracked.analytic_kl else Trace_ELBO
         elbo = cls(
-            num_particles=self.config.num_particles,
+            num_particles=self.config.eval_particles,
             vectorize_particles=False,
             max_plate_nesting=_KNOWN_NESTING,
         )
@@ -756,7 +757,7 @@ def _fit_report(fit: WatchedFit) -> list[str]:
 def watch(run_dir: str | os.PathLike | None = None, config: WatchConfig | None = None, **options):
     """A :class:`Watch` context: ``with watch() as w: <the SVI loop>``, then ``w.report()``.
 
-    ``options`` are :class:`WatchConfig` fields (``every=10``, ``num_particles=32``, ...).
+    ``options`` are :class:`WatchConfig` fields (``every=10``, ``eval_particles=32``, ...).
     """
     return Watch(run_dir, config or WatchConfig(**options))
 
@@ -917,7 +918,10 @@ def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> W
             f"running it again; its report is in {run_dir / REPORT}"
         )
     state = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
-    config = WatchConfig(**{**summary["config"], "num_samples": num_samples, "progress": False})
+    recorded = dict(summary["config"])
+    if "num_particles" in recorded:  # written before the field was named eval_particles
+        recorded["eval_particles"] = recorded.pop("num_particles")
+    config = WatchConfig(**{**recorded, "num_samples": num_samples, "progress": False})
     w = Watch(None, config, script=summary.get("script"))
     fits_out = []
     for f in fits:
@@ -935,10 +939,10 @@ def explain_watched(run_dir: str | os.PathLike, *, num_samples: int = 1000) -> W
         with torch.random.fork_rng(devices=[]), poutine.trace(param_only=True) as capture:
             Trace_ELBO().loss(model, guide, *args, **kwargs)
         store = pyro.get_param_store()
-        with torch.no_grad():
-            for pname in capture.trace.nodes:
-                if pname in saved["params"]:
-                    store.get_param(pname).unconstrained().copy_(saved["params"][pname])
+        names = sorted(capture.trace.nodes)  # as _save_state wrote them
+        params = [store.get_param(n).unconstrained() for n in names]
+        recorded = {"param_names": sorted(saved["params"]), "params": saved["params"]}
+        copy_params(names, params, recorded, f"{run_dir / STATE} ({f['name']})")
         analytic_kl = f["estimator"].endswith("MeanField_ELBO")
         tracked = _Tracked(f["name"], model, guide, f["estimator"], analytic_kl)
         tracked.losses, tracked.last_args, tracked.last_kwargs = [f["last_loss"]], args, kwargs

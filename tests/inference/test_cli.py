@@ -387,6 +387,71 @@ def test_compare_names_run_dir_in_its_errors(spelling, tmp_path, capsys):
     assert len(err) == (1 if spelling == "--run-dir" else 2)
 
 
+#: Library parameters that no option sets (a Python caller's only).
+NO_FLAG = {"budget", "chunk_size", "eval_batch_size", "num_chains"}
+
+
+def _library_parameters_in_errors() -> set[str]:
+    """The string values of every ``option=`` keyword and ``option`` default in inference/."""
+    import ast
+
+    import inference
+
+    names = set()
+    for path in Path(inference.__file__).parent.glob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "option":
+                value = node.value
+            elif isinstance(node, ast.arguments):
+                positional = [*node.posonlyargs, *node.args]
+                named = [*positional, *node.kwonlyargs]
+                defaults = [None] * (len(positional) - len(node.defaults)) + node.defaults
+                pairs = zip(named, [*defaults, *node.kw_defaults], strict=True)
+                value = next((d for a, d in pairs if a.arg == "option" and d is not None), None)
+            else:
+                continue
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                names.add(value.value)
+    return names
+
+
+def test_library_errors_name_parameters_and_the_cli_one_table_words_them():
+    """The library words an error in its parameter (``num_draws: ...``); the command line prints
+    the option that sets it, from FLAGS, whose every entry is a real option."""
+    from inference.cli import FLAGS, as_options, error_line
+    from inference.errors import OptionError, RunError
+
+    every_option = {o for command in COMMANDS for o in _options(command)}
+    assert set(FLAGS.values()) <= every_option
+    used = _library_parameters_in_errors()
+    assert {"guides", "estimator", "run_dir", "model", "data"} <= used
+    assert used <= set(FLAGS) | NO_FLAG, used - set(FLAGS) - NO_FLAG
+    error = OptionError("must be a positive number, got 0", option="learning_rate")
+    assert str(error) == "learning_rate: must be a positive number, got 0"
+    assert error_line(error) == "--lr: must be a positive number, got 0"
+    hint = RunError("runs/x exists (use force=True to replace it, resume=True to continue it)",
+                    option="run_dir")  # fmt: skip
+    assert error_line(hint) == "--run-dir: runs/x exists (use --force to replace it, --resume to continue it)"  # fmt: skip
+    assert error_line(OptionError("'a' lacks it; use estimator='trace'", option="estimator")) == (
+        "--estimator: 'a' lacks it; use --estimator trace"
+    )
+    assert as_options("using it anyway (allow_changed=True)") == "using it anyway (--allow-changed)"
+    assert error_line(OptionError("num_chains=4 is fixed", option="budget")) == (
+        "budget: num_chains=4 is fixed"  # no option: the library's own words
+    )
+
+
+def test_a_config_error_is_one_line_naming_the_option(tmp_path, capsys):
+    """CompareConfig raises ``num_draws: ...``; the command line says ``--num-draws: ...``."""
+    assert _run(["compare", "--num-draws", "3", "--run-dir", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "elbo-lab: error: --num-draws: need at least one draw per chain (4), got 3"
+    ]
+    assert not (tmp_path / "c").exists()
+
+
 def test_parser_defaults_are_the_librarys():
     """What the command line fills in when an option is not given is what the library takes by
     default, read from inference/choices.py, not typed again."""
@@ -426,12 +491,15 @@ def test_parser_defaults_are_the_librarys():
     args, options = parse(["compare"]), CompareConfig()
     assert (args.num_samples, args.eval_particles, args.num_draws) == (
         options.num_samples,
-        options.elbo_particles,
+        options.eval_particles,
         options.num_draws,
     )
     assert args.estimator == choices.COMPARE_ESTIMATOR
     args, watching = parse(["watch", "script.py"]), WatchConfig()
-    assert (args.num_samples, args.eval_particles) == (watching.num_samples, watching.num_particles)
+    assert (args.num_samples, args.eval_particles) == (
+        watching.num_samples,
+        watching.eval_particles,
+    )
     args = parse(["explain", "run"])
     assert args.num_samples == inspect.signature(explain).parameters["num_samples"].default
     assert args.num_samples == inspect.signature(explain_watched).parameters["num_samples"].default

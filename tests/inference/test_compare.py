@@ -11,6 +11,8 @@ field, stops short by 1/2 sum_j log Lambda_jj - 1/2 log |Lambda| (Bishop, PRML Â
 
 import json
 import math
+import warnings
+from dataclasses import replace
 
 import arviz as az
 import numpy as np
@@ -18,9 +20,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
+from inference.batching import ModelArgs
 from inference.compare import CompareConfig, check_guides, compare, write_comparison
+from inference.data import ModelData
 from inference.errors import OptionError
 from inference.train import TrainConfig
 
@@ -67,7 +72,7 @@ def regression_comparison(tmp_path_factory):
             "AutoMultivariateNormal": AutoMultivariateNormal(regression),
         }
         config = TrainConfig(epochs=1000, batch_size=None, learning_rate=0.01, progress=False)
-        options = CompareConfig(num_samples=1000, elbo_particles=300, num_draws=200)
+        options = CompareConfig(num_samples=1000, eval_particles=300, num_draws=200)
         with pyro.validation_enabled(False):  # fit validates its first step; speed
             comparison = compare(
                 regression, guides, data, config, options, out_dir=out, model_name="blr"
@@ -156,8 +161,26 @@ def test_written_tables_and_figure(regression_comparison):
     ids=["vae-autoguide", "user-diag", "meanfield-flow", "meanfield-iaf", "twice", "unknown"],
 )
 def test_incompatible_guides_are_option_errors(names, amortized, estimator, message):
-    with pytest.raises(OptionError, match=message):
+    """Worded in the library's parameters (``guides: ...``), not the command line's flags."""
+    with pytest.raises(OptionError, match=message) as exc:
         check_guides(names, amortized=amortized, estimator=estimator)
+    assert exc.value.option in ("guides", "estimator")
+    assert str(exc.value).startswith(f"{exc.value.option}: ") and "--" not in str(exc.value)
+
+
+def test_config_errors_name_the_parameter_and_elbo_particles_is_deprecated():
+    with pytest.raises(OptionError, match=r"^num_draws: need at least one draw per chain"):
+        CompareConfig(num_draws=2, num_chains=4)
+    with pytest.raises(OptionError, match=r"^eval_particles: must be a positive integer, got 0"):
+        CompareConfig(eval_particles=0)
+    with pytest.warns(DeprecationWarning, match="use eval_particles"):
+        options = CompareConfig(elbo_particles=7)
+    assert options.eval_particles == 7 and options == CompareConfig(eval_particles=7)
+    with pytest.warns(DeprecationWarning):
+        assert options.elbo_particles == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fields know the new name only
+        assert replace(options, num_samples=5).eval_particles == 7
 
 
 def test_rows_carry_the_estimator_and_a_passed_bound_check(regression_comparison):
@@ -179,7 +202,7 @@ def test_a_failing_guide_is_a_failed_row_and_the_others_are_kept():
 
     data = regression_data()
     config = TrainConfig(epochs=20, batch_size=None, learning_rate=0.05, progress=False)
-    options = CompareConfig(num_samples=50, elbo_particles=10, num_draws=8)
+    options = CompareConfig(num_samples=50, eval_particles=10, num_draws=8)
     comparison = compare(regression, {"AutoNormal": AutoNormal, "broken": broken_guide},
                          data, config, options)  # fmt: skip
     ok, broken = comparison.rows
@@ -190,6 +213,43 @@ def test_a_failing_guide_is_a_failed_row_and_the_others_are_kept():
     table = format_table(comparison)
     assert "| broken | failed |" in table and "broken: training failed: " in table
     json.dumps(comparison.to_dict(), allow_nan=False)  # JSON proper: NaN is null
+
+
+def local_model(x):
+    """z_n ~ N(0, 1), x_n ~ N(z_n, 1): a latent per row."""
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+
+def local_encoder(x):
+    """q(z_n) = N(a x_n, s): a function of the row, so it describes held-out rows too."""
+    a = pyro.param("a", torch.tensor(0.3))
+    s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(a * x, s))
+
+
+def test_a_guide_whose_evaluation_fails_is_a_failed_row_and_the_others_are_kept():
+    """AutoNormal has one (loc, scale) per training row: it trains, but cannot describe the 10
+    held-out rows it is evaluated on. Its row says why; the encoder's row is complete."""
+    x = 2**0.5 * torch.randn(30, generator=torch.Generator().manual_seed(0))
+    data = ModelData("rows", ModelArgs((x[:20],), {}), ModelArgs((x[20:],), {}))
+    config = TrainConfig(epochs=20, batch_size=None, learning_rate=0.05, progress=False)
+    options = CompareConfig(num_samples=50, eval_particles=10, num_draws=8, split="test")
+    comparison = compare(local_model, {"encoder": local_encoder, "AutoNormal": AutoNormal},
+                         data, config, options)  # fmt: skip
+    encoder, auto = comparison.rows
+    assert (encoder.split, encoder.n, auto.split, auto.n) == ("test", 10, "test", 10)
+    assert auto.failed.startswith("evaluation: ValueError: ") and "'obs'" in auto.failed
+    assert all(math.isnan(getattr(auto, k)) for k in ("elbo", "lk", "gap", "khat_median"))
+    assert not encoder.failed and encoder.bounds_ok is True and encoder.estimator
+    numbers = [v for v in encoder._asdict().values() if isinstance(v, float)]
+    assert all(math.isfinite(v) for v in numbers)
+    # the row's own identity: gap = L_K - ELBO
+    assert encoder.gap == pytest.approx(encoder.lk - encoder.elbo)
+    record = json.loads(json.dumps(comparison.to_dict(), allow_nan=False))  # NaN is null
+    assert record["rows"][1]["elbo"] is None and record["rows"][1]["failed"] == auto.failed
 
 
 USER_MODEL = """

@@ -83,7 +83,7 @@ def test_vae_class(tmp_path):
         {"vae.guide": guide},
         x,
         TrainConfig(epochs=2, batch_size=None, learning_rate=0.01, progress=False),
-        CompareConfig(num_samples=10, elbo_particles=2, num_draws=4, num_chains=1),
+        CompareConfig(num_samples=10, eval_particles=2, num_draws=4, num_chains=1),
     )
     (row,) = comparison.rows
     assert not row.failed and row.bounds_ok and row.n == 300 and row.gap > 0
@@ -111,7 +111,7 @@ def test_minibatch_model(tmp_path):
         {"guide": guide, "AutoNormal": AutoNormal},
         x,
         TrainConfig(epochs=100, batch_size=None, learning_rate=0.05, progress=False),
-        CompareConfig(num_samples=200, elbo_particles=10, num_draws=4, num_chains=1),
+        CompareConfig(num_samples=200, eval_particles=10, num_draws=4, num_chains=1),
     )
     for row in comparison.rows:
         assert not row.failed and row.bounds_ok
@@ -178,7 +178,7 @@ def test_eight_schools(tmp_path):
         },
         ModelArgs((), kwargs),
         TrainConfig(epochs=200, batch_size=None, learning_rate=0.02, progress=False),
-        CompareConfig(num_samples=300, elbo_particles=20, num_draws=4, num_chains=1),
+        CompareConfig(num_samples=300, eval_particles=20, num_draws=4, num_chains=1),
     )
     for row in comparison.rows:
         assert not row.failed and row.bounds_ok, row
@@ -206,7 +206,7 @@ def test_logistic_regression(tmp_path):
         {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal},
         data.train,
         TrainConfig(epochs=150, batch_size=None, learning_rate=0.03, progress=False),
-        CompareConfig(num_samples=200, elbo_particles=10, num_draws=4, num_chains=1),
+        CompareConfig(num_samples=200, eval_particles=10, num_draws=4, num_chains=1),
     )
     assert [r.guide for r in comparison.rows] == ["AutoNormal", "AutoMultivariateNormal"]
     assert all(not r.failed and r.bounds_ok for r in comparison.rows)

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from pyro.infer.elbo import ELBOModule
 
 from inference import Watch, WatchConfig, watch
 from inference.cli import main
-from inference.errors import RunError
+from inference.errors import OptionError, RunError
 from inference.watch import explain_watched, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,7 +205,7 @@ def test_watching_changes_no_number_and_restores_pyro(tmp_path):
     plain = _module_loop(12)
     np.random.seed(0)  # noqa: NPY002
     random.seed(0)
-    with watch(tmp_path / "run", every=1, num_particles=4, num_samples=16) as w:
+    with watch(tmp_path / "run", every=1, eval_particles=4, num_samples=16) as w:
         watched = _module_loop(12)
     assert watched == plain  # losses, and the next draw of torch, numpy and random
     assert SVI.step.__module__ == "pyro.infer.svi"
@@ -256,9 +257,20 @@ def test_explain_rebuilds_a_guarded_script_and_declines_an_unguarded_one(tmp_pat
 
 
 def test_options_are_checked():
-    with pytest.raises(ValueError, match="--every"):
+    """A Python caller's error names the parameter; the command line words it as the option."""
+    with pytest.raises(OptionError, match="^every: must be a positive integer") as exc:
         WatchConfig(every=0)
+    assert exc.value.option == "every"
     assert math.isfinite(WatchConfig().budget)
+
+
+def test_num_particles_is_a_deprecated_name_of_eval_particles():
+    with pytest.warns(DeprecationWarning, match="use eval_particles"):
+        config = WatchConfig(num_particles=7)
+    assert config.eval_particles == 7
+    with pytest.warns(DeprecationWarning):
+        assert config.num_particles == 7
+    assert "num_particles" not in asdict(config)  # watch.json records the new name
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from pyro import poutine
 from pyro.infer.enum import get_importance_trace
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from models.structure import has_static_structure
 
@@ -54,6 +54,7 @@ __all__ = [
     "exact_log_evidence",
     "has_enumerated_sites",
     "refuse_guide_enumeration",
+    "refuse_uncovered_pair",
 ]
 
 
@@ -125,6 +126,29 @@ def refuse_guide_enumeration(guide: Callable, *args, **kwargs) -> None:
     with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     enumeration_in(poutine.Trace(), trace)
+
+
+def refuse_uncovered_pair(model: Callable, guide: Callable, *args, **kwargs) -> None:
+    """Raise an :class:`OptionError` in one line for a pair no estimator trains correctly:
+    the guide marks a site for enumeration (:func:`refuse_guide_enumeration`), or a latent
+    site of the model has no site in the guide and is not marked for enumeration (Pyro's
+    estimators would sample it from the prior and count log p(z) with no log q(z): no ELBO).
+    Runs the pair once, drawing none of the caller's noise, with the guide run only once."""
+    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        enumeration_in(poutine.Trace(), guide_trace)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if name in guide_trace.nodes or site["infer"].get("enumerate"):
+            continue
+        raise OptionError(
+            f"latent site {name!r} of the model has no site in the guide: add it to the guide "
+            "(or mark it for enumeration, if it is discrete)",
+            option="guide",
+        )
 
 
 #: Enumerations of recently used static pairs: fixed for arguments of the same shapes.

@@ -52,7 +52,7 @@ from .choices import BATCH_SIZE, EVAL_BATCH_SIZE, EVALUATIONS_PER_RUN
 from .distributed import World, current_world
 from .elbo import EVAL_SEED, PerDatumElbo, eval_chunk_rows, evaluate
 from .enumeration import (
-    refuse_guide_enumeration,
+    refuse_uncovered_pair,
 )
 from .errors import NumericalError, OptionError, RunError
 from .estimators import (  # the estimator registry lives there; re-exported for old imports
@@ -364,7 +364,7 @@ def init(
     """
     dtype = floating_dtype(args, kwargs)
     with default_dtype(dtype):  # a lazily built guide's parameters at the data's dtype
-        refuse_guide_enumeration(guide, *args, **kwargs)  # in one line, whatever the estimator
+        refuse_uncovered_pair(model, guide, *args, **kwargs)  # in one line, whatever the estimator
         if isinstance(config.estimator, ELBO):  # the user's own ELBO object, as given
             estimator, elbo = estimator_name(config.estimator), config.estimator
         else:

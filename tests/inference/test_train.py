@@ -442,3 +442,26 @@ def test_a_pyro_elbo_object_and_an_optimizer_choice(optimizer, lr, float64):
     assert last["elbo"] > first["elbo"]  # and every row is signed as the sign identities say
     for row in result.history:
         _assert_sign_identities(row)
+
+
+def test_a_latent_site_missing_from_the_guide_is_refused_in_one_line():
+    """Pyro's estimators would sample 's' from the prior and count log p(s) with no log q(s):
+    no ELBO at all. init refuses the pair before any step, naming the site."""
+    import pyro.distributions as dist
+
+    from inference.errors import OptionError
+    from inference.train import init
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mu, s), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    pyro.clear_param_store()
+    with pytest.raises(OptionError, match="latent site 's' of the model has no site") as info:
+        init(model, guide, torch.randn(20))
+    assert info.value.option == "guide" and "\n" not in str(info.value)

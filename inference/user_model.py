@@ -165,7 +165,7 @@ def load_user_guide(spec: str, model: Callable, option: str = "--guide") -> Call
         try:
             return make_autoguide(spec, model)
         except ValueError as exc:
-            raise OptionError(f"{option}: {exc} or your own guide as FILE.py:NAME") from None
+            raise OptionError(f"{option}: {exc}") from None
     value = load_user_object(spec, option)
     if isinstance(value, type) and issubclass(value, AutoGuide):
         return value(model)

@@ -39,6 +39,7 @@ from .structure import static_structure as declare_static
 __all__ = [
     "AUTOGUIDES",
     "GUIDE_FAMILIES",
+    "REFUSED_AUTOGUIDES",
     "AmortizedGuide",
     "DiagonalNormalGuide",
     "FlowGuide",
@@ -49,8 +50,11 @@ __all__ = [
     "mlp",
 ]
 
-#: Pyro's autoguides for models with global latents, by name.
-AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
+#: Pyro's autoguides for models with global latents, by name: each is built as ``Class(model)``.
+#: The ``*Messenger`` guides run the model inside themselves (Pyro's ``AutoMessenger``);
+#: ``AutoDelta`` and ``AutoLaplaceApproximation`` are point estimates (a Delta at the MAP; the
+#: Laplace guide's MAP is in unconstrained space); ``AutoGaussian`` uses its default dense backend.
+AUTOGUIDES: dict[str, Callable] = {
     "AutoDelta": autoguide.AutoDelta,
     "AutoNormal": autoguide.AutoNormal,
     "AutoDiagonalNormal": autoguide.AutoDiagonalNormal,
@@ -58,6 +62,24 @@ AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
     "AutoLowRankMultivariateNormal": autoguide.AutoLowRankMultivariateNormal,
     "AutoIAFNormal": autoguide.AutoIAFNormal,
     "AutoLaplaceApproximation": autoguide.AutoLaplaceApproximation,
+    "AutoStructured": autoguide.AutoStructured,
+    "AutoGaussian": autoguide.AutoGaussian,
+    "AutoNormalMessenger": autoguide.AutoNormalMessenger,
+    "AutoHierarchicalNormalMessenger": autoguide.AutoHierarchicalNormalMessenger,
+    "AutoRegressiveMessenger": autoguide.AutoRegressiveMessenger,
+}
+
+#: The rest of ``pyro.infer.autoguide``, refused by name, with the reason: build these yourself.
+REFUSED_AUTOGUIDES: dict[str, str] = {
+    "AutoNormalizingFlow": "needs a transform (init_transform_fn)",
+    "AutoDiscreteParallel": (
+        "is for models whose latents are all discrete, trained with TraceEnum_ELBO"
+    ),
+    "AutoGuideList": "combines guides you choose for parts of the model",
+    "AutoCallable": "wraps a guide function you write",
+    "AutoGuide": "is the abstract base class of the autoguides",
+    "AutoContinuous": "is the abstract base class of the joint autoguides",
+    "AutoMessenger": "is the abstract base class of the messenger autoguides",
 }
 
 
@@ -247,12 +269,20 @@ def make_guide(
 
 
 def autoguide_name(name: str) -> str:
-    """The canonical autoguide name for ``name`` (case-insensitive, ``Auto`` prefix optional)."""
+    """The canonical autoguide name for ``name`` (case-insensitive, ``Auto`` prefix optional);
+    a ValueError for an unknown name, and one saying why for a class of
+    :data:`REFUSED_AUTOGUIDES`."""
     wanted = name.lower().removeprefix("auto")
     for canonical in AUTOGUIDES:
         if canonical.lower().removeprefix("auto") == wanted:
             return canonical
-    raise ValueError(f"unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)})")
+    for canonical, reason in REFUSED_AUTOGUIDES.items():
+        if canonical.lower().removeprefix("auto") == wanted:
+            raise ValueError(f"{canonical} {reason}: pass it as your own guide, FILE.py:NAME")
+    raise ValueError(
+        f"unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)}), or your own guide "
+        "as FILE.py:NAME"
+    )
 
 
 def make_autoguide(name: str, model: Callable, **kw) -> autoguide.AutoGuide:

@@ -30,6 +30,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import ConditionalAffineAutoregressive
 from pyro.infer import autoguide
+from pyro.infer.autoguide.gaussian import AutoGaussianDense
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
@@ -38,6 +39,7 @@ from .structure import static_structure as declare_static
 
 __all__ = [
     "AUTOGUIDES",
+    "AutoGaussianInDataDtype",
     "GUIDE_FAMILIES",
     "REFUSED_AUTOGUIDES",
     "AmortizedGuide",
@@ -49,6 +51,28 @@ __all__ = [
     "make_guide",
     "mlp",
 ]
+
+
+class AutoGaussianInDataDtype(AutoGaussianDense):
+    """Pyro's ``AutoGaussian`` (dense backend) run in its parameters' dtype.
+
+    Pyro 1.9 assembles the joint precision from ``torch.zeros`` of the default dtype on every
+    call, so float64 parameters (float64 data) fail there; this runs ``forward`` with the
+    parameters' dtype as the default and restores it afterwards.
+    """
+
+    def forward(self, *args, **kwargs):
+        param = next(self.parameters(), None)
+        dtype = param.dtype if param is not None else torch.get_default_dtype()
+        old = torch.get_default_dtype()
+        if dtype == old:
+            return super().forward(*args, **kwargs)
+        torch.set_default_dtype(dtype)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(old)
+
 
 #: Pyro's autoguides for models with global latents, by name: each is built as ``Class(model)``.
 #: The ``*Messenger`` guides run the model inside themselves (Pyro's ``AutoMessenger``);
@@ -63,7 +87,7 @@ AUTOGUIDES: dict[str, Callable] = {
     "AutoIAFNormal": autoguide.AutoIAFNormal,
     "AutoLaplaceApproximation": autoguide.AutoLaplaceApproximation,
     "AutoStructured": autoguide.AutoStructured,
-    "AutoGaussian": autoguide.AutoGaussian,
+    "AutoGaussian": AutoGaussianInDataDtype,
     "AutoNormalMessenger": autoguide.AutoNormalMessenger,
     "AutoHierarchicalNormalMessenger": autoguide.AutoHierarchicalNormalMessenger,
     "AutoRegressiveMessenger": autoguide.AutoRegressiveMessenger,

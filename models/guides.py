@@ -93,17 +93,21 @@ AUTOGUIDES: dict[str, Callable] = {
     "AutoRegressiveMessenger": autoguide.AutoRegressiveMessenger,
 }
 
-#: The rest of ``pyro.infer.autoguide``, refused by name, with the reason: build these yourself.
+#: The rest of ``pyro.infer.autoguide``, refused by name: what each needs, and where to go instead.
 REFUSED_AUTOGUIDES: dict[str, str] = {
-    "AutoNormalizingFlow": "needs a transform (init_transform_fn)",
+    "AutoNormalizingFlow": "needs a transform: pass it as your own guide, FILE.py:NAME",
     "AutoDiscreteParallel": (
-        "is for models whose latents are all discrete, trained with TraceEnum_ELBO"
+        "enumerates discrete latents in the guide, which elbo-lab's evidence does not support: "
+        "mark them with config_enumerate in the model instead"
     ),
-    "AutoGuideList": "combines guides you choose for parts of the model",
-    "AutoCallable": "wraps a guide function you write",
-    "AutoGuide": "is the abstract base class of the autoguides",
-    "AutoContinuous": "is the abstract base class of the joint autoguides",
-    "AutoMessenger": "is the abstract base class of the messenger autoguides",
+    "AutoGuideList": "combines guides for parts of the model: build it in your own guide, "
+    "FILE.py:NAME",
+    "AutoCallable": "wraps a guide function: pass that function as your own guide, FILE.py:NAME",
+    "AutoGuide": "is the abstract base class of the autoguides: name one of them",
+    "AutoContinuous": "is an abstract base class: name one of its subclasses, such as "
+    "AutoMultivariateNormal",
+    "AutoMessenger": "is an abstract base class: name one of its subclasses, such as "
+    "AutoNormalMessenger",
 }
 
 
@@ -302,7 +306,7 @@ def autoguide_name(name: str) -> str:
             return canonical
     for canonical, reason in REFUSED_AUTOGUIDES.items():
         if canonical.lower().removeprefix("auto") == wanted:
-            raise ValueError(f"{canonical} {reason}: pass it as your own guide, FILE.py:NAME")
+            raise ValueError(f"{canonical} {reason}")
     raise ValueError(
         f"unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)}), or your own guide "
         "as FILE.py:NAME"

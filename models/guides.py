@@ -58,8 +58,11 @@ class AutoGaussianInDataDtype(AutoGaussianDense):
 
     Pyro 1.9 assembles the joint precision from ``torch.zeros`` of the default dtype on every
     call, so float64 parameters (float64 data) fail there; this runs ``forward`` with the
-    parameters' dtype as the default and restores it afterwards.
+    parameters' dtype as the default and restores it afterwards. A traced graph would record
+    those zeros at the default dtype of the call that runs it, so the guide is never traced.
     """
+
+    static_structure = False
 
     def forward(self, *args, **kwargs):
         param = next(self.parameters(), None)

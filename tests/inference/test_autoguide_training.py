@@ -214,6 +214,29 @@ def test_a_time_series_is_fit_in_order_as_pyro_fits_it(float64):
     assert abs(float(ours["AutoNormal.locs.phi"]) - 0.8) < 0.2
 
 
+def test_autoguide_in_float64_on_a_model_declared_static_trains_eagerly():
+    """Pyro's AutoGaussian builds its precision at the default dtype on every call: a graph
+    recorded from it would fail on float64 parameters, so it is never traced (with the
+    model declared static, the other autoguides are)."""
+    from inference.traced_loss import is_static_pair
+    from models.guides import make_autoguide
+    from models.structure import static_structure
+
+    @static_structure
+    def model(data):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=data.dtype), 1.0).to_event(1))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("y", dist.Normal(data[:, 1:] @ w, 0.5), obs=data[:, 0])
+
+    data = torch.randn(10, 3, dtype=torch.float64)
+    guide = make_autoguide("AutoGaussian", model)
+    assert not is_static_pair(model, guide) and is_static_pair(model, AutoNormal(model))
+    config = TrainConfig(epochs=30, batch_size=None, progress=False)  # past EXPORT_AFTER_CALLS
+    result = fit(model, guide, data, config=config)
+    assert result.estimator == "trace"  # eager: not "jit"
+    assert {p.dtype for _, p in pyro.get_param_store().items()} == {torch.float64}
+
+
 def test_iaf_in_float64_has_float64_parameters_each_stepped_once(tmp_path):
     from inference.io import load_checkpoint
 

@@ -235,6 +235,8 @@ def test_autoguide_in_float64_on_a_model_declared_static_trains_eagerly():
     result = fit(model, guide, data, config=config)
     assert result.estimator == "trace"  # eager: not "jit"
     assert {p.dtype for _, p in pyro.get_param_store().items()} == {torch.float64}
+    config = TrainConfig(epochs=30, batch_size=None, progress=False, jit="on")
+    assert fit(model, guide, data, config=config).estimator == "trace"  # nor when asked
 
 
 def test_iaf_in_float64_has_float64_parameters_each_stepped_once(tmp_path):

@@ -13,8 +13,11 @@ which contains the exact posterior of a linear-Gaussian model (its mean is linea
 covariance constant). Each guide has the model's signature ``guide(x, num_data=None)``, samples
 site ``"z"`` (event dim 1) in the plate ``"data"``, and registers itself with ``pyro.module``.
 
-Global-latent models (the user's own) get Pyro's autoguides by name (:data:`AUTOGUIDES`).
-``AutoDelta`` is a point estimate: its "ELBO" is log p(x, z*) with no entropy term.
+Global-latent models (the user's own) get Pyro's autoguides by name (:data:`AUTOGUIDES`, each
+built as ``Class(model)``); the classes of ``pyro.infer.autoguide`` that cannot be built from the
+model alone are refused by name with the reason (:data:`REFUSED_AUTOGUIDES`). ``AutoDelta`` and
+``AutoLaplaceApproximation`` are point estimates: their "ELBO" is log p(x, z*) with no entropy
+term.
 
 References: Kingma & Welling (2014); Kingma et al., "Improving Variational Inference with Inverse
 Autoregressive Flow", NeurIPS 2016; Rezende & Mohamed, "Variational Inference with Normalizing

@@ -131,7 +131,12 @@ def check_bounds(
 @torch.no_grad()
 def is_point_estimate(guide: Callable, *args, **kwargs) -> bool:
     """Whether every sample site of ``guide`` is a Delta of zero log-density (``AutoDelta``,
-    a MAP guide): q is then a point mass and its "ELBO" is log p(x, z*)."""
+    a MAP guide): q is then a point mass and its "ELBO" is log p(x, z*).
+
+    So is a guide whose auxiliary sites are such Deltas and whose other sites are Deltas at a
+    transform of them, of log-density the transform's log-Jacobian (``AutoLaplaceApproximation``,
+    a MAP in unconstrained space). A Delta of non-zero log-density with no auxiliary point mass
+    behind it is a density written as a Delta, not a point mass."""
     with torch.random.fork_rng(devices=[]):
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not s["is_observed"]]
@@ -139,6 +144,7 @@ def is_point_estimate(guide: Callable, *args, **kwargs) -> bool:
     latent = [s for s in sites if type(s["fn"]).__name__ != "_Subsample"]
     if not latent:
         return False
+    weighted = []  # names of the Deltas with a non-zero log-density
     for s in latent:
         fn = s["fn"]
         while isinstance(fn, dist.Independent | dist.MaskedDistribution):
@@ -146,8 +152,11 @@ def is_point_estimate(guide: Callable, *args, **kwargs) -> bool:
         if not isinstance(fn, dist.Delta):
             return False
         if torch.is_tensor(fn.log_density) and bool((fn.log_density != 0).any()):
-            return False
-    return True
+            weighted.append(s)
+    auxiliary = [s for s in latent if s["infer"].get("is_auxiliary")]
+    if not weighted:
+        return True
+    return bool(auxiliary) and not any(s["infer"].get("is_auxiliary") for s in weighted)
 
 
 class CheckedMetrics(NamedTuple):

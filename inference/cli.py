@@ -286,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--guide",
         default=None,
-        help="for your own model, a Pyro autoguide: AutoNormal (default), AutoDelta, "
-        "AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoIAFNormal; the built-in "
-        "models train their own mean-field encoder, diag",
+        help="for your own model: your guide as FILE.py:NAME, or a pyro.infer.autoguide class "
+        "by name (AutoNormal by default; AutoDiagonalNormal, AutoMultivariateNormal, "
+        "AutoStructured, AutoGaussian, ...: the README lists which apply); the built-in models "
+        "train their own mean-field encoder, diag",
     )
     _add_training_options(t, estimator=choices.ESTIMATOR, every="")
     _add_batching_options(t)
@@ -659,14 +660,14 @@ def _add_compare_parser(sub) -> None:
         "--model",
         default=choices.MODEL,
         help=f"{', '.join(choices.MODELS)}, or your Pyro model model(x) as FILE.py:NAME or "
-        f"package.module:NAME (then --guides are autoguide names) (default: {choices.MODEL})",
+        f"package.module:NAME (default: {choices.MODEL})",
     )
     c.add_argument(
         "--guides",
         default=None,
         help="comma-separated: diag,full,flow for the built-in models (default: all three); "
-        "AutoDelta,AutoNormal,AutoMultivariateNormal,AutoLowRankMultivariateNormal,"
-        "AutoIAFNormal for a user model (default: AutoNormal,AutoMultivariateNormal)",
+        "for a user model, guides as FILE.py:NAME and pyro.infer.autoguide class names "
+        "(default: AutoNormal,AutoMultivariateNormal)",
     )
     # Flow guides have no closed-form KL, so guides are compared under Trace_ELBO by default.
     _add_training_options(

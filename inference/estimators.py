@@ -433,6 +433,7 @@ def resolve_estimator(config: Any, model: Callable, guide: Callable, *args, **kw
     computes the plain one's loss and gradients for shared noise (bit for bit for the built-in
     models, to rounding in general); it only removes Pyro's per-step Python work. Undeclared
     functions run eagerly: a recorded graph would silently freeze a data-dependent branch.
+    ``jit="on"`` compiles any pair but one whose guide says ``static_structure = False``.
     """
     name = config.estimator
     if name in (AUTO, "meanfield", "jit-meanfield"):
@@ -445,7 +446,8 @@ def resolve_estimator(config: Any, model: Callable, guide: Callable, *args, **kw
         name = choose_estimator(name, model, guide, *args, **kwargs)
     if name not in COMPILED:  # already a compiled estimator, or one without a compiled form
         return name
-    if config.jit == "on" or (
+    untraceable = getattr(getattr(guide, "__self__", guide), "static_structure", None) is False
+    if (config.jit == "on" and not untraceable) or (
         config.jit == "auto" and not config.validate and is_static_pair(model, guide)
     ):
         return COMPILED[name]

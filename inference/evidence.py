@@ -296,7 +296,12 @@ def _draw_once(
         if site["name"] in summed:
             continue
         log_w = log_w + _reduce(site["log_prob"], layout, particles)
+    # a messenger guide (Pyro's AutoMessenger) runs the model inside itself: its trace holds
+    # the model's observed sites too, which are no part of q (Pyro's get_traces drops them)
+    messenger = isinstance(poutine.unwrap(guide), poutine.messenger.Messenger)
     for site in _sample_sites(guide_trace):
+        if messenger and site["is_observed"]:
+            continue
         log_w = log_w - _reduce(site["log_prob"], layout, particles)
     if not torch.is_tensor(log_w):  # a pair without sites: p(x) = 1
         shape = (particles or 1,) + ((layout.data_size,) if layout.data_dim is not None else ())

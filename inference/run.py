@@ -150,7 +150,7 @@ def _check_guide(model: str, guide: str | None) -> str:
         try:
             return autoguide_name(guide)
         except ValueError as exc:
-            raise OptionError(f"{exc}, or your own guide as FILE.py:NAME", option="guide") from None
+            raise OptionError(str(exc), option="guide") from None
     if guide is None or guide == BUILTIN_GUIDE:
         return BUILTIN_GUIDE
     if guide in GUIDE_FAMILIES:

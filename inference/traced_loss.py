@@ -49,10 +49,14 @@ log = logging.getLogger(__name__)
 def is_static_pair(model: Callable, guide: Callable) -> bool:
     """Whether a model and guide may be traced: both declared static
     (:func:`models.structure.static_structure`), a Pyro autoguide counting as static as the
-    model it was built from."""
+    model it was built from unless it says ``static_structure = False``
+    (:class:`models.guides.AutoGaussianInDataDtype`)."""
     if not has_static_structure(model):
         return False
-    return has_static_structure(guide) or isinstance(guide, AutoGuide)
+    autoguide = (
+        isinstance(guide, AutoGuide) and getattr(guide, "static_structure", None) is not False
+    )
+    return has_static_structure(guide) or autoguide
 
 
 def function_key(fn: Callable) -> Hashable:

@@ -168,7 +168,7 @@ def load_user_guide(spec: str, model: Callable, option: str = "guide") -> Callab
         try:
             return make_autoguide(spec, model)
         except ValueError as exc:
-            raise OptionError(f"{exc} or your own guide as FILE.py:NAME", option=option) from None
+            raise OptionError(str(exc), option=option) from None
     value = load_user_object(spec, option)
     if isinstance(value, type) and issubclass(value, AutoGuide):
         return value(model)

@@ -13,8 +13,11 @@ which contains the exact posterior of a linear-Gaussian model (its mean is linea
 covariance constant). Each guide has the model's signature ``guide(x, num_data=None)``, samples
 site ``"z"`` (event dim 1) in the plate ``"data"``, and registers itself with ``pyro.module``.
 
-Global-latent models (the user's own) get Pyro's autoguides by name (:data:`AUTOGUIDES`).
-``AutoDelta`` is a point estimate: its "ELBO" is log p(x, z*) with no entropy term.
+Global-latent models (the user's own) get Pyro's autoguides by name (:data:`AUTOGUIDES`, each
+built as ``Class(model)``); the classes of ``pyro.infer.autoguide`` that cannot be built from the
+model alone are refused by name with the reason (:data:`REFUSED_AUTOGUIDES`). ``AutoDelta`` and
+``AutoLaplaceApproximation`` are point estimates: their "ELBO" is log p(x, z*) with no entropy
+term.
 
 References: Kingma & Welling (2014); Kingma et al., "Improving Variational Inference with Inverse
 Autoregressive Flow", NeurIPS 2016; Rezende & Mohamed, "Variational Inference with Normalizing
@@ -30,6 +33,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import ConditionalAffineAutoregressive
 from pyro.infer import autoguide
+from pyro.infer.autoguide.gaussian import AutoGaussianDense
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
@@ -38,7 +42,9 @@ from .structure import static_structure as declare_static
 
 __all__ = [
     "AUTOGUIDES",
+    "AutoGaussianInDataDtype",
     "GUIDE_FAMILIES",
+    "REFUSED_AUTOGUIDES",
     "AmortizedGuide",
     "DiagonalNormalGuide",
     "FlowGuide",
@@ -49,8 +55,36 @@ __all__ = [
     "mlp",
 ]
 
-#: Pyro's autoguides for models with global latents, by name.
-AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
+
+class AutoGaussianInDataDtype(AutoGaussianDense):
+    """Pyro's ``AutoGaussian`` (dense backend) run in its parameters' dtype.
+
+    Pyro 1.9 assembles the joint precision from ``torch.zeros`` of the default dtype on every
+    call, so float64 parameters (float64 data) fail there; this runs ``forward`` with the
+    parameters' dtype as the default and restores it afterwards. A traced graph would record
+    those zeros at the default dtype of the call that runs it, so the guide is never traced.
+    """
+
+    static_structure = False
+
+    def forward(self, *args, **kwargs):
+        param = next(self.parameters(), None)
+        dtype = param.dtype if param is not None else torch.get_default_dtype()
+        old = torch.get_default_dtype()
+        if dtype == old:
+            return super().forward(*args, **kwargs)
+        torch.set_default_dtype(dtype)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(old)
+
+
+#: Pyro's autoguides for models with global latents, by name: each is built as ``Class(model)``.
+#: The ``*Messenger`` guides run the model inside themselves (Pyro's ``AutoMessenger``);
+#: ``AutoDelta`` and ``AutoLaplaceApproximation`` are point estimates (a Delta at the MAP; the
+#: Laplace guide's MAP is in unconstrained space); ``AutoGaussian`` uses its default dense backend.
+AUTOGUIDES: dict[str, Callable] = {
     "AutoDelta": autoguide.AutoDelta,
     "AutoNormal": autoguide.AutoNormal,
     "AutoDiagonalNormal": autoguide.AutoDiagonalNormal,
@@ -58,6 +92,28 @@ AUTOGUIDES: dict[str, type[autoguide.AutoGuide]] = {
     "AutoLowRankMultivariateNormal": autoguide.AutoLowRankMultivariateNormal,
     "AutoIAFNormal": autoguide.AutoIAFNormal,
     "AutoLaplaceApproximation": autoguide.AutoLaplaceApproximation,
+    "AutoStructured": autoguide.AutoStructured,
+    "AutoGaussian": AutoGaussianInDataDtype,
+    "AutoNormalMessenger": autoguide.AutoNormalMessenger,
+    "AutoHierarchicalNormalMessenger": autoguide.AutoHierarchicalNormalMessenger,
+    "AutoRegressiveMessenger": autoguide.AutoRegressiveMessenger,
+}
+
+#: The rest of ``pyro.infer.autoguide``, refused by name: what each needs, and where to go instead.
+REFUSED_AUTOGUIDES: dict[str, str] = {
+    "AutoNormalizingFlow": "needs a transform: pass it as your own guide, FILE.py:NAME",
+    "AutoDiscreteParallel": (
+        "enumerates discrete latents in the guide, which elbo-lab's evidence does not support: "
+        "mark them with config_enumerate in the model instead"
+    ),
+    "AutoGuideList": "combines guides for parts of the model: build it in your own guide, "
+    "FILE.py:NAME",
+    "AutoCallable": "wraps a guide function: pass that function as your own guide, FILE.py:NAME",
+    "AutoGuide": "is the abstract base class of the autoguides: name one of them",
+    "AutoContinuous": "is an abstract base class: name one of its subclasses, such as "
+    "AutoMultivariateNormal",
+    "AutoMessenger": "is an abstract base class: name one of its subclasses, such as "
+    "AutoNormalMessenger",
 }
 
 
@@ -247,12 +303,20 @@ def make_guide(
 
 
 def autoguide_name(name: str) -> str:
-    """The canonical autoguide name for ``name`` (case-insensitive, ``Auto`` prefix optional)."""
+    """The canonical autoguide name for ``name`` (case-insensitive, ``Auto`` prefix optional);
+    a ValueError for an unknown name, and one saying why for a class of
+    :data:`REFUSED_AUTOGUIDES`."""
     wanted = name.lower().removeprefix("auto")
     for canonical in AUTOGUIDES:
         if canonical.lower().removeprefix("auto") == wanted:
             return canonical
-    raise ValueError(f"unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)})")
+    for canonical, reason in REFUSED_AUTOGUIDES.items():
+        if canonical.lower().removeprefix("auto") == wanted:
+            raise ValueError(f"{canonical} {reason}")
+    raise ValueError(
+        f"unknown autoguide {name!r} (choose from {', '.join(AUTOGUIDES)}), or your own guide "
+        "as FILE.py:NAME"
+    )
 
 
 def make_autoguide(name: str, model: Callable, **kw) -> autoguide.AutoGuide:

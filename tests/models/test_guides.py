@@ -22,6 +22,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from inference.train import TrainConfig, fit
 from models.guides import (
     AUTOGUIDES,
+    REFUSED_AUTOGUIDES,
     FlowGuide,
     FullNormalGuide,
     autoguide_name,
@@ -98,6 +99,50 @@ def test_autoguides_by_name(name):
     assert isinstance(make_autoguide("automultivariatenormal", model), AutoMultivariateNormal)
     with pytest.raises(ValueError, match="unknown autoguide"):
         autoguide_name("AutoLaplace")
+
+
+def test_every_class_of_pyro_autoguide_is_accepted_or_refused_with_its_reason():
+    """Pyro's public autoguide classes are split between the two tables, each one in exactly
+    one; a refused name is one line saying why and where to go instead."""
+    import inspect
+
+    from pyro.infer import autoguide
+
+    public = {n for n in autoguide.__all__ if inspect.isclass(getattr(autoguide, n))}
+    assert public == set(AUTOGUIDES) | set(REFUSED_AUTOGUIDES)
+    assert not set(AUTOGUIDES) & set(REFUSED_AUTOGUIDES)
+    for name in AUTOGUIDES:
+        assert issubclass(AUTOGUIDES[name], getattr(autoguide, name))
+    for name, reason in REFUSED_AUTOGUIDES.items():
+        with pytest.raises(ValueError) as refused:
+            autoguide_name(name.lower())
+        message = str(refused.value)
+        assert message == f"{name} {reason}"
+        assert "\n" not in message and "unknown" not in message
+    with pytest.raises(ValueError, match="AutoNormalizingFlow needs a transform"):
+        make_autoguide("NormalizingFlow", lambda: None)
+
+
+@pytest.mark.parametrize("name", sorted(AUTOGUIDES), ids=str)
+def test_each_accepted_autoguide_builds_from_the_model_alone(name):
+    """``Class(model)`` and one call: parameters at the data's dtype (float64 here)."""
+    import pyro.distributions as dist
+
+    from inference.train import default_dtype
+
+    def model(y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=y.dtype), 1.0).to_event(1))
+        s = pyro.sample("s", dist.LogNormal(torch.zeros((), dtype=y.dtype), 1.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(w.sum(), s), obs=y)
+
+    y = torch.randn(4, dtype=torch.float64)
+    guide = make_autoguide(name, model)
+    with default_dtype(y.dtype):  # as elbo-lab creates a guide's parameters
+        guide(y)
+    guide(y)  # and later calls, at any default dtype
+    params = dict(pyro.get_param_store().items())
+    assert params and {p.dtype for p in params.values()} == {torch.float64}
 
 
 # --- the mean-field gap on a linear-Gaussian model with fixed W ----------------------------------

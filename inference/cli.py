@@ -719,12 +719,14 @@ def sign_report(c: CheckedMetrics, split: str = "test", unit: str = "image") -> 
     ok = abs(residual) <= 1e-5 * max(1.0, abs(m.loss))
     name = ESTIMATORS[c.estimator].__name__
     se = "" if m.elbo_stderr is None else f" +- {m.elbo_stderr:.2f}"
+    point = not c.bounds.checked and not c.bounds.unchecked  # bounds nothing
+    claim = "a point estimate's log p(x, z*): no bound" if point else "a lower bound on log p(x)"
     return "\n".join(
         [
             f"Pyro minimized loss = -ELBO = KL - E[log p(x|z)] = {m.kl:.2f} - ({m.reconstruction:.2f})"
             f" = {m.loss:.2f} nats/{unit}",
             f"  ELBO = E[log p(x|z)] - KL = {m.reconstruction:.2f} - {m.kl:.2f} = {m.elbo:.2f}{se} "
-            f"nats/{unit} (maximized; a lower bound on log p(x))",
+            f"nats/{unit} (maximized; {claim})",
             f"  checked: Pyro's {name}().loss = {c.pyro_loss:.4f}; minus (KL - E[log p(x|z)])"
             f" = {residual:.1e} ({'ok' if ok else 'MISMATCH'}), {split} split, {m.n} {unit}s",
             *c.bounds.lines(),

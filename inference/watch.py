@@ -43,9 +43,10 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.elbo import ELBOModule
 
+from .bounds import is_point_estimate
 from .choices import NUM_SAMPLES, WATCH_EVAL_PARTICLES
 from .elbo import EVAL_SEED, ElboDecomposition, decompose
 from .errors import OptionError, RunError, renamed_keywords
@@ -451,7 +452,7 @@ class Watch:
                 elbo_mc_stderr = float(total.std()) / math.sqrt(k) if k > 1 else math.nan
             except Exception as exc:
                 note = f"L_K not computed: {type(exc).__name__}: {exc}".splitlines()[0]
-            if isinstance(tracked.guide, AutoDelta):
+            if is_point_estimate(tracked.guide, *tracked.last_args, **tracked.last_kwargs):
                 note = "point estimate: 'ELBO' = log p(x, z*) omits the entropy; L_K is not a bound"
         return WatchedFit(
             name=tracked.name,
@@ -671,6 +672,13 @@ class Watch:
             torch.save(state, self.run_dir / STATE)
 
 
+def _what_the_elbo_is(note: str) -> str:
+    """What a report's ELBO line says the number is: a bound, or a point estimate's value."""
+    if note.startswith("point estimate"):
+        return "a point estimate's log p(x, z*): no bound on log p(x)"
+    return "a lower bound on log p(x)"
+
+
 def _decomposition(row: Mapping[str, Any]) -> ElboDecomposition:
     from .elbo import SiteTerm
 
@@ -723,7 +731,7 @@ def _fit_report(fit: WatchedFit) -> list[str]:
         f"Pyro minimized loss = -ELBO = KL - E[log p(x|z)] = {d.kl:.4f} - ({d.reconstruction:.4f})"
         f" = {d.loss:.4f} {unit}",
         f"  ELBO = E[log p(x|z)] - KL = {d.reconstruction:.4f} - {d.kl:.4f} = {d.elbo:.4f} "
-        f"± {d.elbo_stderr:.4f} {unit} (maximized; a lower bound on log p(x))",
+        f"± {d.elbo_stderr:.4f} {unit} (maximized; {_what_the_elbo_is(fit.note)})",
     ]
     if fit.pyro_loss is not None:
         cls = "TraceMeanField_ELBO" if fit.estimator.endswith("MeanField_ELBO") else "Trace_ELBO"

@@ -16,6 +16,7 @@ from .errors import ElboLabError, OptionError
 from .messages import FLAGS, as_options, error_line
 from .messages import first_line as _first_line
 from .parser import build_parser
+from .resources import available_cores
 
 __all__ = ["FLAGS", "as_options", "build_parser", "error_line", "main"]
 
@@ -47,10 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         commands = _load_library()
         threads = getattr(args, "threads", None)
-        if threads and threads > commands.available_cores():
+        if threads and threads > available_cores():
             raise OptionError(
-                f"--threads: {threads} is more than the {commands.available_cores()} cores "
-                "available"
+                f"--threads: {threads} is more than the {available_cores()} cores available"
             )
         if threads:
             import torch

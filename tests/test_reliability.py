@@ -658,7 +658,7 @@ def test_a_figure_that_cannot_be_written_is_a_warning_after_the_report(
     def no_figures(*args, **kwargs):
         raise OSError(28, "No space left on device", "curves.png")
 
-    monkeypatch.setattr("inference.commands.write_training_figures", no_figures)
+    monkeypatch.setattr("inference.train_command.write_training_figures", no_figures)
     argv = ["train", *TINY, "--data", str(files / "good.npy"), "--run-dir", str(tmp_path / "t")]
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -697,7 +697,7 @@ def test_memory_exhausted_during_a_run_is_one_line_exit_1(files, tmp_path, capsy
             "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1907348632800 bytes.\nmore"
         )
 
-    monkeypatch.setattr("inference.commands.fit", allocator_fails)
+    monkeypatch.setattr("inference.train_command.fit", allocator_fails)
     argv = ["train", *TINY, "--data", str(files / "good.npy"), "--run-dir", str(tmp_path / "r")]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,80 @@
+"""What the machine offers a command (cores, memory, a writable run directory) and how many torch
+threads a command uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import choices
+from .errors import OptionError
+
+__all__ = [
+    "available_cores",
+    "available_memory",
+    "check_writable",
+    "stored_spec",
+    "use_threads",
+]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def use_threads(args, spec: dict, rows: int, backward: bool) -> None:
+    """Unless ``--threads`` was given, set torch's threads from the work in one step.
+
+    ``spec`` holds the model's name and sizes (:class:`inference.run.ModelSpec` fields); a step
+    runs ``rows`` rows, forward only or with ``backward`` (:mod:`inference.threads`).
+    """
+    if getattr(args, "threads", None) is not None:
+        return
+    import torch
+
+    from .threads import step_flops, threads_for, weights_per_row
+
+    weights = weights_per_row(
+        str(spec.get("model", choices.MODEL)),
+        int(spec.get("data_dim") or 1),
+        int(spec.get("latent_dim", choices.LATENT_DIM)),
+        tuple(spec.get("hidden_dims", choices.HIDDEN_DIMS)),
+    )
+    torch.set_num_threads(threads_for(step_flops(weights, rows, backward), available_cores()))
+
+
+def stored_spec(run_dir: Path) -> dict:
+    """A run's model sizes from its config.json, without loading it ({} if unreadable)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["metadata"]["model_spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse early, before any work, an output directory that cannot be written."""
+    parent = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise OptionError(f"--run-dir: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"--run-dir: {parent} is not writable")

@@ -1,0 +1,400 @@
+"""``elbo-lab train``: a new or resumed run's options, its model and data, ``fit`` into its run
+directory, then the checked report and the figures."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyro
+
+from . import choices
+from .batching import Batching, ModelArgs, check_batching, takes_num_data
+from .bounds import checked_metrics
+from .data import load_data, load_model_data
+from .distributed import device_for, init_from_env, shutdown
+from .errors import NumericalError, OptionError, RunError
+from .estimators import estimator_label, plain_estimator
+from .io import load_checkpoint
+from .messages import first_line as _first_line
+from .messages import warn as _warn
+from .plots import write_training_figures
+from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
+from .reports import exact_log_px, report_dict, sign_report
+from .resources import available_memory, check_writable, use_threads
+from .run import DEFAULT_AUTOGUIDE, DTYPES, ModelSpec, build_model, check_sources
+from .rundir import RunDirectory
+from .train import CHECKPOINT, Interrupted, TrainConfig, fit
+from .user_model import (
+    guide_label,
+    is_user_model,
+    load_user_model,
+    model_source_file,
+    resolve_model_spec,
+    user_model_label,
+)
+
+__all__ = ["train"]
+
+log = logging.getLogger("elbo-lab")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def _declared_batching(args) -> Batching | None:
+    """The batching named by --batch-args/--size-arg/--subsample-arg (None: none given)."""
+    names, size, subsample = args.batch_args, args.size_arg, args.subsample_arg
+    if names is None and size is None and subsample is None:
+        return None
+    if not names and subsample is None:
+        raise OptionError(
+            "--batch-args: name the parameters that hold the data rows (e.g. --batch-args X,y), "
+            "or give --subsample-arg for a plate that picks its rows itself"
+        )
+    if size is None and subsample is None:
+        raise OptionError(
+            f"--size-arg: the model must learn that {','.join(names)} is a batch, through "
+            "--size-arg (e.g. num_data) or --subsample-arg, or its ELBO would not be scaled"
+        )
+    return Batching(args=names or (), size=size, subsample=subsample)
+
+
+def _check_declared_batching(model, call: ModelArgs, batching: Batching) -> None:
+    """The declared batching fits the model and its data, in one line naming the option."""
+    options = {"args": "--batch-args", "size": "--size-arg", "subsample": "--subsample-arg"}
+    try:
+        check_batching(model, call.args, call.kwargs, batching)
+    except ValueError as exc:
+        field, _, problem = str(exc).partition(": ")
+        given = [o for f, o in options.items() if getattr(batching, f)] or ["--batch-args"]
+        raise OptionError(f"{options.get(field, '/'.join(given))}: {problem}") from None
+
+
+def _estimator_label(name: str) -> str:
+    """``TraceMeanField_ELBO``, ``... (JIT-compiled)``, ``RenyiELBO(alpha=0.5)``."""
+    return estimator_label(name)
+
+
+#: Options ``--resume`` accepts besides the run directory: documented changes and display.
+RESUME_OPTIONS = {
+    "epochs", "lr", "clip_norm", "checkpoint_every", "jit", "threads", "no_progress", "json",
+    "allow_changed", "resume", "run_dir",
+}  # fmt: skip
+
+
+def _given_options(args, argv: list[str]) -> set[str]:
+    """The destinations of the train options given on the command line (not defaulted)."""
+    sentinel = object()
+    namespace = argparse.Namespace(**{k: sentinel for k in vars(args)})
+    tail = argv[argv.index("train") + 1 :]
+    args.parser_.parse_args(tail, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not sentinel}
+
+
+def _memory_of_model(spec: ModelSpec, data_dim: int) -> int:
+    """Bytes a built-in model's training state needs: parameters, gradients, two Adam moments."""
+    if spec.user_model:
+        return 0
+    itemsize = DTYPES[spec.dtype].itemsize
+    widths = [data_dim, *spec.hidden_dims]
+    encoder = [*widths, 2 * spec.latent_dim]
+    decoder = [spec.latent_dim, *reversed(widths)]
+    count = sum(a * b + b for layers in (encoder, decoder) for a, b in itertools.pairwise(layers))
+    return 4 * count * itemsize
+
+
+def train(args) -> int:
+    progress = not args.no_progress and sys.stderr.isatty()
+    data_name = _data_label(args.data)
+    model_name = args.model
+    if is_user_model(args.model):
+        guide_name = guide_label(args.guide or DEFAULT_AUTOGUIDE)
+        model_name = f"{user_model_label(args.model)}-{guide_name}"
+    run_dir = args.run_dir or Path("runs") / f"{model_name}-{data_name}-seed{args.seed}"
+    is_writer = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 owns the directory
+    resume, spec = args.resume, None
+    if resume and (run_dir / CHECKPOINT).exists():  # without one, it starts from scratch
+        refused = sorted(_given_options(args, args.argv_) - RESUME_OPTIONS)
+        if refused:
+            names = ", ".join("--" + k.replace("_", "-") for k in refused)
+            raise OptionError(
+                f"--resume: continues the run with its stored options; {names} cannot change "
+                "(only --epochs, --lr and --clip-norm can)"
+            )
+    if not resume:
+        spec = _new_spec(args)
+        check_writable(run_dir)
+    owner = None
+    if is_writer:
+        owner = (
+            RunDirectory.open(run_dir) if resume else RunDirectory.create(run_dir, force=args.force)
+        )
+    try:
+        code = _train_owned(args, run_dir, owner, progress, data_name, resume, spec)
+    except BaseException:
+        if owner is not None:
+            owner.close(keep=False)  # a run that never wrote a checkpoint leaves nothing behind
+        raise
+    if owner is not None:
+        owner.close()
+    return code
+
+
+def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int:
+    source = source_sha256 = None
+    if resume and not (run_dir / CHECKPOINT).exists():
+        resume = False  # killed before its first checkpoint: start again, from scratch
+    if resume:
+        config, spec, source, source_sha256 = _resumed_config(args, run_dir, progress)
+    else:
+        if spec is None:  # --resume of a run killed before its first checkpoint
+            spec = _new_spec(args)
+        config = _new_config(args, spec, progress)
+    run = _set_up_training(args, spec, config, run_dir, source, source_sha256)
+    result = _fit_run(run, run_dir, owner, resume)
+    if isinstance(result, int):  # stopped: the exit status
+        return result
+    shutdown(run.world)
+    if not run.world.is_writer:  # rank 0 writes the figures and the report
+        return 0
+    return _report_training(args, run, result, run_dir, data_name)
+
+
+def _new_spec(args) -> ModelSpec:
+    """The model, data and sizes a new run trains, from its options."""
+    return ModelSpec(
+        model=resolve_model_spec(args.model),
+        data=absolute_data_spec(args.data),
+        latent_dim=args.latent_dim,
+        hidden_dims=args.hidden_dims,
+        device=args.device,
+        dtype=args.dtype,
+        guide=args.guide,
+        batching=_declared_batching(args),
+    )
+
+
+def _new_config(args, spec: ModelSpec, progress: bool) -> TrainConfig:
+    """A new run's training options (built-in models: mini-batches of 128 by default)."""
+    batch_size = args.batch_size
+    if batch_size is None and not spec.user_model:
+        batch_size = choices.BATCH_SIZE
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        estimator=args.estimator,
+        optimizer=args.optimizer,
+        jit=args.jit,
+        num_particles=args.num_particles,
+        eval_every=args.eval_every,
+        clip_norm=args.clip_norm,
+        validate=args.validate,
+        progress=progress,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+
+def _resumed_config(args, run_dir: Path, progress: bool):
+    """A resumed run's stored model, data and options, and its model file's path and hash.
+
+    --epochs, --lr, --clip-norm may change (config.json records each change); so may what
+    does not change the numbers (progress, --jit, --checkpoint-every).
+    """
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    try:
+        spec = ModelSpec.from_dict(state["metadata"]["model_spec"])
+        changes = {"epochs": args.epochs, "progress": progress, "jit": args.jit}
+        changes["checkpoint_every"] = args.checkpoint_every
+        given = _given_options(args, args.argv_)
+        if "lr" in given:
+            changes["learning_rate"] = args.lr
+        if "clip_norm" in given:
+            changes["clip_norm"] = args.clip_norm
+        config = TrainConfig(**{**state["config"], **changes})
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{run_dir / CHECKPOINT}: checkpoint lacks its options ({exc})") from None
+    done = state["position"]["epoch"]
+    if args.epochs < done:
+        raise OptionError(f"--epochs: {args.epochs} is fewer than the {done} already run")
+    source, source_sha256 = check_sources(
+        state, run_dir, allow_changed=args.allow_changed, warn=_warn
+    )
+    return config, spec, source, source_sha256
+
+
+class _TrainingRun(NamedTuple):
+    """What ``elbo-lab train`` fits, and with what: the options (batch size settled), the
+    model spec (data size recorded), the ranks, the module whose ``model``/``guide`` are
+    trained, the data as the model's arguments, and the split the report is about."""
+
+    config: TrainConfig
+    spec: ModelSpec
+    world: Any
+    module: Any
+    model: Any
+    guide: Any
+    train_call: ModelArgs
+    test_call: ModelArgs | None
+    split: str
+    dataset: Any
+
+
+def _set_up_training(args, spec, config, run_dir, source, source_sha256) -> _TrainingRun:
+    """Join the ranks, load the data onto the device and build the model and guide under the
+    run's seed ("same seed, same numbers")."""
+    world = init_from_env(spec.device)  # one process, or a rank under torchrun
+    device = device_for(spec.device, world)  # cuda -> cuda:LOCAL_RANK
+    pyro.clear_param_store()
+    if spec.user_model:
+        # the model's own arguments (--data FILE.py:NAME, a .npz bound by parameter name, or
+        # one array), all of them: a posterior describes the data it conditions on
+        user_model = load_user_model(spec.model, path=source, expected_sha256=source_sha256)
+        dataset = load_model_data(spec.data, user_model).to(device, DTYPES[spec.dtype])
+        pyro.set_rng_seed(config.seed)
+        module, model, guide = build_model(replace(spec, device=device), dataset, user_model)
+        train_call, test_call, split = dataset.train, dataset.test, "train"
+        if spec.batching is not None:
+            _check_declared_batching(model, train_call, spec.batching)
+    else:
+        dataset = load_data(spec.data).to(device, DTYPES[spec.dtype])
+        if spec.data_dim is not None and dataset.data_dim != spec.data_dim:
+            raise RunError(
+                f"{spec.data}: data have {dataset.data_dim} columns but the checkpoint in "
+                f"{run_dir} was trained on {spec.data_dim}"
+            )
+        need, have = _memory_of_model(spec, dataset.data_dim), available_memory()
+        if have is not None and need > have:
+            raise OptionError(
+                f"--hidden-dims/--latent-dim: the model's parameters, gradients and Adam state "
+                f"need about {_gb(need)}; {_gb(have)} of memory is available"
+            )
+        spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
+        rows = config.batch_size or len(dataset.train)
+        use_threads(args, spec.to_dict(), rows, backward=True)
+        pyro.set_rng_seed(config.seed)  # network initialization: "same seed, same numbers"
+        module, model, guide = build_model(replace(spec, device=device), dataset)
+        train_call = ModelArgs((dataset.train,), {})
+        test_call, split = ModelArgs((dataset.test,), {}), "test"
+    if config.batch_size is None and (takes_num_data(model) or spec.batching is not None):
+        config = replace(config, batch_size=choices.BATCH_SIZE)
+    return _TrainingRun(
+        config, spec, world, module, model, guide, train_call, test_call, split, dataset
+    )
+
+
+def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool):
+    """:func:`~inference.train.fit` the run into its directory; the exit status instead of
+    the result when it stopped on a signal or a non-finite number."""
+    spec, config, train_call = run.spec, run.config, run.train_call
+    model_file = model_source_file(run.model) if spec.user_model else None
+    provenance = {
+        "model": file_fingerprint(model_file) if model_file else None,
+        "data": data_fingerprint(spec.data),
+    }
+    try:
+        return fit(
+            run.model,
+            run.guide,
+            *train_call.args,
+            test=run.test_call,
+            config=config,
+            batching=spec.batching,
+            run_dir=owner.path if owner is not None else run_dir,
+            resume=resume,
+            metadata={"model_spec": spec.to_dict(), "provenance": provenance},
+            handle_signals=True,
+            world=run.world,
+            publish=owner.publish if owner is not None else None,
+            **train_call.kwargs,
+        )
+    except Interrupted as exc:
+        print(
+            f"elbo-lab: {exc}; continue with: elbo-lab train --resume --run-dir {run_dir} "
+            f"--epochs {config.epochs}",
+            file=sys.stderr,
+        )
+        return 128 + exc.signum
+    except NumericalError as exc:
+        print(f"elbo-lab: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: str) -> int:
+    """Check the trained run's bounds, print the report and write the figures; the exit
+    status says whether the bounds held."""
+    spec, config, out = run.spec, run.config, args.out_
+    # The checks need the estimator's loss on the same noise: shards drew other noise, so
+    # rank 0 re-evaluates the whole split; global latents: all rows at once.
+    call = run.train_call if spec.user_model else run.test_call
+    batched = takes_num_data(run.model) and not spec.user_model
+    exact = exact_log_px(run.module, call)
+    plain = plain_estimator(result.estimator)  # whose .loss is -ELBO, for the sign check
+    checked = checked_metrics(
+        run.model,
+        run.guide,
+        *call.args,
+        estimator=plain,
+        batched=batched,
+        exact_log_px=exact,
+        **call.kwargs,
+    )
+    if args.json:
+        report = {"run_dir": str(run_dir), "estimator": _estimator_label(result.estimator)}
+        print(json.dumps({**report, run.split: report_dict(checked)}, indent=2), file=out)
+    else:
+        if spec.user_model:
+            what = f"{spec.model} with {spec.guide} on {spec.data} ({checked.metrics.n} rows"
+            what += ", all at once)" if config.batch_size is None else ")"
+        else:
+            what = (
+                f"{spec.model} on {spec.data} ({len(run.dataset.train)} train / "
+                f"{len(run.dataset.test)} test images)"
+            )
+        print(
+            f"Trained {what} for {config.epochs} epochs with "
+            f"{_estimator_label(result.estimator)}; run directory: {run_dir}",
+            file=out,
+        )
+        unit = "point" if spec.user_model else "image"
+        print(sign_report(checked, run.split, unit), file=out)
+    out.flush()
+    _write_figures(run, result, run_dir, data_name)
+    return 0 if checked.bounds.ok else 1
+
+
+def _write_figures(run: _TrainingRun, result, run_dir: Path, data_name: str) -> None:
+    """The training figures; after the report, so one that cannot be written is a warning,
+    not a lost result."""
+    try:
+        figures = write_training_figures(
+            run_dir,
+            result.history,
+            run.module,
+            None if run.spec.user_model else run.dataset,
+            seed=run.config.seed,
+            title=f"{run.spec.model} on {data_name}",
+        )
+        log.info("figures: %s", ", ".join(str(p) for p in figures))
+    except Exception as exc:  # noqa: BLE001 - any failure to draw or write is reported
+        _warn(f"{run_dir}: figures not written ({type(exc).__name__}: {_first_line(exc)})")
+
+
+def _data_label(data: str) -> str:
+    """A short name of ``--data`` for directory names."""
+    if data == "digits":
+        return data
+    source, sep, name = data.rpartition(":")
+    if sep and source and not source.startswith("mnist") and not Path(data).exists():
+        return f"{Path(source).stem}.{name}"
+    return Path(data.removeprefix("mnist:")).stem

@@ -1,8 +1,8 @@
 """Inference for elbo-lab: data, SVI training, ELBO decomposition, and the command line.
 
 ``__all__`` is what users import (what the README and the notebooks use); the command line's
-machinery (``inference.cli``, ``inference.run``, ``inference.rundir``, ``inference.distributed``'s
-torchrun glue) stays in its modules.
+machinery (``inference.cli`` and the modules it dispatches to, ``inference.run``,
+``inference.rundir``, ``inference.distributed``'s torchrun glue) stays in its modules.
 
 The public names below are imported on first use (PEP 562), so that ``import inference`` and
 ``elbo-lab --help`` do not pay for torch, Pyro and matplotlib before they are needed.

@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_explain_parser(sub)
+    _add_compare_parser(sub)
+    _add_watch_parser(sub)
+    return parser
+
+
+def _add_train_parser(sub) -> None:
     t = sub.add_parser(
         "train",
         help="train a model by SVI and report loss = -ELBO",
@@ -205,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print the final report as JSON")
     t.set_defaults(parser_=t)
 
+
+def _add_evaluate_parser(sub) -> None:
     e = sub.add_parser(
         "evaluate",
         help="test-split loss, elbo, reconstruction, kl of a trained run",
@@ -219,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print JSON with keys loss, elbo, reconstruction, kl, n"
     )
 
+
+def _add_explain_parser(sub) -> None:
     xp = sub.add_parser(
         "explain",
         help="why the loss is -ELBO: its parts, log p(x) and the gap, in the run's numbers",
@@ -243,9 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_changed(xp)
     _add_threads_option(xp)
     xp.add_argument("--json", action="store_true", help="print the record as JSON")
-    _add_compare_parser(sub)
-    _add_watch_parser(sub)
-    return parser
 
 
 def _add_threads_option(p: argparse.ArgumentParser, default: str | None = None) -> None:

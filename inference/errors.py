@@ -10,7 +10,7 @@ class ElboLabError(Exception):
     ``option`` is the library parameter the message is about (``num_draws``), or None. With
     one, ``str(exc)`` reads ``num_draws: must be a positive integer, got 0``, and the command
     line prints the option that sets it instead (``elbo-lab: error: --num-draws: must be ...``,
-    from its table :data:`inference.cli.FLAGS`) and exits with status 2. Other parameters a
+    from its table :data:`inference.messages.FLAGS`) and exits with status 2. Other parameters a
     message refers to are written as keywords (``use estimator='trace'``), which the command
     line words as options too (``use --estimator trace``).
     """

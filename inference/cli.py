@@ -1355,16 +1355,26 @@ def _os_error(exc: OSError) -> str:
     return f"{path}: {exc.strerror or exc}"
 
 
-def _fast_exit() -> None:
-    """Skip the garbage collector's last pass over every object at interpreter exit.
+def _load_library_as_program() -> None:
+    """:func:`_load_library` in a process that exists to run one command, with Python's cyclic
+    garbage collector kept off the millions of objects that torch, Pyro and matplotlib load.
 
-    torch (with ``torch._dynamo`` and ``torch.export``, which a training run imports), Pyro and
-    matplotlib leave millions of objects; the collection that Python runs over them as it shuts
-    down cost about 1 s of a 6 s default ``train`` (BENCHMARKS.md, "Whole runs"). Freezing them
-    (:func:`gc.freeze`) as the last exit handler skips that pass; exit handlers still run and
-    buffered streams are still flushed. Our files are closed when written, so nothing waits on
-    a finalizer. Not for ``watch``: the user's script keeps its own exit.
+    Imports allocate objects that live until the process ends; the collector's full passes go
+    over all of them as the heap grows, and once more as Python shuts down: about 1.3 s of CPU
+    in all of a 5–6 s default ``train`` (BENCHMARKS.md, "Whole runs"). The collector pauses
+    while the library loads; what it loaded is then frozen (:func:`gc.freeze`: later passes
+    skip it), and so is everything at exit, the freeze running as the last exit handler. Exit
+    handlers still run and streams are flushed; our files are closed when written, so no
+    finalizer waits. Not for ``watch`` (the user's script keeps its own process) and not when
+    ``main`` is called with arguments, as from Python or a test: there, frozen objects would
+    outlive the call.
     """
+    gc.disable()
+    try:
+        _load_library()
+    finally:
+        gc.freeze()
+        gc.enable()
     atexit.unregister(gc.freeze)  # once, however often main runs in one process
     atexit.register(gc.freeze)  # registered first, so run last of the handlers registered later
 
@@ -1372,13 +1382,17 @@ def _fast_exit() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error is one line on stderr: exit 2 for the user's input and
     the file system, 1 for faults (a non-finite loss, memory exhausted), 128 + N on signal N."""
+    program = argv is None  # the process runs this one command (console script, python -m)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         # Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning,
         # so a run with several threads slows down on a busy machine but does not collapse.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        _load_library()
+        if program and args.command != "watch":
+            _load_library_as_program()
+        else:
+            _load_library()
         threads = getattr(args, "threads", None)
         if threads and threads > available_cores():
             raise OptionError(
@@ -1390,7 +1404,6 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
         if args.command == "watch":  # the script runs as it would alone: its logging, stdout
             return COMMANDS["watch"](args)
-        _fast_exit()
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,
             format="%(name)s: %(message)s",

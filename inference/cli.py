@@ -1360,8 +1360,8 @@ def _load_library_as_program() -> None:
     garbage collector kept off the millions of objects that torch, Pyro and matplotlib load.
 
     Imports allocate objects that live until the process ends; the collector's full passes go
-    over all of them as the heap grows, and once more as Python shuts down: about 1.3 s of CPU
-    in all of a 5–6 s default ``train`` (BENCHMARKS.md, "Whole runs"). The collector pauses
+    over all of them as the heap grows, and once more as Python shuts down: about 1.6 s of CPU
+    of the 7 s that a default ``train`` took (BENCHMARKS.md, "Whole runs"). The collector pauses
     while the library loads; what it loaded is then frozen (:func:`gc.freeze`: later passes
     skip it), and so is everything at exit, the freeze running as the last exit handler. Exit
     handlers still run and streams are flushed; our files are closed when written, so no

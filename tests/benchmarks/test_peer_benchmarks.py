@@ -113,3 +113,12 @@ def test_train_as_a_program_writes_the_same_run(tmp_path):
 
     assert rows("program") == rows("call") and len(rows("call")) == 4
     assert "ELBO = E[log p(x|z)] - KL" in program.stdout and "bounds:" in program.stdout
+
+
+def test_compiled_step_benchmark_checks_and_times(capsys, monkeypatch):
+    """The compiled loss is checked against eager's (same weights, same noise) before timing."""
+    bench = _load("compiled_step", monkeypatch)
+    argv = ["--scale", "6,4,2", "--steps", "2", "--reps", "1", "--ways", "eager,fwd+bwd"]
+    result = bench.main(argv)
+    assert result["eager"]["ratio"] == 1.0 and result["fwd+bwd"]["ms"] > 0
+    assert "ms/step" in capsys.readouterr().out

@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/whole_run.py
 	$(BIN)/python benchmarks/whole_run.py --steps 100
+	$(BIN)/python benchmarks/run_parts.py
 	$(BIN)/python benchmarks/compiled_step.py
 	$(BIN)/python benchmarks/compiled_step.py --scale 784,400,20
 

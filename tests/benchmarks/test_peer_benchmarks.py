@@ -122,3 +122,14 @@ def test_compiled_step_benchmark_checks_and_times(capsys, monkeypatch):
     result = bench.main(argv)
     assert result["eager"]["ratio"] == 1.0 and result["fwd+bwd"]["ms"] > 0
     assert "ms/step" in capsys.readouterr().out
+
+
+def test_run_parts_times_a_train_run(capsys, monkeypatch):
+    import inference.cli
+
+    parts = _load("run_parts", monkeypatch)
+    # as a program main() would freeze this test process's objects: load the library plainly
+    monkeypatch.setattr(inference.cli, "_load_library_as_program", inference.cli._load_library)
+    seconds = parts.main(["--", "--epochs", "1", "--hidden-dims", "8", "--threads", "1"])
+    assert seconds["the steps, exports included"] > 0 and seconds["evaluation"] > 0
+    assert "last test ELBO" in capsys.readouterr().out

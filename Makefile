@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/whole_run.py
 	$(BIN)/python benchmarks/whole_run.py --steps 100
+	$(BIN)/python benchmarks/run_parts.py
+	$(BIN)/python benchmarks/compiled_step.py
+	$(BIN)/python benchmarks/compiled_step.py --scale 784,400,20
 
 # The README's figures from default settings: train (curves, reconstructions, samples, latent),
 # explain (bound), compare (comparison); copied to docs/.

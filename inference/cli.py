@@ -7,7 +7,9 @@ their wording :mod:`inference.messages`'s, the commands' bodies :mod:`inference.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -37,16 +39,45 @@ def _os_error(exc: OSError) -> str:
     return f"{path}: {exc.strerror or exc}"
 
 
+def _load_library_as_program():
+    """:func:`_load_library` in a process that exists to run one command, with Python's cyclic
+    garbage collector kept off the millions of objects that torch, Pyro and matplotlib load.
+
+    Imports allocate objects that live until the process ends; the collector's full passes go
+    over all of them as the heap grows, and once more as Python shuts down: about 1.6 s of CPU
+    of the 7 s that a default ``train`` took (BENCHMARKS.md, "Whole runs"). The collector pauses
+    while the library loads; what it loaded is then frozen (:func:`gc.freeze`: later passes
+    skip it), and so is everything at exit, the freeze running as the last exit handler. Exit
+    handlers still run and streams are flushed; our files are closed when written, so no
+    finalizer waits. Not for ``watch`` (the user's script keeps its own process) and not when
+    ``main`` is called with arguments, as from Python or a test: there, frozen objects would
+    outlive the call.
+    """
+    gc.disable()
+    try:
+        commands = _load_library()
+    finally:
+        gc.freeze()
+        gc.enable()
+    atexit.unregister(gc.freeze)  # once, however often main runs in one process
+    atexit.register(gc.freeze)  # registered first, so run last of the handlers registered later
+    return commands
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error is one line on stderr: exit 2 for the user's input and
     the file system, 1 for faults (a non-finite loss, memory exhausted), 128 + N on signal N."""
+    program = argv is None  # the process runs this one command (console script, python -m)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         # Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning,
         # so a run with several threads slows down on a busy machine but does not collapse.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        commands = _load_library()
+        if program and args.command != "watch":
+            commands = _load_library_as_program()
+        else:
+            commands = _load_library()
         threads = getattr(args, "threads", None)
         if threads and threads > available_cores():
             raise OptionError(

@@ -84,3 +84,52 @@ def test_threads_benchmark_runs(capsys, monkeypatch):
     argv = ["--epochs", "1", "--rounds", "1", "--loads", "quiet", "--configs", "1 thread"]
     summary = threads.main([*argv, "--extra", "--hidden-dims 8"])
     assert summary["quiet/1 thread"]["steps"] > 0
+
+
+def test_train_as_a_program_writes_the_same_run(tmp_path):
+    """``python -m inference.cli train`` (argv from the command line: the library loads with
+    the cyclic collector paused, and the objects are frozen at exit, for the whole-run time)
+    writes the run that ``main([...])`` in this process writes: the same metrics rows, to the
+    last digit, and its report to the end."""
+    import json
+    import os
+    import subprocess
+
+    from inference.cli import main
+
+    argv = ["train", "--epochs", "2", "--hidden-dims", "8", "--threads", "1", "--no-progress"]
+    root = BENCH.parent
+    program = subprocess.run(
+        [sys.executable, "-m", "inference.cli", *argv, "--run-dir", str(tmp_path / "program")],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert program.returncode == 0, program.stderr[-2000:]
+    assert main([*argv, "--run-dir", str(tmp_path / "call")]) == 0
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert rows("program") == rows("call") and len(rows("call")) == 4
+    assert "ELBO = E[log p(x|z)] - KL" in program.stdout and "bounds:" in program.stdout
+
+
+def test_compiled_step_benchmark_checks_and_times(capsys, monkeypatch):
+    """The compiled loss is checked against eager's (same weights, same noise) before timing."""
+    bench = _load("compiled_step", monkeypatch)
+    argv = ["--scale", "6,4,2", "--steps", "2", "--reps", "1", "--ways", "eager,fwd+bwd"]
+    result = bench.main(argv)
+    assert result["eager"]["ratio"] == 1.0 and result["fwd+bwd"]["ms"] > 0
+    assert "ms/step" in capsys.readouterr().out
+
+
+def test_run_parts_times_a_train_run(capsys, monkeypatch):
+    import inference.cli
+
+    parts = _load("run_parts", monkeypatch)
+    # as a program main() would freeze this test process's objects: load the library plainly
+    monkeypatch.setattr(inference.cli, "_load_library_as_program", inference.cli._load_library)
+    seconds = parts.main(["--", "--epochs", "1", "--hidden-dims", "8", "--threads", "1"])
+    assert seconds["the steps, exports included"] > 0 and seconds["evaluation"] > 0
+    assert "last test ELBO" in capsys.readouterr().out

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import inference.cli as cli  # noqa: E402
 import inference.traced_loss as traced_loss  # noqa: E402
 import inference.train as train  # noqa: E402
+import inference.train_command as train_command  # noqa: E402
 
 PARTS = [
     (cli, "_load_library", "loading the library (torch, Pyro, matplotlib)"),
@@ -37,8 +38,8 @@ PARTS = [
     (train._Evaluation, "split", "evaluation"),
     (train._RunFiles, "save", "checkpoints"),
     (train._RunFiles, "append", "metrics rows appended"),
-    (cli, "_report_training", "report, figures included"),
-    (cli, "_write_figures", "figures"),
+    (train_command, "_report_training", "report, figures included"),
+    (train_command, "_write_figures", "figures"),
 ]
 
 

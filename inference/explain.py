@@ -398,17 +398,7 @@ def _anatomy(
         n = num_rows(model, args, kwargs, batching)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
-    if n == 0:
-        where = f"the {labels['split']} split of {labels['data']}" if labels["data"] else "data"
-        raise OptionError(f"{where} is empty", option="split")
-    # the (K, N) log-weights, kept in float64 with about as much again for the work in flight
-    need = 2 * num_samples * n * 8
-    if max_bytes is not None and need > max_bytes:
-        raise OptionError(
-            f"K = {num_samples} draws for {n} points need about "
-            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available",
-            option="num_samples",
-        )
+    _check_size(n, num_samples, max_bytes, labels)
     probe = ModelArgs(tuple(args), dict(kwargs))
     if batching is not None and batching.args:  # a few rows choose as well as all of them
         probe = take(model, args, kwargs, batching, torch.arange(min(2, n)), None)
@@ -449,23 +439,7 @@ def _anatomy(
         exact["exact_log_px"],
         point_estimate=point,
     )
-    khats = psis_khat(log_w) if not point else torch.full((1,), math.nan).numpy()
-    khat = float(np.median(khats))
-    share_bad = float(np.mean(khats > KHAT_THRESHOLD)) if local else math.nan
-    ess = float(estimate.ess.to(torch.float64).mean())
-    warnings = []
-    if point:
-        warnings.append("the guide is a point estimate: its 'ELBO' is log p(x, z*), L_K no bound")
-    elif khat > KHAT_THRESHOLD:
-        warnings.append(
-            f"k̂ = {khat:.2f} > {KHAT_THRESHOLD}: q is a poor importance proposal, L_K and the gap "
-            "can't be trusted (the true log p(x) may be far above L_K)"
-        )
-    if not point and ess < max(10.0, 0.01 * k):
-        warnings.append(
-            f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
-            "error can't be trusted; raise --num-samples or use a richer guide"
-        )
+    khat, share_bad, ess, warnings = _diagnostics(estimate, point)
     # what the estimator's .loss is minus, checked from the same draws (pyro#1982's sign bug):
     # the run's own objective where it trained on another one than the ELBO (renyi:ALPHA)
     checked_elbo = objective if objective is not None else make_elbo(name)
@@ -499,6 +473,46 @@ def _anatomy(
         objective=objective.to_dict(),
     )
     return result, estimate
+
+
+def _check_size(n: int, num_samples: int, max_bytes: int | None, labels: dict) -> None:
+    """Refuse, in one line, an empty split or K draws whose log-weights would not fit in
+    memory: the (K, N) weights in float64, with about as much again for the work in flight."""
+    if n == 0:
+        where = f"the {labels['split']} split of {labels['data']}" if labels["data"] else "data"
+        raise OptionError(f"{where} is empty", option="split")
+    need = 2 * num_samples * n * 8
+    if max_bytes is not None and need > max_bytes:
+        raise OptionError(
+            f"K = {num_samples} draws for {n} points need about "
+            f"{need / 1e9:.3g} GB; {max_bytes / 1e9:.3g} GB of memory is available",
+            option="num_samples",
+        )
+
+
+def _diagnostics(estimate, point: bool) -> tuple[float, float, float, list[str]]:
+    """PSIS k̂ (median over data points), the share of points above the threshold (local
+    latents), the mean ESS, and the warnings they call for."""
+    log_w = estimate.log_weights  # (K, N) local, (K,) global
+    k = log_w.shape[0]
+    khats = psis_khat(log_w) if not point else torch.full((1,), math.nan).numpy()
+    khat = float(np.median(khats))
+    share_bad = float(np.mean(khats > KHAT_THRESHOLD)) if log_w.dim() == 2 else math.nan
+    ess = float(estimate.ess.to(torch.float64).mean())
+    warnings = []
+    if point:
+        warnings.append("the guide is a point estimate: its 'ELBO' is log p(x, z*), L_K no bound")
+    elif khat > KHAT_THRESHOLD:
+        warnings.append(
+            f"k̂ = {khat:.2f} > {KHAT_THRESHOLD}: q is a poor importance proposal, L_K and the gap "
+            "can't be trusted (the true log p(x) may be far above L_K)"
+        )
+    if not point and ess < max(10.0, 0.01 * k):
+        warnings.append(
+            f"ESS = {ess:.1f} of K = {k} draws: a few weights dominate, L_K and its standard "
+            "error can't be trusted; draw more samples (a larger K) or use a richer guide"
+        )
+    return khat, share_bad, ess, warnings
 
 
 def _trained_objective(run) -> ELBO | None:

@@ -33,8 +33,9 @@ loss may differ). Compiled, inductor fuses elementwise ops and rounds differentl
 gradients agree to float rounding (tested, with a check that the compiled function ran). The
 noise stays ATen's (``fallback_random``), so the draws are the eager estimator's either way.
 
-Like Pyro's JIT estimators they need models of static structure whose tensor inputs are
-positional arguments and whose other inputs are keyword arguments.
+Like Pyro's JIT estimators they need models of static structure. A graph's inputs are the
+positional arguments; a call with a tensor among its keyword arguments (``ind=`` subsample
+indices, a keyword-only ``y``) runs eagerly, since a graph would keep the first call's values.
 
 :data:`ESTIMATORS` names every estimator the command line offers (``--estimator``);
 ``renyi:ALPHA`` is Pyro's ``RenyiELBO(alpha=ALPHA)`` (Li & Turner 2016), ``renyi`` its default
@@ -225,6 +226,28 @@ class JitTraceMeanField_ELBO(_Compiled, TraceMeanField_ELBO):
         return loss.to(surrogate.dtype) + (surrogate - surrogate.detach())
 
 
+class DifferentiableTraceGraph_ELBO(TraceGraph_ELBO):  # noqa: N801 (Pyro's naming)
+    """Pyro's ``TraceGraph_ELBO`` with a ``differentiable_loss``, so that it runs as a module
+    ``loss = elbo(model, guide)`` in :func:`inference.train.fit` like every other estimator
+    (Pyro's class has only ``loss`` and ``loss_and_grads``).
+
+    The value is ``TraceGraph_ELBO.loss``'s, -ELBO; the gradient is that of the surrogate
+    loss ``TraceGraph_ELBO.loss_and_grads`` differentiates: score-function (REINFORCE) terms
+    with Rao-Blackwellized downstream costs and any baselines (Schulman et al. 2015), tested
+    against it for shared noise.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        loss = -torch.as_tensor(elbo).detach()
+        if not torch.is_tensor(surrogate_loss) or not surrogate_loss.requires_grad:
+            return loss
+        return surrogate_loss + (loss - surrogate_loss).detach()
+
+
+DifferentiableTraceGraph_ELBO.__name__ = "TraceGraph_ELBO"  # as reports name the estimator
+
+
 class DifferentiableRenyiELBO(RenyiELBO):
     """Pyro's ``RenyiELBO`` with a ``differentiable_loss``, so that it runs as a module
     ``loss = elbo(model, guide)`` in :func:`inference.train.fit` like every other estimator.
@@ -283,7 +306,7 @@ ESTIMATORS: dict[str, type[ELBO]] = {
     "meanfield": TraceMeanField_ELBO,
     "jit": JitTrace_ELBO,
     "jit-meanfield": JitTraceMeanField_ELBO,
-    "graph": TraceGraph_ELBO,
+    "graph": DifferentiableTraceGraph_ELBO,
     "enum": TraceEnum_ELBO,
     "renyi": DifferentiableRenyiELBO,
 }

@@ -114,6 +114,17 @@ def freeze(value: Any) -> Hashable:
     return value
 
 
+def _holds_tensor(value: Any) -> bool:
+    """Whether a tensor is among ``value``'s parts (lists, tuples and dicts searched)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
 #: Calls with one argument shape before :class:`TracedLoss` exports a graph for it; until then
 #: the loss runs eagerly (the same numbers). Exporting costs about 0.2 s (the first export in a
 #: process about 1 s, importing :mod:`torch.export`'s machinery) and saves about 0.6 ms per
@@ -311,6 +322,8 @@ class TracedLoss:
         """``fn(*args, **kwargs)``; with a ``memo`` (``hoist=True`` only), the values that do
         not depend on random draws are computed at the first call and kept in it. The caller
         promises that parameters and arguments stay the same while it uses the memo."""
+        if _holds_tensor(kwargs):  # a graph's inputs are the positional arguments: it would
+            return self.fn(*args, **kwargs)  # keep the first call's keyword tensor values
         key = (freeze(args), freeze(kwargs))
         shape = self._shapes.get(key)
         if shape is None:

@@ -443,3 +443,74 @@ def test_renyi_differentiable_loss_is_pyros_loss_and_its_gradient(float64, alpha
     assert got.item() == pytest.approx(want, rel=1e-12)
     for p, g in zip(params, want_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_a_tensor_keyword_argument_is_never_frozen_into_a_graph():
+    """Subsample indices passed as a keyword (``model(data, ind=...)``, SVI Part II's form) change
+    from call to call: each call's loss is Pyro's Trace_ELBO().loss for that call's indices, not
+    the first exported call's."""
+    import pyro.distributions as dist
+    from pyro.infer import Trace_ELBO
+
+    from models.structure import static_structure
+
+    @static_structure
+    def model(data, ind=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("d", data.shape[0], subsample=ind) as i:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=data[i])
+
+    @static_structure
+    def guide(data, ind=None):
+        pyro.sample("mu", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    pyro.clear_param_store()
+    data = torch.arange(10.0) * 3
+    compiled = JitTrace_ELBO(export_after=0)
+    for i in range(3):
+        ind = torch.tensor([i, i + 5])
+        pyro.set_rng_seed(i)
+        got = compiled.differentiable_loss(model, guide, data, ind=ind).item()
+        pyro.set_rng_seed(i)
+        want = Trace_ELBO().loss(model, guide, data, ind=ind)
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_trace_graph_elbo_trains_with_pyro_s_value_and_gradient():
+    """``--estimator graph``: the registry's TraceGraph_ELBO has a differentiable loss whose
+    value is Pyro's ``TraceGraph_ELBO().loss`` and whose gradient is the one Pyro's
+    ``loss_and_grads`` leaves (a non-reparameterized Bernoulli latent: REINFORCE), for shared
+    noise; and it trains through fit."""
+    import pyro.distributions as dist
+    from pyro.infer import TraceGraph_ELBO
+    from torch.distributions import constraints
+
+    from inference.estimators import make_elbo
+    from inference.train import TrainConfig, fit
+
+    def model(x):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(2.0 * z, 1.0), obs=x)
+
+    def guide(x):
+        p = pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)
+        pyro.sample("z", dist.Bernoulli(p))
+
+    x = torch.full((5,), 1.5)
+    pyro.clear_param_store()
+    ours = make_elbo("graph", 4)
+    pyro.set_rng_seed(3)
+    loss = ours.differentiable_loss(model, guide, x)
+    (grad,) = torch.autograd.grad(loss, [pyro.param("p").unconstrained()])
+    pyro.set_rng_seed(3)
+    pyro_elbo = TraceGraph_ELBO(num_particles=4, vectorize_particles=False)
+    param = pyro.param("p").unconstrained()
+    param.grad = None
+    want = pyro_elbo.loss_and_grads(model, guide, x)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(grad, param.grad)
+    assert grad.abs() > 0  # the score-function term reached the parameter
+    pyro.clear_param_store()
+    result = fit(model, guide, x, config=TrainConfig(estimator="graph", epochs=3, progress=False))
+    assert result.estimator == "graph"

@@ -20,6 +20,8 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoGuide, AutoMessenger
+from pyro.poutine.util import site_is_subsample
 
 from .errors import DataError, ElboLabError, OptionError, RunError
 
@@ -203,8 +205,8 @@ def check_user_model(model: Callable, guide: Callable, call: Any, *, spec: str, 
     at the data's dtype.
 
     Raises:
-        DataError: the model or guide raised (one line naming ``data`` and ``spec``).
-        OptionError: the model has no latent site to infer.
+        DataError: the model raised (one line naming ``data`` and ``spec``).
+        OptionError: the guide raised (``option="guide"``), or the model has no latent site.
     """
     from .batching import ModelArgs, takes_num_data
     from .train import default_dtype, floating_dtype
@@ -213,24 +215,36 @@ def check_user_model(model: Callable, guide: Callable, call: Any, *, spec: str, 
     args, kwargs = call.args, dict(call.kwargs)
     if takes_num_data(model) and args and torch.is_tensor(args[0]) and "num_data" not in kwargs:
         kwargs["num_data"] = args[0].shape[0]
-    try:
-        with torch.random.fork_rng(devices=[]), default_dtype(floating_dtype(args, kwargs)):
-            with pyro.validation_enabled(True):
+    with torch.random.fork_rng(devices=[]), default_dtype(floating_dtype(args, kwargs)):
+        with pyro.validation_enabled(True):
+            try:  # the guide first: its failure is the guide's, not the data's
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                guide_trace.compute_log_prob()
+            except ElboLabError:
+                raise
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {_first_line(exc)}"
+                if isinstance(guide, AutoGuide | AutoMessenger):  # it ran the model inside
+                    raise DataError(f"{data}: rejected by the model {spec} ({why})") from None
+                raise OptionError(
+                    f"the guide failed on the model's arguments from {data} ({why})",
+                    option="guide",
+                ) from None
+            try:
                 replayed = poutine.replay(model, trace=guide_trace)
                 model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-                guide_trace.compute_log_prob()
                 model_trace.compute_log_prob()
-    except ElboLabError:
-        raise
-    except Exception as exc:
-        raise DataError(
-            f"{data}: rejected by the model {spec} ({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
+            except ElboLabError:
+                raise
+            except Exception as exc:
+                raise DataError(
+                    f"{data}: rejected by the model {spec} "
+                    f"({type(exc).__name__}: {_first_line(exc)})"
+                ) from None
     sites = [
         site
         for site in model_trace.nodes.values()
-        if site["type"] == "sample" and type(site["fn"]).__name__ != "_Subsample"
+        if site["type"] == "sample" and not site_is_subsample(site)
     ]
     if not any(site["is_observed"] for site in sites):
         raise DataError(

@@ -232,3 +232,40 @@ def test_load_user_model(tmp_path):
     ]:
         with pytest.raises(OptionError, match=message):
             load_user_model(spec)
+
+
+def test_a_failing_guide_is_blamed_on_the_guide_and_a_failing_model_on_the_data(tmp_path, capsys):
+    """A hand-written guide that cannot take the model's arguments is the --guide's fault; a
+    model that raises inside an autoguide's first run (which runs the model) is the model's."""
+    path = tmp_path / "pair.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import pyro, pyro.distributions as dist, torch
+
+            def model(x):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0))
+                with pyro.plate("data", x.shape[0]):
+                    pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+            def broken_model(x):
+                raise KeyError("oops")
+
+            def guide():  # takes none of the model's arguments
+                pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+            def data():
+                return (torch.zeros(5),), {}
+            """
+        )
+    )
+    argv = ["train", "--data", f"{path}:data", "--epochs", "1", "--no-progress"]
+    argv += ["--run-dir", str(tmp_path / "run")]
+    assert main([*argv, "--model", f"{path}:model", "--guide", f"{path}:guide"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("elbo-lab: error: --guide: the guide failed on the model's arguments")
+    assert "TypeError" in line
+    assert main([*argv, "--model", f"{path}:broken_model"]) == 2  # AutoNormal runs the model
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "rejected by the model" in line and "broken_model" in line and "KeyError" in line
+    assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .choices import EVAL_BATCH_SIZE, EVAL_PARTICLES_GLOBAL, EVAL_PARTICLES_LOCAL
 from .errors import OptionError
@@ -141,7 +142,7 @@ def is_point_estimate(guide: Callable, *args, **kwargs) -> bool:
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not s["is_observed"]]
     sites = [s for s in sites if not s["infer"].get("_do_not_trace") and s["fn"] is not None]
-    latent = [s for s in sites if type(s["fn"]).__name__ != "_Subsample"]
+    latent = [s for s in sites if not site_is_subsample(s)]
     if not latent:
         return False
     weighted = []  # names of the Deltas with a non-zero log-density

@@ -24,8 +24,8 @@ from .reports import exact_log_px, report_dict, sign_report
 from .resources import available_memory, check_writable, stored_spec, use_threads
 from .run import DTYPES, ModelSpec, build_model, load_run
 from .rundir import RunDirectory, refuse_to_replace
-from .train import TrainConfig, choose_estimator
-from .train_command import train
+from .train import choose_estimator
+from .train_command import train, training_config
 from .user_model import guide_label, is_user_model, load_user_model
 
 __all__ = ["COMMANDS"]
@@ -128,19 +128,7 @@ def _compare(args) -> int:
     )
     model, guides, dataset, batched = _compared_guides(args)
     _check_comparison_memory(options, model, dataset, batched, available_memory())
-    batch_size = args.batch_size
-    if batch_size is None and batched:  # else a user model's rows, all at once
-        batch_size = choices.BATCH_SIZE
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        estimator=args.estimator,
-        optimizer=args.optimizer,
-        jit=args.jit,
-        progress=sys.stderr.isatty(),
-    )
+    config = training_config(args, batched=batched, progress=sys.stderr.isatty())
     # written beside an existing comparison, then renamed into place: an error or a kill
     # leaves the old output whole (inference.rundir, as a training run is)
     owner = RunDirectory.create(out, force=args.force)

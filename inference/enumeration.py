@@ -53,7 +53,6 @@ __all__ = [
     "exact_evidence",
     "exact_log_evidence",
     "has_enumerated_sites",
-    "refuse_guide_enumeration",
     "refuse_uncovered_pair",
 ]
 
@@ -118,19 +117,10 @@ def enumeration_in(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> En
     return Enumeration(tuple(sites), -min(dims) if dims else 0)
 
 
-def refuse_guide_enumeration(guide: Callable, *args, **kwargs) -> None:
-    """Raise an :class:`OptionError` naming the first site the guide marks for enumeration
-    (``@config_enumerate`` on a guide): elbo-lab sums out only the model's enumerated sites,
-    and any other estimator would sample such a site as if it were not marked. Runs the guide
-    once, drawing none of the caller's noise."""
-    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
-        trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    enumeration_in(poutine.Trace(), trace)
-
-
 def refuse_uncovered_pair(model: Callable, guide: Callable, *args, **kwargs) -> None:
     """Raise an :class:`OptionError` in one line for a pair no estimator trains correctly:
-    the guide marks a site for enumeration (:func:`refuse_guide_enumeration`), or a latent
+    the guide marks a site for enumeration (elbo-lab sums out only the model's enumerated
+    sites; any estimator would sample it as if it were not marked), or a latent
     site of the model has no site in the guide and is not marked for enumeration (Pyro's
     estimators would sample it from the prior and count log p(z) with no log q(z): no ELBO).
     Runs the pair once, drawing none of the caller's noise, with the guide run only once."""

@@ -183,10 +183,13 @@ def _new_spec(args) -> ModelSpec:
     )
 
 
-def _new_config(args, spec: ModelSpec, progress: bool) -> TrainConfig:
-    """A new run's training options (built-in models: mini-batches of 128 by default)."""
+def training_config(args, *, batched: bool, progress: bool, **options) -> TrainConfig:
+    """The :class:`TrainConfig` of the training options ``train`` and ``compare`` share
+    (:func:`inference.parser._add_training_options`), with ``options`` for the rest; mini-batches
+    of :data:`~inference.choices.BATCH_SIZE` by default where the model is ``batched``, else
+    all rows at once."""
     batch_size = args.batch_size
-    if batch_size is None and not spec.user_model:
+    if batch_size is None and batched:
         batch_size = choices.BATCH_SIZE
     return TrainConfig(
         epochs=args.epochs,
@@ -196,11 +199,21 @@ def _new_config(args, spec: ModelSpec, progress: bool) -> TrainConfig:
         estimator=args.estimator,
         optimizer=args.optimizer,
         jit=args.jit,
+        progress=progress,
+        **options,
+    )
+
+
+def _new_config(args, spec: ModelSpec, progress: bool) -> TrainConfig:
+    """A new run's training options (built-in models: mini-batches of 128 by default)."""
+    return training_config(
+        args,
+        batched=not spec.user_model,
+        progress=progress,
         num_particles=args.num_particles,
         eval_every=args.eval_every,
         clip_norm=args.clip_norm,
         validate=args.validate,
-        progress=progress,
         checkpoint_every=args.checkpoint_every,
     )
 

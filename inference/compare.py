@@ -42,7 +42,7 @@ from .choices import COMPARE_EVAL_PARTICLES, NUM_DRAWS, NUM_SAMPLES
 from .data import Dataset, ModelData
 from .elbo import EVAL_SEED, decompose, decompose_all_rows
 from .errors import NumericalError, OptionError, renamed_keywords
-from .estimators import ESTIMATORS
+from .estimators import estimator_label
 from .evidence import KHAT_THRESHOLD, deprecated_alias, effective_sample_size, iwae, psis_khat
 from .io import atomic_write_text, seeded, write_csv, write_json
 from .plots import plot_comparison
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 ANALYTIC_ESTIMATORS = ("meanfield", "jit-meanfield")
 FLOW_GUIDES = ("flow", "AutoIAFNormal")
 #: Estimator names as Pyro calls them, for the table.
-ESTIMATOR_NAMES = {name: cls.__name__ for name, cls in ESTIMATORS.items()}
 #: Guides compared by default, per kind of model: amortized encoders for the built-in models
 #: (local latents), autoguides for a user's model (global latents).
 DEFAULT_GUIDES = {
@@ -442,7 +441,7 @@ def compare(
         point = is_point_estimate(guide, *probe.args, **probe.kwargs)  # AutoDelta, a MAP guide
         khats[name] = np.full(1, np.nan) if point else psis_khat(ev.log_weights)
         row = _row(name, split, n, ev, khats[name], point, options.num_samples)
-        estimator = ESTIMATOR_NAMES.get(result.estimator, result.estimator)
+        estimator = estimator_label(result.estimator)  # the Pyro class that trained it
         rows.append(row._replace(seconds=seconds, num_params=num_params, estimator=estimator))
         if out_dir is not None:
             attrs = {"guide": name, "model": model_name, "split": split}

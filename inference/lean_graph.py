@@ -215,6 +215,17 @@ def _one(value: Any) -> bool:
     return _scalar(value) == 1 or fill_value(value) == 1
 
 
+def _single_use(node: Any, target: Any) -> bool:
+    """Whether ``node`` is a keyword-free call of ``target`` whose value one node uses."""
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target is target
+        and len(node.users) == 1
+        and not node.kwargs
+    )
+
+
 def sum_before_negation(graph: fx.Graph) -> None:
     """``sum(-a, dims)`` as ``-sum(a, dims)`` where ``-a`` has no other use and ``a``'s layout
     (so the order of the additions) is ``-a``'s."""
@@ -225,12 +236,7 @@ def sum_before_negation(graph: fx.Graph) -> None:
         ):
             continue
         negated = node.args[0]
-        if not (
-            isinstance(negated, fx.Node)
-            and negated.op == "call_function"
-            and negated.target is aten.neg.default
-            and len(negated.users) == 1
-        ):
+        if not _single_use(negated, aten.neg.default):
             continue
         source = negated.args[0]
         if not (_floating(source) and _same_tensor(source, negated)):
@@ -241,16 +247,6 @@ def sum_before_negation(graph: fx.Graph) -> None:
         summed.meta["val"] = node.meta.get("val")
         flipped.meta["val"] = node.meta.get("val")
         _reroute(node, flipped)
-
-
-def _single_use(node: Any, target: Any) -> bool:
-    return (
-        isinstance(node, fx.Node)
-        and node.op == "call_function"
-        and node.target is target
-        and len(node.users) == 1
-        and not node.kwargs
-    )
 
 
 def fold_negations(graph: fx.Graph) -> None:

@@ -51,9 +51,7 @@ from .batching import (
 from .choices import BATCH_SIZE, EVAL_BATCH_SIZE, EVALUATIONS_PER_RUN
 from .distributed import World, current_world
 from .elbo import EVAL_SEED, PerDatumElbo, eval_chunk_rows, evaluate
-from .enumeration import (
-    refuse_uncovered_pair,
-)
+from .enumeration import refuse_uncovered_pair
 from .errors import NumericalError, OptionError, RunError
 from .estimators import (  # the estimator registry lives there; re-exported for old imports
     AUTO,

@@ -40,7 +40,6 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from models.structure import has_static_structure
 
 from .errors import OptionError
-from .subsample import trace_pair
 from .traced_loss import RecentByFunction, freeze
 
 __all__ = [
@@ -125,10 +124,11 @@ def refuse_uncovered_pair(model: Callable, guide: Callable, *args, **kwargs) -> 
     site of the model has no site in the guide and is not marked for enumeration (Pyro's
     estimators would sample it from the prior and count log p(z) with no log q(z): no ELBO).
     Runs the pair once, drawing none of the caller's noise, with the guide run only once."""
-    with poutine.block(), torch.no_grad():
-        traced = trace_pair(model, guide, args, kwargs)
-    guide_trace, model_trace = traced.guide_trace, traced.model_trace
-    enumeration_in(poutine.Trace(), guide_trace)
+    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        enumeration_in(poutine.Trace(), guide_trace)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue

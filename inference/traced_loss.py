@@ -7,8 +7,10 @@ shape is recorded by :func:`torch.export.export` (non-strict: Pyro's Python runs
 tensors) as the ATen ops it computes, made lean by exact :mod:`torch.fx` rewrites
 (:mod:`inference.lean_graph`), and from then on run as that graph: the same ops on the same
 random stream, so the same values and gradients. A shape runs eagerly until it recurs (its
-export costs about as much as a few hundred eager calls), and a graph that keeps being called
-is compiled by :func:`torch.compile`. Only public torch and Pyro APIs are used.
+export costs about as much as a few hundred eager calls), and, where the caller says how many
+calls are to come (:func:`planned_calls`, as :func:`inference.train.fit` does), only if they
+pay for the export; a graph that keeps being called is compiled by :func:`torch.compile`.
+Only public torch and Pyro APIs are used.
 
 The compiled ELBO estimators (:mod:`inference.estimators`), :func:`inference.elbo.decompose`
 and :func:`inference.evidence.log_weights` run their losses through it.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Hashable
+from contextvars import ContextVar
 from typing import Any
 
 import pyro
@@ -37,10 +40,13 @@ __all__ = [
     "COMPILE_AFTER_CALLS",
     "EXPORT_AFTER_CALLS",
     "RecentByFunction",
+    "EXPORT_PAYS_AFTER_CALLS",
+    "FIRST_EXPORT_PAYS_AFTER_CALLS",
     "TracedLoss",
     "freeze",
     "function_key",
     "is_static_pair",
+    "planned_calls",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,11 +134,58 @@ def _holds_tensor(value: Any) -> bool:
 #: Calls with one argument shape before :class:`TracedLoss` exports a graph for it; until then
 #: the loss runs eagerly (the same numbers). Exporting costs about 0.2 s (the first export in a
 #: process about 1 s, importing :mod:`torch.export`'s machinery) and saves about 0.6 ms per
-#: digits step, so it pays for a shape that keeps recurring: a training batch shape does (it
-#: is exported in a default run's first epoch, the ragged last batch in its 11th), a probe
-#: or a one-off call does not. Counting calls, not seconds, keeps a run's numbers independent
-#: of the machine's speed.
+#: digits step, so it pays for a shape that keeps recurring: a training batch shape of a long
+#: enough run does (a default run exports its batch of 128 in the first epoch; its ragged batch
+#: of 30, called 200 times, would only break even and stays eager), a probe or a one-off call
+#: does not. Counting calls, not seconds, keeps what runs as a graph independent of the
+#: machine's speed.
 EXPORT_AFTER_CALLS = 10
+
+#: Calls of an argument shape still to come, the current one included, below which an export
+#: does not pay for itself: an export (after the process's first) costs about 0.14 s, and each
+#: graph call saves 0.7-0.8 ms of Pyro's Python against an eager call, for the digits VAE at
+#: batch 128 and at its ragged batch of 30 (``python benchmarks/export_payback.py``). Both
+#: scale with the model's sites and ops, so the ratio holds across models. Consulted only where
+#: the caller states its plan (:func:`planned_calls`); :func:`inference.train.fit` does.
+EXPORT_PAYS_AFTER_CALLS = 200
+
+#: The same for the first export in a process, which also imports :mod:`torch.export`'s
+#: tracer (``torch._functorch.aot_autograd`` and others): about 0.5 s in all.
+FIRST_EXPORT_PAYS_AFTER_CALLS = 600
+
+_PLANNED: ContextVar[int | None] = ContextVar("planned_calls", default=None)
+_exports_in_process = 0
+
+
+class planned_calls:  # noqa: N801 (a context manager, used as a function is)
+    """``with planned_calls(n):`` the caller will call the loss with the current argument shape
+    ``n`` more times, this call included (None: unknown). A :class:`TracedLoss` then exports a
+    shape, once past ``export_after`` calls, only if those calls will pay for the export
+    (:data:`EXPORT_PAYS_AFTER_CALLS`, :data:`FIRST_EXPORT_PAYS_AFTER_CALLS`); otherwise it keeps
+    running the shape eagerly, which computes the same numbers. Without a plan every shape is
+    exported after ``export_after`` calls."""
+
+    __slots__ = ("calls", "_token")
+
+    def __init__(self, calls: int | None):
+        self.calls = calls
+
+    def __enter__(self) -> None:
+        self._token = _PLANNED.set(self.calls)
+
+    def __exit__(self, *exc) -> None:
+        _PLANNED.reset(self._token)
+
+
+def _export_pays() -> bool:
+    """Whether the calls the caller plans (:func:`planned_calls`) pay for an export."""
+    planned = _PLANNED.get()
+    if planned is None:
+        return True
+    if _exports_in_process:
+        return planned >= EXPORT_PAYS_AFTER_CALLS
+    return planned >= FIRST_EXPORT_PAYS_AFTER_CALLS
+
 
 #: Calls of one graph before :class:`TracedLoss` compiles it with ``torch.compile``. Compiling
 #: costs seconds (about 2 s per graph with inductor's on-disk cache warm, 10-25 s cold on a
@@ -330,7 +383,7 @@ class TracedLoss:
             shape = self._shapes[key] = _Shape()
         graph = shape.graph
         if graph is None:
-            if shape.calls < self.export_after:
+            if shape.calls < self.export_after or not _export_pays():
                 shape.calls += 1
                 return self.fn(*args, **kwargs)
             graph = shape.graph = self._export(args, kwargs)
@@ -366,6 +419,8 @@ class TracedLoss:
                     self.fallbacks += 1
                     return EAGER
         self.compilations += 1
+        global _exports_in_process
+        _exports_in_process += 1
         # Where every input is the caller's and the one output is the loss, the graph module
         # itself runs it: ``exported.module()`` would also flatten the arguments and check their
         # shapes at every call (about 0.1 ms), which the graph's key already guarantees.

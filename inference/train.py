@@ -75,6 +75,7 @@ from .io import (
     write_json,
 )
 from .subsample import full_data_pairs
+from .traced_loss import planned_calls
 
 __all__ = [
     "AUTO",
@@ -520,6 +521,16 @@ class _Batches:
         # full batch: the rows as given, in their order (a time series stays one)
         return torch.arange(self.n, device=self.device)
 
+    def calls_left(self, epoch: int, index: int, epochs: int) -> int:
+        """The steps with as many rows as step ``index`` of ``epoch`` from it to the end of a
+        run of ``epochs`` epochs, it included: every epoch cuts the rows alike, into full
+        batches and a ragged last one."""
+        full = self.n // self.size
+        later = epochs - epoch - 1
+        if index < full:
+            return full - index + full * later
+        return 1 + later
+
     def steps(self, epoch: int, start: int) -> Iterator[tuple[int, ModelArgs, int, int]]:
         """``(index, arguments, shard rows, global batch rows)`` of each step of ``epoch``
         from step ``start``."""
@@ -780,8 +791,12 @@ class _Loop:
         losses, each weighted by its share of the rows. A signal checkpoints after the step
         every rank is at and raises :class:`Interrupted`."""
         batches, flag, world = self.batches, self.flag, self.batches.world
+        epochs = self.config.epochs
         for index, call, mine, rows in batches.steps(epoch, start):
-            with pyro.validation_enabled(self.config.validate or (epoch, index) == (0, 0)):
+            with (
+                pyro.validation_enabled(self.config.validate or (epoch, index) == (0, 0)),
+                planned_calls(batches.calls_left(epoch, index, epochs)),  # export if it pays
+            ):
                 try:
                     info, stop = _step(
                         self.state,

@@ -30,6 +30,41 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def exports(monkeypatch):
+    """Training losses exported as soon as a shape recurs, however short the run (``fit`` keeps
+    the shapes of a run too short to pay for an export eager, which computes the same numbers,
+    so a test comparing graphs with eager runs would compare eager with eager), and recorded:
+    the fixture is the list of the rows of each exported training shape."""
+    import inference.traced_loss as traced_loss
+
+    monkeypatch.setattr(traced_loss, "FIRST_EXPORT_PAYS_AFTER_CALLS", 0)
+    monkeypatch.setattr(traced_loss, "EXPORT_PAYS_AFTER_CALLS", 0)
+    return _record_exports(monkeypatch, traced_loss)
+
+
+@pytest.fixture
+def recorded_exports(monkeypatch):
+    """The rows of each training shape exported, with the pay-back rule as it is."""
+    import inference.traced_loss as traced_loss
+
+    return _record_exports(monkeypatch, traced_loss)
+
+
+def _record_exports(monkeypatch, traced_loss) -> list:
+    exported = []
+    original = traced_loss.TracedLoss._export
+
+    def export(self, args, kwargs):
+        graph = original(self, args, kwargs)
+        if self.differentiable and isinstance(graph, traced_loss._Graph):  # a training loss
+            exported.append(args[0].shape[0] if args and hasattr(args[0], "shape") else None)
+        return graph
+
+    monkeypatch.setattr(traced_loss.TracedLoss, "_export", export)
+    return exported
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -91,6 +91,44 @@ def test_a_shape_runs_eagerly_until_it_recurs_then_as_a_graph_with_the_same_numb
     assert EXPORT_AFTER_CALLS > 0  # the default: short-lived shapes never pay for an export
 
 
+@pytest.mark.parametrize("exported_before", [0, 1])
+def test_a_planned_shape_is_exported_only_if_the_calls_to_come_pay_for_it(
+    monkeypatch, exported_before
+):
+    """Under ``planned_calls(n)`` a shape past ``export_after`` calls is exported only when
+    ``n`` reaches the pay-back count: the first export's in a process (it also imports the
+    tracer), a later one's after that; without a plan, as before. Same numbers either way."""
+    import inference.traced_loss as traced_loss
+
+    monkeypatch.setattr(traced_loss, "FIRST_EXPORT_PAYS_AFTER_CALLS", 9)
+    monkeypatch.setattr(traced_loss, "EXPORT_PAYS_AFTER_CALLS", 5)
+    pays = 5 if exported_before else 9
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((8, 6), 0.5))
+
+    def run(elbo, plan):
+        pyro.set_rng_seed(4)
+        losses = []
+        for calls in plan:
+            with traced_loss.planned_calls(calls):
+                losses.append(elbo.differentiable_loss(vae.model, vae.guide, x, num_data=20))
+        return losses
+
+    for plan, exported in [
+        ([pays - 1] * 4, False),  # too few to come, at every call
+        (list(range(pays + 1, 0, -1)), True),  # counting down: pays at the 2nd call
+        (list(range(pays, 0, -1)), False),  # one short at the 2nd call, fewer after
+        ([None] * 4, True),  # no plan: exported once past export_after
+    ]:
+        monkeypatch.setattr(traced_loss, "_exports_in_process", exported_before)
+        elbo = JitTraceMeanField_ELBO(export_after=1)
+        assert run(elbo, plan) == run(TraceMeanField_ELBO(), plan)
+        traced = elbo.traced_loss(vae.model, vae.guide)
+        assert traced.compilations == exported, plan
+        assert traced.graph_calls == (len(plan) - 1 if exported else 0), plan
+
+
 # --- the compiled graph is the plain estimator, bit for bit ---------------------------------------
 
 

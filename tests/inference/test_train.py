@@ -220,11 +220,11 @@ def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
         assert a == b
 
 
-def test_default_training_is_compiled_and_identical_to_eager(small):
+def test_default_training_is_compiled_and_identical_to_eager(small, exports):
     """``fit``'s default compiles the built-in VAE's estimator; the history and the trained
     parameters are those of Pyro's eager TraceMeanField_ELBO, bit for bit, in float32."""
     train, test = small
-    config = TrainConfig(epochs=2, batch_size=80, progress=False)
+    config = TrainConfig(epochs=6, batch_size=80, progress=False)  # 12 steps of 80 rows
     vae = _vae()
     assert resolve_estimator(config, vae.model, vae.guide, train[:80]) == "jit-meanfield"
     results = {}
@@ -232,9 +232,39 @@ def test_default_training_is_compiled_and_identical_to_eager(small):
         vae = _vae()
         result = fit(vae.model, vae.guide, train, test=test, config=replace(config, jit=jit))
         results[jit] = (_numbers(result.history), _params(vae))
+    assert exports == [80]  # the graph of the full batches ran (the ragged 32 rows only twice)
     assert results["auto"][0] == results["off"][0]
     for name, value in results["auto"][1].items():
         assert torch.equal(value, results["off"][1][name]), name
+
+
+def test_a_shape_is_exported_only_when_the_rest_of_the_run_pays_for_it(
+    small, monkeypatch, recorded_exports
+):
+    """``fit`` tells the estimator how many more steps each batch shape gets: a shape is
+    exported (after ``EXPORT_AFTER_CALLS`` eager steps) only if that many steps pay for the
+    export, and the run's numbers are the same either way."""
+    import inference.traced_loss as traced_loss
+
+    train, _ = small  # 192 rows: batches of 48 (4 a run-epoch) or of 40 (4, then 32)
+    monkeypatch.setattr(traced_loss, "FIRST_EXPORT_PAYS_AFTER_CALLS", 25)
+    monkeypatch.setattr(traced_loss, "EXPORT_PAYS_AFTER_CALLS", 25)
+    histories = {}
+    for epochs, batch_size, exported in [
+        (8, 48, []),  # 32 steps: at the 11th, 22 to come < 25
+        (9, 48, [48]),  # 36 steps: 26 to come at the 11th
+        (9, 40, [40]),  # 36 full batches pay; 9 ragged ones never reach the 11th call
+        (30, 40, [40]),  # 30 ragged batches: at the 11th, only 20 to come
+        (40, 40, [40, 32]),  # 40: 30 to come
+    ]:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, progress=False, eval_every=100)
+        recorded_exports.clear()
+        for jit in ("auto", "off"):
+            vae = _vae()
+            result = fit(vae.model, vae.guide, train, config=replace(config, jit=jit))
+            histories[jit] = _numbers(result.history)
+        assert recorded_exports == exported, (epochs, batch_size)
+        assert histories["auto"] == histories["off"]
 
 
 def _plain_model(x):
@@ -375,7 +405,9 @@ def test_bad_config_raises_option_error(options):
         TrainConfig(**options)
 
 
-def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eager(float64):
+def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eager(
+    float64, exports
+):
     """An autoguide is as static as its model: declared, the pair trains compiled, with the
     eager run's numbers bit for bit."""
     from pyro.infer.autoguide import AutoNormal
@@ -384,7 +416,7 @@ def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eag
 
     model = static_structure(lambda data: regression_model(data))
     data = _regression_data()
-    config = TrainConfig(epochs=3, batch_size=None, learning_rate=0.05, progress=False)
+    config = TrainConfig(epochs=12, batch_size=None, learning_rate=0.05, progress=False)
     pyro.clear_param_store()
     # Normal priors: the autoguide's Deltas carry no log-Jacobian, analytic KL is valid
     assert resolve_estimator(config, model, AutoNormal(model), data) == "jit-meanfield"
@@ -398,20 +430,22 @@ def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eag
         pyro.set_rng_seed(0)
         result = fit(model, AutoNormal(model), data, config=replace(config, jit=jit))
         runs[jit] = _numbers(result.history)
+    assert exports == [len(data)]  # the 11th and 12th steps ran the graph
     assert runs["auto"] == runs["off"]
 
 
 @pytest.mark.cuda
-def test_default_training_on_cuda_is_compiled_and_identical_to_eager(small):
+def test_default_training_on_cuda_is_compiled_and_identical_to_eager(small, exports):
     """On a GPU too the compiled step gives the eager estimator's numbers (same CUDA noise)."""
     train, test = (t.cuda() for t in small)
-    config = TrainConfig(epochs=1, batch_size=80, progress=False)
+    config = TrainConfig(epochs=6, batch_size=80, progress=False)  # 12 steps of 80 rows
     results = {}
     for jit in ("auto", "off"):
         vae = _vae().cuda()
         torch.cuda.manual_seed_all(0)
         result = fit(vae.model, vae.guide, train, test=test, config=replace(config, jit=jit))
         results[jit] = (_numbers(result.history), _params(vae))
+    assert exports == [80]
     assert results["auto"][0] == results["off"][0]
     for name, value in results["auto"][1].items():
         assert torch.equal(value, results["off"][1][name]), name

@@ -194,7 +194,9 @@ def test_data_the_model_rejects_is_a_data_error(tmp_path):
         build_model(spec, load_data(spec.data).to("cpu", torch.float32))
 
 
-def test_a_user_model_marked_static_trains_compiled_with_the_same_numbers(tmp_path, capsys):
+def test_a_user_model_marked_static_trains_compiled_with_the_same_numbers(
+    tmp_path, capsys, exports
+):
     """``@static_structure`` in the user's file compiles the estimator (autoguide included); the
     run's metrics are those of the eager run, bit for bit."""
     source = textwrap.dedent(MODEL_FILE).replace(
@@ -216,6 +218,7 @@ def test_a_user_model_marked_static_trains_compiled_with_the_same_numbers(tmp_pa
         assert ("(JIT-compiled)" in out) == (jit == "auto"), out
         rows_ = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         histories[jit] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows_]
+    assert len(exports) == 1  # the graph ran the last 10 steps
     assert histories["auto"] == histories["off"]
 
 

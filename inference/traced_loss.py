@@ -38,6 +38,7 @@ from .lean_graph import call_public_functions, lean, split_invariant
 
 __all__ = [
     "COMPILE_AFTER_CALLS",
+    "COMPILE_PAYS_AFTER_CALLS",
     "EXPORT_AFTER_CALLS",
     "RecentByFunction",
     "EXPORT_PAYS_AFTER_CALLS",
@@ -162,8 +163,9 @@ class planned_calls:  # noqa: N801 (a context manager, used as a function is)
     ``n`` more times, this call included (None: unknown). A :class:`TracedLoss` then exports a
     shape, once past ``export_after`` calls, only if those calls will pay for the export
     (:data:`EXPORT_PAYS_AFTER_CALLS`, :data:`FIRST_EXPORT_PAYS_AFTER_CALLS`); otherwise it keeps
-    running the shape eagerly, which computes the same numbers. Without a plan every shape is
-    exported after ``export_after`` calls."""
+    running the shape eagerly, which computes the same numbers; and it compiles a CPU graph
+    only if the calls to come pay for that (:data:`COMPILE_PAYS_AFTER_CALLS`). Without a plan
+    every shape is exported after ``export_after`` calls, and compiled after ``compile_after``."""
 
     __slots__ = ("calls", "_token")
 
@@ -187,12 +189,27 @@ def _export_pays() -> bool:
     return planned >= FIRST_EXPORT_PAYS_AFTER_CALLS
 
 
+def _compile_pays(inputs: tuple) -> bool:
+    """Whether the calls the caller plans pay for compiling a graph with these inputs."""
+    planned = _PLANNED.get()
+    if planned is None or any(_is_cuda(t) for t in inputs):
+        return True
+    return planned >= COMPILE_PAYS_AFTER_CALLS
+
+
 #: Calls of one graph before :class:`TracedLoss` compiles it with ``torch.compile``. Compiling
 #: costs seconds (about 2 s per graph with inductor's on-disk cache warm, 10-25 s cold on a
-#: 2-core CPU) and saves under a millisecond per digits step, so a default digits run (200
-#: epochs: 2,200 full mini-batches) never compiles, and an MNIST-sized run (469 steps an epoch)
-#: compiles in its 11th epoch.
+#: 2-core CPU), so a default digits run (200 epochs: 2,200 full mini-batches) never compiles.
 COMPILE_AFTER_CALLS = 5000
+
+#: Calls of a graph still to come (:func:`planned_calls`) below which a CPU graph is not
+#: compiled: on this project's 2-core CPU the digits VAE's compiled loss and backward save
+#: 0.03 ms a call (0.62 -> 0.59 ms) for 13 s of compiling with a cold inductor cache
+#: (``python benchmarks/export_payback.py --compile``), and nothing at the MNIST size
+#: (``benchmarks/compiled_step.py``). So ``fit`` compiles a CPU graph only for runs of about
+#: half a million more steps. CUDA graphs are compiled after :data:`COMPILE_AFTER_CALLS`
+#: calls whatever the plan (not measured here: no GPU was lent).
+COMPILE_PAYS_AFTER_CALLS = 450_000
 
 
 class _Substitute(TorchFunctionMode):
@@ -259,7 +276,7 @@ class _Graph:
                 if memo is not None:
                     memo[key] = kept
             inputs = (*inputs, *kept)
-        if self.compiled is None and self.calls == self.compile_after:
+        if self.compiled is None and self.calls == self.compile_after and _compile_pays(inputs):
             self.compiled = self._compile(inputs)  # one try
             if self.compiled is not None:
                 self._run = self.compiled

@@ -129,6 +129,24 @@ def test_a_planned_shape_is_exported_only_if_the_calls_to_come_pay_for_it(
         assert traced.graph_calls == (len(plan) - 1 if exported else 0), plan
 
 
+def test_a_cpu_graph_is_not_compiled_when_the_planned_calls_do_not_pay_for_it(monkeypatch):
+    """``torch.compile`` saves a small CPU graph too little to pay for its seconds in a run of
+    fewer than ``COMPILE_PAYS_AFTER_CALLS`` more calls: the graph keeps running exported."""
+    import inference.traced_loss as traced_loss
+
+    monkeypatch.setattr(traced_loss, "EXPORT_PAYS_AFTER_CALLS", 0)
+    monkeypatch.setattr(traced_loss, "FIRST_EXPORT_PAYS_AFTER_CALLS", 0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((8, 6), 0.5))
+    elbo = JitTraceMeanField_ELBO(export_after=0, compile_after=1)
+    short = traced_loss.COMPILE_PAYS_AFTER_CALLS - 1  # calls to come at the first call
+    for to_come in (short, short - 1, short - 2):
+        with traced_loss.planned_calls(to_come):
+            elbo.differentiable_loss(vae.model, vae.guide, x)
+    traced = elbo.traced_loss(vae.model, vae.guide)
+    assert (traced.compilations, traced.compiled, traced.graph_calls) == (1, 0, 3)
+
+
 # --- the compiled graph is the plain estimator, bit for bit ---------------------------------------
 
 

@@ -11,8 +11,10 @@ for the first :data:`EXPORT_AFTER_CALLS` calls of an argument shape, then as a g
 by :func:`torch.export.export` and made lean by exact :mod:`torch.fx` rewrites
 (:mod:`inference.lean_graph`), which removes Pyro's per-step Python work; a graph that keeps
 being called (:data:`COMPILE_AFTER_CALLS`) is compiled with :func:`torch.compile` (inductor:
-fused kernels, forward and backward), so that only long runs pay for compiling. Only public
-torch and Pyro APIs are used.
+fused kernels, forward and backward), so that only long runs pay for compiling. Where the
+caller states how many calls are to come (:func:`~inference.traced_loss.planned_calls`, as
+``fit`` does), a shape is exported, and a CPU graph compiled, only if they pay for it. Only
+public torch and Pyro APIs are used.
 
 Differences from ``pyro.infer.JitTrace_ELBO`` / ``JitTraceMeanField_ELBO`` (Pyro 1.9.2), which
 use the deprecated ``torch.jit.trace``:

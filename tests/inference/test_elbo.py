@@ -315,3 +315,37 @@ def test_evaluate_does_not_cut_global_latents_into_chunks():
     got = evaluate(model, guide, x, batch_size=1024, batching=batching, num_particles=100)
     assert abs(got.elbo - exact) < 5 * got.elbo_stderr
     assert 2 * kl / n > 10 * got.elbo_stderr  # a chunked evaluation would be far outside
+
+
+def test_whether_latents_are_local_is_asked_once_per_static_pair_and_shapes(monkeypatch):
+    """``eval_chunk_rows`` runs the pair to learn whether its latents are local before an
+    evaluation in several chunks; ``fit`` asks before every evaluation. A static pair's
+    answer cannot change for arguments of the same shapes: it is found once, and a pair not
+    declared static is asked every time."""
+    from inference.batching import default_batching
+    from inference.elbo import eval_chunk_rows
+    from models.structure import static_structure
+
+    asked = []
+    original = elbo_module.latents_are_local
+
+    def counted(*args, **kwargs):
+        asked.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(elbo_module, "latents_are_local", counted)
+    vae = VAE(16, latent_dim=3, hidden_dims=(8,))
+    x = torch.bernoulli(torch.full((30, 16), 0.4))
+    batching = default_batching(vae.model)
+    unmarked = lambda x, num_data=None: vae.model(x, num_data)  # noqa: E731
+    marked = static_structure(lambda x, num_data=None: vae.model(x, num_data))
+    for model, times in [(vae.model, 1), (unmarked, 3), (marked, 1)]:
+        asked.clear()
+        rows = [eval_chunk_rows(model, vae.guide, (x,), {}, batching, 8) for _ in range(3)]
+        assert rows == [8, 8, 8]  # one z per row: chunks of 8 rows
+        assert len(asked) == times
+    asked.clear()
+    assert eval_chunk_rows(vae.model, vae.guide, (x[:20],), {}, batching, 8) == 8
+    assert not asked  # the same first chunk of 8 rows: its structure is known
+    assert eval_chunk_rows(vae.model, vae.guide, (x,), {}, batching, 10) == 10
+    assert len(asked) == 1  # chunks of another shape

@@ -9,6 +9,8 @@ each from the same initial weights:
                through AOTAutograd), the fused Adam eager
     whole      also the optimizer's ``step`` compiled (Adam's default implementation, as
                ``torch.compile`` of an optimizer step requires), backward included above
+    fwd+bwd-cpp  as fwd+bwd, with inductor's C++ wrapper (``options={"cpp_wrapper": True}``)
+               calling the kernels instead of generated Python
 
 Printed: the seconds the first two calls took (compiling), and the median over ``--reps``
 rounds of the mean step time over ``--steps`` steps, with its ratio to eager. Before timing,
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         vae = _model(d, h, latent)
         optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=way != "whole")
         # fallback_random: ATen's noise, so the compiled loss can be checked against eager's
-        compiled = torch.compile(loss_of, options={"fallback_random": True})
+        options = {"fallback_random": True, "cpp_wrapper": way.endswith("cpp")}
+        compiled = torch.compile(loss_of, options=options)
         loss_fn = loss_of if way == "eager" else compiled
         update = torch.compile(optimizer.step) if way == "whole" else optimizer.step
         reference = _model(d, h, latent)

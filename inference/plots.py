@@ -558,7 +558,7 @@ def plot_bound(
             f"plot_bound: exact log p(x) {tuple(exact.shape)} and elbo {tuple(elbo.shape)} differ"
         )
     k = f"L_{num_samples}" if num_samples else "L_K"
-    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    fig = _figure((11, 4.6))
     left, right = fig.subplots(1, 2, width_ratios=(1.1, 1.0))
 
     ys = [lk] if exact is None else [lk, exact]
@@ -596,8 +596,7 @@ def plot_bound(
     right.set_title("the gap the ELBO leaves below log p(x)", fontsize=10)
     right.grid(alpha=0.3)
     right.legend(fontsize=9)
-    if title:
-        fig.suptitle(title)
+    _fit_layout(fig, suptitle=fig.suptitle(title) if title else None)
     return _finish(fig, path)
 
 
@@ -608,7 +607,7 @@ def plot_comparison(comparison: Any, path: str | os.PathLike | None = None) -> F
     this module). ELBO <= L_K <= log p(x) holds for every guide that is not a point mass.
     """
     rows = comparison.rows
-    fig = Figure(figsize=(1.6 + 1.3 * len(rows), 3.6), layout="constrained")
+    fig = _figure((1.6 + 1.3 * len(rows), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     xs = np.arange(len(rows))
     for offset, key, label, marker in (
@@ -627,6 +626,7 @@ def plot_comparison(comparison: Any, path: str | os.PathLike | None = None) -> F
     ax.set_title(title, fontsize="medium")
     ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
+    _fit_layout(fig)
     return _finish(fig, path)
 
 

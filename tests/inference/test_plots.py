@@ -123,8 +123,10 @@ def assert_no_text_clipped_or_on_another_panel(fig):
     assert not outside, f"text clipped at the figure's edge ({paper.extents}): {outside}"
     panels = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
     for text, box in boxes.items():
+        if text.axes not in panels:  # figure text, or an inset's, which is drawn on its panel
+            continue
         for ax in panels:
-            if text.axes is not None and text.axes is not ax and box.overlaps(ax.bbox):
+            if text.axes is not ax and box.overlaps(ax.bbox):
                 raise AssertionError(f"{text.get_text()!r} lies on the panel {ax.get_title()!r}")
 
 
@@ -157,6 +159,56 @@ def test_latent_space_text_stays_on_the_paper(tmp_path, latent_dim, spread):
     assert_no_text_clipped_or_on_another_panel(fig)
     legend = fig.axes[0].get_legend().get_window_extent(fig.canvas.get_renderer())
     assert legend.x1 <= fig.bbox.x1, "the legend beside the panel is cut off"
+
+
+def _comparison(guides):
+    from inference.compare import Comparison, ComparisonRow
+
+    rows = tuple(
+        ComparisonRow(
+            guide=guide,
+            split="test",
+            n=10,
+            elbo=-25.0,
+            elbo_stderr=0.1,
+            reconstruction=-25.0,
+            kl=0.0,
+            lk=-24.5,
+            lk_stderr=0.05,
+            gap=0.5,
+            gap_stderr=0.11,
+            khat_median=0.3,
+            khat_share_bad=float("nan") if guide == "AutoDelta" else 0.0,
+            ess_median=50.0,
+            seconds=1.0,
+            num_params=4,
+            note="",
+        )  # fmt: skip
+        for guide in guides
+    )
+    return Comparison(rows, num_samples=100, train={}, model="vae")
+
+
+def _bound_figure(path):
+    rng = np.random.default_rng(0)
+    elbo = rng.normal(-123456.7, 300.0, 200)
+    exact = elbo + rng.gamma(2.0, 0.25, 200)
+    return plot_bound(elbo, exact - 0.01, num_samples=100, exact_log_px=exact, title="t", path=path)
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda p: plot_reconstructions(torch.rand(3, 64), torch.rand(3, 64), (8, 8), path=p),
+        lambda p: plot_samples(torch.rand(3, 64), (8, 8), path=p),
+        lambda p: plot_comparison(_comparison(["diag"]), p),
+        lambda p: plot_comparison(_comparison(["diag", "AutoDelta", "full"]), p),
+        _bound_figure,
+    ],
+    ids=["reconstructions-3", "samples-3", "comparison-1", "comparison-3", "bound"],
+)
+def test_narrow_figures_wrap_their_titles_instead_of_clipping_them(tmp_path, draw):
+    assert_no_text_clipped_or_on_another_panel(draw(tmp_path / "figure.png"))
 
 
 def test_training_curves_need_rows():

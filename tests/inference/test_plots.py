@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
+from matplotlib.text import Text
 
 from inference.data import Dataset
 from inference.errors import OptionError
@@ -71,6 +72,143 @@ def test_training_curves_label_loss_and_elbo_with_their_signs(tmp_path, no_pyplo
     # the plotted ELBO is minus the plotted loss, point for point
     loss_train, elbo_train = loss_ax.get_lines()[0].get_ydata(), elbo_ax.get_lines()[0].get_ydata()
     np.testing.assert_allclose(elbo_train, -np.asarray(loss_train))
+
+
+def scaled_history(scale: float, shift: float = 0.0, first_epoch_factor: float = 1.0) -> list:
+    """:func:`history` with every value ``v`` turned into ``scale * v + shift`` (the loss stays
+    minus the ELBO), the first epoch's values multiplied by ``first_epoch_factor``."""
+    rows = []
+    for row in history(12):
+        factor = first_epoch_factor if row["epoch"] == 1 else 1.0
+        row = dict(row)
+        for key in ("reconstruction", "kl"):
+            row[key] = factor * (scale * row[key] + shift)
+        row["elbo"] = row["reconstruction"] - row["kl"]
+        row["loss"] = -row["elbo"]
+        row["svi_loss"] = row["loss"] + 0.01 * abs(scale) if row["split"] == "train" else None
+        rows.append(row)
+    return rows
+
+
+def drawn_text_boxes(fig) -> dict:
+    """Every piece of text the last draw of ``fig`` put on the paper, with its window extent.
+
+    Tick objects whose location lies outside the view keep a label that is not drawn: skipped.
+    """
+    renderer = fig.canvas.get_renderer()
+    undrawn = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            tol = 1e-9 * max(abs(lo), abs(hi), 1.0)
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not lo - tol <= tick.get_loc() <= hi + tol:
+                    undrawn.update((tick.label1, tick.label2))
+    return {
+        text: text.get_window_extent(renderer)
+        for text in fig.findobj(Text)
+        if text.get_visible() and text.get_text() and text not in undrawn
+    }
+
+
+def assert_no_text_clipped_or_on_another_panel(fig):
+    """No text reaches past the paper's edge, and no panel's text lies on another panel."""
+    paper = fig.bbox
+    boxes = drawn_text_boxes(fig)
+    outside = {
+        t.get_text(): tuple(np.round(b.extents, 1))
+        for t, b in boxes.items()
+        if b.x0 < paper.x0 or b.y0 < paper.y0 or b.x1 > paper.x1 or b.y1 > paper.y1
+    }
+    assert not outside, f"text clipped at the figure's edge ({paper.extents}): {outside}"
+    panels = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
+    for text, box in boxes.items():
+        if text.axes not in panels:  # figure text, or an inset's, which is drawn on its panel
+            continue
+        for ax in panels:
+            if text.axes is not ax and box.overlaps(ax.bbox):
+                raise AssertionError(f"{text.get_text()!r} lies on the panel {ax.get_title()!r}")
+
+
+@pytest.mark.parametrize(
+    "scale, shift, first_epoch_factor, title",
+    [
+        (1.0, 0.0, 1.0, "vae on digits"),
+        (4300.0, 0.0, 1.0, "ELBO around -123456.7"),
+        (-3.3e-5, 0.0, 1.0, "values around 0.001, ELBO positive"),
+        (1.0, 27.0, 1.0, "crossing zero"),
+        (-3.5e5, 0.0, 1.0, "ELBO around 1e7: an offset text above the panels"),
+        (4300.0, 0.0, 40.0, "epoch 1 off scale: " + "a long title that must wrap, " * 6),
+    ],
+    ids=["elbo-23", "elbo-123456.7", "elbo+0.001", "crossing-zero", "elbo+1e7", "off-scale"],
+)
+def test_training_curves_text_stays_on_the_paper(tmp_path, scale, shift, first_epoch_factor, title):
+    """Margins are measured, not fixed: tick labels as wide as "-0.001225" or "-148000", an
+    offset "1e7", a two-line title and the "epoch 1 off scale" legend title all fit."""
+    rows = scaled_history(scale, shift, first_epoch_factor)
+    fig = plot_training_curves(rows, title=title, path=tmp_path / "curves.png")
+    assert_no_text_clipped_or_on_another_panel(fig)
+    if first_epoch_factor != 1.0:
+        assert fig.axes[0].get_legend().get_title().get_text() == "epoch 1 off scale"
+
+
+@pytest.mark.parametrize("latent_dim, spread", [(2, 1e-4), (2, 1234.5), (5, 1.0)])
+def test_latent_space_text_stays_on_the_paper(tmp_path, latent_dim, spread):
+    z = spread * torch.randn(60, latent_dim, generator=torch.Generator().manual_seed(0))
+    fig = plot_latent_space(z, torch.arange(60) % 15, path=tmp_path / "latent.png")
+    assert_no_text_clipped_or_on_another_panel(fig)
+    legend = fig.axes[0].get_legend().get_window_extent(fig.canvas.get_renderer())
+    assert legend.x1 <= fig.bbox.x1, "the legend beside the panel is cut off"
+
+
+def _comparison(guides):
+    from inference.compare import Comparison, ComparisonRow
+
+    rows = tuple(
+        ComparisonRow(
+            guide=guide,
+            split="test",
+            n=10,
+            elbo=-25.0,
+            elbo_stderr=0.1,
+            reconstruction=-25.0,
+            kl=0.0,
+            lk=-24.5,
+            lk_stderr=0.05,
+            gap=0.5,
+            gap_stderr=0.11,
+            khat_median=0.3,
+            khat_share_bad=float("nan") if guide == "AutoDelta" else 0.0,
+            ess_median=50.0,
+            seconds=1.0,
+            num_params=4,
+            note="",
+        )  # fmt: skip
+        for guide in guides
+    )
+    return Comparison(rows, num_samples=100, train={}, model="vae")
+
+
+def _bound_figure(path):
+    rng = np.random.default_rng(0)
+    elbo = rng.normal(-123456.7, 300.0, 200)
+    exact = elbo + rng.gamma(2.0, 0.25, 200)
+    return plot_bound(elbo, exact - 0.01, num_samples=100, exact_log_px=exact, title="t", path=path)
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda p: plot_reconstructions(torch.rand(3, 64), torch.rand(3, 64), (8, 8), path=p),
+        lambda p: plot_samples(torch.rand(3, 64), (8, 8), path=p),
+        lambda p: plot_comparison(_comparison(["diag"]), p),
+        lambda p: plot_comparison(_comparison(["diag", "AutoDelta", "full"]), p),
+        _bound_figure,
+    ],
+    ids=["reconstructions-3", "samples-3", "comparison-1", "comparison-3", "bound"],
+)
+def test_narrow_figures_wrap_their_titles_instead_of_clipping_them(tmp_path, draw):
+    assert_no_text_clipped_or_on_another_panel(draw(tmp_path / "figure.png"))
 
 
 def test_training_curves_need_rows():

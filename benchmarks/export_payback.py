@@ -3,7 +3,8 @@
 In one fresh process (one torch thread), for the default digits VAE (64-200-10) trained as
 ``fit`` trains it (TraceMeanField_ELBO, ``num_data`` = 1438), at batch 128 and at the ragged
 batch of 30: the seconds of the first :func:`torch.export` in the process (it also imports
-the tracer; ``torch._dynamo`` is already loaded, as in ``fit``, by constructing the optimizer) and of a later one, and the time of one loss and backward run eagerly (Pyro's
+the tracer; ``torch._dynamo`` is already loaded, as in ``fit``, by constructing the
+optimizer) and of a later one, and the time of one loss and backward run eagerly (Pyro's
 Python) and as the exported graph, median of ``--reps`` rounds of ``--calls`` calls each,
 the two interleaved. Prints the calls after which an export pays for itself, to compare
 with :data:`inference.traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS` and
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--scale",
+        default=None,
+        help="D,H,L: a VAE of that size on 60,000 synthetic Bernoulli(0.13) rows, e.g. "
+        "784,400,20 (MNIST-sized); default: the digits VAE",
+    )
     args = parser.parse_args(argv)
     if args.compile:  # a cold cache: what a first long run on a machine pays
         import os
@@ -47,10 +54,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.set_num_threads(1)
     pyro.set_rng_seed(0)
-    digits = load_digits()
-    x_all = digits.train.float()
+    if args.scale:
+        d, h, latent = (int(v) for v in args.scale.split(","))
+        x_all = (torch.rand(60000, d, generator=torch.Generator().manual_seed(0)) < 0.13).float()
+        vae = VAE(d, latent_dim=latent, hidden_dims=(h,))
+    else:
+        x_all = load_digits().train.float()
+        vae = VAE(x_all.shape[1])
     n = len(x_all)
-    vae = VAE(x_all.shape[1])
     params = list(vae.parameters())
     torch.optim.Adam(params)  # as fit does before the first step: it imports torch._dynamo
     figures: dict[str, float] = {}

@@ -40,9 +40,9 @@ __all__ = [
     "COMPILE_AFTER_CALLS",
     "COMPILE_PAYS_AFTER_CALLS",
     "EXPORT_AFTER_CALLS",
-    "RecentByFunction",
     "EXPORT_PAYS_AFTER_CALLS",
     "FIRST_EXPORT_PAYS_AFTER_CALLS",
+    "RecentByFunction",
     "TracedLoss",
     "freeze",
     "function_key",
@@ -133,12 +133,13 @@ def _holds_tensor(value: Any) -> bool:
 
 
 #: Calls with one argument shape before :class:`TracedLoss` exports a graph for it; until then
-#: the loss runs eagerly (the same numbers). Exporting costs about 0.2 s (the first export in a
-#: process about 1 s, importing :mod:`torch.export`'s machinery) and saves about 0.6 ms per
-#: digits step, so it pays for a shape that keeps recurring: a training batch shape of a long
-#: enough run does (a default run exports its batch of 128 in the first epoch; its ragged batch
-#: of 30, called 200 times, would only break even and stays eager), a probe or a one-off call
-#: does not. Counting calls, not seconds, keeps what runs as a graph independent of the
+#: the loss runs eagerly (the same numbers). Exporting costs about 0.14 s (the first export in a
+#: process 0.3-0.4 s more, importing :mod:`torch.export`'s tracer, and 1.1 s where nothing has
+#: imported ``torch._dynamo`` yet) and saves about 0.7 ms per digits step
+#: (``python benchmarks/export_payback.py``), so it pays for a shape that keeps recurring: a
+#: training batch shape of a long enough run does (a default run exports its batch of 128 in
+#: the first epoch; its ragged batch of 30, called 200 times, would only break even and stays
+#: eager), a probe or a one-off call does not. Counting calls, not seconds, keeps what runs as a graph independent of the
 #: machine's speed.
 EXPORT_AFTER_CALLS = 10
 
@@ -151,8 +152,9 @@ EXPORT_AFTER_CALLS = 10
 EXPORT_PAYS_AFTER_CALLS = 200
 
 #: The same for the first export in a process, which also imports :mod:`torch.export`'s
-#: tracer (``torch._functorch.aot_autograd`` and others): about 0.5 s in all.
-FIRST_EXPORT_PAYS_AFTER_CALLS = 600
+#: tracer (``torch._functorch.aot_autograd`` and others): 0.30-0.38 s in all, so 410-505 calls
+#: (``benchmarks/export_payback.py``), plus the objects it leaves for Python's collector.
+FIRST_EXPORT_PAYS_AFTER_CALLS = 500
 
 _PLANNED: ContextVar[int | None] = ContextVar("planned_calls", default=None)
 _exports_in_process = 0

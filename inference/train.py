@@ -506,6 +506,9 @@ class _Batches:
         self.scaled = batching is not None and (size < n or self.world.size > 1)
         self.device = device_of(args, kwargs)
         self.steps_per_epoch = math.ceil(n / size)
+        # whether this rank's share of the ragged last batch has as many rows as of a full one
+        ragged_rows = n - (n // size) * size
+        self._ragged_like_full = self._shard_rows(size) == self._shard_rows(ragged_rows)
         self._cut = slicer(model, args, kwargs, batching)  # bound to the signature once
         self.first = self.args_of(torch.arange(size, device=self.device))
 
@@ -522,14 +525,22 @@ class _Batches:
         return torch.arange(self.n, device=self.device)
 
     def calls_left(self, epoch: int, index: int, epochs: int) -> int:
-        """The steps with as many rows as step ``index`` of ``epoch`` from it to the end of a
-        run of ``epochs`` epochs, it included: every epoch cuts the rows alike, into full
-        batches and a ragged last one."""
+        """The steps in which this rank gets as many rows as in step ``index`` of ``epoch``,
+        from it to the end of a run of ``epochs`` epochs, it included: every epoch cuts the
+        rows alike, into full batches and a ragged last one, and a rank's shares of the two
+        may have the same size."""
         full = self.n // self.size
+        ragged = self.steps_per_epoch - full  # 0 or 1
         later = epochs - epoch - 1
+        left_full = max(full - index, 0) + full * later
+        left_ragged = ragged * (1 + later)  # the ragged batch is an epoch's last step
         if index < full:
-            return full - index + full * later
-        return 1 + later
+            return left_full + (left_ragged if self._ragged_like_full else 0)
+        return left_ragged + (left_full if self._ragged_like_full else 0)
+
+    def _shard_rows(self, rows: int) -> int:
+        """This rank's rows of a global batch of ``rows``."""
+        return self.world.shard(torch.arange(rows)).shape[0]
 
     def steps(self, epoch: int, start: int) -> Iterator[tuple[int, ModelArgs, int, int]]:
         """``(index, arguments, shard rows, global batch rows)`` of each step of ``epoch``
@@ -858,8 +869,8 @@ def fit(
     takes ``num_data`` has one by default. An "epoch" is one pass over the rows.
 
     After every ``config.eval_every`` epochs (default: about :data:`EVALUATIONS_PER_RUN` times
-    per run) the training data (and ``test``) are evaluated and appended to the history, and with ``run_dir`` to
-    ``metrics.jsonl``/``metrics.csv``. A checkpoint is written before the first step, every
+    per run) the training data (and ``test``) are evaluated and appended to the history, and
+    with ``run_dir`` to ``metrics.jsonl``/``metrics.csv``. A checkpoint is written before the first step, every
     ``config.checkpoint_every`` seconds at an epoch's end, at the end and on SIGINT/SIGTERM.
 
     Args:

@@ -198,7 +198,7 @@ def test_evaluate_on_a_checkpoint_equals_plain_pytorch(digits, tmp_path_factory,
     [("trace", "jit"), ("meanfield", "jit-meanfield")],
     ids=["trace", "meanfield"],
 )
-def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
+def test_fit_with_every_estimator_in_float64(small, estimator, compiled, exports):
     """Each estimator trains in float64; a JIT estimator gives its plain twin's numbers, bit
     for bit (same noise, same operations in the same order)."""
     train, test = (t.double() for t in small)
@@ -206,7 +206,7 @@ def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
     for name in (estimator, compiled):
         vae = _vae(dtype=torch.float64, hidden=(8,))
         config = TrainConfig(  # a ragged last batch; the plain estimator run eagerly
-            epochs=1, batch_size=80, estimator=name, jit="off", progress=False
+            epochs=6, batch_size=80, estimator=name, jit="off", progress=False
         )
         with pyro.validation_enabled(not name.startswith("jit")):
             result = fit(vae.model, vae.guide, train, test=test, config=config)
@@ -215,6 +215,7 @@ def test_fit_with_every_estimator_in_float64(small, estimator, compiled):
             _assert_sign_identities(row)
         assert math.isfinite(result.history[0]["svi_loss"]) and result.final.n == 64
         histories[name] = _numbers(result.history)
+    assert exports == [80]  # 12 steps of 80 rows: the last ones ran the graph
     for a, b in zip(histories[estimator], histories[compiled], strict=True):
         assert a.keys() == b.keys() and a["split"] == b["split"]
         assert a == b
@@ -232,7 +233,7 @@ def test_default_training_is_compiled_and_identical_to_eager(small, exports):
         vae = _vae()
         result = fit(vae.model, vae.guide, train, test=test, config=replace(config, jit=jit))
         results[jit] = (_numbers(result.history), _params(vae))
-    assert exports == [80]  # the graph of the full batches ran (the ragged 32 rows only twice)
+    assert exports == [80]  # the full batches ran a graph at the end (the ragged 32 rows: 6 calls)
     assert results["auto"][0] == results["off"][0]
     for name, value in results["auto"][1].items():
         assert torch.equal(value, results["off"][1][name]), name
@@ -265,6 +266,46 @@ def test_a_shape_is_exported_only_when_the_rest_of_the_run_pays_for_it(
             histories[jit] = _numbers(result.history)
         assert recorded_exports == exported, (epochs, batch_size)
         assert histories["auto"] == histories["off"]
+
+
+def test_the_steps_left_of_a_shape_are_counted_as_the_run_will_take_them():
+    """``_Batches.calls_left`` (what ``fit`` tells the loss at every step) against a count of
+    the steps themselves: every (epoch, step) of runs with N divisible by B or not, B >= N,
+    one epoch or several, one rank or one of several (whose shares of a full and of the
+    ragged batch can have the same rows)."""
+    from inference.batching import default_batching
+    from inference.distributed import World
+    from inference.train import _Batches
+
+    vae = VAE(3, latent_dim=1, hidden_dims=(2,))
+    checked = 0
+    for n in (1, 5, 9, 12, 13):
+        x = torch.zeros(n, 3)
+        for size in (1, 2, 4, 5, 12, 20):
+            for ranks in (1, 2, 3):
+                for rank in range(ranks):
+                    config = TrainConfig(epochs=3, batch_size=size, progress=False)
+                    try:
+                        batches = _Batches(
+                            vae.model,
+                            (x,),
+                            {},
+                            default_batching(vae.model),
+                            config,
+                            World(rank=rank, size=ranks),
+                        )
+                    except OptionError:  # a rank without rows in some batch
+                        continue
+                    steps = [
+                        (epoch, index, mine)
+                        for epoch in range(3)
+                        for index, _, mine, _ in batches.steps(epoch, 0)
+                    ]
+                    for i, (epoch, index, mine) in enumerate(steps):
+                        want = sum(rows == mine for _, _, rows in steps[i:])
+                        assert batches.calls_left(epoch, index, 3) == want, (n, size, ranks)
+                        checked += 1
+    assert checked > 500
 
 
 def _plain_model(x):
@@ -430,7 +471,7 @@ def test_a_declared_static_user_model_with_an_autoguide_compiles_and_matches_eag
         pyro.set_rng_seed(0)
         result = fit(model, AutoNormal(model), data, config=replace(config, jit=jit))
         runs[jit] = _numbers(result.history)
-    assert exports == [len(data)]  # the 11th and 12th steps ran the graph
+    assert exports == [len(data)]  # the parameter set-up was call 1: steps 10-12 ran the graph
     assert runs["auto"] == runs["off"]
 
 

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps:
         result = step_times(programs, args.steps, args.rounds)
     else:
-        if args.baseline is not None:
+        if args.baseline is not None and "elbo-lab@base" not in programs:
             programs.insert(1, "elbo-lab@base")
         result = whole_runs(programs, args.epochs, args.rounds, args.baseline)
     if args.json:

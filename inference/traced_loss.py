@@ -144,17 +144,21 @@ def _holds_tensor(value: Any) -> bool:
 EXPORT_AFTER_CALLS = 10
 
 #: Calls of an argument shape still to come, the current one included, below which an export
-#: does not pay for itself: an export (after the process's first) costs about 0.14 s, and each
-#: graph call saves 0.7-0.8 ms of Pyro's Python against an eager call, for the digits VAE at
-#: batch 128 and at its ragged batch of 30 (``python benchmarks/export_payback.py``). Both
-#: scale with the model's sites and ops, so the ratio holds across models. Consulted only where
-#: the caller states its plan (:func:`planned_calls`); :func:`inference.train.fit` does.
-EXPORT_PAYS_AFTER_CALLS = 200
+#: does not pay for itself. In isolation an export (after the process's first) costs about
+#: 0.14 s and a loss and backward as a graph saves 0.7 ms against an eager one, for the digits
+#: VAE at batch 128 and at its ragged batch of 30 (``python benchmarks/export_payback.py``):
+#: 200 calls. In a whole run a step saves less (0.45 ms: 1.42 against 0.98 ms a step in a
+#: default run), so the figure is 300. Both costs scale with the model's sites and ops, so the
+#: ratio holds across models. Consulted only where the caller states its plan
+#: (:func:`planned_calls`); :func:`inference.train.fit` does.
+EXPORT_PAYS_AFTER_CALLS = 300
 
 #: The same for the first export in a process, which also imports :mod:`torch.export`'s
-#: tracer (``torch._functorch.aot_autograd`` and others): 0.30-0.38 s in all, so 410-505 calls
-#: (``benchmarks/export_payback.py``), plus the objects it leaves for Python's collector.
-FIRST_EXPORT_PAYS_AFTER_CALLS = 500
+#: tracer (``torch._functorch.aot_autograd`` and others) and leaves objects for Python's
+#: collector: 0.30-0.38 s in isolation (410-505 calls). Whole default runs with and without
+#: the export (CPU time, 4 rounds) break even at 80 epochs (870 calls to come at the 11th),
+#: and the export saves 0.25 s at 120 epochs: 800.
+FIRST_EXPORT_PAYS_AFTER_CALLS = 800
 
 _PLANNED: ContextVar[int | None] = ContextVar("planned_calls", default=None)
 _exports_in_process = 0

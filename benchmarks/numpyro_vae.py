@@ -7,7 +7,8 @@ last batch (a second compiled shape), the mini-batch scaled to the whole data (N
 test-loss pass (``svi.evaluate``, jitted) every epoch. ``--synthetic ROWS`` trains on ROWS x
 ``--data-dim`` Bernoulli(0.13) pixels instead (MNIST-sized with ``--synthetic 60000 --data-dim
 784 --hidden 400 --latent 20``); ``--time-steps K`` prints the mean (and median) of K jitted steps
-after compilation instead of training. ``--threads 1`` restricts XLA's CPU backend to one thread.
+after compilation instead of training. ``--threads 1`` restricts XLA's CPU backend to one thread
+and pins the process to one core (XLA still runs large matrix products on a second thread).
 
 An optional extra (``pip install -e .[bench]``, ``make bench``): without NumPyro and JAX the
 script says so and exits with status 0.
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads == 1:  # before JAX starts its CPU client
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        # JAX 0.10's CPU runtime still runs large matrix products on a second thread (CPU time
+        # twice the wall time at the MNIST size): pinning the process to one core makes it
+        # one core's worth, as the PyTorch programs' one thread is.
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     try:
         import jax
         import jax.numpy as jnp

@@ -127,9 +127,6 @@ def _elbo_lab_step(data_dim: int, hidden: int, latent: int, steps: int) -> float
     from inference.train import TrainConfig, fit
     from models.vae import VAE
 
-    # The steady state of a long run: these 3 epochs of K steps would not pay for an export,
-    # and fit would keep them eager; a default digits run exports in its first epoch.
-    traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS = traced_loss.EXPORT_PAYS_AFTER_CALLS = 0
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(steps * 128, data_dim, generator=g) < 0.13).float()
@@ -137,7 +134,14 @@ def _elbo_lab_step(data_dim: int, hidden: int, latent: int, steps: int) -> float
     pyro.set_rng_seed(0)
     vae = VAE(data_dim, latent, (hidden,))
     config = TrainConfig(epochs=3, progress=False)  # evaluation is not in "seconds"
-    history = fit(vae.model, vae.guide, x, config=config).history
+    # The steady state of a long run: these 3 epochs of K steps would not pay for an export,
+    # and fit would keep them eager; a default digits run exports in its first epoch.
+    pays = traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS, traced_loss.EXPORT_PAYS_AFTER_CALLS
+    traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS = traced_loss.EXPORT_PAYS_AFTER_CALLS = 0
+    try:
+        history = fit(vae.model, vae.guide, x, config=config).history
+    finally:
+        traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS, traced_loss.EXPORT_PAYS_AFTER_CALLS = pays
     seconds = {row["epoch"]: row["seconds"] for row in history if "seconds" in row}
     return statistics.median([seconds[2], seconds[3]]) / steps if seconds else float("nan")
 

@@ -27,6 +27,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _interleaved(ways: dict, call, args) -> dict[str, float]:
+    """Median ms per ``call(way)`` over ``args.reps`` rounds of ``args.calls`` calls, the ways
+    interleaved, after 20 warm-up calls of each."""
+    for _ in range(20):
+        for way in ways.values():
+            call(way)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(args.reps):
+        for name, way in ways.items():
+            t = time.perf_counter()
+            for _ in range(args.calls):
+                call(way)
+            times[name].append((time.perf_counter() - t) / args.calls)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
@@ -78,17 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         call(graph)  # the export
         which = "first export" if not figures else "later export"
         figures[f"{which} (s)"] = time.perf_counter() - t
-        for _ in range(20):
-            call(eager), call(graph)
-        times: dict[str, list[float]] = {"eager": [], "graph": []}
-        for _ in range(args.reps):
-            for name, elbo in (("eager", eager), ("graph", graph)):
-                t = time.perf_counter()
-                for _ in range(args.calls):
-                    call(elbo)
-                times[name].append((time.perf_counter() - t) / args.calls)
-        for name, values in times.items():
-            figures[f"{label}, {name} (ms)"] = 1e3 * statistics.median(values)
+        for name, ms in _interleaved({"eager": eager, "graph": graph}, call, args).items():
+            figures[f"{label}, {name} (ms)"] = ms
         figures[f"{label}, saved per call (ms)"] = (
             figures[f"{label}, eager (ms)"] - figures[f"{label}, graph (ms)"]
         )
@@ -106,17 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         call(compiled), call(compiled)
         figures["compile, cold cache (s)"] = time.perf_counter() - t
         assert compiled.traced_loss(vae.model, vae.guide).compiled == 1, "did not compile"
-        for _ in range(20):
-            call(graph), call(compiled)
-        times = {"graph": [], "compiled": []}
-        for _ in range(args.reps):
-            for name, elbo in (("graph", graph), ("compiled", compiled)):
-                t = time.perf_counter()
-                for _ in range(args.calls):
-                    call(elbo)
-                times[name].append((time.perf_counter() - t) / args.calls)
-        for name, values in times.items():
-            figures[f"batch 128 (compile run), {name} (ms)"] = 1e3 * statistics.median(values)
+        ways = {"graph": graph, "compiled": compiled}
+        for name, ms in _interleaved(ways, call, args).items():
+            figures[f"batch 128 (compile run), {name} (ms)"] = ms
         saved = (
             figures["batch 128 (compile run), graph (ms)"]
             - figures["batch 128 (compile run), compiled (ms)"]

@@ -139,8 +139,8 @@ def _holds_tensor(value: Any) -> bool:
 #: (``python benchmarks/export_payback.py``), so it pays for a shape that keeps recurring: a
 #: training batch shape of a long enough run does (a default run exports its batch of 128 in
 #: the first epoch; its ragged batch of 30, called 200 times, would only break even and stays
-#: eager), a probe or a one-off call does not. Counting calls, not seconds, keeps what runs as a graph independent of the
-#: machine's speed.
+#: eager), a probe or a one-off call does not. Counting calls, not seconds, keeps what runs as
+#: a graph independent of the machine's speed.
 EXPORT_AFTER_CALLS = 10
 
 #: Calls of an argument shape still to come, the current one included, below which an export

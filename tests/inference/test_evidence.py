@@ -338,6 +338,31 @@ def test_only_declared_static_pairs_are_compiled_by_default(float64, export_at_o
     assert traced.compilations == 1  # graphs are kept for the pair
 
 
+def test_chunks_of_more_rows_than_chunk_rows_are_exported_after_as_many_rows(float64, monkeypatch):
+    """One draw of N > CHUNK_ROWS rows per chunk costs N / CHUNK_ROWS default chunks eagerly
+    (and its graph computes the encoder once per call, not per chunk): its graph is exported
+    after EXPORT_AFTER_CHUNKS * CHUNK_ROWS / N chunks, with the same log-weights."""
+    import inference.evidence as evidence
+
+    module, x = linear_gaussian("diagonal")  # N = 20 rows
+    monkeypatch.setattr(evidence, "CHUNK_ROWS", 8)  # so one draw (20 rows) a chunk
+    monkeypatch.setattr(evidence, "EXPORT_AFTER_CHUNKS", 10)  # 80 rows: after 4 chunks
+    evidence._GRAPHS.clear()
+    pyro.set_rng_seed(3)
+    got = log_weights(module.model, module.guide, x, num_samples=7)
+    (traced,) = evidence._GRAPHS.values()
+    assert (traced.compilations, traced.graph_calls) == (1, 3)
+    pyro.set_rng_seed(3)
+    want = log_weights(module.model, module.guide, x, num_samples=7, compiled=False)
+    assert torch.equal(got, want)
+    pyro.set_rng_seed(3)  # chunks of 8 rows or fewer keep EXPORT_AFTER_CHUNKS
+    evidence._GRAPHS.clear()
+    log_weights(module.model, module.guide, x[:8], num_samples=7)
+    (traced,) = evidence._GRAPHS.values()
+    assert traced.compilations == 0
+    evidence._GRAPHS.clear()
+
+
 def test_two_latents_of_one_shape_keep_their_own_draws(export_at_once):
     """Two sites drawing noise of the same shape: the exported chunk graph (common
     subexpressions merged, the noise-free part kept across chunks) still draws twice."""

@@ -20,6 +20,7 @@ first epoch compiled the estimator), so it includes the loop's shuffling and che
 time ``K`` calls of their step function on one batch.
 
     python benchmarks/whole_run.py [--epochs 50] [--rounds 3] [--programs elbo-lab,plain,numpyro]
+    python benchmarks/whole_run.py --mnist-sized --epochs 2 [--rounds 2]   (784-400-20, 60,000 rows)
     python benchmarks/whole_run.py --steps 100 [--rounds 3]
 """
 
@@ -51,8 +52,29 @@ def _env(root: Path = ROOT) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root)}
 
 
+#: ``--mnist-sized``: rows of Bernoulli(0.13) pixels the peers draw (``--synthetic``), and the
+#: 784-400-20 VAE. elbo-lab reads the same number of training rows from a .npy file of
+#: ROWS / (1 - TEST_FRACTION) rows (its 80/20 split: 60,000 train, 15,000 test rows; the peers
+#: test on 10,000).
+MNIST_ROWS = 60000
+
+
+def _mnist_file(work: Path) -> Path:
+    """The .npy file elbo-lab trains on with ``--mnist-sized`` (written once per benchmark)."""
+    import numpy as np
+
+    from inference.data import TEST_FRACTION
+
+    path = work / "mnist-sized.npy"
+    if not path.exists():
+        rows = round(MNIST_ROWS / (1 - TEST_FRACTION))
+        rng = np.random.default_rng(0)
+        np.save(path, (rng.random((rows, 784), dtype=np.float32) < 0.13).astype(np.float32))
+    return path
+
+
 def run_program(
-    program: str, epochs: int, work: Path, baseline: Path | None = None
+    program: str, epochs: int, work: Path, baseline: Path | None = None, mnist: bool = False
 ) -> tuple[float, float]:
     """(wall, CPU) seconds of one whole run of ``program`` for ``epochs`` epochs."""
     root = ROOT
@@ -60,9 +82,14 @@ def run_program(
         root = baseline if program == "elbo-lab@base" else ROOT
         cmd = ["-m", "inference.cli", "train", "--epochs", str(epochs), "--no-progress"]
         cmd += ["--force", "--run-dir", str(work / "run")]
+        if mnist:
+            cmd += ["--data", str(_mnist_file(work)), "--latent-dim", "20", "--hidden-dims", "400"]
     else:
         script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[program]
         cmd = [str(BENCH / script), "--epochs", str(epochs), "--threads", "1", "--quiet"]
+        if mnist:
+            cmd += ["--synthetic", str(MNIST_ROWS), "--data-dim", "784"]
+            cmd += ["--hidden", "400", "--latent", "20"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(
@@ -78,7 +105,9 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def whole_runs(programs: list[str], epochs: int, rounds: int, baseline: Path | None) -> dict:
+def whole_runs(
+    programs: list[str], epochs: int, rounds: int, baseline: Path | None, mnist: bool = False
+) -> dict:
     times = {(p, e): [] for p in programs for e in (epochs, 2 * epochs)}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -86,7 +115,7 @@ def whole_runs(programs: list[str], epochs: int, rounds: int, baseline: Path | N
             print(f"round {r + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
             for e in (epochs, 2 * epochs) if r % 2 == 0 else (2 * epochs, epochs):
                 for p in order:
-                    wall, cpu = run_program(p, e, Path(tmp), baseline)
+                    wall, cpu = run_program(p, e, Path(tmp), baseline, mnist)
                     times[p, e].append((wall, cpu))
                     print(
                         f"  {p:<14} {e:>4} epochs {wall:8.2f} s wall {cpu:8.2f} s CPU", flush=True
@@ -199,6 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="a checkout of an earlier elbo-lab, run as program elbo-lab@base",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--mnist-sized",
+        action="store_true",
+        help="whole runs of the 784-400-20 VAE on 60,000 synthetic rows instead of the digits",
+    )
     args = parser.parse_args(argv)
     if args.elbo_lab_step:  # the child process of step mode
         d, h, latent, steps = map(int, args.elbo_lab_step.split(","))
@@ -213,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.baseline is not None and "elbo-lab@base" not in programs:
             programs.insert(1, "elbo-lab@base")
-        result = whole_runs(programs, args.epochs, args.rounds, args.baseline)
+        result = whole_runs(programs, args.epochs, args.rounds, args.baseline, args.mnist_sized)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -215,3 +215,31 @@ def test_check_bounds_flags_each_inequality():
     assert check_bounds(-8.96, 0.01, -9.0, 0.01, 100).ok  # within 5 s.e.
     bad = check_bounds(-10.0, 0.01, -8.0, 0.01, 100, -8.5)  # L_K above log p(x)
     assert not bad.ok and any("BOUND VIOLATED" in line for line in bad.lines())
+
+
+def test_a_large_batched_split_checks_its_bounds_on_its_first_rows(monkeypatch):
+    """``checked_metrics`` on a batched split of more than BOUND_ROWS rows: the metrics and
+    Pyro's loss check cover every row; ELBO <= L_K is checked on the first BOUND_ROWS rows,
+    the ELBO and L_K both computed on those rows (as ``evaluate`` and ``iwae`` compute them
+    there), and the report says so. With an exact log p(x) (whose value is for all rows), or
+    unbatched, all rows are checked."""
+    import inference.bounds as bounds
+    from inference.elbo import EVAL_SEED, evaluate
+    from inference.io import seeded
+    from models.vae import VAE
+
+    monkeypatch.setattr(bounds, "BOUND_ROWS", 8)
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((30, 6), 0.4))
+    c = bounds.checked_metrics(vae.model, vae.guide, x, estimator="meanfield", batched=True)
+    assert c.metrics.n == 30 and (c.bounds.rows, c.bounds.of_rows) == (8, 30)
+    first = evaluate(vae.model, vae.guide, x[:8], batch_size=1024, num_particles=10)
+    assert (c.bounds.elbo, c.bounds.elbo_stderr) == (first.elbo, first.elbo_stderr)
+    with seeded(EVAL_SEED + 1):
+        assert c.bounds.lk == iwae(vae.model, vae.guide, x[:8], num_samples=100).lk / 8
+    assert c.bounds.ok and "on the first 8 of 30 rows" in c.bounds.lines()[0]
+    assert c.bounds.elbo != c.metrics.elbo  # the report's ELBO is all rows'
+    for options in ({"batched": False}, {"batched": True, "exact_log_px": c.metrics.elbo + 50}):
+        whole = bounds.checked_metrics(vae.model, vae.guide, x, estimator="meanfield", **options)
+        assert whole.bounds.rows is None and whole.bounds.elbo == whole.metrics.elbo

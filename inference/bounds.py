@@ -62,12 +62,11 @@ class BoundCheck(NamedTuple):
             )
             return [f"  bounds: not checked: {why}"]
         exact = "" if self.exact_log_px is None else f" <= exact log p(x) = {self.exact_log_px:.4f}"
+        where = "" if self.rows is None else f" on the first {self.rows} of {self.of_rows}"
         head = (
-            f"  bounds: ELBO = {self.elbo:.4f}{_pm(self.elbo_stderr)} <= L_{self.num_samples} = "
-            f"{self.lk:.4f}{_pm(self.lk_stderr)}{exact}"
+            f"  bounds{where}: ELBO = {self.elbo:.4f}{_pm(self.elbo_stderr)} <= "
+            f"L_{self.num_samples} = {self.lk:.4f}{_pm(self.lk_stderr)}{exact}"
         )
-        if self.rows is not None:
-            head += f" on the first {self.rows} of {self.of_rows} rows"
         if self.ok:
             return [f"{head} (ok, within {Z:g} s.e.)"]
         return [f"{head} (VIOLATED)"] + [f"  !! BOUND VIOLATED: {v}" for v in self.violations]

@@ -238,8 +238,12 @@ def test_a_large_batched_split_checks_its_bounds_on_its_first_rows(monkeypatch):
     assert (c.bounds.elbo, c.bounds.elbo_stderr) == (first.elbo, first.elbo_stderr)
     with seeded(EVAL_SEED + 1):
         assert c.bounds.lk == iwae(vae.model, vae.guide, x[:8], num_samples=100).lk / 8
-    assert c.bounds.ok and "on the first 8 of 30 rows" in c.bounds.lines()[0]
+    assert c.bounds.ok and c.bounds.lines()[0].startswith("  bounds on the first 8 of 30: ELBO")
     assert c.bounds.elbo != c.metrics.elbo  # the report's ELBO is all rows'
-    for options in ({"batched": False}, {"batched": True, "exact_log_px": c.metrics.elbo + 50}):
+    for options in (
+        {"batched": False},
+        {"batched": True, "exact_log_px": c.metrics.elbo + 50},  # log p(x) of all rows
+        {"batched": True, "num_data": 30},  # keywords: which rows they go with is unknown
+    ):
         whole = bounds.checked_metrics(vae.model, vae.guide, x, estimator="meanfield", **options)
         assert whole.bounds.rows is None and whole.bounds.elbo == whole.metrics.elbo

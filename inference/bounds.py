@@ -225,7 +225,8 @@ def checked_metrics(
     particles = num_particles or report_particles(batched)
     batch = EVAL_BATCH_SIZE if batched else None
     common = dict(batch_size=batch, seed=seed, num_particles=particles)
-    metrics = evaluate(model, guide, *args, analytic_kl=plain == "meanfield", **common, **kwargs)
+    analytic = plain == "meanfield"
+    metrics = evaluate(model, guide, *args, analytic_kl=analytic, **common, **kwargs)
     checked = pyro_loss(model, guide, *args, estimator=plain, **common, **kwargs)
     n = metrics.n
     if exact_log_px is None:  # every latent enumerated: log p(x) is a finite sum
@@ -236,7 +237,6 @@ def checked_metrics(
     lk_args, lk_metrics = args, metrics
     if capped:
         lk_args = (args[0][:BOUND_ROWS], *args[1:])
-        analytic = plain == "meanfield"
         lk_metrics = evaluate(model, guide, *lk_args, analytic_kl=analytic, **common)
     try:
         with seeded(seed + 1):

@@ -142,13 +142,22 @@ def _latent_parents_once(model: Callable, args: tuple, kwargs: dict) -> dict | N
         except Exception:  # provenance tracking fails on some models: fall back to Monte Carlo
             return None
 
-    if not has_static_structure(model):
+    return _once_per_shapes(_PARENTS, (model,), has_static_structure(model), args, kwargs, find)
+
+
+def _once_per_shapes(
+    cache: RecentByFunction, fns: tuple, static: bool, args: tuple, kwargs: dict, find
+) -> Any:
+    """``find()``, kept in ``cache`` per functions and argument shapes where they are static
+    (their structure cannot change between calls on arguments of the same shapes); computed
+    afresh otherwise, or where an argument is unhashable."""
+    if not static:
         return find()
     try:
         shapes = (freeze(args), freeze(kwargs))
     except TypeError:  # an unhashable argument
         return find()
-    return _PARENTS.get((model,), shapes, find)
+    return cache.get(fns, shapes, find)
 
 
 def kl_method(
@@ -597,13 +606,8 @@ def _latents_are_local_once(model: Callable, guide: Callable, chunk) -> bool:
     def find() -> bool:
         return latents_are_local(model, guide, *chunk.args, **chunk.kwargs)
 
-    if not is_static_pair(model, guide):
-        return find()
-    try:
-        shapes = (freeze(chunk.args), freeze(chunk.kwargs))
-    except TypeError:  # an unhashable argument
-        return find()
-    return _LOCAL.get((model, guide), shapes, find)
+    static = is_static_pair(model, guide)
+    return _once_per_shapes(_LOCAL, (model, guide), static, chunk.args, chunk.kwargs, find)
 
 
 def evaluate(

@@ -57,7 +57,9 @@ def worker(args) -> None:
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     vae = VAE(data.data_dim)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, progress=False)
+    config = TrainConfig(  # every epoch evaluated: each has its "seconds" row
+        epochs=args.epochs, batch_size=args.batch_size, progress=False, eval_every=1
+    )
     ends: list[float] = []
 
     class EpochClock(logging.Handler):  # fit logs "epoch k: ..." at the end of each epoch

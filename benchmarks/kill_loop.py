@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 #: A small run with a checkpoint every 0.1 s: kills land between and during checkpoints.
 TRAIN = [
     "train", "--batch-size", "32", "--hidden-dims", "16", "--latent-dim", "2", "--no-progress",
-    "--checkpoint-every", "0.1",
+    "--checkpoint-every", "0.1", "--eval-every", "1",  # rows every epoch, to compare
 ]  # fmt: skip
 
 

@@ -46,7 +46,8 @@ def train_once(epochs: int, threads: str | None, env: dict[str, str], extra: lis
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "inference.cli", "train", "--epochs", str(epochs)]
-        cmd += ["--run-dir", str(run_dir), "--no-progress", *extra]
+        # every epoch evaluated, so that its "seconds" row exists: the steps of every epoch
+        cmd += ["--run-dir", str(run_dir), "--no-progress", "--eval-every", "1", *extra]
         if threads is not None:
             cmd += ["--threads", threads]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}

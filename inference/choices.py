@@ -30,6 +30,8 @@ __all__ = [
     "DTYPES",
     "EPOCHS",
     "EVALUATIONS_PER_RUN",
+    "EVAL_ROW_COST",
+    "EVAL_SHARE",
     "EVAL_PARTICLES_GLOBAL",
     "EVAL_PARTICLES_LOCAL",
     "ESTIMATOR",
@@ -90,6 +92,14 @@ CHECKPOINT_EVERY = 30.0
 #: Without an ``eval_every``, training evaluates about this many times per run (and after the
 #: last epoch): evaluation stays a small share of training however long the run.
 EVALUATIONS_PER_RUN = 20
+#: ... and, for mini-batches, no more often than keeps evaluation within this share of the
+#: training time (:func:`inference.train.default_eval_every`): an evaluation passes every row
+#: of both splits, while an epoch passes the training rows once.
+EVAL_SHARE = 0.10
+#: What evaluating one row costs, in training rows (one draw each; a step runs forward and
+#: backward and updates, an evaluation runs forward in chunks of EVAL_BATCH_SIZE). Measured
+#: with ``benchmarks/run_parts.py``: 0.4 at the MNIST size (784-400-20), 0.5-0.6 on the digits.
+EVAL_ROW_COST = 0.6
 
 # --- what is reported (explain, compare, watch) --------------------------------------------------
 #: K, the importance samples of L_K.

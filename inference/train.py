@@ -48,7 +48,13 @@ from .batching import (
     slicer,
     take,
 )
-from .choices import BATCH_SIZE, EVAL_BATCH_SIZE, EVALUATIONS_PER_RUN
+from .choices import (
+    BATCH_SIZE,
+    EVAL_BATCH_SIZE,
+    EVAL_ROW_COST,
+    EVAL_SHARE,
+    EVALUATIONS_PER_RUN,
+)
 from .distributed import World, current_world
 from .elbo import EVAL_SEED, PerDatumElbo, eval_chunk_rows, evaluate
 from .enumeration import refuse_uncovered_pair
@@ -87,6 +93,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "choose_estimator",
+    "default_eval_every",
     "evaluate",
     "fit",
     "make_elbo",
@@ -553,6 +560,25 @@ class _Batches:
             yield index, call, mine.shape[0], rows.shape[0]
 
 
+def default_eval_every(epochs: int, train_rows: int = 0, *other_rows: int) -> int:
+    """Epochs between evaluations without an ``eval_every``: about
+    :data:`~inference.choices.EVALUATIONS_PER_RUN` per run of ``epochs`` (and after the last).
+
+    Given the rows of the training split and of the others evaluated (as for a declared
+    batching, where evaluation passes each row once, in chunks), also no more often than
+    keeps evaluation within :data:`~inference.choices.EVAL_SHARE` of training: an evaluation
+    of R rows costs about :data:`~inference.choices.EVAL_ROW_COST` x R training rows, and an
+    epoch trains on ``train_rows``. With a 20% test split that is every 8 epochs; a run that
+    short is evaluated after its last epoch only.
+    """
+    every = max(1, math.ceil(epochs / EVALUATIONS_PER_RUN))
+    if train_rows > 0:
+        evaluated = train_rows + sum(other_rows)
+        epochs_per_share = EVAL_ROW_COST * evaluated / (EVAL_SHARE * train_rows)
+        every = max(every, math.ceil(round(epochs_per_share, 9)))
+    return every
+
+
 class _Evaluation:
     """What :func:`fit` evaluates after every ``eval_every`` epochs and after the last: the
     training data and ``test`` by :func:`~inference.elbo.evaluate`, as history rows.
@@ -580,7 +606,16 @@ class _Evaluation:
             if batching is not None
             else dict(batch_size=None, num_particles=config.eval_particles)
         )
-        self.every = config.eval_every or max(1, math.ceil(config.epochs / EVALUATIONS_PER_RUN))
+        self.every = config.eval_every
+        if self.every is None:
+            rows = None
+            if batching is not None:  # rows in chunks, one draw each: the cost is in rows
+                rows = [
+                    num_rows(model, c.args, c.kwargs, batching)
+                    for _, c in self.splits
+                    if c is not None
+                ]
+            self.every = default_eval_every(config.epochs, *(rows or ()))
         self.final: PerDatumElbo | None = None  # the last split evaluated
 
     def due(self, epoch: int) -> bool:
@@ -868,8 +903,9 @@ def fit(
     0 and the keyword that receives N, so the plate scales a batch by N / B); a model that
     takes ``num_data`` has one by default. An "epoch" is one pass over the rows.
 
-    After every ``config.eval_every`` epochs (default: about :data:`EVALUATIONS_PER_RUN` times
-    per run) the training data (and ``test``) are evaluated and appended to the history, and
+    After every ``config.eval_every`` epochs (default: :func:`default_eval_every`, about
+    :data:`EVALUATIONS_PER_RUN` times per run and within :data:`EVAL_SHARE` of the training
+    time) and after the last, the training data (and ``test``) are evaluated and appended to the history, and
     with ``run_dir`` to ``metrics.jsonl``/``metrics.csv``. A checkpoint is written before the first step, every
     ``config.checkpoint_every`` seconds at an epoch's end, at the end and on SIGINT/SIGTERM.
 

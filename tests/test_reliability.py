@@ -28,7 +28,10 @@ from inference.io import load_checkpoint, save_checkpoint
 from inference.train import TrainConfig, fit
 from models.vae import VAE
 
-TINY = ["--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2", "--no-progress"]
+# every epoch evaluated (a resume keeps it): rows are counted per epoch
+TINY = [
+    "--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2", "--no-progress", "--eval-every", "1",
+]  # fmt: skip
 
 #: A user's regression model (target in column 0) whose prior fixes three features.
 USER_MODEL = """

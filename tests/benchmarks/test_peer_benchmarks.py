@@ -98,6 +98,7 @@ def test_train_as_a_program_writes_the_same_run(tmp_path):
     from inference.cli import main
 
     argv = ["train", "--epochs", "2", "--hidden-dims", "8", "--threads", "1", "--no-progress"]
+    argv += ["--eval-every", "1"]  # two rows an epoch
     root = BENCH.parent
     program = subprocess.run(
         [sys.executable, "-m", "inference.cli", *argv, "--run-dir", str(tmp_path / "program")],

@@ -34,7 +34,9 @@ from models.plate import data_plate
 from models.vae import VAE
 
 DATA_DIM, LATENT_DIM, GLOBAL_BATCH = 64, 2, 63
-TINY = TrainConfig(epochs=3, batch_size=64, seed=3, progress=False, eval_batch_size=100)
+TINY = TrainConfig(  # every epoch evaluated: histories are compared row by row
+    epochs=3, batch_size=64, seed=3, progress=False, eval_batch_size=100, eval_every=1
+)
 
 
 def shared_noise_pair(vae: VAE):

@@ -217,6 +217,24 @@ def test_check_bounds_flags_each_inequality():
     assert not bad.ok and any("BOUND VIOLATED" in line for line in bad.lines())
 
 
+def test_report_particles_on_a_large_split_spend_as_many_draws_as_its_first_rows():
+    """A batched split of more than BOUND_ROWS rows: the fewest draws per row (and at least 2,
+    for an error bar) whose row-draws are at least the first BOUND_ROWS rows' own; global
+    latents draw the whole data set EVAL_PARTICLES_GLOBAL times however many rows."""
+    from inference.bounds import BOUND_ROWS, report_particles
+    from inference.choices import EVAL_PARTICLES_GLOBAL, EVAL_PARTICLES_LOCAL
+
+    budget = EVAL_PARTICLES_LOCAL * BOUND_ROWS
+    for rows in (None, 1, BOUND_ROWS):
+        assert report_particles(True, rows) == EVAL_PARTICLES_LOCAL
+        assert report_particles(False, rows) == EVAL_PARTICLES_GLOBAL
+    for rows in range(BOUND_ROWS + 1, 20 * BOUND_ROWS, 331):
+        p = report_particles(True, rows)
+        assert 2 <= p <= EVAL_PARTICLES_LOCAL and p * rows >= budget, rows
+        assert p == 2 or (p - 1) * rows < budget, rows
+    assert report_particles(True, 15000) == 2  # the MNIST-sized test split
+
+
 def test_a_large_batched_split_checks_its_bounds_on_its_first_rows(monkeypatch):
     """``checked_metrics`` on a batched split of more than BOUND_ROWS rows: the metrics and
     Pyro's loss check cover every row; ELBO <= L_K is checked on the first BOUND_ROWS rows,
@@ -240,6 +258,12 @@ def test_a_large_batched_split_checks_its_bounds_on_its_first_rows(monkeypatch):
         assert c.bounds.lk == iwae(vae.model, vae.guide, x[:8], num_samples=100).lk / 8
     assert c.bounds.ok and c.bounds.lines()[0].startswith("  bounds on the first 8 of 30: ELBO")
     assert c.bounds.elbo != c.metrics.elbo  # the report's ELBO is all rows'
+    # ... with fewer draws per row, as many in all as the first rows get, and Pyro's loss on
+    # the same noise
+    assert bounds.report_particles(True, 30) == 3
+    everything = evaluate(vae.model, vae.guide, x, batch_size=1024, num_particles=3)
+    assert c.metrics == everything
+    assert abs(c.pyro_loss - (everything.kl - everything.reconstruction)) < 1e-5
     for options in (
         {"batched": False},
         {"batched": True, "exact_log_px": c.metrics.elbo + 50},  # log p(x) of all rows

@@ -28,7 +28,10 @@ from inference.train import (
 )
 from models.vae import VAE
 
-TINY = TrainConfig(epochs=2, batch_size=64, seed=3, progress=False, eval_batch_size=100)
+# every epoch evaluated: the tests compare histories row by row
+TINY = TrainConfig(
+    epochs=2, batch_size=64, seed=3, progress=False, eval_batch_size=100, eval_every=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,46 @@ def test_every_row_satisfies_the_sign_identities(small, tmp_path):
     assert state["metrics"]["metrics.jsonl"] == (tmp_path / "metrics.jsonl").stat().st_size
     for name, value in zip(state["param_names"], state["params"].values(), strict=True):
         assert torch.equal(value, pyro.get_param_store().get_param(name).detach()), name
+
+
+def test_default_eval_every_keeps_evaluation_within_its_share_of_training():
+    """Without ``eval_every``: about EVALUATIONS_PER_RUN evaluations a run and, given rows
+    (evaluated in chunks, one draw each), evaluations no more often than keeps their estimated
+    cost, EVAL_ROW_COST x the rows evaluated, within EVAL_SHARE of the rows trained between
+    them; the fewest epochs that satisfy both."""
+    from inference.choices import EVAL_ROW_COST, EVAL_SHARE, EVALUATIONS_PER_RUN
+    from inference.train import default_eval_every
+
+    for epochs in (1, 2, 7, 8, 40, 161, 200, 1000):
+        per_run = math.ceil(epochs / EVALUATIONS_PER_RUN)
+        for train_rows, other in ((1438, 359), (60000, 15000), (100, 0), (50, 500), (7, 1)):
+            every = default_eval_every(epochs, train_rows, other)
+            cost = EVAL_ROW_COST * (train_rows + other)  # in training rows
+            within = [cost <= EVAL_SHARE * k * train_rows * (1 + 1e-12) for k in (every - 1, every)]
+            assert every >= per_run and within[1], (epochs, train_rows, other)
+            assert every - 1 < per_run or not within[0], (epochs, train_rows, other)
+        assert default_eval_every(epochs) == per_run  # no rows given: about 20 a run
+    assert default_eval_every(200, 1438, 359) == 10  # the default digits run, as before
+    assert default_eval_every(2, 60000, 15000) == 8  # a 2-epoch MNIST-sized run: its end only
+
+
+def test_fit_evaluates_at_the_default_cadence(small):
+    """``fit`` without ``eval_every`` evaluates every :func:`default_eval_every` epochs of the
+    training and test rows, and after the last epoch; with one, as told."""
+    from inference.train import default_eval_every
+
+    train, test = small
+    every = default_eval_every(20, len(train), len(test))
+    assert every == 8
+    for eval_every, epochs in ((None, [8, 16, 20]), (None, [3]), (5, [5, 10, 15, 20])):
+        config = TrainConfig(
+            epochs=epochs[-1], batch_size=96, progress=False, eval_every=eval_every
+        )
+        vae = _vae()
+        history = fit(vae.model, vae.guide, train, test=test, config=config).history
+        assert [(r["epoch"], r["split"]) for r in history] == [
+            (e, split) for e in epochs for split in ("train", "test")
+        ]
 
 
 def test_resume_at_an_epoch_boundary_is_bit_identical(small, tmp_path):

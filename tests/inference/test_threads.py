@@ -35,3 +35,37 @@ def test_flops_and_threads():
     assert threads_for(2.5 * MIN_FLOPS_PER_THREAD, cores=16) == 2
     assert threads_for(100 * MIN_FLOPS_PER_THREAD, cores=4) == 4
     assert threads_for(0.0, cores=0) == 1
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_the_program_sets_torch_process_options_before_torch_loads(preset):
+    """``elbo-lab`` as a program sets OMP_WAIT_POLICY=PASSIVE and THP_MEM_ALLOC_ENABLE=1 (huge
+    pages for torch's CPU buffers of 2 MB or more) before torch is imported, since both are
+    read once when torch loads; a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import os, sys\n"
+        "import inference.cli as cli\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.argv = ['elbo-lab', 'evaluate', '/no/such/run']\n"
+        "code = cli.main()\n"
+        "assert 'torch' in sys.modules\n"
+        "print(code, os.environ['OMP_WAIT_POLICY'], os.environ['THP_MEM_ALLOC_ENABLE'])\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
+    }
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**env, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "PASSIVE", preset or "1"]

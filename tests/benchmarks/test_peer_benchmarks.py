@@ -134,3 +134,10 @@ def test_run_parts_times_a_train_run(capsys, monkeypatch):
     seconds = parts.main(["--", "--epochs", "1", "--hidden-dims", "8", "--threads", "1"])
     assert seconds["the steps, exports included"] > 0 and seconds["evaluation"] > 0
     assert "last test ELBO" in capsys.readouterr().out
+
+
+def test_step_parts_times_the_exported_step(capsys, monkeypatch):
+    parts = _load("step_parts", monkeypatch)
+    us = parts.main(["--scale", "6,4,2", "--rows", "40", "--reps", "1", "--calls", "3"])
+    assert us["whole step (inference.train.step)"] > 0 and len(us) == 7
+    assert "share" in capsys.readouterr().out

@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     us = {name: _best_us(f, args.reps, args.calls) for name, f in parts.items()}
     assert traced.graph_calls - before == 3 * args.reps * args.calls, "eager losses were timed"
     total = us["whole step (inference.train.step)"]
-    print(f"VAE {d}-{h}-{latent}, batch {len(rows)}, one thread, best of {args.reps} x {args.calls}")
+    print(
+        f"VAE {d}-{h}-{latent}, batch {len(rows)}, one thread, best of {args.reps} x {args.calls}"
+    )
     print(f"{'part':40s} {'us':>9s} {'share':>7s}")
     for name, value in us.items():
         print(f"{name:40s} {value:9.1f} {value / total:7.2f}")

@@ -171,7 +171,7 @@ def _add_train_parser(sub) -> None:
         default=None,
         help="evaluate train/test metrics every N epochs and after the last (default: about "
         f"{choices.EVALUATIONS_PER_RUN} times per run, and where rows are evaluated in chunks "
-        f"(the built-in models) at most {choices.EVAL_SHARE * 100:.0f}%% of the training time: every 8 "
+        f"(built-in models, --batch-args) at most {choices.EVAL_SHARE * 100:.0f}%% of the training time: every 8 "
         "epochs or more with a 20%% test split; an epoch is one step when the model trains "
         "full batch)",
     )

@@ -608,14 +608,15 @@ class _Evaluation:
         )
         self.every = config.eval_every
         if self.every is None:
-            rows = None
-            if batching is not None:  # rows in chunks, one draw each: the cost is in rows
-                rows = [
-                    num_rows(model, c.args, c.kwargs, batching)
-                    for _, c in self.splits
-                    if c is not None
-                ]
-            self.every = default_eval_every(config.epochs, *(rows or ()))
+            rows: list[int] = []
+            if batching is not None and batching.args:  # declared rows, evaluated in chunks
+                try:
+                    rows = [
+                        num_rows(model, c.args, c.kwargs, batching) for _, c in self.splits if c
+                    ]
+                except (TypeError, ValueError):  # the evaluation itself says what is wrong
+                    rows = []
+            self.every = default_eval_every(config.epochs, *rows)
         self.final: PerDatumElbo | None = None  # the last split evaluated
 
     def due(self, epoch: int) -> bool:

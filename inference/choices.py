@@ -108,7 +108,9 @@ NUM_SAMPLES = 1000
 COMPARE_EVAL_PARTICLES = 100
 #: Draws of the ELBO that ``evaluate`` and ``explain`` report with its standard error: per datum
 #: where the latents are local to rows evaluated in chunks, whole-data draws where they are
-#: global (a one-draw ELBO has no error bar).
+#: global (a one-draw ELBO has no error bar). A chunked split of more than
+#: :data:`inference.bounds.BOUND_ROWS` rows gets fewer per row, as many in all
+#: (:func:`inference.bounds.report_particles`).
 EVAL_PARTICLES_LOCAL = 10
 EVAL_PARTICLES_GLOBAL = 100
 #: Draws per decomposition of a watched step: watch observes while the script trains, so fewer.

@@ -413,7 +413,9 @@ def _anatomy(
     # at once, as fit trains them (chunks would count KL(q(z) || p(z)) once per chunk)
     chunked = local and batching is not None and bool(batching.args)
     batch_size = EVAL_BATCH_SIZE if chunked else None
-    particles = report_particles(batch_size is not None)  # the ELBO with its standard error
+    # the ELBO with its standard error, drawn as evaluate and train's report draw it (fewer
+    # per row on a large split): the same number for the same run and seed
+    particles = report_particles(batch_size is not None, n)
     common = dict(batch_size=batch_size, batching=batching, seed=seed, num_particles=particles)
     metrics = evaluate(model, guide, *args, analytic_kl=name == "meanfield", **common, **kwargs)
     checked = pyro_loss(model, guide, *args, estimator=name, **common, **kwargs)

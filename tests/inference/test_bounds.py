@@ -235,6 +235,25 @@ def test_report_particles_on_a_large_split_spend_as_many_draws_as_its_first_rows
     assert report_particles(True, 15000) == 2  # the MNIST-sized test split
 
 
+def test_explain_reports_the_elbo_that_evaluate_reports_on_a_large_split(monkeypatch):
+    """``explain`` and ``checked_metrics`` (``evaluate``, train's report) draw the ELBO alike on
+    a batched split of more than BOUND_ROWS rows (fewer draws per row): the same number and
+    standard error for the same pair, data and seed."""
+    import inference.bounds as bounds
+    from inference.explain import explain
+    from models.vae import VAE
+
+    monkeypatch.setattr(bounds, "BOUND_ROWS", 8)
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = VAE(6, latent_dim=2, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((30, 6), 0.4))
+    c = bounds.checked_metrics(vae.model, vae.guide, x, estimator="meanfield", batched=True)
+    e = explain(vae.model, vae.guide, x, num_samples=20)
+    assert bounds.report_particles(True, 30) == 3 and e.n == 30
+    assert (e.elbo, e.elbo_stderr) == (c.metrics.elbo, c.metrics.elbo_stderr)
+
+
 def test_a_large_batched_split_checks_its_bounds_on_its_first_rows(monkeypatch):
     """``checked_metrics`` on a batched split of more than BOUND_ROWS rows: the metrics and
     Pyro's loss check cover every row; ELBO <= L_K is checked on the first BOUND_ROWS rows,

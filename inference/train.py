@@ -131,7 +131,8 @@ class TrainConfig:
     validate: bool = False
     eval_batch_size: int | None = EVAL_BATCH_SIZE
     eval_every: int | None = None  # evaluate every this many epochs (and the last); None:
-    # about EVALUATIONS_PER_RUN times per run (an epoch is one step for full-batch models)
+    # default_eval_every, about EVALUATIONS_PER_RUN times per run and, with declared rows,
+    # within EVAL_SHARE of the training time (an epoch is one step for full-batch models)
     eval_particles: int = 10  # draws per evaluation of a model with global latents
     progress: bool = True
     checkpoint_every: float = 30.0  # seconds between checkpoints (0: every epoch), and the last

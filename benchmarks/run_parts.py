@@ -5,7 +5,7 @@ Runs ``elbo-lab train ARGS`` in this process as the console script would (``main
 (constructing the optimizer, which imports ``torch._dynamo``), the epochs' steps (exports
 included), the exports alone, evaluation, checkpoints, appended metrics rows, the report and
 the figures; and Python's full garbage-collector passes (``gc.callbacks``). Prints seconds per
-part and the history's last test ELBO. For a whole-process figure run it under
+part and the history's last ELBO (the test split's, else the training data's). For a whole-process figure run it under
 ``/usr/bin/time``. Importing the parts to time them imports torch and Pyro before ``main``
 ("before main"), outside the collector pause of :func:`inference.cli.main` as a program, so a
 real run's CPU is a little lower than this one's.
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for label, value in seconds.items():
         print(f"{label:<48} {value:7.3f} s")
     print(f"full collector passes: {len(passes)}; exit status {status}")
-    print(f"last test ELBO {[r['elbo'] for r in rows if r['split'] == 'test'][-1]!r}")
+    last = rows[-1]  # the test split's, or the training data's where there is no test split
+    print(f"last {last['split']} ELBO {last['elbo']!r}")
     return seconds
 
 

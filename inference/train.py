@@ -51,6 +51,7 @@ from .batching import (
 from .choices import (
     BATCH_SIZE,
     EVAL_BATCH_SIZE,
+    EVAL_GLOBAL_DRAW_COST,
     EVAL_ROW_COST,
     EVAL_SHARE,
     EVALUATIONS_PER_RUN,
@@ -131,8 +132,8 @@ class TrainConfig:
     validate: bool = False
     eval_batch_size: int | None = EVAL_BATCH_SIZE
     eval_every: int | None = None  # evaluate every this many epochs (and the last); None:
-    # default_eval_every, about EVALUATIONS_PER_RUN times per run and, with declared rows,
-    # within EVAL_SHARE of the training time (an epoch is one step for full-batch models)
+    # default_eval_every, about EVALUATIONS_PER_RUN times per run and within EVAL_SHARE of
+    # the training time (an epoch is one step for full-batch models)
     eval_particles: int = 10  # draws per evaluation of a model with global latents
     progress: bool = True
     checkpoint_every: float = 30.0  # seconds between checkpoints (0: every epoch), and the last
@@ -561,21 +562,30 @@ class _Batches:
             yield index, call, mine.shape[0], rows.shape[0]
 
 
-def default_eval_every(epochs: int, train_rows: int = 0, *other_rows: int) -> int:
+def default_eval_every(
+    epochs: int,
+    train_rows: int = 0,
+    *other_rows: int,
+    eval_draws: int = 1,
+    train_draws: int = 1,
+    draw_cost: float = EVAL_ROW_COST,
+) -> int:
     """Epochs between evaluations without an ``eval_every``: about
     :data:`~inference.choices.EVALUATIONS_PER_RUN` per run of ``epochs`` (and after the last).
 
-    Given the rows of the training split and of the others evaluated (as for a declared
-    batching, where evaluation passes each row once, in chunks), also no more often than
+    Given the rows of the training split and of the others evaluated, also no more often than
     keeps evaluation within :data:`~inference.choices.EVAL_SHARE` of training: an evaluation
-    of R rows costs about :data:`~inference.choices.EVAL_ROW_COST` x R training rows, and an
-    epoch trains on ``train_rows``. With a 20% test split that is every 8 epochs; a run that
-    short is evaluated after its last epoch only.
+    passes every row ``eval_draws`` times at ``draw_cost`` training row-draws each (rows in
+    chunks: one draw, :data:`~inference.choices.EVAL_ROW_COST`; a model with global latents:
+    ``eval_particles`` whole-data draws, :data:`~inference.choices.EVAL_GLOBAL_DRAW_COST`), and
+    an epoch trains on ``train_rows`` with ``train_draws`` particles. Rows in chunks with a 20%
+    test split: every 8 epochs, so a run that short is evaluated after its last epoch only;
+    global latents with 10 evaluation draws: every 100 epochs (steps) without a test split.
     """
     every = max(1, math.ceil(epochs / EVALUATIONS_PER_RUN))
     if train_rows > 0:
-        evaluated = train_rows + sum(other_rows)
-        epochs_per_share = EVAL_ROW_COST * evaluated / (EVAL_SHARE * train_rows)
+        evaluated = eval_draws * (train_rows + sum(other_rows))
+        epochs_per_share = draw_cost * evaluated / (EVAL_SHARE * train_draws * train_rows)
         every = max(every, math.ceil(round(epochs_per_share, 9)))
     return every
 
@@ -609,15 +619,18 @@ class _Evaluation:
         )
         self.every = config.eval_every
         if self.every is None:
-            rows: list[int] = []
-            if batching is not None and batching.args:  # declared rows, evaluated in chunks
-                try:
-                    rows = [
-                        num_rows(model, c.args, c.kwargs, batching) for _, c in self.splits if c
-                    ]
-                except (TypeError, ValueError):  # the evaluation itself says what is wrong
-                    rows = []
-            self.every = default_eval_every(config.epochs, *rows)
+            try:  # rows in chunks, one draw each; global latents: eval_particles whole draws
+                rows = [num_rows(model, c.args, c.kwargs, batching) for _, c in self.splits if c]
+            except (TypeError, ValueError):  # the evaluation itself says what is wrong
+                rows = []
+            chunked = batching is not None
+            self.every = default_eval_every(
+                config.epochs,
+                *rows,
+                eval_draws=1 if chunked else config.eval_particles,
+                train_draws=getattr(config.estimator, "num_particles", config.num_particles),
+                draw_cost=EVAL_ROW_COST if chunked else EVAL_GLOBAL_DRAW_COST,
+            )
         self.final: PerDatumElbo | None = None  # the last split evaluated
 
     def due(self, epoch: int) -> bool:

@@ -125,21 +125,33 @@ def test_every_row_satisfies_the_sign_identities(small, tmp_path):
 
 
 def test_default_eval_every_keeps_evaluation_within_its_share_of_training():
-    """Without ``eval_every``: about EVALUATIONS_PER_RUN evaluations a run and, given rows
-    (evaluated in chunks, one draw each), evaluations no more often than keeps their estimated
-    cost, EVAL_ROW_COST x the rows evaluated, within EVAL_SHARE of the rows trained between
-    them; the fewest epochs that satisfy both."""
-    from inference.choices import EVAL_ROW_COST, EVAL_SHARE, EVALUATIONS_PER_RUN
+    """Without ``eval_every``: about EVALUATIONS_PER_RUN evaluations a run and, given rows,
+    evaluations no more often than keeps their estimated cost (draw cost x draws x the rows
+    evaluated, in training row-draws) within EVAL_SHARE of what the epochs between them train
+    (particles x training rows each); the fewest epochs that satisfy both."""
+    from inference.choices import (
+        EVAL_GLOBAL_DRAW_COST,
+        EVAL_ROW_COST,
+        EVAL_SHARE,
+        EVALUATIONS_PER_RUN,
+    )
     from inference.train import default_eval_every
 
-    for epochs in (1, 2, 7, 8, 40, 161, 200, 1000):
+    draws = ((1, 1, EVAL_ROW_COST), (10, 1, EVAL_GLOBAL_DRAW_COST), (10, 4, 0.7), (1, 3, 0.6))
+    for epochs in (1, 2, 7, 8, 40, 161, 200, 1000, 5000):
         per_run = math.ceil(epochs / EVALUATIONS_PER_RUN)
         for train_rows, other in ((1438, 359), (60000, 15000), (100, 0), (50, 500), (7, 1)):
-            every = default_eval_every(epochs, train_rows, other)
-            cost = EVAL_ROW_COST * (train_rows + other)  # in training rows
-            within = [cost <= EVAL_SHARE * k * train_rows * (1 + 1e-12) for k in (every - 1, every)]
-            assert every >= per_run and within[1], (epochs, train_rows, other)
-            assert every - 1 < per_run or not within[0], (epochs, train_rows, other)
+            for eval_draws, train_draws, draw_cost in draws:
+                options = dict(eval_draws=eval_draws, train_draws=train_draws, draw_cost=draw_cost)
+                every = default_eval_every(epochs, train_rows, other, **options)
+                cost = draw_cost * eval_draws * (train_rows + other)  # training row-draws
+                per_epoch = train_draws * train_rows
+                within = [
+                    cost <= EVAL_SHARE * k * per_epoch * (1 + 1e-12) for k in (every - 1, every)
+                ]
+                case = (epochs, train_rows, other, options)
+                assert every >= per_run and within[1], case
+                assert every - 1 < per_run or not within[0], case
         assert default_eval_every(epochs) == per_run  # no rows given: about 20 a run
     assert default_eval_every(200, 1438, 359) == 10  # the default digits run, as before
     assert default_eval_every(2, 60000, 15000) == 8  # a 2-epoch MNIST-sized run: its end only
@@ -147,7 +159,9 @@ def test_default_eval_every_keeps_evaluation_within_its_share_of_training():
 
 def test_fit_evaluates_at_the_default_cadence(small):
     """``fit`` without ``eval_every`` evaluates every :func:`default_eval_every` epochs of the
-    training and test rows, and after the last epoch; with one, as told."""
+    training and test rows, and after the last epoch; with one, as told. Rows in chunks (the
+    VAE) cost one draw each, global latents ``eval_particles`` whole-data draws."""
+    from inference.choices import EVAL_GLOBAL_DRAW_COST
     from inference.train import default_eval_every
 
     train, test = small
@@ -162,6 +176,28 @@ def test_fit_evaluates_at_the_default_cadence(small):
         assert [(r["epoch"], r["split"]) for r in history] == [
             (e, split) for e in epochs for split in ("train", "test")
         ]
+
+    def model(x):  # a global latent: no declared rows, the whole data in each step
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample(
+            "mu",
+            dist.Normal(loc, pyro.param("scale", torch.tensor(1.0), dist.constraints.positive)),
+        )
+
+    x = torch.linspace(-1.0, 3.0, 12)
+    config = TrainConfig(epochs=230, batch_size=None, progress=False, eval_particles=3, jit="off")
+    every = default_eval_every(
+        230, 12, eval_draws=3, train_draws=1, draw_cost=EVAL_GLOBAL_DRAW_COST
+    )
+    assert every == 30
+    pyro.clear_param_store()
+    history = fit(model, guide, x, config=config).history
+    assert [r["epoch"] for r in history] == [30, 60, 90, 120, 150, 180, 210, 230]
 
 
 def test_resume_at_an_epoch_boundary_is_bit_identical(small, tmp_path):
@@ -445,10 +481,15 @@ def regression_guide(data):
 def test_a_user_model_with_global_latents_trains_full_batch(float64):
     data = _regression_data()
     config = TrainConfig(
-        epochs=60, batch_size=None, learning_rate=0.1, estimator="meanfield", progress=False
+        epochs=60,
+        batch_size=None,
+        learning_rate=0.1,
+        estimator="meanfield",
+        progress=False,
+        eval_every=3,
     )
     result = fit(regression_model, regression_guide, data[:32], test=data[32:], config=config)
-    # one step per epoch; about 20 evaluations per run by default, every 3rd epoch here
+    # one step per epoch, evaluated every 3rd
     assert [r["epoch"] for r in result.history[::2]] == list(range(3, 61, 3))
     for row in result.history:
         _assert_sign_identities(row)
@@ -547,7 +588,7 @@ def test_a_pyro_elbo_object_and_an_optimizer_choice(optimizer, lr, float64):
     elbo = Trace_ELBO(num_particles=3, vectorize_particles=False)
     config = TrainConfig(
         epochs=30, batch_size=None, learning_rate=lr, estimator=elbo, optimizer=optimizer,
-        progress=False,
+        progress=False, eval_every=10,
     )  # fmt: skip
     result = fit(regression_model, regression_guide, data, config=config)
     assert result.estimator == "trace"

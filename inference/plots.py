@@ -249,6 +249,16 @@ def _series(history: Sequence[Mapping[str, Any]], split: str, key: str) -> tuple
     return [int(r["epoch"]) for r in rows], [float(r[key]) for r in rows]
 
 
+#: Curves of at most this many evaluations mark each one: a short run is evaluated a few times
+#: (once, at its end, when it is 8 epochs or shorter), and a line through one point is not drawn.
+FEW_POINTS = 5
+
+
+def _few_marked(epochs: list) -> dict:
+    """A marker per point for a series of at most :data:`FEW_POINTS` points."""
+    return {"marker": "o", "ms": 5} if len(epochs) <= FEW_POINTS else {}
+
+
 def plot_training_curves(
     history: Sequence[Mapping[str, Any]],
     *,
@@ -296,12 +306,13 @@ def plot_training_curves(
         for split, style in SPLIT_STYLE.items():
             epochs, values = _series(history, split, key)
             if epochs:
-                ax.plot(epochs, values, label=split, lw=1.6, **style)
+                ax.plot(epochs, values, label=split, lw=1.6, **style, **_few_marked(epochs))
         if key == "loss":
             epochs, values = _series(history, "train", "svi_loss")
             if epochs:
                 label = "svi.step(), epoch mean" if xlabel == "epoch" else "svi.step(), mean"
-                ax.plot(epochs, values, color="0.5", ls=":", lw=1.4, label=label)
+                marks = _few_marked(epochs)
+                ax.plot(epochs, values, color="0.5", ls=":", lw=1.4, label=label, **marks)
         ax.set_ylabel(ylabel)
         ax.set_title(heading, fontsize=11)
         ax.grid(alpha=0.3)
@@ -309,6 +320,11 @@ def plot_training_curves(
     for ax in axes.flat:
         _zoom_to_tail(ax)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        xs = {float(x) for line in ax.get_lines() for x in line.get_xdata()}
+        if len(xs) == 1:  # one evaluation: a view one epoch wide, its epoch the one tick
+            (x,) = xs
+            ax.set_xlim(x - 0.5, x + 0.5)
+            ax.set_xticks([x])
     for ax in axes[1]:
         ax.set_xlabel(xlabel)
     _fit_layout(fig, suptitle=fig.suptitle(title) if title else None)

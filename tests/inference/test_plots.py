@@ -74,6 +74,40 @@ def test_training_curves_label_loss_and_elbo_with_their_signs(tmp_path, no_pyplo
     np.testing.assert_allclose(elbo_train, -np.asarray(loss_train))
 
 
+@pytest.mark.parametrize("epochs", [1, 5, 6])
+def test_training_curves_mark_the_points_of_a_short_history(
+    tmp_path, epochs, no_pyplot_leak, monkeypatch
+):
+    """A run of 8 epochs or fewer is evaluated once, at its end, by default: a line through
+    one point draws nothing, so curves of at most FEW_POINTS evaluations mark every point (and
+    the paper shows them); longer ones are lines only."""
+    from inference.plots import FEW_POINTS
+
+    fig = plot_training_curves(history(epochs), path=tmp_path / "curves.png")
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            assert len(line.get_xdata()) == epochs
+            assert (line.get_marker() == "o") == (epochs <= FEW_POINTS), (ax.get_title(), epochs)
+    if epochs == 1:  # its epoch is the one tick (not 0.84 ... 1.16)
+        ticks = [t for t in fig.axes[0].get_xticks() if 0.5 <= t <= 1.5]
+        assert ticks == [1.0]
+    if epochs == 1:  # the markers reach the paper: without them the panels were blank
+
+        def train_blue(path) -> int:  # the train series' colour (and its legend entries)
+            pixels = imread(path)[..., :3]
+            return int(((pixels[..., 2] > 0.6) & (pixels[..., 0] < 0.3)).sum())
+
+        import inference.plots as plots
+
+        monkeypatch.setattr(plots, "_few_marked", lambda epochs: {})
+        plot_training_curves(history(epochs), path=tmp_path / "unmarked.png")
+        marked, unmarked = (
+            train_blue(tmp_path / "curves.png"),
+            train_blue(tmp_path / "unmarked.png"),
+        )
+        assert marked - unmarked > 4 * 15, (marked, unmarked)  # a marker in each of 4 panels
+
+
 def scaled_history(scale: float, shift: float = 0.0, first_epoch_factor: float = 1.0) -> list:
     """:func:`history` with every value ``v`` turned into ``scale * v + shift`` (the loss stays
     minus the ELBO), the first epoch's values multiplied by ``first_epoch_factor``."""

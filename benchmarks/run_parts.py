@@ -5,10 +5,10 @@ Runs ``elbo-lab train ARGS`` in this process as the console script would (``main
 (constructing the optimizer, which imports ``torch._dynamo``), the epochs' steps (exports
 included), the exports alone, evaluation, checkpoints, appended metrics rows, the report and
 the figures; and Python's full garbage-collector passes (``gc.callbacks``). Prints seconds per
-part and the history's last ELBO (the test split's, else the training data's). For a whole-process figure run it under
-``/usr/bin/time``. Importing the parts to time them imports torch and Pyro before ``main``
-("before main"), outside the collector pause of :func:`inference.cli.main` as a program, so a
-real run's CPU is a little lower than this one's.
+part and the history's last ELBO (the test split's, else the training data's). For a
+whole-process figure run it under ``/usr/bin/time``. Importing the parts to time them imports
+torch and Pyro before ``main`` ("before main"), outside the collector pause of
+:func:`inference.cli.main` as a program, so a real run's CPU is a little lower than this one's.
 
     python benchmarks/run_parts.py [-- TRAIN ARGS, e.g. --epochs 40]
 """

@@ -172,8 +172,9 @@ def _add_train_parser(sub) -> None:
         help="evaluate train/test metrics every N epochs and after the last (default: about "
         f"{choices.EVALUATIONS_PER_RUN} times per run, and within "
         f"{choices.EVAL_SHARE * 100:.0f}%% of the training time: every 8 epochs or more for "
-        "rows in chunks with a 20%% test split (built-in models, num_data, --batch-args), 100 or more for "
-        "a model with global latents; an epoch is one step when the model trains full batch)",
+        "rows in chunks with a 20%% test split (built-in models, num_data, --batch-args), 100 / "
+        "--num-particles or more for a model with global latents; an epoch is one step when the "
+        "model trains full batch)",
     )
     t.add_argument(
         "--clip-norm",

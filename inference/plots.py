@@ -318,7 +318,7 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9, frameon=False)
     for ax in axes.flat:
-        _zoom_to_tail(ax)
+        _zoom_to_tail(ax, xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         xs = {float(x) for line in ax.get_lines() for x in line.get_xdata()}
         if len(xs) == 1:  # one evaluation: a view one epoch wide, its epoch the one tick
@@ -331,11 +331,13 @@ def plot_training_curves(
     return _finish(fig, path)
 
 
-def _zoom_to_tail(ax) -> None:
-    """Leave the first epoch off scale when it lies far outside the rest, so the rest is readable.
+def _zoom_to_tail(ax, xlabel: str = "epoch") -> None:
+    """Leave the first evaluation off scale when it lies far outside the rest, so the rest is
+    readable.
 
     "Far" means more than three times the later values' range beyond it; the panel then
-    says so in its legend title.
+    says so in its legend title, naming that evaluation's epoch (or step), which is not
+    epoch 1 when evaluations are spaced.
     """
     lines = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
     first = np.concatenate([y[:1] for y in lines])
@@ -348,7 +350,8 @@ def _zoom_to_tail(ax) -> None:
     if np.all((first >= lo - 3 * width) & (first <= hi + 3 * width)):
         return
     ax.set_ylim(lo - 0.05 * width, hi + 0.05 * width)
-    ax.get_legend().set_title("epoch 1 off scale", prop={"size": 8})
+    first_x = min(float(line.get_xdata()[0]) for line in ax.get_lines() if len(line.get_xdata()))
+    ax.get_legend().set_title(f"{xlabel} {first_x:g} off scale", prop={"size": 8})
 
 
 # --- images ------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ from .io import (
     set_rng_state,
     write_json,
 )
-from .subsample import full_data_pairs
+from .subsample import find_subsampled_plate, full_data_pairs
 from .traced_loss import planned_calls
 
 __all__ = [
@@ -617,21 +617,59 @@ class _Evaluation:
             if batching is not None
             else dict(batch_size=None, num_particles=config.eval_particles)
         )
-        self.every = config.eval_every
-        if self.every is None:
-            try:  # rows in chunks, one draw each; global latents: eval_particles whole draws
-                rows = [num_rows(model, c.args, c.kwargs, batching) for _, c in self.splits if c]
+        self.config, self.batching = config, batching
+        self._every = config.eval_every  # None: the default, found at the first due()
+        self.final: PerDatumElbo | None = None  # the last split evaluated
+
+    @property
+    def every(self) -> int:
+        """Epochs between evaluations: ``eval_every``, else :func:`default_eval_every`
+        (found after the first epoch, when the guide's parameters exist)."""
+        if self._every is None:
+            self._every = self._default_every()
+        return self._every
+
+    def _default_every(self) -> int:
+        """:func:`default_eval_every` of what an evaluation and an epoch cost. Rows in chunks:
+        one draw each. Global latents: ``eval_particles`` whole-data draws; where a plate
+        subsamples itself (B of its N rows a step), an epoch trains B rows and an evaluation
+        runs all N in ceil(N / B) chunks of B. Vectorized particles count as one draw."""
+        config, batching = self.config, self.batching
+        estimator = config.estimator
+        train_draws = getattr(estimator, "num_particles", config.num_particles)
+        if getattr(estimator, "vectorize_particles", False):
+            train_draws = 1  # one vectorized pass; counting K would evaluate too often
+        calls = [c for _, c in self.splits if c]
+        if batching is not None:
+            try:
+                rows = [num_rows(self.model, c.args, c.kwargs, batching) for c in calls]
             except (TypeError, ValueError):  # the evaluation itself says what is wrong
                 rows = []
-            chunked = batching is not None
-            self.every = default_eval_every(
-                config.epochs,
-                *rows,
-                eval_draws=1 if chunked else config.eval_particles,
-                train_draws=getattr(config.estimator, "num_particles", config.num_particles),
-                draw_cost=EVAL_ROW_COST if chunked else EVAL_GLOBAL_DRAW_COST,
-            )
-        self.final: PerDatumElbo | None = None  # the last split evaluated
+            return default_eval_every(config.epochs, *rows, train_draws=train_draws)
+        trained, evaluated = 0, []
+        try:
+            for i, c in enumerate(calls):
+                n = num_rows(self.model, c.args, c.kwargs, None)
+                with seeded(EVAL_SEED):
+                    plate = find_subsampled_plate(self.model, self.guide, c.args, c.kwargs)
+                if plate is not None:  # B rows a step; all N rows in chunks of B evaluated
+                    n = plate.size
+                    evaluated.append(math.ceil(plate.full_size / plate.size) * plate.size)
+                else:
+                    evaluated.append(n)
+                if i == 0:
+                    trained = n
+        except Exception:  # noqa: BLE001 - the evaluation itself says what is wrong
+            return default_eval_every(config.epochs)
+        return default_eval_every(
+            config.epochs,
+            trained,
+            evaluated[0] - trained,
+            *evaluated[1:],
+            eval_draws=config.eval_particles,
+            train_draws=train_draws,
+            draw_cost=EVAL_GLOBAL_DRAW_COST,
+        )
 
     def due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs

@@ -186,6 +186,18 @@ def test_training_curves_text_stays_on_the_paper(tmp_path, scale, shift, first_e
         assert fig.axes[0].get_legend().get_title().get_text() == "epoch 1 off scale"
 
 
+@pytest.mark.parametrize("xlabel", ["epoch", "step"])
+def test_the_off_scale_note_names_the_first_evaluation(tmp_path, xlabel, no_pyplot_leak):
+    """Evaluations are spaced (every 10 epochs on the default run): the first one left off
+    scale is named by its own epoch or step, not as epoch 1."""
+    rows = [
+        {**r, "epoch": 10 * r["epoch"]}
+        for r in scaled_history(4300.0, 0.0, first_epoch_factor=40.0)
+    ]
+    fig = plot_training_curves(rows, xlabel=xlabel)
+    assert fig.axes[0].get_legend().get_title().get_text() == f"{xlabel} 10 off scale"
+
+
 @pytest.mark.parametrize("latent_dim, spread", [(2, 1e-4), (2, 1234.5), (5, 1.0)])
 def test_latent_space_text_stays_on_the_paper(tmp_path, latent_dim, spread):
     z = spread * torch.randn(60, latent_dim, generator=torch.Generator().manual_seed(0))

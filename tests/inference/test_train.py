@@ -200,6 +200,52 @@ def test_fit_evaluates_at_the_default_cadence(small):
     assert [r["epoch"] for r in history] == [30, 60, 90, 120, 150, 180, 210, 230]
 
 
+def _mean_guide(x):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    pyro.sample(
+        "mu", dist.Normal(loc, pyro.param("scale", torch.tensor(1.0), constraints.positive))
+    )
+
+
+def test_default_cadence_of_a_self_subsampling_plate_and_of_vectorized_particles():
+    """A plate that subsamples itself trains B of its N rows a step but evaluates all N (in
+    ceil(N / B) chunks of B), eval_particles times: the default cadence counts B rows trained,
+    not N. Vectorized particles run in one pass: they count as one training draw, not K."""
+    from pyro.infer import Trace_ELBO
+
+    from inference.choices import EVAL_GLOBAL_DRAW_COST
+    from inference.train import default_eval_every
+
+    def subsampling(x):  # B = 20 of N = 60 rows a step
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", x.shape[0], subsample_size=20) as ind:
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x[ind])
+
+    x = torch.linspace(-1.0, 3.0, 60)
+    config = TrainConfig(epochs=130, batch_size=None, progress=False, eval_particles=2, jit="off")
+    every = default_eval_every(130, 20, 40, eval_draws=2, draw_cost=EVAL_GLOBAL_DRAW_COST)
+    assert every == 60  # with N = 60 rows trained a step it would be 20
+    pyro.clear_param_store()
+    history = fit(subsampling, _mean_guide, x, config=config).history
+    assert [r["epoch"] for r in history] == [60, 120, 130]
+
+    def whole(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    x = torch.linspace(-1.0, 3.0, 12)
+    for vectorize, expected in ((True, 30), (False, 12)):  # 4 particles: one draw, or four
+        elbo = Trace_ELBO(num_particles=4, vectorize_particles=vectorize, max_plate_nesting=1)
+        config = TrainConfig(
+            epochs=230, batch_size=None, progress=False, eval_particles=3, estimator=elbo
+        )
+        pyro.clear_param_store()
+        history = fit(whole, _mean_guide, x, config=config).history
+        epochs = [r["epoch"] for r in history]
+        assert epochs == [*range(expected, 230, expected), 230], (vectorize, epochs)
+
+
 def test_resume_at_an_epoch_boundary_is_bit_identical(small, tmp_path):
     train, test = small
     four = TrainConfig(**{**TINY.__dict__, "epochs": 4})

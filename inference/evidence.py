@@ -412,6 +412,9 @@ def _drawer(
     # eagerly, and its graph saves as much more (the noise-free part, the encoder, is computed
     # once per call instead of once per chunk): export after as many rows, not chunks.
     traced.export_after = math.ceil(EXPORT_AFTER_CHUNKS * CHUNK_ROWS / max(chunk_rows, CHUNK_ROWS))
+    # Wider models' chunks cost more than their rows say (the encoder reruns on every eager
+    # chunk): export once the eager chunks of a size have taken EXPORT_AFTER_EAGER_SECONDS.
+    traced.export_after_seconds = EXPORT_AFTER_EAGER_SECONDS
     memo: dict = {}  # what draws no noise is computed once per call of log_weights
     return lambda args, kwargs, particles: traced.call(memo, *args, particles=particles, **kwargs)
 
@@ -425,6 +428,13 @@ _GRAPHS = RecentByFunction(4)
 #: larger K switches to the graph. Chunks of more than :data:`CHUNK_ROWS` rows (one draw of a
 #: larger data set) are exported after proportionally fewer: 28 for 15,000 rows.
 EXPORT_AFTER_CHUNKS = 100
+#: ... or, where they take :data:`~inference.traced_loss.SLOW_CALL_SECONDS` or more each, once
+#: the eager chunks of one size have taken this many seconds, whichever comes first. An export
+#: costs 0.15-0.35 s; each eager chunk of a wide model reruns its encoder, which the graph
+#: computes once per call. The report's L_100 on 2,000 MNIST-sized rows (50 chunks of 2 draws,
+#: 55 ms each eagerly, 34 ms as the graph) took 2.8 s all eager and 2.2-2.3 s exported after
+#: 10 chunks; the digits' chunks (about 5 ms) keep the chunk count.
+EXPORT_AFTER_EAGER_SECONDS = 0.5
 
 
 def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:

@@ -363,6 +363,30 @@ def test_chunks_of_more_rows_than_chunk_rows_are_exported_after_as_many_rows(flo
     evidence._GRAPHS.clear()
 
 
+@pytest.mark.parametrize("slow", [0.0, 1e9])
+def test_slow_eager_chunks_are_exported_after_their_seconds(float64, monkeypatch, slow):
+    """Chunks whose eager calls take SLOW_CALL_SECONDS or more each are exported once they
+    have taken EXPORT_AFTER_EAGER_SECONDS, before EXPORT_AFTER_CHUNKS, with the same
+    log-weights; faster chunks keep the count."""
+    import inference.evidence as evidence
+    import inference.traced_loss as traced_loss
+
+    module, x = linear_gaussian("diagonal")
+    monkeypatch.setattr(evidence, "EXPORT_AFTER_CHUNKS", 10**6)  # the count never comes
+    monkeypatch.setattr(evidence, "EXPORT_AFTER_EAGER_SECONDS", 1e-12)  # the first chunk
+    monkeypatch.setattr(traced_loss, "SLOW_CALL_SECONDS", slow)
+    evidence._GRAPHS.clear()
+    pyro.set_rng_seed(3)
+    got = log_weights(module.model, module.guide, x, num_samples=7, chunk_size=2)
+    (traced,) = evidence._GRAPHS.values()
+    exported = slow == 0.0  # chunks of 2, 2, 2 and 1 draws: the 2's graph after one eager
+    assert (traced.compilations, traced.graph_calls) == ((1, 2) if exported else (0, 0))
+    pyro.set_rng_seed(3)
+    want = log_weights(module.model, module.guide, x, num_samples=7, chunk_size=2, compiled=False)
+    assert torch.equal(got, want)
+    evidence._GRAPHS.clear()
+
+
 def test_two_latents_of_one_shape_keep_their_own_draws(export_at_once):
     """Two sites drawing noise of the same shape: the exported chunk graph (common
     subexpressions merged, the noise-free part kept across chunks) still draws twice."""

@@ -406,15 +406,15 @@ def _drawer(
             differentiable=False,  # log_weights runs without gradients
             hoist=True,
             export_after=EXPORT_AFTER_CHUNKS,
+            # wider models' chunks cost more than their rows say (the encoder reruns on every
+            # eager chunk): slow ones are exported once they have taken this long
+            export_after_seconds=EXPORT_AFTER_EAGER_SECONDS,
         ),
     )
     # A chunk of more rows than CHUNK_ROWS (one draw of N > CHUNK_ROWS rows) costs as much more
     # eagerly, and its graph saves as much more (the noise-free part, the encoder, is computed
     # once per call instead of once per chunk): export after as many rows, not chunks.
     traced.export_after = math.ceil(EXPORT_AFTER_CHUNKS * CHUNK_ROWS / max(chunk_rows, CHUNK_ROWS))
-    # Wider models' chunks cost more than their rows say (the encoder reruns on every eager
-    # chunk): export once the eager chunks of a size have taken EXPORT_AFTER_EAGER_SECONDS.
-    traced.export_after_seconds = EXPORT_AFTER_EAGER_SECONDS
     memo: dict = {}  # what draws no noise is computed once per call of log_weights
     return lambda args, kwargs, particles: traced.call(memo, *args, particles=particles, **kwargs)
 

@@ -141,7 +141,9 @@ def _holds_tensor(value: Any) -> bool:
 #: training batch shape of a long enough run does (a default run exports its batch of 128 in
 #: the first epoch; its ragged batch of 30, called 200 times, would only break even and stays
 #: eager), a probe or a one-off call does not. Counting calls, not seconds, keeps what runs as
-#: a graph independent of the machine's speed.
+#: a graph of a training loss independent of the machine's speed; only a caller that asks for
+#: it (``export_after_seconds``: L_K's slow chunks) exports by time too. The numbers are the
+#: same either way.
 EXPORT_AFTER_CALLS = 10
 
 #: Calls of an argument shape still to come, the current one included, below which an export

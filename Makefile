@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_parts.py
 	$(BIN)/python benchmarks/step_parts.py
 	$(BIN)/python benchmarks/step_parts.py --scale 784,400,20 --rows 60000 --calls 200
+	$(BIN)/python benchmarks/gemm_rates.py
 	$(BIN)/python benchmarks/whole_run.py --mnist-sized --epochs 2 --rounds 2
 	$(BIN)/python benchmarks/compiled_step.py
 	$(BIN)/python benchmarks/compiled_step.py --scale 784,400,20

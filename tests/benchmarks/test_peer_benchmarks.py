@@ -141,3 +141,44 @@ def test_step_parts_times_the_exported_step(capsys, monkeypatch):
     us = parts.main(["--scale", "6,4,2", "--rows", "40", "--reps", "1", "--calls", "3"])
     assert us["whole step (inference.train.step)"] > 0 and len(us) == 7
     assert "share" in capsys.readouterr().out
+
+
+def test_gemm_rates_times_the_products_that_a_vae_step_calls(capsys, monkeypatch):
+    """The benchmark's product list is the step's: as many as the ``aten::addmm`` and
+    ``aten::mm`` calls of one forward and backward of the built-in VAE's loss, in the same
+    shapes; running it leaves the process's threads, affinity and environment as they were."""
+    import os
+
+    import pyro
+    import torch
+    from pyro.infer import TraceMeanField_ELBO
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.vae import VAE
+
+    rates = _load("gemm_rates", monkeypatch)
+    d, h, latent, batch = 6, 5, 2, 7
+    products = rates.step_products(d, h, latent, batch)
+    pyro.clear_param_store()
+    vae = VAE(d, latent_dim=latent, hidden_dims=(h,))
+    x = (torch.rand(batch, d) < 0.5).float()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x).backward()
+    called = []
+    for e in prof.events():
+        if e.name in ("aten::addmm", "aten::mm"):  # addmm(bias, a, b, ...), mm(a, b)
+            a, b = e.input_shapes[1:3] if e.name == "aten::addmm" else e.input_shapes[:2]
+            called.append((a[0], a[1], b[1]))
+    listed = sorted(rates.mkn(what, n_in, n_out, batch) for what, n_in, n_out in products)
+    assert len(products) == 14 and sorted(called) == listed  # (m, k, n) of each product
+
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    results = rates.main(["--scale", "6,4,2", "--reps", "1", "--calls", "2"])
+    out = capsys.readouterr().out
+    assert "all products of a step" in out and "forward products only" in out
+    step = results[("6,4,2", "step")]
+    assert step["torch"] > 0 and step["numpy"] > 0
+    assert torch.get_num_threads() == threads and dict(os.environ) == environ
+    if cores is not None:
+        assert os.sched_getaffinity(0) == cores

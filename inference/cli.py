@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         # Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning,
         # so a run with several threads slows down on a busy machine but does not collapse.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        # And before torch's first allocation: its CPU buffers of 2 MB or more are backed by
-        # transparent huge pages (where the kernel allows them on madvise), one page fault per
-        # 2 MB instead of 512. An MNIST-sized run faulted 0.7-1.0 million times (1-1.5 s of
-        # system time), 0.1-0.2 million so. THP_MEM_ALLOC_ENABLE=0 turns it off.
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+        # And before NumPy loads: its large arrays get no transparent huge pages. NumPy asks
+        # for them by default (madvise), and where the kernel compacts memory to grant them
+        # (defrag "madvise", this machine's) loading a 75,000 x 784 array took 1.2-2.0 s of
+        # system time instead of 0.4 s; an MNIST-sized run's CPU time fell by 8% without them
+        # (BENCHMARKS.md). torch's own huge pages stay off too (THP_MEM_ALLOC_ENABLE unset).
+        os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
         if program and args.command != "watch":
             commands = _load_library_as_program()
         else:

@@ -251,6 +251,22 @@ def test_load_npy_rows_and_images(tmp_path):
     check_support(load_array(tmp_path / "bool.npy"), "bernoulli")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, ">f4", np.uint8])
+def test_the_split_is_the_seeded_permutation_of_the_rows(tmp_path, dtype):
+    """Test rows first: the file's rows in the order of ``default_rng(DATA_SEED).permutation``,
+    exactly, in float64, whatever numeric dtype the file holds."""
+    from inference.data import DATA_SEED, TEST_FRACTION
+
+    x = (np.random.default_rng(1).random((50, 7)) * 200).astype(dtype)
+    np.save(tmp_path / "rows.npy", x)
+    data = load_array(tmp_path / "rows.npy")
+    order = np.random.default_rng(DATA_SEED).permutation(50)
+    n_test = round(TEST_FRACTION * 50)
+    expected = x.astype(np.float64)
+    assert torch.equal(data.test, torch.from_numpy(expected[order[:n_test]]))
+    assert torch.equal(data.train, torch.from_numpy(expected[order[n_test:]]))
+
+
 def test_two_rows_split_into_nonempty_parts(tmp_path):
     np.save(tmp_path / "two.npy", np.eye(2))
     data = load_array(tmp_path / "two.npy")

@@ -37,11 +37,12 @@ def test_flops_and_threads():
     assert threads_for(0.0, cores=0) == 1
 
 
-@pytest.mark.parametrize("preset", [None, "0"])
+@pytest.mark.parametrize("preset", [None, "1"])
 def test_the_program_sets_torch_process_options_before_torch_loads(preset):
-    """``elbo-lab`` as a program sets OMP_WAIT_POLICY=PASSIVE and THP_MEM_ALLOC_ENABLE=1 (huge
-    pages for torch's CPU buffers of 2 MB or more) before torch is imported, since both are
-    read once when torch loads; a value the user set is kept."""
+    """``elbo-lab`` as a program sets OMP_WAIT_POLICY=PASSIVE before torch is imported and
+    NUMPY_MADVISE_HUGEPAGE=0 (no huge pages for NumPy's arrays) before NumPy is, since each is
+    read once when its library loads; a value the user set is kept, and torch's own huge pages
+    (THP_MEM_ALLOC_ENABLE) are left as the user has them."""
     import os
     import subprocess
     import sys
@@ -51,21 +52,22 @@ def test_the_program_sets_torch_process_options_before_torch_loads(preset):
         "import os, sys\n"
         "seen = []\n"
         "def hook(event, args):\n"  # the environment as torch starts to load
-        "    if event == 'import' and args[0] == 'torch' and not seen:\n"
-        "        seen.append([os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'THP_MEM_ALLOC_ENABLE')])\n"
+        "    if event == 'import' and args[0] in ('torch', 'numpy') and args[0] not in seen:\n"
+        "        seen.extend([args[0], os.environ.get(VARS[args[0]])])\n"
+        "VARS = {'torch': 'OMP_WAIT_POLICY', 'numpy': 'NUMPY_MADVISE_HUGEPAGE'}\n"
         "sys.addaudithook(hook)\n"
         "import inference.cli as cli\n"
-        "assert 'torch' not in sys.modules\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
         "sys.argv = ['elbo-lab', 'evaluate', '/no/such/run']\n"
         "code = cli.main()\n"
         "assert 'torch' in sys.modules\n"
-        "print(code, *seen[0])\n"
+        "print(code, dict(zip(seen[::2], seen[1::2]))['torch'],\n"
+        "      dict(zip(seen[::2], seen[1::2]))['numpy'], os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
-    }
+    names = ("OMP_WAIT_POLICY", "NUMPY_MADVISE_HUGEPAGE", "THP_MEM_ALLOC_ENABLE")
+    env = {k: v for k, v in os.environ.items() if k not in names}
     if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
+        env["NUMPY_MADVISE_HUGEPAGE"] = preset
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -73,4 +75,4 @@ def test_the_program_sets_torch_process_options_before_torch_loads(preset):
         env={**env, "PYTHONPATH": str(root)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["2", "PASSIVE", preset or "1"]
+    assert out.stdout.split() == ["2", "PASSIVE", preset or "0", "None"]

@@ -245,8 +245,8 @@ def test_load_npy_rows_and_images(tmp_path):
     )
     np.save(tmp_path / "images.npy", x.reshape(10, 2, 3).astype(np.float32))
     images = load_array(tmp_path / "images.npy")
-    assert images.image_shape == (2, 3) and images.train.dtype == torch.float64
-    assert torch.equal(images.train, data.train.float().double())  # same split, same flattening
+    assert images.image_shape == (2, 3) and images.train.dtype == torch.float32  # as stored
+    assert torch.equal(images.train, data.train.float())  # same split, same flattening
     np.save(tmp_path / "bool.npy", x > 0.5)
     check_support(load_array(tmp_path / "bool.npy"), "bernoulli")
 
@@ -254,7 +254,7 @@ def test_load_npy_rows_and_images(tmp_path):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, ">f4", np.uint8])
 def test_the_split_is_the_seeded_permutation_of_the_rows(tmp_path, dtype):
     """Test rows first: the file's rows in the order of ``default_rng(DATA_SEED).permutation``,
-    exactly, in float64, whatever numeric dtype the file holds."""
+    exactly, whatever numeric dtype the file holds (float32 kept, the rest as float64)."""
     from inference.data import DATA_SEED, TEST_FRACTION
 
     x = (np.random.default_rng(1).random((50, 7)) * 200).astype(dtype)
@@ -263,8 +263,9 @@ def test_the_split_is_the_seeded_permutation_of_the_rows(tmp_path, dtype):
     order = np.random.default_rng(DATA_SEED).permutation(50)
     n_test = round(TEST_FRACTION * 50)
     expected = x.astype(np.float64)
-    assert torch.equal(data.test, torch.from_numpy(expected[order[:n_test]]))
-    assert torch.equal(data.train, torch.from_numpy(expected[order[n_test:]]))
+    assert data.train.dtype == (torch.float32 if dtype is np.float32 else torch.float64)
+    assert torch.equal(data.test.double(), torch.from_numpy(expected[order[:n_test]]))
+    assert torch.equal(data.train.double(), torch.from_numpy(expected[order[n_test:]]))
 
 
 def test_two_rows_split_into_nonempty_parts(tmp_path):
@@ -410,7 +411,8 @@ _arrays = hnp.arrays(_dtypes, hnp.array_shapes(min_dims=0, max_dims=4, min_side=
 )
 @given(a=_arrays, as_npz=st.booleans())
 def test_load_array_accepts_good_arrays_and_names_the_file_otherwise(tmp_path, a, as_npz):
-    """Either a valid Dataset (finite float64 rows, non-empty split, nothing lost) or a DataError."""
+    """Either a valid Dataset (finite rows: float32 as stored, the rest float64; non-empty
+    split, nothing lost) or a DataError."""
     path = tmp_path / ("a.npz" if as_npz else "a.npy")
     if as_npz:
         np.savez(path, x=a)
@@ -423,7 +425,8 @@ def test_load_array_accepts_good_arrays_and_names_the_file_otherwise(tmp_path, a
         return
     assert a.dtype.kind in "biuf" and a.ndim in (2, 3) and a.shape[0] >= 2
     rows = a.reshape(a.shape[0], -1).astype(np.float64)
-    assert data.train.dtype == data.test.dtype == torch.float64
+    stored = torch.float32 if a.dtype == np.dtype(np.float32) else torch.float64
+    assert data.train.dtype == data.test.dtype == stored
     assert data.train.shape[0] >= 1 and data.test.shape[0] >= 1
     assert data.train.shape[0] + data.test.shape[0] == a.shape[0]
     assert data.data_dim == rows.shape[1] >= 1

@@ -81,7 +81,7 @@ class Dataset:
         """
         train, test = (x.to(device=device, dtype=dtype) for x in (self.train, self.test))
         for split, x in (("train", train), ("test", test)):
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            if x.is_floating_point() and not _all_finite(x):
                 bad = int((~torch.isfinite(x)).sum())
                 raise DataError(
                     f"{self.name}: {bad} {split} value(s) overflow {str(dtype).removeprefix('torch.')}"
@@ -90,6 +90,13 @@ class Dataset:
         return Dataset(
             self.name, train, test, self.image_shape, self.train_labels, self.test_labels
         )
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite. A sum is finite only if every term is (an Inf
+    or NaN makes it Inf or NaN), so one reduction answers, without the elementwise mask (0.2 s
+    and 47 MB for 60,000 x 784 float32 rows); the mask only where the sum itself overflowed."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def binarize(x: np.ndarray, seed: int = DATA_SEED) -> np.ndarray:
@@ -364,8 +371,10 @@ def check_support(data: Dataset, likelihood: str) -> None:
     """
     if likelihood == "bernoulli":
         for split, x in (("train", data.train), ("test", data.test)):
-            # written so that NaN counts as outside the support
-            if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
+            # one pass, no elementwise masks; aminmax is NaN if any value is, which counts as
+            # outside the support (NaN >= 0 is False)
+            lo, hi = torch.aminmax(x) if x.numel() else (0, 1)
+            if not (bool(lo >= 0) and bool(hi <= 1)):
                 raise DataError(
                     f"{data.name}: {split} values lie in [{x.min().item():.4g}, "
                     f"{x.max().item():.4g}], outside [0, 1] required by the Bernoulli decoder"

@@ -389,6 +389,30 @@ def test_check_support_accepts_grey_levels_in_unit_interval():
     check_support(Dataset("grey", x, x), "bernoulli")
 
 
+@pytest.mark.parametrize(
+    "rows, dtype, bad",
+    [
+        ([[3e38, 3e38], [3e38, -1.0]], torch.float32, 0),  # finite, though the sum overflows
+        ([[1e39, 0.5], [0.25, 1e39]], torch.float32, 2),  # finite in float64, not in float32
+        ([[float("nan"), 0.5], [0.25, 0.75]], torch.float32, 1),
+        ([[float("inf"), -float("inf")], [0.25, 0.75]], torch.float64, 2),  # sum is NaN
+        ([[0.0, 1.0], [0.25, 0.75]], torch.float64, 0),
+    ],
+)
+def test_dataset_to_counts_exactly_the_values_that_are_not_finite(rows, dtype, bad):
+    """``Dataset.to`` refuses a split with a value that is not finite in the target dtype,
+    counting them, and accepts one whose values are finite however large their sum."""
+    x = torch.tensor(rows, dtype=torch.float64)
+    data = Dataset("hand-made", x[:1], x[1:])
+    if not bad:
+        cast = data.to("cpu", dtype)
+        assert torch.equal(cast.train, x[:1].to(dtype)) and torch.equal(cast.test, x[1:].to(dtype))
+        return
+    train = torch.tensor([rows[0] + rows[1]], dtype=torch.float64)  # every bad value in train
+    with pytest.raises(DataError, match=f"hand-made: {bad} train value"):
+        Dataset("hand-made", train, x[:0]).to("cpu", dtype)
+
+
 # --- property: load_array on arbitrary arrays ----------------------------------------------------
 
 _dtypes = st.one_of(

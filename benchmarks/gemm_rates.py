@@ -46,23 +46,27 @@ BATCH = 128
 def _one_core():
     """One core and one thread for every library (set before JAX starts its CPU client, and
     before NumPy's OpenBLAS counts its cores when this runs as a program); the process's
-    environment, affinity and torch threads are restored after."""
+    environment, affinity and torch threads are restored after. What reads its settings once
+    keeps them: a JAX CPU client first started here stays single-threaded (``XLA_FLAGS``), and
+    threads started here (XLA's, OpenBLAS's) stay on the one core."""
     environ = dict(os.environ)
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
-    if cores is not None:
-        os.sched_setaffinity(0, {min(cores)})
-    import torch
+    threads = None
+    try:  # everything changed below is restored, also when a step of it fails
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+        if cores is not None:
+            os.sched_setaffinity(0, {min(cores)})
+        import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         yield
     finally:
-        torch.set_num_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         if cores is not None:
             os.sched_setaffinity(0, cores)
         os.environ.clear()

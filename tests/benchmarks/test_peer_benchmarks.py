@@ -182,3 +182,30 @@ def test_gemm_rates_times_the_products_that_a_vae_step_calls(capsys, monkeypatch
     assert torch.get_num_threads() == threads and dict(os.environ) == environ
     if cores is not None:
         assert os.sched_getaffinity(0) == cores
+
+
+def test_gemm_rates_restores_the_process_when_pinning_fails(monkeypatch):
+    """``_one_core`` restores the environment, affinity and torch threads also when setting
+    them up fails part way (here: torch refuses the thread count)."""
+    import os
+
+    import torch
+
+    rates = _load("gemm_rates", monkeypatch)
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    calls = []
+
+    def refuse_once(n):
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("no threads today")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse_once)
+    with pytest.raises(RuntimeError, match="no threads today"), rates._one_core():
+        pass  # pragma: no cover - never entered
+    monkeypatch.undo()
+    assert calls == [1, threads] and dict(os.environ) == environ
+    assert torch.get_num_threads() == threads
+    if cores is not None:
+        assert os.sched_getaffinity(0) == cores

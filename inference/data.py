@@ -113,7 +113,8 @@ def _split(
     # both parts non-empty for n >= 2 (round(0.2 * 2) = 0 would leave no test rows)
     n_test = min(n - 1, max(1, int(round(test_fraction * n)))) if n > 1 else 0
     test_idx, train_idx = order[:n_test], order[n_test:]
-    # np.take copies whole rows: the same arrays as x[idx], about 6x faster for 75,000 x 784
+    # np.take copies whole rows: the same arrays as x[idx], 5-10% faster for 75,000 x 784 (the
+    # copy's time is mostly page faults on the new array: 0.08 s float32 without huge pages)
     train, test = np.take(x, train_idx, axis=0), np.take(x, test_idx, axis=0)
     if labels is None:
         return train, test, None, None

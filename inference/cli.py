@@ -31,6 +31,29 @@ def _load_library():
     return commands
 
 
+#: The kernel's setting for how it finds transparent huge pages (Linux).
+THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"
+
+
+def huge_pages_stall(path: str = THP_DEFRAG) -> bool:
+    """Whether a huge page asked for with ``madvise`` (NumPy asks for one for every large array)
+    makes the kernel compact memory first, in the allocating thread: the ``defrag`` modes
+    ``always``, ``madvise`` and ``defer+madvise``. Where it does, the program sets
+    ``NUMPY_MADVISE_HUGEPAGE=0`` (unless the user set it): on this project's machine
+    (``madvise``) loading and casting a 75,000 x 784 float32 array took 0.73-1.12 s of CPU
+    with NumPy's huge pages (0.39 s once, with free huge pages at hand) and 0.29-0.37 s without,
+    and a 2-epoch MNIST-sized run 4% more CPU (BENCHMARKS.md, "Whole runs", fifth stop).
+    torch's own huge pages (``THP_MEM_ALLOC_ENABLE``) are left off, torch's default: they cost
+    that run 0.4-1.5 s."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:  # not Linux, or no THP: nothing stalls
+        return False
+    chosen = text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
+    return chosen in ("always", "madvise", "defer+madvise")
+
+
 def _os_error(exc: OSError) -> str:
     """``<path>: <problem>`` for an OSError (ENOSPC, EROFS, EACCES, ENAMETOOLONG, ...)."""
     path = exc.filename if exc.filename is not None else "elbo-lab"
@@ -74,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         # Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning,
         # so a run with several threads slows down on a busy machine but does not collapse.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        # And before NumPy loads: its large arrays get no transparent huge pages. NumPy asks
-        # for them by default (madvise), and where the kernel compacts memory to grant them
-        # (defrag "madvise", this machine's) loading a 75,000 x 784 array took 1.2-2.0 s of
-        # system time instead of 0.4 s; an MNIST-sized run's CPU time fell by 8% without them
-        # (BENCHMARKS.md). torch's own huge pages stay off too (THP_MEM_ALLOC_ENABLE unset).
-        os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+        # And before NumPy loads: where the kernel would stall to grant them, NumPy's large
+        # arrays ask for no transparent huge pages (:func:`huge_pages_stall`).
+        if huge_pages_stall():
+            os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
         if program and args.command != "watch":
             commands = _load_library_as_program()
         else:

@@ -39,10 +39,11 @@ def test_flops_and_threads():
 
 @pytest.mark.parametrize("preset", [None, "1"])
 def test_the_program_sets_torch_process_options_before_torch_loads(preset):
-    """``elbo-lab`` as a program sets OMP_WAIT_POLICY=PASSIVE before torch is imported and
-    NUMPY_MADVISE_HUGEPAGE=0 (no huge pages for NumPy's arrays) before NumPy is, since each is
-    read once when its library loads; a value the user set is kept, and torch's own huge pages
-    (THP_MEM_ALLOC_ENABLE) are left as the user has them."""
+    """``elbo-lab`` as a program sets OMP_WAIT_POLICY=PASSIVE before torch is imported and,
+    where the kernel would stall for them, NUMPY_MADVISE_HUGEPAGE=0 (no huge pages for NumPy's
+    arrays) before NumPy is, since each is read once when its library loads; a value the user
+    set is kept, and torch's own huge pages (THP_MEM_ALLOC_ENABLE) are left as the user has
+    them."""
     import os
     import subprocess
     import sys
@@ -75,4 +76,29 @@ def test_the_program_sets_torch_process_options_before_torch_loads(preset):
         env={**env, "PYTHONPATH": str(root)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["2", "PASSIVE", preset or "0", "None"]
+    from inference.cli import huge_pages_stall
+
+    numpy_default = "0" if huge_pages_stall() else "None"  # this machine's kernel decides
+    assert out.stdout.split() == ["2", "PASSIVE", preset or numpy_default, "None"]
+
+
+@pytest.mark.parametrize(
+    "text, stall",
+    [
+        ("always defer defer+madvise [madvise] never\n", True),
+        ("[always] defer defer+madvise madvise never\n", True),
+        ("always defer [defer+madvise] madvise never\n", True),
+        ("always [defer] defer+madvise madvise never\n", False),
+        ("always defer defer+madvise madvise [never]\n", False),
+    ],
+)
+def test_numpy_huge_pages_are_declined_where_the_kernel_stalls_for_them(tmp_path, text, stall):
+    """The kernel's THP ``defrag`` mode in brackets: NumPy's ``madvise`` huge pages stall the
+    allocation for ``always``, ``madvise`` and ``defer+madvise``, not for ``defer``/``never``;
+    no such file (not Linux, no THP) means no stall."""
+    from inference.cli import huge_pages_stall
+
+    path = tmp_path / "defrag"
+    path.write_text(text)
+    assert huge_pages_stall(str(path)) is stall
+    assert huge_pages_stall(str(tmp_path / "absent")) is False

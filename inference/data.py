@@ -54,7 +54,7 @@ class Dataset:
     Attributes:
         name: where the data came from (``"digits"``, a directory or a file path).
         train: ``(N_train, D)`` float64 tensor; float32 where the file holds float32 (the
-            copy a float64 intermediate would cost, 0.5 GB for 60,000 x 784 rows, is saved,
+            copy a float64 intermediate would cost, 0.38 GB for 60,000 x 784 rows, is saved,
             and :meth:`to` from float32 is exact).
         test: ``(N_test, D)``, the same dtype.
         image_shape: ``(H, W)`` when the rows are images, else ``None``.

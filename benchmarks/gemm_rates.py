@@ -33,10 +33,11 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.step_parts import _best_us  # noqa: E402
 
 SCALES = ("64,200,10", "784,400,20")
 BATCH = 128
@@ -96,16 +97,6 @@ def mkn(what: str, n_in: int, n_out: int, batch: int = BATCH) -> tuple[int, int,
         "dW": (n_out, batch, n_in),
         "dX": (batch, n_out, n_in),
     }[what.split()[0]]
-
-
-def _best_us(call, reps: int, calls: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(calls):
-            call()
-        out.append((time.perf_counter() - t) / calls * 1e6)
-    return out
 
 
 def _callables(what: str, n_in: int, n_out: int, batch: int, jax_mods) -> dict:
@@ -189,7 +180,7 @@ def _measure(args: argparse.Namespace) -> dict:
             rounds: dict = {name: [] for name in calls}
             for _ in range(args.reps):  # libraries interleaved round by round
                 for name, call in calls.items():
-                    rounds[name] += _best_us(call, 1, n)
+                    rounds[name].append(_best_us(call, 1, n))  # one round's microseconds
             best = {name: min(v) for name, v in rounds.items()}
             kind = what.split()[0]
             shape = mkn(what, n_in, n_out, args.batch)
@@ -203,8 +194,6 @@ def _measure(args: argparse.Namespace) -> dict:
                     cells.append(f"{us:8.1f} ({flops / us / 1e3:4.0f})")
                 else:
                     cells.append(f"{'-':>15s}")
-                    if kind == "fwd":
-                        fwd_totals[name] += 0.0
             print(
                 f"{what:22s} {'x'.join(map(str, shape)):>16s}" + "".join(f"{c:>16s}" for c in cells)
             )

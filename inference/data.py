@@ -265,7 +265,8 @@ def load_mnist(directory: str | os.PathLike, binary: bool = True) -> Dataset:
 # --- user arrays -------------------------------------------------------------------------------
 
 
-#: Floating dtypes, in native byte order, that :func:`_rows_tensor` takes as they are.
+#: Floating dtypes, in native byte order: checked for finiteness as the file holds them, then
+#: kept (float32) or cast to float64 once by :func:`_rows_tensor`.
 _NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -287,7 +288,7 @@ def _as_rows(x: np.ndarray, path: Path, what: str) -> tuple[np.ndarray, tuple[in
         raise DataError(f"{path}: {what} has zero rows")
     if rows.shape[1] == 0:
         raise DataError(f"{path}: {what} has zero columns")
-    if rows.dtype not in _NATIVE_FLOATS:  # floats stay as they are until the split's copy
+    if rows.dtype not in _NATIVE_FLOATS:  # integers, booleans, other byte orders, float128
         rows = rows.astype(np.float64)  # (a float's finiteness survives a cast to float64)
     if not np.all(np.isfinite(rows)):
         bad = int(np.size(rows) - np.count_nonzero(np.isfinite(rows)))

@@ -4,11 +4,14 @@ threads a command uses."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from . import choices
 from .errors import OptionError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "available_cores",
@@ -42,25 +45,33 @@ def available_memory() -> int | None:
         return None
 
 
-def use_threads(args, spec: dict, rows: int, backward: bool) -> None:
-    """Unless ``--threads`` was given, set torch's threads from the work in one step.
+def use_threads(args, spec: dict, rows: int, backward: bool) -> int:
+    """Unless ``--threads`` was given, set torch's threads from the work in one step; returns
+    the count set (torch's current one with ``--threads``).
 
     ``spec`` holds the model's name and sizes (:class:`inference.run.ModelSpec` fields); a step
-    runs ``rows`` rows, forward only or with ``backward`` (:mod:`inference.threads`).
+    runs ``rows`` rows, forward only or with ``backward`` (:mod:`inference.threads`). More than
+    one thread is kept only when a probe confirms it is faster now
+    (:func:`~inference.threads.confirmed_threads`).
     """
-    if getattr(args, "threads", None) is not None:
-        return
     import torch
 
-    from .threads import step_flops, threads_for, weights_per_row
+    if getattr(args, "threads", None) is not None:
+        return torch.get_num_threads()
+    from .threads import confirmed_threads, largest_layer, step_flops, threads_for, weights_per_row
 
-    weights = weights_per_row(
+    sizes = (
         str(spec.get("model", choices.MODEL)),
         int(spec.get("data_dim") or 1),
         int(spec.get("latent_dim", choices.LATENT_DIM)),
         tuple(spec.get("hidden_dims", choices.HIDDEN_DIMS)),
     )
-    torch.set_num_threads(threads_for(step_flops(weights, rows, backward), available_cores()))
+    proposed = threads_for(step_flops(weights_per_row(*sizes), rows, backward), available_cores())
+    threads = confirmed_threads(proposed, rows, largest_layer(*sizes))
+    if threads != proposed:
+        log.info("threads: 1, not %d: a probe found %d no faster now", proposed, proposed)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def stored_spec(run_dir: Path) -> dict:

@@ -4,6 +4,7 @@ directory, then the checked report and the figures."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -353,15 +354,16 @@ def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: 
     batched = takes_num_data(run.model) and not spec.user_model
     exact = exact_log_px(run.module, call)
     plain = plain_estimator(result.estimator)  # whose .loss is -ELBO, for the sign check
-    checked = checked_metrics(
-        run.model,
-        run.guide,
-        *call.args,
-        estimator=plain,
-        batched=batched,
-        exact_log_px=exact,
-        **call.kwargs,
-    )
+    with _report_threads(args, run):
+        checked = checked_metrics(
+            run.model,
+            run.guide,
+            *call.args,
+            estimator=plain,
+            batched=batched,
+            exact_log_px=exact,
+            **call.kwargs,
+        )
     if args.json:
         report = {"run_dir": str(run_dir), "estimator": _estimator_label(result.estimator)}
         print(json.dumps({**report, run.split: report_dict(checked)}, indent=2), file=out)
@@ -384,6 +386,24 @@ def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: 
     out.flush()
     _write_figures(run, result, run_dir, data_name)
     return 0 if checked.bounds.ok else 1
+
+
+@contextlib.contextmanager
+def _report_threads(args, run: _TrainingRun):
+    """Torch's threads for the report's checks, then the training's again: the report's work
+    is L_K's chunks of :data:`~inference.evidence.CHUNK_ROWS` rows, forward only (as
+    ``elbo-lab evidence`` counts it), not the training step's."""
+    import torch
+
+    from .evidence import CHUNK_ROWS
+
+    before = torch.get_num_threads()
+    if run.spec.device == "cpu":
+        use_threads(args, run.spec.to_dict(), CHUNK_ROWS, backward=False)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _write_figures(run: _TrainingRun, result, run_dir: Path, data_name: str) -> None:

@@ -1,9 +1,19 @@
 """Default thread counts: the weight count is the networks' own, and threads grow with the work."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from inference.threads import MIN_FLOPS_PER_THREAD, step_flops, threads_for, weights_per_row
+from inference.threads import (
+    MIN_FLOPS_PER_THREAD,
+    PROBE_SPEEDUP,
+    confirmed_threads,
+    largest_layer,
+    step_flops,
+    threads_for,
+    weights_per_row,
+)
 from models.linear_gaussian import LinearGaussian
 from models.vae import VAE
 
@@ -102,3 +112,140 @@ def test_numpy_huge_pages_are_declined_where_the_kernel_stalls_for_them(tmp_path
     path.write_text(text)
     assert huge_pages_stall(str(path)) is stall
     assert huge_pages_stall(str(tmp_path / "absent")) is False
+
+
+def _clock_of(cost: dict[int, float]):
+    """A clock that advances by ``cost[n]`` per reading while torch runs n threads, so each
+    timed product of the probe takes ``cost[n]``."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += cost[torch.get_num_threads()]
+        return now[0]
+
+    return clock
+
+
+@pytest.mark.parametrize(
+    ("two", "kept"),
+    [(0.5, 2), (PROBE_SPEEDUP - 0.01, 2), (PROBE_SPEEDUP + 0.01, 1), (1.25, 1)],
+    ids=["quiet", "just below the threshold", "just above", "busy"],
+)
+def test_the_probe_keeps_threads_only_where_they_are_faster_now(two, kept):
+    before = torch.get_num_threads()
+    rng = torch.get_rng_state()
+    chosen = confirmed_threads(2, 4000, (784, 400), clock=_clock_of({1: 1.0, 2: two}))
+    assert chosen == kept
+    assert torch.get_num_threads() == before  # restored
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's noise is untouched
+
+
+def test_the_probe_compares_medians_so_one_slow_product_does_not_decide():
+    """Timed products alternate 1 thread, 2 threads (after an untimed pair). One 2-thread
+    product is slow (a preemption): its mean would be 2.2x the 1-thread time, its median is
+    0.5x."""
+    two = [0.5, 9.0, 0.5, 0.5, 0.5]
+    durations = [d for pair in zip([1.0] * 5, two, strict=True) for d in pair]
+    readings = []
+    for d in durations:  # start and end of each product
+        start = readings[-1] if readings else 0.0
+        readings += [start, start + d]
+    clock = iter(readings).__next__
+    assert confirmed_threads(2, 1024, (64, 200), rounds=5, clock=clock) == 2
+    with pytest.raises(StopIteration):  # every reading was taken, no more
+        clock()
+
+
+def test_one_proposed_thread_runs_no_probe():
+    def clock() -> float:
+        raise AssertionError("probed")
+
+    assert confirmed_threads(1, 128, (784, 400), clock=clock) == 1
+    assert confirmed_threads(0, 128, (784, 400), clock=clock) == 1
+
+
+def test_largest_layer_is_the_widest_weight_matrix():
+    assert largest_layer("vae", 784, 20, (400,)) in {(784, 400), (400, 784)}
+    assert largest_layer("vae", 64, 10, (200,)) in {(64, 200), (200, 64)}
+    assert largest_layer("ppca", 12, 3) in {(12, 3), (3, 12)}
+    assert largest_layer("my_model.py:model", 5) == (5, 1)
+
+
+@pytest.mark.parametrize("probe_says", [1, 2])
+def test_use_threads_sets_what_the_probe_confirms(monkeypatch, probe_says):
+    """The rule proposes 2 threads for the MNIST-sized L_K chunks on 2 cores; the count set
+    is the probe's answer, asked with the phase's rows and the model's largest layer."""
+    import inference.resources as resources
+    import inference.threads as threads
+    from inference.evidence import CHUNK_ROWS
+
+    asked = []
+
+    def probe(proposed, rows, layer):
+        asked.append((proposed, rows, layer))
+        return min(proposed, probe_says)
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "confirmed_threads", probe)
+    before = torch.get_num_threads()
+    spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
+    try:
+        args = SimpleNamespace(threads=None)
+        assert resources.use_threads(args, spec, CHUNK_ROWS, backward=False) == probe_says
+        assert torch.get_num_threads() == probe_says
+        assert asked == [(2, CHUNK_ROWS, largest_layer("vae", 784, 20, (400,)))]
+        torch.set_num_threads(1)
+        assert resources.use_threads(SimpleNamespace(threads=1), spec, 4000, False) == 1
+        assert len(asked) == 1  # --threads given: neither rule nor probe
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_report_runs_with_its_own_threads_then_the_trainings_again(monkeypatch):
+    import inference.resources as resources
+    import inference.threads as threads
+    import inference.train_command as train_command
+    from inference.run import ModelSpec
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "confirmed_threads", lambda proposed, rows, layer: proposed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the training's count
+    try:
+        big = SimpleNamespace(spec=ModelSpec(data_dim=784, latent_dim=20, hidden_dims=(400,)))
+        small = SimpleNamespace(spec=ModelSpec(data_dim=64))
+        with train_command._report_threads(SimpleNamespace(threads=None), big):
+            assert torch.get_num_threads() == 2  # L_K chunks of 4,000 MNIST-sized rows
+        assert torch.get_num_threads() == 1
+        with train_command._report_threads(SimpleNamespace(threads=None), small):
+            assert torch.get_num_threads() == 1  # the digits' chunks: too little work
+        with train_command._report_threads(SimpleNamespace(threads=1), big):
+            assert torch.get_num_threads() == 1  # --threads is the user's
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_reports_numbers_do_not_depend_on_the_threads_the_probe_picks():
+    """The report's checks of an MNIST-sized VAE (its products large enough for the rule to
+    propose 2 threads) give the same numbers with 1 thread and with 2, to float rounding."""
+    import pyro
+
+    from inference.bounds import checked_metrics
+    from models.vae import VAE
+
+    before = torch.get_num_threads()
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = VAE(784, latent_dim=20, hidden_dims=(400,))
+    x = torch.bernoulli(torch.full((200, 784), 0.13))
+    reports = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            c = checked_metrics(
+                vae.model, vae.guide, x, estimator="meanfield", batched=True, num_samples=20
+            )
+            reports.append((c.metrics.elbo, c.metrics.elbo_stderr, c.pyro_loss, c.bounds.lk))
+    finally:
+        torch.set_num_threads(before)
+    assert reports[1] == pytest.approx(reports[0], rel=1e-6)

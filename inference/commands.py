@@ -32,7 +32,7 @@ __all__ = ["COMMANDS"]
 
 
 def _evaluate(args) -> int:
-    use_threads(args, stored_spec(args.run_dir), choices.EVAL_BATCH_SIZE, backward=False)
+    use_threads(args, stored_spec(args.run_dir), choices.EVAL_BATCH_SIZE)
     run = load_run(args.run_dir, data=args.data, allow_changed=args.allow_changed, warn=_warn)
     # a user model: the rows its guide was fit to, all at once (global latents), / N
     split = run.default_split
@@ -69,7 +69,7 @@ def _explain(args) -> int:
     from .explain import explain
     from .watch import SUMMARY, explain_watched
 
-    use_threads(args, stored_spec(args.run_dir), CHUNK_ROWS, backward=False)
+    use_threads(args, stored_spec(args.run_dir), CHUNK_ROWS)
 
     if (args.run_dir / SUMMARY).is_file():  # written by 'elbo-lab watch'
         w = explain_watched(args.run_dir, num_samples=args.num_samples)
@@ -120,9 +120,7 @@ def _compare(args) -> int:
         refuse_to_replace(out, "run_dir")
     check_writable(out)
     spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
-    use_threads(
-        args, {**spec, "data_dim": 64}, args.batch_size or choices.BATCH_SIZE, backward=True
-    )
+    use_threads(args, {**spec, "data_dim": 64}, args.batch_size or choices.BATCH_SIZE)
     options = CompareConfig(
         num_samples=args.num_samples, eval_particles=args.eval_particles, num_draws=args.num_draws
     )

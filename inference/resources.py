@@ -17,6 +17,7 @@ __all__ = [
     "available_cores",
     "available_memory",
     "check_writable",
+    "default_threads",
     "stored_spec",
     "use_threads",
 ]
@@ -45,20 +46,19 @@ def available_memory() -> int | None:
         return None
 
 
-def use_threads(args, spec: dict, rows: int, backward: bool) -> int:
-    """Unless ``--threads`` was given, set torch's threads from the work in one step; returns
-    the count set (torch's current one with ``--threads``).
-
-    ``spec`` holds the model's name and sizes (:class:`inference.run.ModelSpec` fields); a step
-    runs ``rows`` rows, forward only or with ``backward`` (:mod:`inference.threads`). More than
-    one thread is kept only when a probe confirms it is faster now
-    (:func:`~inference.threads.confirmed_threads`).
-    """
-    import torch
-
-    if getattr(args, "threads", None) is not None:
-        return torch.get_num_threads()
-    from .threads import confirmed_threads, largest_layer, step_flops, threads_for, weights_per_row
+def default_threads(spec: dict, rows: int) -> int:
+    """torch threads for passes over ``rows`` rows of the model ``spec`` (its name and sizes,
+    :class:`inference.run.ModelSpec` fields): one per
+    :data:`~inference.threads.MIN_FLOPS_PER_THREAD` of one forward pass, up to the cores, and
+    more than one only where a probe confirms they are faster now
+    (:func:`~inference.threads.confirmed_threads`)."""
+    from .threads import (
+        confirmed_threads,
+        forward_flops,
+        largest_layer,
+        threads_for,
+        weights_per_row,
+    )
 
     sizes = (
         str(spec.get("model", choices.MODEL)),
@@ -66,12 +66,21 @@ def use_threads(args, spec: dict, rows: int, backward: bool) -> int:
         int(spec.get("latent_dim", choices.LATENT_DIM)),
         tuple(spec.get("hidden_dims", choices.HIDDEN_DIMS)),
     )
-    proposed = threads_for(step_flops(weights_per_row(*sizes), rows, backward), available_cores())
+    proposed = threads_for(forward_flops(weights_per_row(*sizes), rows), available_cores())
     threads = confirmed_threads(proposed, rows, largest_layer(*sizes))
     if threads != proposed:
         log.info("threads: 1, not %d: a probe found %d no faster now", proposed, proposed)
-    torch.set_num_threads(threads)
     return threads
+
+
+def use_threads(args, spec: dict, rows: int) -> int:
+    """Unless ``--threads`` was given, set torch's threads to :func:`default_threads` for steps
+    or chunks of ``rows`` rows; returns the count torch runs."""
+    import torch
+
+    if getattr(args, "threads", None) is None:
+        torch.set_num_threads(default_threads(spec, rows))
+    return torch.get_num_threads()
 
 
 def stored_spec(run_dir: Path) -> dict:

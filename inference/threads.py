@@ -1,23 +1,27 @@
-"""How many torch threads a command uses by default: from the work in one step, not the core count.
+"""How many torch threads a command uses by default: from the size of its work, not the core count.
 
 torch's default is one intra-op thread per core. For a small model that is slower than one
 thread even on a quiet machine, and on a busy one it collapses: every operator ends in a barrier
 where OpenMP threads wait for a partner that the scheduler has not run (BENCHMARKS.md, "Threads":
 the default VAE's steps ran 6x slower with 2 threads beside one busy process, 1 thread lost
-nothing). So a thread is only added per :data:`MIN_FLOPS_PER_THREAD` of work in one step, and
-the command line makes waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``) so that a run given
-more threads slows down under load but does not collapse.
+nothing). So a thread is only added per :data:`MIN_FLOPS_PER_THREAD` of work in one forward
+pass over a step's or a chunk's rows, and the command line makes waiting threads sleep
+(``OMP_WAIT_POLICY=PASSIVE``) so that a run given more threads slows down under load but does
+not collapse.
+
+The work is counted for dense networks: a matrix product of a ``(rows, n_in)`` batch with an
+``(n_in, n_out)`` weight costs ``2 rows n_in n_out`` floating-point operations, so a forward
+pass costs ``2 rows W`` (:func:`forward_flops`), with ``W`` the number of weights that each row
+meets. The forward pass is counted, for training too: what a thread gains depends on the size
+of each product, and a backward pass runs twice as many products of the same sizes, not larger
+ones. (MNIST-sized VAE, one epoch on a quiet machine: training batches of 256 rows ran no faster
+with 2 threads, 384 rows 12% faster; evaluation chunks of 1,024 rows 1.4x faster.)
 
 Slowing down is still a loss: with one other busy process on the 2 cores, the MNIST-sized
 report (L_100 in chunks of 4,000 rows, which the rule gives 2 threads) ran 1.55x slower with 2
 threads than with 1, where on a quiet machine 2 threads took 0.67x the time. So threads the rule
 proposes are kept only when a quick probe confirms them (:func:`confirmed_threads`): one matrix
 product of the phase's largest layer, timed now with those threads and with one.
-
-The work is counted for dense networks: a matrix product of a ``(rows, n_in)`` batch with an
-``(n_in, n_out)`` weight costs ``2 rows n_in n_out`` floating-point operations forward and twice
-that backward, so a step costs ``2 rows W`` (evaluation) or ``6 rows W`` (training), with ``W``
-the number of weights that each row meets.
 """
 
 from __future__ import annotations
@@ -31,21 +35,23 @@ __all__ = [
     "MIN_FLOPS_PER_THREAD",
     "PROBE_SPEEDUP",
     "confirmed_threads",
+    "forward_flops",
     "largest_layer",
-    "step_flops",
     "threads_for",
     "weights_per_row",
 ]
 
-#: Work in one step (forward and backward) that one more thread must have to be worth starting:
-#: about 10-20 ms of one core's time, where fork/join and wake-ups stop mattering.
-MIN_FLOPS_PER_THREAD = 1e9
+#: Work in one forward pass that one more thread must have to be worth starting: about 3 ms of
+#: one core's time in products of a few hundred microseconds, where fork/join and wake-ups stop
+#: mattering. A third of 1 GFLOP, the rule's threshold for a training step (forward and
+#: backward) before the forward pass alone was counted: training keeps the same threads.
+MIN_FLOPS_PER_THREAD = 1e9 / 3
 
 
 def weights_per_row(
     model: str, data_dim: int, latent_dim: int = 10, hidden_dims: Sequence[int] = (200,)
 ) -> int:
-    """Weights one data row meets in a model/guide pass: ``W`` for :func:`step_flops`.
+    """Weights one data row meets in a model/guide pass: ``W`` for :func:`forward_flops`.
 
     VAE: encoder ``D -> hidden... -> 2L`` (location and scale) and decoder ``L -> ...hidden -> D``;
     ppca/fa: ``D x L`` each way; a user model: ``D`` (its work per row is unknown, and small models
@@ -74,13 +80,14 @@ def _layers(
     return [(data_dim, 1)]
 
 
-def step_flops(weights: int, rows: int, backward: bool) -> float:
-    """Floating-point operations of one step over ``rows`` rows: ``2 rows W``, x3 with backward."""
-    return (6.0 if backward else 2.0) * rows * weights
+def forward_flops(weights: int, rows: int) -> float:
+    """Floating-point operations of one forward pass over ``rows`` rows: ``2 rows W``."""
+    return 2.0 * rows * weights
 
 
 def threads_for(flops: float, cores: int) -> int:
-    """Threads for a step of ``flops``: one per :data:`MIN_FLOPS_PER_THREAD`, 1 to ``cores``."""
+    """Threads for a forward pass of ``flops``: one per :data:`MIN_FLOPS_PER_THREAD`, 1 to
+    ``cores``."""
     return max(1, min(cores, int(flops // MIN_FLOPS_PER_THREAD)))
 
 

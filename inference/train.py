@@ -21,6 +21,7 @@ KL where valid, a fixed evaluation seed) and reported per datum in nats as ``los
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -609,8 +610,10 @@ class _Evaluation:
         batching: Batching | None,
         config: TrainConfig,
         world: World,
+        threads: Callable[[], int] | None = None,
     ):
         self.model, self.guide, self.world, self.epochs = model, guide, world, config.epochs
+        self.threads = threads
         self.splits = [("train", train), ("test", None if test is None else ModelArgs.of(test))]
         self.options = (
             dict(batch_size=config.eval_batch_size, batching=batching)
@@ -678,18 +681,35 @@ class _Evaluation:
         """The history rows of ``epoch`` (none when no evaluation is due), one per split; the
         train row also holds ``svi_loss``, the mean of what the steps minimized, and the
         epoch's ``seconds``."""
+        if not self.due(epoch):
+            return []
         rows = []
-        for split, call in self.splits:
-            if call is None or not self.due(epoch):
-                continue
-            m = self.split(call)
-            row = {"epoch": epoch + 1, "split": split, **m._asdict()}
-            if split == "train":
-                row["svi_loss"] = svi_loss
-                row["seconds"] = seconds
-            rows.append(row)
-            self.final = m
+        with self._threads():
+            for split, call in self.splits:
+                if call is None:
+                    continue
+                m = self.split(call)
+                row = {"epoch": epoch + 1, "split": split, **m._asdict()}
+                if split == "train":
+                    row["svi_loss"] = svi_loss
+                    row["seconds"] = seconds
+                rows.append(row)
+                self.final = m
         return rows
+
+    @contextlib.contextmanager
+    def _threads(self):
+        """torch's threads as ``fit``'s ``eval_threads`` says for this evaluation, the
+        training's again after it."""
+        if self.threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads())
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def split(self, call: ModelArgs) -> PerDatumElbo:
         """:func:`evaluate` of one split's arguments, reduced across ranks."""
@@ -940,6 +960,7 @@ def fit(
     handle_signals: bool = False,
     world: World | None = None,
     publish: Callable[[], Path] | None = None,
+    eval_threads: Callable[[], int] | None = None,
     **kwargs,
 ) -> TrainResult:
     """Train ``guide`` (and the model's parameters) by SVI on the model's own arguments.
@@ -978,6 +999,10 @@ def fit(
             gradients and metrics are reduced across ranks, and rank 0 alone writes files.
         publish: called once after the first checkpoint; returns the directory the run
             continues in (``elbo-lab train --force`` renames its new run over the old here).
+        eval_threads: called before each evaluation; torch runs the evaluation with the
+            threads it returns, then the training's again (``elbo-lab train``: the threads for
+            its evaluation chunks, confirmed by a probe, :mod:`inference.threads`). Default:
+            the training's.
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last evaluation's test metrics (train if no
@@ -987,7 +1012,7 @@ def fit(
     batches = _Batches(model, args, kwargs, batching, config, world)
     world = batches.world
     train = ModelArgs(tuple(args), dict(kwargs))
-    evaluation = _Evaluation(model, guide, train, test, batching, config, world)
+    evaluation = _Evaluation(model, guide, train, test, batching, config, world, eval_threads)
     pyro.set_rng_seed(config.seed)
     state = init(model, guide, *batches.first.args, config=config, **batches.first.kwargs)
     world.broadcast_(state.params)  # every rank starts from rank 0's parameters

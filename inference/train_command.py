@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -29,7 +30,7 @@ from .messages import warn as _warn
 from .plots import write_training_figures
 from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
 from .reports import exact_log_px, report_dict, sign_report
-from .resources import available_memory, check_writable, use_threads
+from .resources import available_memory, check_writable, default_threads, use_threads
 from .run import DEFAULT_AUTOGUIDE, DTYPES, ModelSpec, build_model, check_sources
 from .rundir import RunDirectory
 from .train import CHECKPOINT, Interrupted, TrainConfig, fit
@@ -161,7 +162,7 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
             spec = _new_spec(args)
         config = _new_config(args, spec, progress)
     run = _set_up_training(args, spec, config, run_dir, source, source_sha256)
-    result = _fit_run(run, run_dir, owner, resume)
+    result = _fit_run(run, run_dir, owner, resume, _evaluation_threads(args, run))
     if isinstance(result, int):  # stopped: the exit status
         return result
     shutdown(run.world)
@@ -295,7 +296,7 @@ def _set_up_training(args, spec, config, run_dir, source, source_sha256) -> _Tra
             )
         spec = ModelSpec.from_dict({**spec.to_dict(), "data_dim": dataset.data_dim})
         rows = config.batch_size or len(dataset.train)
-        use_threads(args, spec.to_dict(), rows, backward=True)
+        use_threads(args, spec.to_dict(), rows)
         pyro.set_rng_seed(config.seed)  # network initialization: "same seed, same numbers"
         module, model, guide = build_model(replace(spec, device=device), dataset)
         train_call = ModelArgs((dataset.train,), {})
@@ -307,9 +308,9 @@ def _set_up_training(args, spec, config, run_dir, source, source_sha256) -> _Tra
     )
 
 
-def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool):
-    """:func:`~inference.train.fit` the run into its directory; the exit status instead of
-    the result when it stopped on a signal or a non-finite number."""
+def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool, eval_threads=None):
+    """:func:`~inference.train.fit` the run into its directory (``eval_threads``: fit's); the
+    exit status instead of the result when it stopped on a signal or a non-finite number."""
     spec, config, train_call = run.spec, run.config, run.train_call
     model_file = model_source_file(run.model) if spec.user_model else None
     provenance = {
@@ -330,6 +331,7 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool):
             handle_signals=True,
             world=run.world,
             publish=owner.publish if owner is not None else None,
+            eval_threads=eval_threads,
             **train_call.kwargs,
         )
     except Interrupted as exc:
@@ -342,6 +344,18 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool):
     except NumericalError as exc:
         print(f"elbo-lab: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _evaluation_threads(args, run: _TrainingRun):
+    """What ``fit`` asks before each evaluation: the threads for its chunks of
+    ``eval_batch_size`` rows, probed then (None: the training's, with ``--threads``, off the
+    CPU, or for a user model, whose work per row the rule cannot count)."""
+    if getattr(args, "threads", None) is not None or run.spec.device != "cpu":
+        return None
+    if run.spec.user_model:
+        return None
+    rows = run.config.eval_batch_size or len(run.dataset.train)
+    return functools.partial(default_threads, run.spec.to_dict(), rows)
 
 
 def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: str) -> int:
@@ -399,7 +413,7 @@ def _report_threads(args, run: _TrainingRun):
 
     before = torch.get_num_threads()
     if run.spec.device == "cpu":
-        use_threads(args, run.spec.to_dict(), CHUNK_ROWS, backward=False)
+        use_threads(args, run.spec.to_dict(), CHUNK_ROWS)
     try:
         yield
     finally:

@@ -9,8 +9,8 @@ from inference.threads import (
     MIN_FLOPS_PER_THREAD,
     PROBE_SPEEDUP,
     confirmed_threads,
+    forward_flops,
     largest_layer,
-    step_flops,
     threads_for,
     weights_per_row,
 )
@@ -38,10 +38,14 @@ def test_weights_per_row_of_ppca_is_its_loading_matrix_both_ways():
 
 
 def test_flops_and_threads():
-    assert step_flops(100, 10, backward=False) == 2 * 10 * 100
-    assert step_flops(100, 10, backward=True) == 6 * 10 * 100
-    default_vae = step_flops(weights_per_row("vae", 64, 10, (200,)), 128, backward=True)
+    assert forward_flops(100, 10) == 2 * 10 * 100
+    default_vae = forward_flops(weights_per_row("vae", 64, 10, (200,)), 128)
     assert threads_for(default_vae, cores=16) == 1
+    mnist = weights_per_row("vae", 784, 20, (400,))
+    # the measured break-even: MNIST-sized batches of 256 rows gain nothing from a second
+    # thread, 384 rows do (12%), and so do evaluation chunks of 1,024 rows (1.4x)
+    assert threads_for(forward_flops(mnist, 256), cores=2) == 1
+    assert threads_for(forward_flops(mnist, 1024), cores=2) == 2
     assert threads_for(2.5 * MIN_FLOPS_PER_THREAD, cores=16) == 2
     assert threads_for(100 * MIN_FLOPS_PER_THREAD, cores=4) == 4
     assert threads_for(0.0, cores=0) == 1
@@ -191,11 +195,11 @@ def test_use_threads_sets_what_the_probe_confirms(monkeypatch, probe_says):
     spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
     try:
         args = SimpleNamespace(threads=None)
-        assert resources.use_threads(args, spec, CHUNK_ROWS, backward=False) == probe_says
+        assert resources.use_threads(args, spec, CHUNK_ROWS) == probe_says
         assert torch.get_num_threads() == probe_says
         assert asked == [(2, CHUNK_ROWS, largest_layer("vae", 784, 20, (400,)))]
         torch.set_num_threads(1)
-        assert resources.use_threads(SimpleNamespace(threads=1), spec, 4000, False) == 1
+        assert resources.use_threads(SimpleNamespace(threads=1), spec, 4000) == 1
         assert len(asked) == 1  # --threads given: neither rule nor probe
     finally:
         torch.set_num_threads(before)
@@ -249,3 +253,25 @@ def test_the_reports_numbers_do_not_depend_on_the_threads_the_probe_picks():
     finally:
         torch.set_num_threads(before)
     assert reports[1] == pytest.approx(reports[0], rel=1e-6)
+
+
+def test_train_evaluates_with_the_threads_of_its_evaluation_chunks(monkeypatch):
+    """``elbo-lab train`` hands ``fit`` the threads for chunks of ``eval_batch_size`` rows
+    (2 for the MNIST-sized VAE's 1,024 rows on 2 cores, where its training batches of 128 get
+    1); none with ``--threads``, and none for a user model."""
+    import inference.resources as resources
+    import inference.threads as threads
+    import inference.train_command as train_command
+    from inference.run import ModelSpec
+    from inference.train import TrainConfig
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "confirmed_threads", lambda proposed, rows, layer: proposed)
+    spec = ModelSpec(data_dim=784, latent_dim=20, hidden_dims=(400,))
+    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=None)
+    ask = train_command._evaluation_threads(SimpleNamespace(threads=None), run)
+    assert ask() == 2
+    assert resources.default_threads(spec.to_dict(), TrainConfig().batch_size) == 1
+    assert train_command._evaluation_threads(SimpleNamespace(threads=2), run) is None
+    user = SimpleNamespace(spec=ModelSpec(model="my_model.py:model"), config=TrainConfig())
+    assert train_command._evaluation_threads(SimpleNamespace(threads=None), user) is None

@@ -86,6 +86,44 @@ def test_same_seed_same_numbers(small):
     assert _numbers(other.history) != h1
 
 
+def test_evaluations_run_with_the_threads_eval_threads_returns(small, monkeypatch):
+    """``fit(eval_threads=f)`` asks ``f`` before each due evaluation and evaluates both splits
+    with the threads it returns; the steps run with the training's threads, restored after
+    each evaluation. The numbers are those of a run without it."""
+    import inference.train as train_module
+
+    train, test = small
+    before = torch.get_num_threads()
+    seen, asked = [], []
+    evaluate = train_module.evaluate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate(*args, **kwargs)
+
+    def threads() -> int:
+        asked.append(torch.get_num_threads())  # the training's count, when asked
+        return 2
+
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    config = TrainConfig(**{**TINY.__dict__, "epochs": 3, "eval_every": 2})
+    torch.set_num_threads(1)
+    try:
+        vae = _vae()
+        plain = fit(vae.model, vae.guide, train, test=test, config=config)
+        assert seen == [1] * 4
+        seen.clear()
+        vae = _vae()
+        given = fit(vae.model, vae.guide, train, test=test, config=config, eval_threads=threads)
+        assert asked == [1, 1]  # epochs 2 and 3 (the last)
+        assert seen == [2] * 4  # both splits, each evaluation
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert _numbers(given.history) == _numbers(plain.history)
+    assert given.final == plain.final
+
+
 def test_every_row_satisfies_the_sign_identities(small, tmp_path):
     train, test = small
     vae = _vae()

@@ -348,11 +348,9 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool, eval_threads
 
 def _evaluation_threads(args, run: _TrainingRun):
     """What ``fit`` asks before each evaluation: the threads for its chunks of
-    ``eval_batch_size`` rows, probed then (None: the training's, with ``--threads``, off the
-    CPU, or for a user model, whose work per row the rule cannot count)."""
-    if getattr(args, "threads", None) is not None or run.spec.device != "cpu":
-        return None
-    if run.spec.user_model:
+    ``eval_batch_size`` rows, probed then (None: the training's, where
+    :func:`_own_threads` says so)."""
+    if not _own_threads(args, run):
         return None
     rows = run.config.eval_batch_size or len(run.dataset.train)
     return functools.partial(default_threads, run.spec.to_dict(), rows)
@@ -402,17 +400,29 @@ def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: 
     return 0 if checked.bounds.ok else 1
 
 
+def _own_threads(args, run: _TrainingRun) -> bool:
+    """Whether the evaluation and the report pick their own threads: not with ``--threads``,
+    not off the CPU, and not for a user model, whose work per row the rule cannot count (its
+    training runs with torch's own default, and so do they)."""
+    return (
+        getattr(args, "threads", None) is None
+        and run.spec.device == "cpu"
+        and not run.spec.user_model
+    )
+
+
 @contextlib.contextmanager
 def _report_threads(args, run: _TrainingRun):
     """Torch's threads for the report's checks, then the training's again: the report's work
     is L_K's chunks of :data:`~inference.evidence.CHUNK_ROWS` rows, forward only (as
-    ``elbo-lab evidence`` counts it), not the training step's."""
+    ``elbo-lab explain`` counts it), not the training step's (:func:`_own_threads`: else the
+    training's)."""
     import torch
 
     from .evidence import CHUNK_ROWS
 
     before = torch.get_num_threads()
-    if run.spec.device == "cpu":
+    if _own_threads(args, run):
         use_threads(args, run.spec.to_dict(), CHUNK_ROWS)
     try:
         yield

@@ -14,14 +14,16 @@ The work is counted for dense networks: a matrix product of a ``(rows, n_in)`` b
 pass costs ``2 rows W`` (:func:`forward_flops`), with ``W`` the number of weights that each row
 meets. The forward pass is counted, for training too: what a thread gains depends on the size
 of each product, and a backward pass runs twice as many products of the same sizes, not larger
-ones. (MNIST-sized VAE, one epoch on a quiet machine: training batches of 256 rows ran no faster
-with 2 threads, 384 rows 12% faster; evaluation chunks of 1,024 rows 1.4x faster.)
+ones. (MNIST-sized VAE, 784-400-20, one epoch on a quiet machine: training batches of 256 rows
+ran no faster with 2 threads, 384 rows 12% faster; the final evaluation in chunks of 1,024 rows
+1.6x faster. The rule gives a second thread from 512 rows of that model.)
 
-Slowing down is still a loss: with one other busy process on the 2 cores, the MNIST-sized
-report (L_100 in chunks of 4,000 rows, which the rule gives 2 threads) ran 1.55x slower with 2
-threads than with 1, where on a quiet machine 2 threads took 0.67x the time. So threads the rule
-proposes are kept only when a quick probe confirms them (:func:`confirmed_threads`): one matrix
-product of the phase's largest layer, timed now with those threads and with one.
+Slowing down is still a loss: with one other busy process on the 2 cores, the report of a
+784-200-10 VAE on MNIST-sized data (L_100 in chunks of 4,000 rows, which the rule gives 2
+threads) ran 1.55x slower with 2 threads than with 1, where on a quiet machine 2 threads took
+0.67x the time. So threads the rule proposes are kept only when a quick probe confirms them
+(:func:`confirmed_threads`): one matrix product of the phase's largest layer, timed now with
+those threads and with one.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_flops_and_threads():
     assert threads_for(default_vae, cores=16) == 1
     mnist = weights_per_row("vae", 784, 20, (400,))
     # the measured break-even: MNIST-sized batches of 256 rows gain nothing from a second
-    # thread, 384 rows do (12%), and so do evaluation chunks of 1,024 rows (1.4x)
+    # thread, 384 rows do (12%), and so do evaluation chunks of 1,024 rows (1.6x)
     assert threads_for(forward_flops(mnist, 256), cores=2) == 1
     assert threads_for(forward_flops(mnist, 1024), cores=2) == 2
     assert threads_for(2.5 * MIN_FLOPS_PER_THREAD, cores=16) == 2
@@ -219,7 +219,7 @@ def test_the_report_runs_with_its_own_threads_then_the_trainings_again(monkeypat
         big = SimpleNamespace(spec=ModelSpec(data_dim=784, latent_dim=20, hidden_dims=(400,)))
         small = SimpleNamespace(spec=ModelSpec(data_dim=64))
         with train_command._report_threads(SimpleNamespace(threads=None), big):
-            assert torch.get_num_threads() == 2  # L_K chunks of 4,000 MNIST-sized rows
+            assert torch.get_num_threads() == 2  # L_K chunks of 4,096 MNIST-sized rows
         assert torch.get_num_threads() == 1
         with train_command._report_threads(SimpleNamespace(threads=None), small):
             assert torch.get_num_threads() == 1  # the digits' chunks: too little work

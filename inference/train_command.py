@@ -348,11 +348,13 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool, eval_threads
 
 def _evaluation_threads(args, run: _TrainingRun):
     """What ``fit`` asks before each evaluation: the threads for its chunks of
-    ``eval_batch_size`` rows, probed then (None: the training's, where
-    :func:`_own_threads` says so)."""
+    ``eval_batch_size`` rows (all of a split's rows where it has fewer), probed then (None: the
+    training's, where :func:`_own_threads` says so)."""
     if not _own_threads(args, run):
         return None
-    rows = run.config.eval_batch_size or len(run.dataset.train)
+    rows = max(len(run.dataset.train), len(run.dataset.test))  # the larger split's
+    if run.config.eval_batch_size:
+        rows = min(rows, run.config.eval_batch_size)
     return functools.partial(default_threads, run.spec.to_dict(), rows)
 
 

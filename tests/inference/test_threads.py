@@ -1,5 +1,6 @@
 """Default thread counts: the weight count is the networks' own, and threads grow with the work."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -275,9 +276,19 @@ def test_train_evaluates_with_the_threads_of_its_evaluation_chunks(monkeypatch):
     monkeypatch.setattr(resources, "available_cores", lambda: 2)
     monkeypatch.setattr(threads, "confirmed_threads", lambda proposed, rows, layer: proposed)
     spec = ModelSpec(data_dim=784, latent_dim=20, hidden_dims=(400,))
-    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=None)
+    rows = SimpleNamespace(train=range(60000), test=range(10000))
+    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=rows)
     ask = train_command._evaluation_threads(SimpleNamespace(threads=None), run)
     assert ask() == 2
+    # a split of fewer rows than eval_batch_size is evaluated in one chunk of its rows
+    small = SimpleNamespace(train=range(300), test=range(100))
+    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=small)
+    assert train_command._evaluation_threads(SimpleNamespace(threads=None), run)() == 1
+    whole = replace(TrainConfig(), eval_batch_size=None)  # all rows at once
+    run = SimpleNamespace(spec=spec, config=whole, dataset=small)
+    assert train_command._evaluation_threads(SimpleNamespace(threads=None), run)() == 1
+    run = SimpleNamespace(spec=spec, config=whole, dataset=rows)
+    assert train_command._evaluation_threads(SimpleNamespace(threads=None), run)() == 2
     assert resources.default_threads(spec.to_dict(), TrainConfig().batch_size) == 1
     assert train_command._evaluation_threads(SimpleNamespace(threads=2), run) is None
     user = SimpleNamespace(spec=ModelSpec(model="my_model.py:model"), config=TrainConfig())

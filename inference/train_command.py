@@ -349,8 +349,9 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool, eval_threads
 def _evaluation_threads(args, run: _TrainingRun):
     """What ``fit`` asks before each evaluation: the threads for its chunks of
     ``eval_batch_size`` rows (all of a split's rows where it has fewer), probed then (None: the
-    training's, where :func:`_own_threads` says so)."""
-    if not _own_threads(args, run):
+    training's, where :func:`_own_threads` says so, and with several ranks, which evaluate their
+    shards at once on the same cores, each probe timing its product beside the others')."""
+    if not _own_threads(args, run) or run.world.size > 1:
         return None
     rows = max(len(run.dataset.train), len(run.dataset.test))  # the larger split's
     if run.config.eval_batch_size:

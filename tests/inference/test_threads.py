@@ -266,7 +266,7 @@ def test_the_reports_numbers_do_not_depend_on_the_threads_the_probe_picks():
 def test_train_evaluates_with_the_threads_of_its_evaluation_chunks(monkeypatch):
     """``elbo-lab train`` hands ``fit`` the threads for chunks of ``eval_batch_size`` rows
     (2 for the MNIST-sized VAE's 1,024 rows on 2 cores, where its training batches of 128 get
-    1); none with ``--threads``, and none for a user model."""
+    1); none with ``--threads``, for a user model, or with several ranks."""
     import inference.resources as resources
     import inference.threads as threads
     import inference.train_command as train_command
@@ -277,19 +277,22 @@ def test_train_evaluates_with_the_threads_of_its_evaluation_chunks(monkeypatch):
     monkeypatch.setattr(threads, "confirmed_threads", lambda proposed, rows, layer: proposed)
     spec = ModelSpec(data_dim=784, latent_dim=20, hidden_dims=(400,))
     rows = SimpleNamespace(train=range(60000), test=range(10000))
-    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=rows)
+    one = SimpleNamespace(size=1)
+    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=rows, world=one)
     ask = train_command._evaluation_threads(SimpleNamespace(threads=None), run)
     assert ask() == 2
     # a split of fewer rows than eval_batch_size is evaluated in one chunk of its rows
     small = SimpleNamespace(train=range(300), test=range(100))
-    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=small)
+    run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=small, world=one)
     assert train_command._evaluation_threads(SimpleNamespace(threads=None), run)() == 1
     whole = replace(TrainConfig(), eval_batch_size=None)  # all rows at once
-    run = SimpleNamespace(spec=spec, config=whole, dataset=small)
+    run = SimpleNamespace(spec=spec, config=whole, dataset=small, world=one)
     assert train_command._evaluation_threads(SimpleNamespace(threads=None), run)() == 1
-    run = SimpleNamespace(spec=spec, config=whole, dataset=rows)
+    run = SimpleNamespace(spec=spec, config=whole, dataset=rows, world=one)
     assert train_command._evaluation_threads(SimpleNamespace(threads=None), run)() == 2
     assert resources.default_threads(spec.to_dict(), TrainConfig().batch_size) == 1
     assert train_command._evaluation_threads(SimpleNamespace(threads=2), run) is None
+    ranks = SimpleNamespace(**{**vars(run), "world": SimpleNamespace(size=2)})
+    assert train_command._evaluation_threads(SimpleNamespace(threads=None), ranks) is None
     user = SimpleNamespace(spec=ModelSpec(model="my_model.py:model"), config=TrainConfig())
     assert train_command._evaluation_threads(SimpleNamespace(threads=None), user) is None

@@ -296,3 +296,36 @@ def test_train_evaluates_with_the_threads_of_its_evaluation_chunks(monkeypatch):
     assert train_command._evaluation_threads(SimpleNamespace(threads=None), ranks) is None
     user = SimpleNamespace(spec=ModelSpec(model="my_model.py:model"), config=TrainConfig())
     assert train_command._evaluation_threads(SimpleNamespace(threads=None), user) is None
+
+
+@pytest.mark.parametrize("given", [None, 2])
+def test_a_user_model_trains_on_one_thread_unless_told(tmp_path, monkeypatch, given):
+    """``elbo-lab train FILE.py:model``: the rule cannot count a user model's work, so it
+    trains (and evaluates and reports) on one thread, not torch's one per core; ``--threads N``
+    is kept."""
+    from pathlib import Path
+
+    import inference.resources as resources
+    import inference.train_command as train_command
+    from inference.cli import main
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    coin = Path(__file__).parent / "user_code" / "coin.py"
+    seen = []
+    fit_run = train_command._fit_run
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit_run(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "_fit_run", recording)
+    before = torch.get_num_threads()
+    argv = ["train", "--model", f"{coin}:model", "--guide", f"{coin}:guide"]
+    argv += ["--data", f"{coin}:data", "--epochs", "3", "--run-dir", str(tmp_path / "run")]
+    argv += ["--no-progress"] + ([] if given is None else ["--threads", str(given)])
+    torch.set_num_threads(2)  # torch's default on a 2-core machine
+    try:
+        assert main(argv) == 0
+        assert seen == [given or 1]
+    finally:
+        torch.set_num_threads(before)

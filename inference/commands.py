@@ -119,12 +119,14 @@ def _compare(args) -> int:
     if out.exists():
         refuse_to_replace(out, "run_dir")
     check_writable(out)
-    spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
-    use_threads(args, {**spec, "data_dim": 64}, args.batch_size or choices.BATCH_SIZE)
     options = CompareConfig(
         num_samples=args.num_samples, eval_particles=args.eval_particles, num_draws=args.num_draws
     )
     model, guides, dataset, batched = _compared_guides(args)
+    # the threads for the model's training steps on these data (a user model: one weight a row)
+    spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
+    spec["data_dim"] = getattr(dataset, "data_dim", None)
+    use_threads(args, spec, args.batch_size or choices.BATCH_SIZE)
     _check_comparison_memory(options, model, dataset, batched, available_memory())
     config = training_config(args, batched=batched, progress=sys.stderr.isatty())
     # written beside an existing comparison, then renamed into place: an error or a kill

@@ -329,3 +329,34 @@ def test_a_user_model_trains_on_one_thread_unless_told(tmp_path, monkeypatch, gi
         assert seen == [given or 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypatch):
+    """``elbo-lab compare`` sets its threads from the model on the data given (784 columns
+    here), not from the digits' 64."""
+    import importlib
+
+    import numpy as np
+
+    import inference.commands as commands
+    from inference.cli import main
+    from inference.errors import OptionError
+
+    path = tmp_path / "wide.npy"
+    np.save(path, (np.random.default_rng(0).random((40, 784)) < 0.13).astype(np.float32))
+    specs = []
+
+    def recording(args, spec, rows):
+        specs.append((dict(spec), rows))
+        return torch.get_num_threads()
+
+    def stop(*args, **kwargs):
+        raise OptionError("stopped after the threads were set")
+
+    monkeypatch.setattr(commands, "use_threads", recording)
+    # the module (the package's attribute of that name is the function)
+    monkeypatch.setattr(importlib.import_module("inference.compare"), "compare", stop)
+    argv = ["compare", "--data", str(path), "--epochs", "1", "--run-dir", str(tmp_path / "c")]
+    assert main(argv) == 2
+    [(spec, rows)] = specs
+    assert spec["data_dim"] == 784 and spec["model"] == "vae" and rows == 128

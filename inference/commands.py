@@ -6,6 +6,7 @@ dispatches here through :data:`COMMANDS`.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -21,7 +22,13 @@ from .errors import OptionError
 from .messages import first_line as _first_line
 from .messages import warn as _warn
 from .reports import exact_log_px, report_dict, sign_report
-from .resources import available_memory, check_writable, stored_spec, use_threads
+from .resources import (
+    available_memory,
+    check_writable,
+    default_threads,
+    stored_spec,
+    use_threads,
+)
 from .run import DTYPES, ModelSpec, build_model, load_run
 from .rundir import RunDirectory, refuse_to_replace
 from .train import choose_estimator
@@ -134,7 +141,14 @@ def _compare(args) -> int:
     owner = RunDirectory.create(out, force=args.force)
     try:
         comparison = compare(
-            model, guides, dataset, config, options, out_dir=owner.path, model_name=args.model
+            model,
+            guides,
+            dataset,
+            config,
+            options,
+            out_dir=owner.path,
+            model_name=args.model,
+            eval_threads=_evaluation_threads(args, spec),
         )
         write_comparison(comparison, owner.path)
         owner.publish()
@@ -152,6 +166,17 @@ def _compare(args) -> int:
         )
     faults = [r.guide for r in comparison.rows if r.failed or r.bounds_ok is False]
     return 1 if faults else 0
+
+
+def _evaluation_threads(args, spec: dict):
+    """What ``compare`` asks before each guide's evaluations: the threads for L_K's chunks
+    (as ``explain`` counts them), probed then; None (the training's) with ``--threads``, off
+    the CPU, or for a user model, whose work per row the rule cannot count."""
+    from .evidence import CHUNK_ROWS
+
+    if args.threads is not None or args.device != "cpu" or is_user_model(args.model):
+        return None
+    return functools.partial(default_threads, spec, CHUNK_ROWS)
 
 
 def _compared_guides(args):

@@ -47,6 +47,7 @@ from .evidence import KHAT_THRESHOLD, deprecated_alias, effective_sample_size, i
 from .io import atomic_write_text, seeded, write_csv, write_json
 from .plots import plot_comparison
 from .posterior import posterior_draws, save_netcdf, to_inference_data
+from .threads import torch_threads
 from .train import TrainConfig, config_record, fit
 
 __all__ = [
@@ -353,6 +354,7 @@ def compare(
     *,
     out_dir: str | os.PathLike | None = None,
     model_name: str = "",
+    eval_threads: Callable[[], int] | None = None,
 ) -> Comparison:
     """Train every guide on the same data with the same options and seed; tabulate what each buys.
 
@@ -375,6 +377,10 @@ def compare(
             ``posterior_<guide>.nc`` (no per-epoch checkpoints: they would cost more than the
             small models' steps).
         model_name: how the model is named in the outputs.
+        eval_threads: asked before each guide's evaluations (``fit``'s last and this
+            comparison's); torch runs them with the threads it returns, then the training's
+            again (``elbo-lab compare``: the threads for L_K's chunks, confirmed by a probe,
+            :mod:`inference.threads`). Default: the training's.
 
     Returns:
         A :class:`Comparison`; its rows follow the order of ``guides``.
@@ -420,6 +426,7 @@ def compare(
                 guide,
                 *train_call.args,
                 config=replace(config, eval_every=config.epochs),
+                eval_threads=eval_threads,
                 **train_call.kwargs,
             )
         except Exception as exc:  # keep the guides already compared; report this one
@@ -431,7 +438,8 @@ def compare(
         seconds = time.perf_counter() - start
         num_params = _param_count(guide, probe)
         try:
-            ev = _evaluate(model, guide, eval_call, options, batched and amortized)
+            with torch_threads(eval_threads):
+                ev = _evaluate(model, guide, eval_call, options, batched and amortized)
         except Exception as exc:  # e.g. no L_K for a plate that subsamples itself
             reason = _reason(exc, (OptionError,))
             log.warning("guide %s: evaluation failed: %s", name, reason)

@@ -28,10 +28,11 @@ those threads and with one.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 __all__ = [
     "MIN_FLOPS_PER_THREAD",
@@ -40,6 +41,7 @@ __all__ = [
     "forward_flops",
     "largest_layer",
     "threads_for",
+    "torch_threads",
     "weights_per_row",
 ]
 
@@ -142,3 +144,20 @@ def confirmed_threads(
         torch.set_num_threads(before)
     faster = statistics.median(seconds[threads]) <= PROBE_SPEEDUP * statistics.median(seconds[1])
     return threads if faster else 1
+
+
+@contextlib.contextmanager
+def torch_threads(count: Callable[[], int] | None) -> Iterator[None]:
+    """Inside the block torch runs ``count()`` intra-op threads (asked on entry), and the count
+    it ran before after it, also on an exception; ``None`` changes nothing."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,6 @@ KL where valid, a fixed evaluation seed) and reported per datum in nats as ``los
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -83,6 +82,7 @@ from .io import (
     write_json,
 )
 from .subsample import find_subsampled_plate, full_data_pairs
+from .threads import torch_threads
 from .traced_loss import planned_calls
 
 __all__ = [
@@ -684,7 +684,7 @@ class _Evaluation:
         if not self.due(epoch):
             return []
         rows = []
-        with self._threads():
+        with torch_threads(self.threads):
             for split, call in self.splits:
                 if call is None:
                     continue
@@ -696,20 +696,6 @@ class _Evaluation:
                 rows.append(row)
                 self.final = m
         return rows
-
-    @contextlib.contextmanager
-    def _threads(self):
-        """torch's threads as ``fit``'s ``eval_threads`` says for this evaluation, the
-        training's again after it."""
-        if self.threads is None:
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads())
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     def split(self, call: ModelArgs) -> PerDatumElbo:
         """:func:`evaluate` of one split's arguments, reduced across ranks."""

@@ -4,7 +4,6 @@ directory, then the checked report and the figures."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import json
@@ -33,6 +32,7 @@ from .reports import exact_log_px, report_dict, sign_report
 from .resources import available_memory, check_writable, default_threads, use_threads
 from .run import DEFAULT_AUTOGUIDE, DTYPES, ModelSpec, build_model, check_sources
 from .rundir import RunDirectory
+from .threads import torch_threads
 from .train import CHECKPOINT, Interrupted, TrainConfig, fit
 from .user_model import (
     guide_label,
@@ -419,23 +419,17 @@ def _own_threads(args, run: _TrainingRun) -> bool:
     )
 
 
-@contextlib.contextmanager
 def _report_threads(args, run: _TrainingRun):
     """Torch's threads for the report's checks, then the training's again: the report's work
     is L_K's chunks of :data:`~inference.evidence.CHUNK_ROWS` rows, forward only (as
     ``elbo-lab explain`` counts it), not the training step's (:func:`_own_threads`: else the
     training's)."""
-    import torch
-
     from .evidence import CHUNK_ROWS
 
-    before = torch.get_num_threads()
-    if _own_threads(args, run):
-        use_threads(args, run.spec.to_dict(), CHUNK_ROWS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    own = _own_threads(args, run)
+    return torch_threads(
+        functools.partial(default_threads, run.spec.to_dict(), CHUNK_ROWS) if own else None
+    )
 
 
 def _write_figures(run: _TrainingRun, result, run_dir: Path, data_name: str) -> None:

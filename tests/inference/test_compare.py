@@ -300,3 +300,43 @@ def test_cli_compare_replaces_its_run_directory_only_once_done(tmp_path, capsys,
     assert "No space left" in capsys.readouterr().err
     assert seed_of_the_comparison() == 1 and (out / "posterior_AutoNormal.nc").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["cmp"]  # no temporary siblings
+
+
+def test_each_guides_evaluations_run_with_the_threads_eval_threads_returns(monkeypatch):
+    """``compare(eval_threads=f)``: fit's last evaluation and the comparison's own run with
+    the threads ``f`` returns, asked once per guide for each, the training with its own; the
+    numbers are those of a comparison without it."""
+    import importlib
+
+    compare_module = importlib.import_module("inference.compare")  # not the package's function
+
+    x = 2**0.5 * torch.randn(30, generator=torch.Generator().manual_seed(0))
+    data = ModelData("rows", ModelArgs((x[:20],), {}), ModelArgs((x[20:],), {}))
+    config = TrainConfig(epochs=5, batch_size=None, learning_rate=0.05, progress=False)
+    options = CompareConfig(num_samples=20, eval_particles=4, num_draws=4, split="test")
+    evaluate, seen, asked = compare_module._evaluate, [], []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate(*args, **kwargs)
+
+    def threads() -> int:
+        asked.append(torch.get_num_threads())
+        return 2
+
+    monkeypatch.setattr(compare_module, "_evaluate", recording)
+    guides = {"encoder": local_encoder, "again": local_encoder}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = compare(local_model, guides, data, config, options)
+        given = compare(local_model, guides, data, config, options, eval_threads=threads)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 2, 2]
+    assert asked == [1] * 4  # per guide: fit's last evaluation, then the comparison's
+    strip = ("seconds",)
+    rows = [[{k: v for k, v in r._asdict().items() if k not in strip} for r in c.rows]
+            for c in (plain, given)]  # fmt: skip
+    assert rows[0] == rows[1]

@@ -331,9 +331,11 @@ def test_a_user_model_trains_on_one_thread_unless_told(tmp_path, monkeypatch, gi
         torch.set_num_threads(before)
 
 
-def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypatch):
+@pytest.mark.parametrize("given", [None, 1])
+def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypatch, given):
     """``elbo-lab compare`` sets its threads from the model on the data given (784 columns
-    here), not from the digits' 64."""
+    here), not from the digits' 64, and hands ``compare`` the threads for L_K's chunks of
+    that model (none with ``--threads``)."""
     import importlib
 
     import numpy as np
@@ -350,13 +352,43 @@ def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypa
         specs.append((dict(spec), rows))
         return torch.get_num_threads()
 
+    handed = []
+
     def stop(*args, **kwargs):
+        handed.append(kwargs["eval_threads"])
         raise OptionError("stopped after the threads were set")
 
     monkeypatch.setattr(commands, "use_threads", recording)
     # the module (the package's attribute of that name is the function)
     monkeypatch.setattr(importlib.import_module("inference.compare"), "compare", stop)
     argv = ["compare", "--data", str(path), "--epochs", "1", "--run-dir", str(tmp_path / "c")]
+    argv += [] if given is None else ["--threads", str(given)]
     assert main(argv) == 2
     [(spec, rows)] = specs
     assert spec["data_dim"] == 784 and spec["model"] == "vae" and rows == 128
+    [ask] = handed
+    if given is not None:
+        assert ask is None
+    else:
+        import inference.resources as resources
+        from inference.evidence import CHUNK_ROWS
+
+        assert ask.func is resources.default_threads and ask.args == (spec, CHUNK_ROWS)
+
+
+def test_torch_threads_sets_the_count_inside_and_restores_it_after():
+    from inference.threads import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch_threads(lambda: 2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError), torch_threads(lambda: 2):
+            raise RuntimeError("an evaluation failed")
+        assert torch.get_num_threads() == 1  # restored on the exception too
+        with torch_threads(None):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -305,11 +305,14 @@ def test_a_user_model_trains_on_one_thread_unless_told(tmp_path, monkeypatch, gi
     is kept."""
     from pathlib import Path
 
+    import inference.cli as cli
     import inference.resources as resources
     import inference.train_command as train_command
     from inference.cli import main
 
     monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    # and the command line's check of --threads 2: the test does not depend on the host's cores
+    monkeypatch.setattr(cli, "available_cores", lambda: 2)
     coin = Path(__file__).parent / "user_code" / "coin.py"
     seen = []
     fit_run = train_command._fit_run

@@ -226,8 +226,8 @@ def test_the_report_runs_with_its_own_threads_then_the_trainings_again(monkeypat
             assert torch.get_num_threads() == 1  # the digits' chunks: too little work
         with train_command._report_threads(SimpleNamespace(threads=1), big):
             assert torch.get_num_threads() == 1  # --threads is the user's
-        # a user model trains with torch's default (no rule counts its work): so does its
-        # report, as its evaluations do
+        # a user model's report (no rule counts its work) keeps the training's threads, as
+        # its evaluations do: one (_set_up_training), or --threads
         torch.set_num_threads(2)
         user = SimpleNamespace(spec=ModelSpec(model="my_model.py:model"))
         with train_command._report_threads(SimpleNamespace(threads=None), user):

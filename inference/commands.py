@@ -6,7 +6,6 @@ dispatches here through :data:`COMMANDS`.
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import sys
@@ -22,13 +21,7 @@ from .errors import OptionError
 from .messages import first_line as _first_line
 from .messages import warn as _warn
 from .reports import exact_log_px, report_dict, sign_report
-from .resources import (
-    available_memory,
-    check_writable,
-    default_threads,
-    stored_spec,
-    use_threads,
-)
+from .resources import available_memory, check_writable, phase_threads, stored_spec, use_threads
 from .run import DTYPES, ModelSpec, build_model, load_run
 from .rundir import RunDirectory, refuse_to_replace
 from .train import choose_estimator
@@ -115,6 +108,7 @@ def _explain(args) -> int:
 
 def _compare(args) -> int:
     from .compare import CompareConfig, compare, format_table, write_comparison
+    from .evidence import CHUNK_ROWS
 
     data_name = "digits" if args.data == "digits" else Path(args.data.removeprefix("mnist:")).stem
     model_name = Path(args.model.rpartition(":")[0]).stem if ":" in args.model else args.model
@@ -132,7 +126,7 @@ def _compare(args) -> int:
     model, guides, dataset, batched = _compared_guides(args)
     # the threads for the model's training steps on these data (a user model: one weight a row)
     spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
-    spec["data_dim"] = getattr(dataset, "data_dim", None)
+    spec.update(data_dim=getattr(dataset, "data_dim", None), device=args.device)
     use_threads(args, spec, args.batch_size or choices.BATCH_SIZE)
     _check_comparison_memory(options, model, dataset, batched, available_memory())
     config = training_config(args, batched=batched, progress=sys.stderr.isatty())
@@ -148,7 +142,8 @@ def _compare(args) -> int:
             options,
             out_dir=owner.path,
             model_name=args.model,
-            eval_threads=_evaluation_threads(args, spec),
+            # each guide's evaluations: the threads for L_K's chunks (as explain counts them)
+            eval_threads=phase_threads(args, spec, CHUNK_ROWS),
         )
         write_comparison(comparison, owner.path)
         owner.publish()
@@ -166,17 +161,6 @@ def _compare(args) -> int:
         )
     faults = [r.guide for r in comparison.rows if r.failed or r.bounds_ok is False]
     return 1 if faults else 0
-
-
-def _evaluation_threads(args, spec: dict):
-    """What ``compare`` asks before each guide's evaluations: the threads for L_K's chunks
-    (as ``explain`` counts them), probed then; None (the training's) with ``--threads``, off
-    the CPU, or for a user model, whose work per row the rule cannot count."""
-    from .evidence import CHUNK_ROWS
-
-    if args.threads is not None or args.device != "cpu" or is_user_model(args.model):
-        return None
-    return functools.partial(default_threads, spec, CHUNK_ROWS)
 
 
 def _compared_guides(args):

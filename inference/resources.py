@@ -3,9 +3,11 @@ threads a command uses."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from . import choices
@@ -18,6 +20,7 @@ __all__ = [
     "available_memory",
     "check_writable",
     "default_threads",
+    "phase_threads",
     "stored_spec",
     "use_threads",
 ]
@@ -71,6 +74,20 @@ def default_threads(spec: dict, rows: int) -> int:
     if threads != proposed:
         log.info("threads: 1, not %d: a probe found %d no faster now", proposed, proposed)
     return threads
+
+
+def phase_threads(args, spec: dict, rows: int) -> Callable[[], int] | None:
+    """What a phase other than the training steps (an evaluation, L_K's chunks) asks for its
+    threads when it starts: :func:`default_threads` for chunks of ``rows`` rows, probed then.
+    None (it keeps the training's count) with ``--threads``, off the CPU (``spec``'s
+    ``device``), or for a user model, whose work per row the rule cannot count."""
+    from .user_model import is_user_model
+
+    if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
+        return None
+    if is_user_model(str(spec.get("model", choices.MODEL))):
+        return None
+    return functools.partial(default_threads, spec, rows)
 
 
 def use_threads(args, spec: dict, rows: int) -> int:

@@ -4,7 +4,6 @@ directory, then the checked report and the figures."""
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import logging
@@ -29,7 +28,7 @@ from .messages import warn as _warn
 from .plots import write_training_figures
 from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
 from .reports import exact_log_px, report_dict, sign_report
-from .resources import available_memory, check_writable, default_threads, use_threads
+from .resources import available_memory, check_writable, phase_threads, use_threads
 from .run import DEFAULT_AUTOGUIDE, DTYPES, ModelSpec, build_model, check_sources
 from .rundir import RunDirectory
 from .threads import torch_threads
@@ -353,15 +352,16 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool, eval_threads
 
 def _evaluation_threads(args, run: _TrainingRun):
     """What ``fit`` asks before each evaluation: the threads for its chunks of
-    ``eval_batch_size`` rows (all of a split's rows where it has fewer), probed then (None: the
-    training's, where :func:`_own_threads` says so, and with several ranks, which evaluate their
-    shards at once on the same cores, each probe timing its product beside the others')."""
-    if not _own_threads(args, run) or run.world.size > 1:
+    ``eval_batch_size`` rows (all of a split's rows where it has fewer), probed then
+    (:func:`~inference.resources.phase_threads`); None, the training's, also with several
+    ranks, which evaluate their shards at once on the same cores, each probe timing its
+    product beside the others'."""
+    if run.spec.user_model or run.world.size > 1:  # (a user model: no rows to count)
         return None
     rows = max(len(run.dataset.train), len(run.dataset.test))  # the larger split's
     if run.config.eval_batch_size:
         rows = min(rows, run.config.eval_batch_size)
-    return functools.partial(default_threads, run.spec.to_dict(), rows)
+    return phase_threads(args, run.spec.to_dict(), rows)
 
 
 def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: str) -> int:
@@ -408,28 +408,14 @@ def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: 
     return 0 if checked.bounds.ok else 1
 
 
-def _own_threads(args, run: _TrainingRun) -> bool:
-    """Whether the evaluation and the report pick their own threads: not with ``--threads``,
-    not off the CPU, and not for a user model, whose work per row the rule cannot count (it
-    trains on one thread, and so they run)."""
-    return (
-        getattr(args, "threads", None) is None
-        and run.spec.device == "cpu"
-        and not run.spec.user_model
-    )
-
-
 def _report_threads(args, run: _TrainingRun):
     """Torch's threads for the report's checks, then the training's again: the report's work
     is L_K's chunks of :data:`~inference.evidence.CHUNK_ROWS` rows, forward only (as
-    ``elbo-lab explain`` counts it), not the training step's (:func:`_own_threads`: else the
-    training's)."""
+    ``elbo-lab explain`` counts it), not the training step's
+    (:func:`~inference.resources.phase_threads`)."""
     from .evidence import CHUNK_ROWS
 
-    own = _own_threads(args, run)
-    return torch_threads(
-        functools.partial(default_threads, run.spec.to_dict(), CHUNK_ROWS) if own else None
-    )
+    return torch_threads(phase_threads(args, run.spec.to_dict(), CHUNK_ROWS))
 
 
 def _write_figures(run: _TrainingRun, result, run_dir: Path, data_name: str) -> None:

@@ -19,6 +19,7 @@ from .messages import FLAGS, as_options, error_line
 from .messages import first_line as _first_line
 from .parser import build_parser
 from .resources import available_cores
+from .threads import SPIN_COUNT
 
 __all__ = ["FLAGS", "as_options", "build_parser", "error_line", "main"]
 
@@ -52,6 +53,36 @@ def huge_pages_stall(path: str = THP_DEFRAG) -> bool:
         return False
     chosen = text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
     return chosen in ("always", "madvise", "defer+madvise")
+
+
+#: MKL's conditional numerical reproducibility, strict: its matrix products give the same bits
+#: whatever the number of threads (Intel's documented ``MKL_CBWR``; ``AUTO``: the CPU's own
+#: code path). Without it a 784-200-10 VAE's weight gradients changed in the last bits with 2
+#: threads, so the steps' thread count (chosen by timing, :class:`inference.threads.StepThreads`)
+#: would leak the machine's load into the numbers.
+MKL_CBWR = "AUTO,STRICT"
+
+
+def process_environment() -> None:
+    """Set, before torch and NumPy load (each reads these once), what the program runs with;
+    a value the user set wins.
+
+    - ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads waiting at a barrier sleep instead of
+      spinning, so a run with several threads slows down on a busy machine but does not
+      collapse; with it (unless the user set the policy) ``GOMP_SPINCOUNT``
+      (:data:`~inference.threads.SPIN_COUNT`, libgomp's documented switch): the spin before the
+      sleep is cut to about 30 us, which spans the gaps between one step's products, from
+      libgomp's default of about 3 ms.
+    - ``MKL_CBWR`` (:data:`MKL_CBWR`): products that do not depend on the thread count.
+    - ``NUMPY_MADVISE_HUGEPAGE=0`` where the kernel would stall to grant NumPy's large arrays
+      huge pages (:func:`huge_pages_stall`).
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+    os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+    if huge_pages_stall():
+        os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 
 def _os_error(exc: OSError) -> str:
@@ -94,13 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        # Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning,
-        # so a run with several threads slows down on a busy machine but does not collapse.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        # And before NumPy loads: where the kernel would stall to grant them, NumPy's large
-        # arrays ask for no transparent huge pages (:func:`huge_pages_stall`).
-        if huge_pages_stall():
-            os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+        process_environment()
         if program and args.command != "watch":
             commands = _load_library_as_program()
         else:

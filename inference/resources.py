@@ -21,6 +21,7 @@ __all__ = [
     "check_writable",
     "default_threads",
     "phase_threads",
+    "step_threads",
     "stored_spec",
     "use_threads",
 ]
@@ -63,17 +64,22 @@ def default_threads(spec: dict, rows: int) -> int:
         weights_per_row,
     )
 
-    sizes = (
-        str(spec.get("model", choices.MODEL)),
-        int(spec.get("data_dim") or 1),
-        int(spec.get("latent_dim", choices.LATENT_DIM)),
-        tuple(spec.get("hidden_dims", choices.HIDDEN_DIMS)),
-    )
+    sizes = _sizes(spec)
     proposed = threads_for(forward_flops(weights_per_row(*sizes), rows), available_cores())
     threads = confirmed_threads(proposed, rows, largest_layer(*sizes))
     if threads != proposed:
         log.info("threads: 1, not %d: a probe found %d no faster now", proposed, proposed)
     return threads
+
+
+def _sizes(spec: dict) -> tuple[str, int, int, tuple[int, ...]]:
+    """The model's name and sizes in ``spec``, as :mod:`inference.threads` counts them."""
+    return (
+        str(spec.get("model", choices.MODEL)),
+        int(spec.get("data_dim") or 1),
+        int(spec.get("latent_dim", choices.LATENT_DIM)),
+        tuple(spec.get("hidden_dims", choices.HIDDEN_DIMS)),
+    )
 
 
 def phase_threads(args, spec: dict, rows: int) -> Callable[[], int] | None:
@@ -88,6 +94,33 @@ def phase_threads(args, spec: dict, rows: int) -> Callable[[], int] | None:
     if is_user_model(str(spec.get("model", choices.MODEL))):
         return None
     return functools.partial(default_threads, spec, rows)
+
+
+def step_threads(args, spec: dict, rows: int):
+    """A :class:`~inference.threads.StepThreads` for training steps of ``rows`` rows of the model
+    ``spec`` where one forward pass has work for more than one thread
+    (:func:`~inference.threads.threads_for_steps`); None (torch's count as it is set) with
+    ``--threads``, off the CPU, for a user model (whose steps' sums may change with the count in
+    the last digits), for a step too small to share, or where torch's matrix products may
+    depend on the count: the count follows the machine's load, and the numbers must not, so it
+    needs torch's MKL in strict reproducible mode (``MKL_CBWR=...,STRICT``, which the command
+    line sets: :data:`inference.cli.MKL_CBWR`)."""
+    import torch
+
+    from .threads import StepThreads, forward_flops, threads_for_steps, weights_per_row
+    from .user_model import is_user_model
+
+    if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
+        return None
+    strict = os.environ.get("MKL_CBWR", "").upper().replace(" ", "").endswith(",STRICT")
+    if not (strict and torch.backends.mkl.is_available()):
+        return None
+    sizes = _sizes(spec)
+    if is_user_model(sizes[0]):
+        return None
+    flops = forward_flops(weights_per_row(*sizes), rows)
+    threads = threads_for_steps(flops, available_cores())
+    return StepThreads(threads) if threads > 1 else None
 
 
 def use_threads(args, spec: dict, rows: int) -> int:

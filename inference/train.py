@@ -27,7 +27,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -82,7 +82,7 @@ from .io import (
     write_json,
 )
 from .subsample import find_subsampled_plate, full_data_pairs
-from .threads import torch_threads
+from .threads import StepThreads, torch_threads
 from .traced_loss import planned_calls
 
 __all__ = [
@@ -869,6 +869,7 @@ class _Loop:
     files: _RunFiles
     config: TrainConfig
     flag: _SignalFlag
+    step_threads: StepThreads | None = None
 
     def run(self, position: _Position) -> list[dict[str, Any]]:
         """Train from ``position`` to ``config.epochs``; return the whole history."""
@@ -897,8 +898,10 @@ class _Loop:
         every rank is at and raises :class:`Interrupted`."""
         batches, flag, world = self.batches, self.flag, self.batches.world
         epochs = self.config.epochs
+        threads = self.step_threads
         for index, call, mine, rows in batches.steps(epoch, start):
             with (
+                threads.step(timed=rows == batches.size) if threads else nullcontext(),
                 pyro.validation_enabled(self.config.validate or (epoch, index) == (0, 0)),
                 planned_calls(batches.calls_left(epoch, index, epochs)),  # export if it pays
             ):
@@ -947,6 +950,7 @@ def fit(
     world: World | None = None,
     publish: Callable[[], Path] | None = None,
     eval_threads: Callable[[], int] | None = None,
+    step_threads: StepThreads | None = None,
     **kwargs,
 ) -> TrainResult:
     """Train ``guide`` (and the model's parameters) by SVI on the model's own arguments.
@@ -989,6 +993,11 @@ def fit(
             threads it returns, then the training's again (``elbo-lab train``: the threads for
             its evaluation chunks, confirmed by a probe, :mod:`inference.threads`). Default:
             the training's.
+        step_threads: a :class:`~inference.threads.StepThreads` that sets torch's threads
+            for each step, by timing the run's steps with its count and with one; torch's
+            count is restored after the last step. For a model whose steps compute the same
+            with either count (``elbo-lab train``: the built-in models). Default: torch's
+            count as it is.
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last evaluation's test metrics (train if no
@@ -1006,8 +1015,13 @@ def fit(
     files = _RunFiles(run_dir, config, metadata, state, world, publish)
     position = files.resume() if resume else _Position(0, 0, 0.0, [])
     files.open(position, resume)
-    with _SignalFlag(handle_signals) as flag:
-        history = _Loop(state, batches, evaluation, files, config, flag).run(position)
+    threads = torch.get_num_threads()
+    try:
+        with _SignalFlag(handle_signals) as flag:
+            loop = _Loop(state, batches, evaluation, files, config, flag, step_threads)
+            history = loop.run(position)
+    finally:
+        torch.set_num_threads(threads)
     final = evaluation.final
     if final is None:  # resumed a finished run: report the last recorded metrics
         final = PerDatumElbo(*(history[-1].get(k) for k in PerDatumElbo._fields))

@@ -28,7 +28,13 @@ from .messages import warn as _warn
 from .plots import write_training_figures
 from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
 from .reports import exact_log_px, report_dict, sign_report
-from .resources import available_memory, check_writable, phase_threads, use_threads
+from .resources import (
+    available_memory,
+    check_writable,
+    phase_threads,
+    step_threads,
+    use_threads,
+)
 from .run import DEFAULT_AUTOGUIDE, DTYPES, ModelSpec, build_model, check_sources
 from .rundir import RunDirectory
 from .threads import torch_threads
@@ -161,7 +167,9 @@ def _train_owned(args, run_dir, owner, progress, data_name, resume, spec) -> int
             spec = _new_spec(args)
         config = _new_config(args, spec, progress)
     run = _set_up_training(args, spec, config, run_dir, source, source_sha256)
-    result = _fit_run(run, run_dir, owner, resume, _evaluation_threads(args, run))
+    result = _fit_run(
+        run, run_dir, owner, resume, _evaluation_threads(args, run), _step_threads(args, run)
+    )
     if isinstance(result, int):  # stopped: the exit status
         return result
     shutdown(run.world)
@@ -312,9 +320,17 @@ def _set_up_training(args, spec, config, run_dir, source, source_sha256) -> _Tra
     )
 
 
-def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool, eval_threads=None):
-    """:func:`~inference.train.fit` the run into its directory (``eval_threads``: fit's); the
-    exit status instead of the result when it stopped on a signal or a non-finite number."""
+def _fit_run(
+    run: _TrainingRun,
+    run_dir: Path,
+    owner,
+    resume: bool,
+    eval_threads=None,
+    step_threads=None,
+):
+    """:func:`~inference.train.fit` the run into its directory (``eval_threads`` and
+    ``step_threads``: fit's); the exit status instead of the result when it stopped on a
+    signal or a non-finite number."""
     spec, config, train_call = run.spec, run.config, run.train_call
     model_file = model_source_file(run.model) if spec.user_model else None
     provenance = {
@@ -336,6 +352,7 @@ def _fit_run(run: _TrainingRun, run_dir: Path, owner, resume: bool, eval_threads
             world=run.world,
             publish=owner.publish if owner is not None else None,
             eval_threads=eval_threads,
+            step_threads=step_threads,
             **train_call.kwargs,
         )
     except Interrupted as exc:
@@ -362,6 +379,15 @@ def _evaluation_threads(args, run: _TrainingRun):
     if run.config.eval_batch_size:
         rows = min(rows, run.config.eval_batch_size)
     return phase_threads(args, run.spec.to_dict(), rows)
+
+
+def _step_threads(args, run: _TrainingRun):
+    """Torch's threads for each training step, timed on the run's own steps
+    (:func:`~inference.resources.step_threads`); None, the count ``use_threads`` set, also with
+    several ranks, which share the cores (a user model: no rows to count)."""
+    if run.spec.user_model or run.world.size > 1:
+        return None
+    return step_threads(args, run.spec.to_dict(), run.config.batch_size or len(run.dataset.train))
 
 
 def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: str) -> int:

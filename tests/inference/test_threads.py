@@ -52,38 +52,42 @@ def test_flops_and_threads():
     assert threads_for(0.0, cores=0) == 1
 
 
-@pytest.mark.parametrize("preset", [None, "1"])
+@pytest.mark.parametrize("preset", [None, "user"])
 def test_the_program_sets_torch_process_options_before_torch_loads(preset):
-    """``elbo-lab`` as a program sets OMP_WAIT_POLICY=PASSIVE before torch is imported and,
-    where the kernel would stall for them, NUMPY_MADVISE_HUGEPAGE=0 (no huge pages for NumPy's
-    arrays) before NumPy is, since each is read once when its library loads; a value the user
-    set is kept, and torch's own huge pages (THP_MEM_ALLOC_ENABLE) are left as the user has
-    them."""
+    """``elbo-lab`` as a program sets, before torch is imported: OMP_WAIT_POLICY=PASSIVE with
+    GOMP_SPINCOUNT (a short spin before the sleep) and MKL_CBWR (strict reproducible products);
+    and, where the kernel would stall for them, NUMPY_MADVISE_HUGEPAGE=0 (no huge pages for
+    NumPy's arrays) before NumPy is: each is read once when its library loads. A value the user
+    set is kept (and a wait policy of their own gets no spin count of ours); torch's own huge
+    pages (THP_MEM_ALLOC_ENABLE) are left as the user has them."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from inference.cli import MKL_CBWR, huge_pages_stall
+    from inference.threads import SPIN_COUNT
+
+    names = ["OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_CBWR", "NUMPY_MADVISE_HUGEPAGE"]
     script = (
         "import os, sys\n"
-        "seen = []\n"
-        "def hook(event, args):\n"  # the environment as torch starts to load
+        "seen = {}\n"
+        "def hook(event, args):\n"  # the environment as torch and NumPy start to load
         "    if event == 'import' and args[0] in ('torch', 'numpy') and args[0] not in seen:\n"
-        "        seen.extend([args[0], os.environ.get(VARS[args[0]])])\n"
-        "VARS = {'torch': 'OMP_WAIT_POLICY', 'numpy': 'NUMPY_MADVISE_HUGEPAGE'}\n"
+        "        seen[args[0]] = [os.environ.get(n, 'None') for n in NAMES]\n"
+        f"NAMES = {names!r}\n"
         "sys.addaudithook(hook)\n"
         "import inference.cli as cli\n"
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
         "sys.argv = ['elbo-lab', 'evaluate', '/no/such/run']\n"
         "code = cli.main()\n"
         "assert 'torch' in sys.modules\n"
-        "print(code, dict(zip(seen[::2], seen[1::2]))['torch'],\n"
-        "      dict(zip(seen[::2], seen[1::2]))['numpy'], os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
+        "print(code, *seen['numpy'][3:], *seen['torch'][:3],\n"
+        "      os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
     )
-    names = ("OMP_WAIT_POLICY", "NUMPY_MADVISE_HUGEPAGE", "THP_MEM_ALLOC_ENABLE")
-    env = {k: v for k, v in os.environ.items() if k not in names}
+    env = {k: v for k, v in os.environ.items() if k not in [*names, "THP_MEM_ALLOC_ENABLE"]}
     if preset is not None:
-        env["NUMPY_MADVISE_HUGEPAGE"] = preset
+        env.update(OMP_WAIT_POLICY="ACTIVE", MKL_CBWR="AVX2", NUMPY_MADVISE_HUGEPAGE="1")
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -91,10 +95,12 @@ def test_the_program_sets_torch_process_options_before_torch_loads(preset):
         env={**env, "PYTHONPATH": str(root)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    from inference.cli import huge_pages_stall
-
     numpy_default = "0" if huge_pages_stall() else "None"  # this machine's kernel decides
-    assert out.stdout.split() == ["2", "PASSIVE", preset or numpy_default, "None"]
+    if preset is None:
+        expected = [numpy_default, "PASSIVE", str(SPIN_COUNT), MKL_CBWR]
+    else:
+        expected = ["1", "ACTIVE", "None", "AVX2"]
+    assert out.stdout.split() == ["2", *expected, "None"]
 
 
 @pytest.mark.parametrize(

@@ -97,18 +97,18 @@ def phase_threads(args, spec: dict, rows: int) -> Callable[[], int] | None:
 
 
 def step_threads(args, spec: dict, rows: int):
-    """A :class:`~inference.threads.StepThreads` for training steps of ``rows`` rows of the model
-    ``spec`` where one forward pass has work for more than one thread
+    """A :class:`~inference.threads.StepThreads` for training steps of ``rows`` rows of the
+    built-in VAE ``spec`` where one forward pass has work for more than one thread
     (:func:`~inference.threads.threads_for_steps`); None (torch's count as it is set) with
-    ``--threads``, off the CPU, for a user model (whose steps' sums may change with the count in
-    the last digits), for a step too small to share, or where torch's matrix products may
-    depend on the count: the count follows the machine's load, and the numbers must not, so it
-    needs torch's MKL in strict reproducible mode (``MKL_CBWR=...,STRICT``, which the command
-    line sets: :data:`inference.cli.MKL_CBWR`)."""
+    ``--threads``, off the CPU, for other models (a user model's sums over many rows may change
+    with the count in the last digits; pPCA's and FA's steps are not tested for it), for a
+    step too small to share, or where torch's matrix products may depend on the count: the
+    count follows the machine's load, and the numbers must not, so it needs torch's MKL in
+    strict reproducible mode (``MKL_CBWR=...,STRICT``, which the command line sets:
+    :data:`inference.cli.MKL_CBWR`)."""
     import torch
 
     from .threads import StepThreads, forward_flops, threads_for_steps, weights_per_row
-    from .user_model import is_user_model
 
     if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
         return None
@@ -116,7 +116,7 @@ def step_threads(args, spec: dict, rows: int):
     if not (strict and torch.backends.mkl.is_available()):
         return None
     sizes = _sizes(spec)
-    if is_user_model(sizes[0]):
+    if sizes[0] != "vae":  # the model whose steps are tested to compute the same either way
         return None
     flops = forward_flops(weights_per_row(*sizes), rows)
     threads = threads_for_steps(flops, available_cores())

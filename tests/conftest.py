@@ -2,9 +2,16 @@
 
 import os
 
-import pyro
-import pytest
-import torch
+from inference.cli import MKL_CBWR  # loads no torch
+
+# Before torch loads MKL: the program runs MKL's products in strict reproducible mode
+# (inference.cli.process_environment), which changes their last bits; tests that compare a
+# run in this process with the program's need the same mode, and subprocesses inherit it.
+os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+
+import pyro  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # The networks in tests are tiny: one intra-op thread is fastest and avoids oversubscribing a

@@ -147,15 +147,17 @@ def test_steps_propose_threads_from_their_forward_pass():
         ({"data_dim": 784, "latent_dim": 20, "hidden_dims": [400], "device": "cuda"}, None, None),
         ({"data_dim": 64, "latent_dim": 10, "hidden_dims": [200]}, None, None),
         ({"model": "coin.py:model", "data_dim": 10**6}, None, None),
+        ({"model": "ppca", "data_dim": 10**4, "latent_dim": 50}, None, None),
     ],
-    ids=["MNIST-sized", "--threads", "off the CPU", "digits", "a user model"],
+    ids=["MNIST-sized", "--threads", "off the CPU", "digits", "a user model", "ppca"],
 )
 def test_train_times_its_steps_for_the_built_in_models_large_enough(
     monkeypatch, spec, given, expected
 ):
     """``resources.step_threads``: a chooser for the MNIST-sized VAE's batches of 128 on 2
-    cores; none with ``--threads``, off the CPU, for the digits' small steps (0.008 GFLOP) or
-    a user model."""
+    cores; none with ``--threads``, off the CPU, for the digits' small steps (0.008 GFLOP), a
+    user model or pPCA (however large: only the VAE's steps are tested to compute the same
+    with either count)."""
     import inference.resources as resources
 
     monkeypatch.setattr(resources, "available_cores", lambda: 2)

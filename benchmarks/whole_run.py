@@ -11,9 +11,13 @@ measures the machine as much as the program; CPU time much less so.
     elbo-lab   ``python -m inference.cli train --epochs E`` with every default (threads included)
     plain      ``benchmarks/plain_vae.py --epochs E --threads 1`` (pytorch/examples' shape)
     numpyro    ``benchmarks/numpyro_vae.py --epochs E --threads 1`` (skipped if not installed)
+    plain@default, numpyro@default   the same with the library's own threads (torch: one per
+               core, spinning while they wait; XLA: its thread pool over every core)
 
 Step mode (``--steps K``): the mean time of one training step after warm-up, each program in
-its own process with one thread, at two scales: digits 64-200-10 and an MNIST-sized 784-400-20
+its own process with one thread (``@default``: the threads it picks itself; for elbo-lab, the
+program's environment and its step threads, :class:`inference.threads.StepThreads`), at two
+scales: digits 64-200-10 and an MNIST-sized 784-400-20
 on 60,000 synthetic binarized rows, both batch 128. elbo-lab's step is timed from ``fit``'s own
 per-epoch ``seconds`` (a second and third epoch of K steps on K x 128 synthetic rows, after the
 first epoch compiled the estimator), so it includes the loop's shuffling and checks; the peers
@@ -85,8 +89,10 @@ def run_program(
         if mnist:
             cmd += ["--data", str(_mnist_file(work)), "--latent-dim", "20", "--hidden-dims", "400"]
     else:
-        script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[program]
-        cmd = [str(BENCH / script), "--epochs", str(epochs), "--threads", "1", "--quiet"]
+        name, _, variant = program.partition("@")  # "@default": the library's own threads
+        script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[name]
+        cmd = [str(BENCH / script), "--epochs", str(epochs), "--quiet"]
+        cmd += [] if variant == "default" else ["--threads", "1"]
         if mnist:
             cmd += ["--synthetic", str(MNIST_ROWS), "--data-dim", "784"]
             cmd += ["--hidden", "400", "--latent", "20"]
@@ -147,16 +153,27 @@ def whole_runs(
     return result
 
 
-def _elbo_lab_step(data_dim: int, hidden: int, latent: int, steps: int) -> float:
-    """Seconds per step of ``fit``'s default training (1 thread), from its per-epoch times."""
+def _elbo_lab_step(
+    data_dim: int, hidden: int, latent: int, steps: int, default: bool = False
+) -> float:
+    """Seconds per step of ``fit``'s default training, from its per-epoch times: one thread,
+    or (``default``) the program's environment and the step threads ``elbo-lab train`` uses."""
+    if default:
+        from inference.cli import process_environment
+
+        process_environment()  # before torch loads
+
     import pyro
     import torch
 
     import inference.traced_loss as traced_loss
+    from inference.resources import step_threads
     from inference.train import TrainConfig, fit
     from models.vae import VAE
 
     torch.set_num_threads(1)
+    spec = {"model": "vae", "data_dim": data_dim, "latent_dim": latent, "hidden_dims": [hidden]}
+    chooser = step_threads(argparse.Namespace(threads=None), spec, 128) if default else None
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(steps * 128, data_dim, generator=g) < 0.13).float()
     pyro.clear_param_store()
@@ -168,7 +185,7 @@ def _elbo_lab_step(data_dim: int, hidden: int, latent: int, steps: int) -> float
     pays = traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS, traced_loss.EXPORT_PAYS_AFTER_CALLS
     traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS = traced_loss.EXPORT_PAYS_AFTER_CALLS = 0
     try:
-        history = fit(vae.model, vae.guide, x, config=config).history
+        history = fit(vae.model, vae.guide, x, config=config, step_threads=chooser).history
     finally:
         traced_loss.FIRST_EXPORT_PAYS_AFTER_CALLS, traced_loss.EXPORT_PAYS_AFTER_CALLS = pays
     seconds = {row["epoch"]: row["seconds"] for row in history if "seconds" in row}
@@ -181,11 +198,14 @@ def step_times(programs: list[str], steps: int, rounds: int) -> dict:
         print(f"round {r + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
         for scale, (d, h, latent, rows) in SCALES.items():
             for p in programs:
-                if p == "elbo-lab":
-                    cmd = [str(Path(__file__)), "--elbo-lab-step", f"{d},{h},{latent},{steps}"]
+                name, _, variant = p.partition("@")
+                if name == "elbo-lab":
+                    sizes = f"{d},{h},{latent},{steps},{int(variant == 'default')}"
+                    cmd = [str(Path(__file__)), "--elbo-lab-step", sizes]
                 else:
-                    script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[p]
-                    cmd = [str(BENCH / script), "--time-steps", str(steps), "--threads", "1"]
+                    script = {"plain": "plain_vae.py", "numpyro": "numpyro_vae.py"}[name]
+                    cmd = [str(BENCH / script), "--time-steps", str(steps)]
+                    cmd += [] if variant == "default" else ["--threads", "1"]
                     cmd += ["--hidden", str(h), "--latent", str(latent)]
                     if rows:
                         cmd += ["--synthetic", str(rows), "--data-dim", str(d)]
@@ -200,7 +220,8 @@ def step_times(programs: list[str], steps: int, rounds: int) -> dict:
                 ms = float(res.stdout.split("step_ms")[-1].split()[0])
                 out.setdefault((scale, p), []).append(ms)
     print(
-        f"\nstep time, 1 thread, batch 128, {rounds} rounds: ms, median (min-max); ratio to plain"
+        f"\nstep time, batch 128, {rounds} rounds (one thread; @default: the program's own): "
+        "ms, median (min-max); ratio to plain"
     )
     result = {}
     for scale in SCALES:
@@ -235,13 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     if args.elbo_lab_step:  # the child process of step mode
-        d, h, latent, steps = map(int, args.elbo_lab_step.split(","))
-        print(f"step_ms {1e3 * _elbo_lab_step(d, h, latent, steps):.4f}")
+        d, h, latent, steps, *default = map(int, args.elbo_lab_step.split(","))
+        print(f"step_ms {1e3 * _elbo_lab_step(d, h, latent, steps, any(default)):.4f}")
         return {}
     programs = args.programs.split(",")
-    if "numpyro" in programs and not has_numpyro():
-        print("whole_run: NumPyro/JAX not installed, numpyro skipped (pip install -e .[bench])")
-        programs.remove("numpyro")
+    if not has_numpyro():
+        for p in [p for p in programs if p.partition("@")[0] == "numpyro"]:
+            print(f"whole_run: NumPyro/JAX not installed, {p} skipped (pip install -e .[bench])")
+            programs.remove(p)
     if args.steps:
         result = step_times(programs, args.steps, args.rounds)
     else:

@@ -26,6 +26,9 @@ T0 = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import inference.cli as cli  # noqa: E402
+
+cli.process_environment()  # the program's environment, before torch loads (main is too late)
+
 import inference.traced_loss as traced_loss  # noqa: E402
 import inference.train as train  # noqa: E402
 import inference.train_command as train_command  # noqa: E402

@@ -63,9 +63,10 @@ def huge_pages_stall(path: str = THP_DEFRAG) -> bool:
 MKL_CBWR = "AUTO,STRICT"
 
 
-def process_environment() -> None:
+def process_environment(numbers: bool = True) -> None:
     """Set, before torch and NumPy load (each reads these once), what the program runs with;
-    a value the user set wins.
+    a value the user set wins. ``numbers=False`` (``watch``: the user's script computes as it
+    would alone) leaves out ``MKL_CBWR``, which changes the products' last bits.
 
     - ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads waiting at a barrier sleep instead of
       spinning, so a run with several threads slows down on a busy machine but does not
@@ -80,7 +81,8 @@ def process_environment() -> None:
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
-    os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+    if numbers:
+        os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     if huge_pages_stall():
         os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        process_environment()
+        process_environment(numbers=args.command != "watch")
         if program and args.command != "watch":
             commands = _load_library_as_program()
         else:

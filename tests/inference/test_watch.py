@@ -34,6 +34,7 @@ FAST = ["--num-samples", "64", "--eval-particles", "8", "--no-progress"]
 
 def _start(*argv, cwd) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env.pop("MKL_CBWR", None)  # as a user's shell has it (the suite's conftest sets it)
     return subprocess.Popen(
         [sys.executable, *map(str, argv)],
         cwd=cwd,
@@ -220,6 +221,18 @@ def test_watching_changes_no_number_and_restores_pyro(tmp_path):
     assert all(r["kl[loc]_method"] == "monte_carlo" for r in rows)
     assert "TraceMeanField_ELBO().loss" in w.report() and "(ok)" in w.report()
     assert set(pyro.get_param_store().keys()) == {"AutoNormal.locs.loc", "AutoNormal.scales.loc"}
+
+
+def test_a_watched_script_gets_no_setting_that_changes_its_numbers(tmp_path):
+    """``train`` runs MKL in strict reproducible mode (``MKL_CBWR``), which changes the last
+    bits of its products; a watched script computes as ``python SCRIPT`` would, so it does not
+    get that setting (a value the user set is still the script's)."""
+    script = tmp_path / "env.py"
+    script.write_text("import os\nprint('MKL_CBWR', os.environ.get('MKL_CBWR'))\n")
+    watched = _finish(_start("-m", "inference.cli", "watch", "--run-dir", tmp_path / "r", script,
+                             cwd=tmp_path))  # fmt: skip
+    assert watched.returncode == 0, watched.stderr
+    assert watched.stdout.split() == ["MKL_CBWR", "None"]
 
 
 def test_explain_rebuilds_a_guarded_script_and_declines_an_unguarded_one(tmp_path, capsys):

@@ -260,3 +260,46 @@ def test_training_computes_the_same_numbers_whichever_count_the_steps_run():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[0] == "same"
+
+
+def test_train_as_a_program_gives_the_same_run_with_its_step_threads_as_on_one(tmp_path):
+    """``elbo-lab train`` end to end, the program's own environment: a 784-200-10 VAE (its
+    steps have work for two threads) by default, where the steps time themselves (the ``-v``
+    log says what the trial chose on a machine of 2 cores or more), and with ``--threads 1``:
+    the metrics and the report's JSON are the same to the last digit."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from inference.resources import available_cores
+
+    data = tmp_path / "wide.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, (rng.random((1200, 784)) < 0.13).astype(np.float32))
+    root = Path(__file__).resolve().parents[2]
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_CBWR")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    runs = {}
+    for label, extra in (("default", []), ("one", ["--threads", "1"])):
+        argv = ["-m", "inference.cli", "-v", "train", "--data", str(data), "--epochs", "2"]
+        argv += ["--eval-every", "1", "--no-progress", "--json", "--run-dir", str(tmp_path / label)]
+        out = subprocess.run(
+            [sys.executable, *argv, *extra],
+            capture_output=True, text=True, timeout=300, cwd=root,
+            env={**env, "PYTHONPATH": str(root)},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = (tmp_path / label / "metrics.jsonl").read_text().splitlines()
+        rows = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+        report = json.loads(out.stdout)
+        report.pop("run_dir")
+        runs[label] = (rows, report, out.stderr)
+    assert runs["default"][:2] == runs["one"][:2]
+    assert len(runs["one"][0]) == 4
+    chose = "inference.threads: training steps:" in runs["default"][2]
+    assert chose == (available_cores() >= 2)
+    assert "training steps:" not in runs["one"][2]  # --threads: no trial

@@ -148,8 +148,9 @@ def test_steps_propose_threads_from_their_forward_pass():
         ({"data_dim": 64, "latent_dim": 10, "hidden_dims": [200]}, None, None),
         ({"model": "coin.py:model", "data_dim": 10**6}, None, None),
         ({"model": "ppca", "data_dim": 10**4, "latent_dim": 50}, None, None),
+        ({"data_dim": 784, "latent_dim": 20, "hidden_dims": [400], "dtype": "float64"}, None, None),
     ],
-    ids=["MNIST-sized", "--threads", "off the CPU", "digits", "a user model", "ppca"],
+    ids=["MNIST-sized", "--threads", "off the CPU", "digits", "a user model", "ppca", "float64"],
 )
 def test_train_times_its_steps_for_the_built_in_models_large_enough(
     monkeypatch, spec, given, expected

@@ -103,16 +103,25 @@ def step_threads(args, spec: dict, rows: int):
     ``--threads``, off the CPU, for other models (a user model's sums over many rows may change
     with the count in the last digits; pPCA's and FA's steps are not tested for it), in float64
     (torch's float64 products change in the last bits with the count even in MKL's strict
-    mode: 784-200-10 at batch 128, measured with torch 2.13's MKL 2024.2), for a
+    mode: 784-200-10 at batch 128, measured with torch 2.13's MKL 2024.2), for steps of
+    :data:`~inference.threads.MAX_STEP_ROWS` rows or more (the loss's sum over them), for a
     step too small to share, or where torch's matrix products may depend on the count: the
     count follows the machine's load, and the numbers must not, so it needs torch's MKL in
     strict reproducible mode (``MKL_CBWR=...,STRICT``, which the command line sets:
     :data:`inference.cli.MKL_CBWR`)."""
     import torch
 
-    from .threads import StepThreads, forward_flops, threads_for_steps, weights_per_row
+    from .threads import (
+        MAX_STEP_ROWS,
+        StepThreads,
+        forward_flops,
+        threads_for_steps,
+        weights_per_row,
+    )
 
     if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
+        return None
+    if rows >= MAX_STEP_ROWS:  # the loss's sum over the rows follows the count
         return None
     strict = os.environ.get("MKL_CBWR", "").upper().replace(" ", "").endswith(",STRICT")
     if not (strict and torch.backends.mkl.is_available()):

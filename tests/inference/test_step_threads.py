@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from inference.threads import (
+    MAX_STEP_ROWS,
     MAX_TRIAL_SECONDS,
     MIN_STEP_FLOPS_PER_THREAD,
     SLOWER,
@@ -181,6 +182,20 @@ def test_no_chooser_where_the_products_may_depend_on_the_thread_count(monkeypatc
     assert resources.step_threads(SimpleNamespace(threads=None), spec, 128) is None
 
 
+def test_no_chooser_for_steps_whose_loss_sum_torch_splits_between_threads(monkeypatch):
+    """The loss sums one term a row; from MAX_STEP_ROWS rows torch splits that sum between its
+    threads, so its last bits (``svi_loss``) would follow the count: a full batch of 40,000
+    MNIST-sized rows recorded 571.9126 with one thread and 571.91255 with two."""
+    import inference.resources as resources
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
+    none = SimpleNamespace(threads=None)
+    assert resources.step_threads(none, spec, MAX_STEP_ROWS - 1).threads == 2
+    assert resources.step_threads(none, spec, MAX_STEP_ROWS) is None
+
+
 def test_train_hands_fit_its_chooser_and_not_with_several_ranks(monkeypatch):
     import inference.resources as resources
     import inference.train_command as train_command
@@ -194,6 +209,11 @@ def test_train_hands_fit_its_chooser_and_not_with_several_ranks(monkeypatch):
     one = SimpleNamespace(size=1)
     run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=rows, world=one)
     assert train_command._step_threads(SimpleNamespace(threads=None), run).threads == 2
+    # a batch larger than the data: a step has the data's rows (full batch), no more
+    small = SimpleNamespace(train=range(1000), test=range(100))
+    config = TrainConfig(batch_size=10**6)
+    whole = SimpleNamespace(**{**vars(run), "dataset": small, "config": config})
+    assert train_command._step_threads(SimpleNamespace(threads=None), whole).threads == 2
     ranks = SimpleNamespace(**{**vars(run), "world": SimpleNamespace(size=2)})
     assert train_command._step_threads(SimpleNamespace(threads=None), ranks) is None
     user = SimpleNamespace(spec=ModelSpec(model="my_model.py:model"), world=one)

@@ -123,8 +123,7 @@ def step_threads(args, spec: dict, rows: int):
         return None
     if rows >= MAX_STEP_ROWS:  # the loss's sum over the rows follows the count
         return None
-    strict = os.environ.get("MKL_CBWR", "").upper().replace(" ", "").endswith(",STRICT")
-    if not (strict and torch.backends.mkl.is_available()):
+    if not (_mkl_strict(os.environ.get("MKL_CBWR", "")) and torch.backends.mkl.is_available()):
         return None
     sizes = _sizes(spec)
     if sizes[0] != "vae":  # the model whose steps are tested to compute the same either way
@@ -134,6 +133,15 @@ def step_threads(args, spec: dict, rows: int):
     flops = forward_flops(weights_per_row(*sizes), rows)
     threads = threads_for_steps(flops, available_cores())
     return StepThreads(threads) if threads > 1 else None
+
+
+def _mkl_strict(cbwr: str) -> bool:
+    """Whether ``MKL_CBWR`` (``[BRANCH=]<branch>[,STRICT]``) asks for MKL's strict reproducible
+    mode on a branch that has it (AUTO, AVX2, AVX-512: Intel's "Reproducibility Conditions");
+    elsewhere MKL runs non-strict, whose products may change with the thread count (784-200-10
+    at ``COMPATIBLE,STRICT``: they did)."""
+    branch, *flags = cbwr.upper().replace(" ", "").removeprefix("BRANCH=").split(",")
+    return "STRICT" in flags and (branch == "AUTO" or branch.startswith(("AVX2", "AVX512")))
 
 
 def use_threads(args, spec: dict, rows: int) -> int:

@@ -168,7 +168,9 @@ def test_train_times_its_steps_for_the_built_in_models_large_enough(
     assert (chooser.threads if chooser else None) == expected
 
 
-@pytest.mark.parametrize("cbwr", [None, "AUTO", "COMPATIBLE"])
+@pytest.mark.parametrize(
+    "cbwr", [None, "AUTO", "COMPATIBLE", "COMPATIBLE,STRICT", "SSE4_2,STRICT", "STRICT"]
+)
 def test_no_chooser_where_the_products_may_depend_on_the_thread_count(monkeypatch, cbwr):
     """Without MKL's strict reproducible mode a load-dependent count could change the numbers."""
     import inference.resources as resources
@@ -194,6 +196,18 @@ def test_no_chooser_for_steps_whose_loss_sum_torch_splits_between_threads(monkey
     none = SimpleNamespace(threads=None)
     assert resources.step_threads(none, spec, MAX_STEP_ROWS - 1).threads == 2
     assert resources.step_threads(none, spec, MAX_STEP_ROWS) is None
+
+
+@pytest.mark.parametrize(
+    "cbwr", ["AUTO,STRICT", "auto, strict", "BRANCH=AVX2,STRICT", "AVX512,STRICT"]
+)
+def test_a_chooser_in_any_spelling_of_strict_mode(monkeypatch, cbwr):
+    import inference.resources as resources
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setenv("MKL_CBWR", cbwr)
+    spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
+    assert resources.step_threads(SimpleNamespace(threads=None), spec, 128).threads == 2
 
 
 def test_train_hands_fit_its_chooser_and_not_with_several_ranks(monkeypatch):

@@ -210,6 +210,25 @@ def test_a_chooser_in_any_spelling_of_strict_mode(monkeypatch, cbwr):
     assert resources.step_threads(SimpleNamespace(threads=None), spec, 128).threads == 2
 
 
+def test_no_strict_mode_claimed_once_torch_is_loaded(monkeypatch):
+    """MKL reads MKL_CBWR at its first product, so ``main`` called in a process that has already
+    computed cannot turn the strict mode on; setting the variable anyway made the step threads
+    trust a mode MKL was not in (a (10, 128) @ (128, 200) product then differed between 1 and 2
+    threads), so the environment is left as it is and no chooser is made."""
+    import os
+
+    import inference.resources as resources
+    from inference.cli import process_environment
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_CBWR", "NUMPY_MADVISE_HUGEPAGE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    process_environment()  # torch is loaded in this process
+    assert "MKL_CBWR" not in os.environ
+    spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
+    assert resources.step_threads(SimpleNamespace(threads=None), spec, 128) is None
+
+
 def test_train_hands_fit_its_chooser_and_not_with_several_ranks(monkeypatch):
     import inference.resources as resources
     import inference.train_command as train_command

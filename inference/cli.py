@@ -66,7 +66,8 @@ MKL_CBWR = "AUTO,STRICT"
 def process_environment(numbers: bool = True) -> None:
     """Set, before torch and NumPy load (each reads these once), what the program runs with;
     a value the user set wins. ``numbers=False`` (``watch``: the user's script computes as it
-    would alone) leaves out ``MKL_CBWR``, which changes the products' last bits.
+    would alone) leaves out ``MKL_CBWR``, which changes the products' last bits, and so does a
+    process where torch is already loaded.
 
     - ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads waiting at a barrier sleep instead of
       spinning, so a run with several threads slows down on a busy machine but does not
@@ -81,7 +82,10 @@ def process_environment(numbers: bool = True) -> None:
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
-    if numbers:
+    # MKL reads MKL_CBWR at its first product: once torch is loaded (main called in a process
+    # that may have computed already) setting it may change nothing, and the step threads,
+    # which trust it (:func:`~inference.resources.step_threads`), would follow the load.
+    if numbers and "torch" not in sys.modules:
         os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     if huge_pages_stall():
         os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")

@@ -101,26 +101,47 @@ def step_threads(args, spec: dict, rows: int):
     built-in VAE ``spec`` where one forward pass has work for more than one thread
     (:func:`~inference.threads.threads_for_steps`); None (torch's count as it is set) with
     ``--threads``, off the CPU, for other models (a user model's sums over many rows may change
-    with the count in the last digits; pPCA's and FA's steps are not tested for it), for a
+    with the count in the last digits; pPCA's and FA's steps are not tested for it), in float64
+    (torch's float64 products change in the last bits with the count even in MKL's strict
+    mode: 784-200-10 at batch 128, measured with torch 2.13's MKL 2024.2), for steps of
+    :data:`~inference.threads.MAX_STEP_ROWS` rows or more (the loss's sum over them), for a
     step too small to share, or where torch's matrix products may depend on the count: the
     count follows the machine's load, and the numbers must not, so it needs torch's MKL in
     strict reproducible mode (``MKL_CBWR=...,STRICT``, which the command line sets:
     :data:`inference.cli.MKL_CBWR`)."""
     import torch
 
-    from .threads import StepThreads, forward_flops, threads_for_steps, weights_per_row
+    from .threads import (
+        MAX_STEP_ROWS,
+        StepThreads,
+        forward_flops,
+        threads_for_steps,
+        weights_per_row,
+    )
 
     if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
         return None
-    strict = os.environ.get("MKL_CBWR", "").upper().replace(" ", "").endswith(",STRICT")
-    if not (strict and torch.backends.mkl.is_available()):
+    if rows >= MAX_STEP_ROWS:  # the loss's sum over the rows follows the count
+        return None
+    if not (_mkl_strict(os.environ.get("MKL_CBWR", "")) and torch.backends.mkl.is_available()):
         return None
     sizes = _sizes(spec)
     if sizes[0] != "vae":  # the model whose steps are tested to compute the same either way
         return None
+    if spec.get("dtype", "float32") != "float32":  # MKL's float64 products: not even strict
+        return None
     flops = forward_flops(weights_per_row(*sizes), rows)
     threads = threads_for_steps(flops, available_cores())
     return StepThreads(threads) if threads > 1 else None
+
+
+def _mkl_strict(cbwr: str) -> bool:
+    """Whether ``MKL_CBWR`` (``[BRANCH=]<branch>[,STRICT]``) asks for MKL's strict reproducible
+    mode on a branch that has it (AUTO, AVX2, AVX-512: Intel's "Reproducibility Conditions");
+    elsewhere MKL runs non-strict, whose products may change with the thread count (784-200-10
+    at ``COMPATIBLE,STRICT``: they did)."""
+    branch, *flags = cbwr.upper().replace(" ", "").removeprefix("BRANCH=").split(",")
+    return "STRICT" in flags and (branch == "AUTO" or branch.startswith(("AVX2", "AVX512")))
 
 
 def use_threads(args, spec: dict, rows: int) -> int:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_STEP_ROWS",
     "MIN_FLOPS_PER_THREAD",
     "MIN_STEP_FLOPS_PER_THREAD",
     "PROBE_SPEEDUP",
@@ -176,6 +177,10 @@ def torch_threads(count: Callable[[], int] | None) -> Iterator[None]:
 #: threads, 784-200-10 (0.082) 3.0 -> 2.0 ms, 256-200-10 (0.028) 1.38 -> 1.0-1.1 ms, and the
 #: digits' 64-200-10 (0.008) 0.77-0.79 against 0.70-0.93 ms, no gain.
 MIN_STEP_FLOPS_PER_THREAD = 1e7
+#: Rows of a training step from which its thread count is not chosen by timing: the loss sums
+#: one term a row, and torch splits a sum of this many elements between its threads, so its
+#: last bits (the ``svi_loss`` of a 40,000-row full batch, MKL strict or not) follow the count.
+MAX_STEP_ROWS = 32768
 #: How long (in libgomp's spins, about 10 ns each) a thread that waits at a barrier spins
 #: before it sleeps, set by the command line with the sleeping policy (``GOMP_SPINCOUNT``, read
 #: when torch loads OpenMP). 0 (``OMP_WAIT_POLICY=PASSIVE`` alone) makes every product wake a

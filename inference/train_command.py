@@ -387,7 +387,8 @@ def _step_threads(args, run: _TrainingRun):
     several ranks, which share the cores (a user model: no rows to count)."""
     if run.spec.user_model or run.world.size > 1:
         return None
-    return step_threads(args, run.spec.to_dict(), run.config.batch_size or len(run.dataset.train))
+    n = len(run.dataset.train)
+    return step_threads(args, run.spec.to_dict(), min(run.config.batch_size or n, n))
 
 
 def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: str) -> int:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from inference.threads import (
+    MAX_STEP_ROWS,
     MAX_TRIAL_SECONDS,
     MIN_STEP_FLOPS_PER_THREAD,
     SLOWER,
@@ -148,8 +149,9 @@ def test_steps_propose_threads_from_their_forward_pass():
         ({"data_dim": 64, "latent_dim": 10, "hidden_dims": [200]}, None, None),
         ({"model": "coin.py:model", "data_dim": 10**6}, None, None),
         ({"model": "ppca", "data_dim": 10**4, "latent_dim": 50}, None, None),
+        ({"data_dim": 784, "latent_dim": 20, "hidden_dims": [400], "dtype": "float64"}, None, None),
     ],
-    ids=["MNIST-sized", "--threads", "off the CPU", "digits", "a user model", "ppca"],
+    ids=["MNIST-sized", "--threads", "off the CPU", "digits", "a user model", "ppca", "float64"],
 )
 def test_train_times_its_steps_for_the_built_in_models_large_enough(
     monkeypatch, spec, given, expected
@@ -166,7 +168,9 @@ def test_train_times_its_steps_for_the_built_in_models_large_enough(
     assert (chooser.threads if chooser else None) == expected
 
 
-@pytest.mark.parametrize("cbwr", [None, "AUTO", "COMPATIBLE"])
+@pytest.mark.parametrize(
+    "cbwr", [None, "AUTO", "COMPATIBLE", "COMPATIBLE,STRICT", "SSE4_2,STRICT", "STRICT"]
+)
 def test_no_chooser_where_the_products_may_depend_on_the_thread_count(monkeypatch, cbwr):
     """Without MKL's strict reproducible mode a load-dependent count could change the numbers."""
     import inference.resources as resources
@@ -176,6 +180,51 @@ def test_no_chooser_where_the_products_may_depend_on_the_thread_count(monkeypatc
         monkeypatch.delenv("MKL_CBWR", raising=False)
     else:
         monkeypatch.setenv("MKL_CBWR", cbwr)
+    spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
+    assert resources.step_threads(SimpleNamespace(threads=None), spec, 128) is None
+
+
+def test_no_chooser_for_steps_whose_loss_sum_torch_splits_between_threads(monkeypatch):
+    """The loss sums one term a row; from MAX_STEP_ROWS rows torch splits that sum between its
+    threads, so its last bits (``svi_loss``) would follow the count: a full batch of 40,000
+    MNIST-sized rows recorded 571.9126 with one thread and 571.91255 with two."""
+    import inference.resources as resources
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
+    none = SimpleNamespace(threads=None)
+    assert resources.step_threads(none, spec, MAX_STEP_ROWS - 1).threads == 2
+    assert resources.step_threads(none, spec, MAX_STEP_ROWS) is None
+
+
+@pytest.mark.parametrize(
+    "cbwr", ["AUTO,STRICT", "auto, strict", "BRANCH=AVX2,STRICT", "AVX512,STRICT"]
+)
+def test_a_chooser_in_any_spelling_of_strict_mode(monkeypatch, cbwr):
+    import inference.resources as resources
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setenv("MKL_CBWR", cbwr)
+    spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
+    assert resources.step_threads(SimpleNamespace(threads=None), spec, 128).threads == 2
+
+
+def test_no_strict_mode_claimed_once_torch_is_loaded(monkeypatch):
+    """MKL reads MKL_CBWR at its first product, so ``main`` called in a process that has already
+    computed cannot turn the strict mode on; setting the variable anyway made the step threads
+    trust a mode MKL was not in (a (10, 128) @ (128, 200) product then differed between 1 and 2
+    threads), so the environment is left as it is and no chooser is made."""
+    import os
+
+    import inference.resources as resources
+    from inference.cli import process_environment
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_CBWR", "NUMPY_MADVISE_HUGEPAGE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    process_environment()  # torch is loaded in this process
+    assert "MKL_CBWR" not in os.environ
     spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
     assert resources.step_threads(SimpleNamespace(threads=None), spec, 128) is None
 
@@ -193,6 +242,11 @@ def test_train_hands_fit_its_chooser_and_not_with_several_ranks(monkeypatch):
     one = SimpleNamespace(size=1)
     run = SimpleNamespace(spec=spec, config=TrainConfig(), dataset=rows, world=one)
     assert train_command._step_threads(SimpleNamespace(threads=None), run).threads == 2
+    # a batch larger than the data: a step has the data's rows (full batch), no more
+    small = SimpleNamespace(train=range(1000), test=range(100))
+    config = TrainConfig(batch_size=10**6)
+    whole = SimpleNamespace(**{**vars(run), "dataset": small, "config": config})
+    assert train_command._step_threads(SimpleNamespace(threads=None), whole).threads == 2
     ranks = SimpleNamespace(**{**vars(run), "world": SimpleNamespace(size=2)})
     assert train_command._step_threads(SimpleNamespace(threads=None), ranks) is None
     user = SimpleNamespace(spec=ModelSpec(model="my_model.py:model"), world=one)

@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"step_ms {1e3 * _elbo_lab_step(d, h, latent, steps, any(default)):.4f}")
         return {}
     programs = args.programs.split(",")
+    if args.steps and "elbo-lab@base" in programs:
+        parser.error("--steps: elbo-lab@base is for whole runs (step mode times this checkout)")
     if not has_numpyro():
         for p in [p for p in programs if p.partition("@")[0] == "numpyro"]:
             print(f"whole_run: NumPyro/JAX not installed, {p} skipped (pip install -e .[bench])")

@@ -218,7 +218,8 @@ class StepThreads:
     trial: on a busy machine several threads wait at every product for a partner that is not
     running, and one thread loses nothing. Only the thread count changes, never the steps or
     their noise; so the numbers are the run's whatever is chosen where the model's steps compute
-    the same with either count (the built-in models, tested).
+    the same with either count (the built-in VAE in float32, tested; which runs get one:
+    :func:`inference.resources.step_threads`).
 
     ``with step_threads.step(timed):`` wraps one step; ``timed=False`` for a step that is not
     comparable with the others (a ragged last batch), which then runs the current count.

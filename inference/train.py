@@ -996,8 +996,8 @@ def fit(
         step_threads: a :class:`~inference.threads.StepThreads` that sets torch's threads
             for each step, by timing the run's steps with its count and with one; torch's
             count is restored after the last step. For a model whose steps compute the same
-            with either count (``elbo-lab train``: the built-in models). Default: torch's
-            count as it is.
+            with either count (``elbo-lab train``: the built-in VAE in float32,
+            :func:`~inference.resources.step_threads`). Default: torch's count as it is.
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last evaluation's test metrics (train if no

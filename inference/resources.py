@@ -55,7 +55,9 @@ def default_threads(spec: dict, rows: int) -> int:
     :class:`inference.run.ModelSpec` fields): one per
     :data:`~inference.threads.MIN_FLOPS_PER_THREAD` of one forward pass, up to the cores, and
     more than one only where a probe confirms they are faster now
-    (:func:`~inference.threads.confirmed_threads`)."""
+    (:func:`~inference.threads.confirmed_threads`). The probe follows the machine's load, so it
+    runs only where the count cannot change the numbers (:func:`count_keeps_numbers`);
+    elsewhere (float64, pPCA, FA, passes of 32,768 rows or more) the rule's count stands."""
     from .threads import (
         confirmed_threads,
         forward_flops,
@@ -66,6 +68,9 @@ def default_threads(spec: dict, rows: int) -> int:
 
     sizes = _sizes(spec)
     proposed = threads_for(forward_flops(weights_per_row(*sizes), rows), available_cores())
+    if proposed > 1 and not count_keeps_numbers(spec, rows):
+        # the rule alone: a count that followed the load would carry it into the numbers
+        return proposed
     threads = confirmed_threads(proposed, rows, largest_layer(*sizes))
     if threads != proposed:
         log.info("threads: 1, not %d: a probe found %d no faster now", proposed, proposed)
@@ -98,41 +103,40 @@ def phase_threads(args, spec: dict, rows: int) -> Callable[[], int] | None:
 
 def step_threads(args, spec: dict, rows: int):
     """A :class:`~inference.threads.StepThreads` for training steps of ``rows`` rows of the
-    built-in VAE ``spec`` where one forward pass has work for more than one thread
+    model ``spec`` where one forward pass has work for more than one thread
     (:func:`~inference.threads.threads_for_steps`); None (torch's count as it is set) with
-    ``--threads``, off the CPU, for other models (a user model's sums over many rows may change
-    with the count in the last digits; pPCA's and FA's steps are not tested for it), in float64
-    (torch's float64 products change in the last bits with the count even in MKL's strict
-    mode: 784-200-10 at batch 128, measured with torch 2.13's MKL 2024.2), for steps of
-    :data:`~inference.threads.MAX_STEP_ROWS` rows or more (the loss's sum over them), for a
-    step too small to share, or where torch's matrix products may depend on the count: the
-    count follows the machine's load, and the numbers must not, so it needs torch's MKL in
-    strict reproducible mode (``MKL_CBWR=...,STRICT``, which the command line sets:
-    :data:`inference.cli.MKL_CBWR`)."""
-    import torch
-
-    from .threads import (
-        MAX_STEP_ROWS,
-        StepThreads,
-        forward_flops,
-        threads_for_steps,
-        weights_per_row,
-    )
+    ``--threads``, off the CPU, for a step too small to share, or where the count could change
+    the numbers (:func:`count_keeps_numbers`: the count follows the machine's load, and the
+    numbers must not)."""
+    from .threads import StepThreads, forward_flops, threads_for_steps, weights_per_row
 
     if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
         return None
-    if rows >= MAX_STEP_ROWS:  # the loss's sum over the rows follows the count
-        return None
-    if not (_mkl_strict(os.environ.get("MKL_CBWR", "")) and torch.backends.mkl.is_available()):
+    if not count_keeps_numbers(spec, rows):
         return None
     sizes = _sizes(spec)
-    if sizes[0] != "vae":  # the model whose steps are tested to compute the same either way
-        return None
-    if spec.get("dtype", "float32") != "float32":  # MKL's float64 products: not even strict
-        return None
     flops = forward_flops(weights_per_row(*sizes), rows)
     threads = threads_for_steps(flops, available_cores())
     return StepThreads(threads) if threads > 1 else None
+
+
+def count_keeps_numbers(spec: dict, rows: int) -> bool:
+    """Whether passes over ``rows`` rows of the model ``spec`` compute the same bits with any
+    torch thread count, so that a count chosen by the machine's load (a probe, a trial of
+    steps) cannot reach the numbers: the built-in VAE (the model tested for it), in float32
+    (torch's float64 products change in the last bits with the count even in MKL's strict
+    mode: 784-200-10 at batch 128, torch 2.13's MKL 2024.2), over fewer than
+    :data:`~inference.threads.MAX_STEP_ROWS` rows (from there torch splits a sum over the rows
+    between threads), with torch's MKL in strict reproducible mode (:func:`_mkl_strict`)."""
+    import torch
+
+    from .threads import MAX_STEP_ROWS
+
+    if rows >= MAX_STEP_ROWS or _sizes(spec)[0] != "vae":
+        return False
+    if spec.get("dtype", "float32") != "float32":
+        return False
+    return _mkl_strict(os.environ.get("MKL_CBWR", "")) and torch.backends.mkl.is_available()
 
 
 def _mkl_strict(cbwr: str) -> bool:

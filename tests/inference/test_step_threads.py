@@ -357,3 +357,40 @@ def test_train_as_a_program_gives_the_same_run_with_its_step_threads_as_on_one(t
     chose = "inference.threads: training steps:" in runs["default"][2]
     assert chose == (available_cores() >= 2)
     assert "training steps:" not in runs["one"][2]  # --threads: no trial
+
+
+@pytest.mark.parametrize(
+    ("spec", "rows", "probed"),
+    [
+        ({"data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}, 1024, True),
+        (
+            {"data_dim": 784, "latent_dim": 20, "hidden_dims": [400], "dtype": "float64"},
+            1024,
+            False,
+        ),
+        ({"data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}, 40000, False),
+        ({"model": "fa", "data_dim": 20000, "latent_dim": 50}, 1024, False),
+    ],
+    ids=["VAE float32", "float64", "40,000 rows", "FA"],
+)
+def test_the_probe_decides_only_where_the_count_cannot_change_the_numbers(
+    monkeypatch, spec, rows, probed
+):
+    """``default_threads`` (training threads of the steps that do not time themselves, and the
+    evaluation's and report's): a probe that finds the machine busy keeps one thread for the
+    VAE in float32; where the count could change the numbers the rule's count stands whatever
+    the load, so the numbers cannot follow it."""
+    import inference.resources as resources
+    import inference.threads as threads_module
+
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    asked = []
+
+    def busy(proposed, rows, layer):
+        asked.append(proposed)
+        return 1
+
+    monkeypatch.setattr(threads_module, "confirmed_threads", busy)
+    count = resources.default_threads({"model": "vae", **spec}, rows)
+    assert (asked == [2], count) == ((True, 1) if probed else (False, 2))

@@ -42,12 +42,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/watch_overhead.py
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/whole_run.py
-	$(BIN)/python benchmarks/whole_run.py --steps 100
+	$(BIN)/python benchmarks/whole_run.py --steps 100 \
+		--programs elbo-lab,elbo-lab@default,plain,plain@default,numpyro,numpyro@default
 	$(BIN)/python benchmarks/run_parts.py
 	$(BIN)/python benchmarks/step_parts.py
 	$(BIN)/python benchmarks/step_parts.py --scale 784,400,20 --rows 60000 --calls 200
 	$(BIN)/python benchmarks/gemm_rates.py
-	$(BIN)/python benchmarks/whole_run.py --mnist-sized --epochs 2 --rounds 2
+	$(BIN)/python benchmarks/whole_run.py --mnist-sized --epochs 2 --rounds 2 \
+		--programs elbo-lab,plain,numpyro,plain@default,numpyro@default
 	$(BIN)/python benchmarks/compiled_step.py
 	$(BIN)/python benchmarks/compiled_step.py --scale 784,400,20
 

@@ -273,7 +273,9 @@ class StepThreads:
     def _decide(self) -> None:
         many, one = (statistics.median(self._seen[n]) for n in (self.threads, 1))
         count = self.threads if many <= STEP_SPEEDUP * one else 1
-        same = count == self.count
+        # the first trial confirms nothing (its steps include the run's first, validated and
+        # eager, and perhaps an export): the second comes as soon as the first would repeat
+        same = count == self.count and self.trials > 0
         self._wait = min(2 * self._wait, MAX_TRIAL_SECONDS) if same else TRIAL_SECONDS
         if count != self.count or not self.trials:
             log.info(

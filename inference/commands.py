@@ -126,7 +126,8 @@ def _compare(args) -> int:
     model, guides, dataset, batched = _compared_guides(args)
     # the threads for the model's training steps on these data (a user model: one weight a row)
     spec = {"model": args.model, "latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims}
-    spec.update(data_dim=getattr(dataset, "data_dim", None), device=args.device)
+    # its dtype too: count_keeps_numbers reads a missing one as float32 (a probe by the load)
+    spec.update(data_dim=getattr(dataset, "data_dim", None), device=args.device, dtype=args.dtype)
     use_threads(args, spec, args.batch_size or choices.BATCH_SIZE)
     _check_comparison_memory(options, model, dataset, batched, available_memory())
     config = training_config(args, batched=batched, progress=sys.stderr.isatty())

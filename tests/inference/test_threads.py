@@ -401,3 +401,47 @@ def test_torch_threads_sets_the_count_inside_and_restores_it_after():
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_compare_in_float64_keeps_the_rules_count_whatever_the_load(tmp_path, monkeypatch):
+    """``elbo-lab compare --dtype float64``: the threads of its steps and of L_K's chunks are
+    the rule's count (2 for the MNIST-sized chunks on 2 cores), not a probe's, which follows the
+    load: the spec it counts from carries the dtype (without it, float32 was assumed)."""
+    import importlib
+
+    import numpy as np
+
+    import inference.commands as commands
+    import inference.resources as resources
+    import inference.threads as threads
+    from inference.cli import main
+    from inference.errors import OptionError
+
+    path = tmp_path / "wide.npy"
+    np.save(path, (np.random.default_rng(0).random((40, 784)) < 0.13).astype(np.float32))
+    monkeypatch.setattr(resources, "available_cores", lambda: 2)
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    probed = []
+
+    def busy(proposed, rows, layer):
+        probed.append(proposed)
+        return 1
+
+    monkeypatch.setattr(threads, "confirmed_threads", busy)
+    specs, handed = [], []
+
+    def recording(args, spec, rows):
+        specs.append(dict(spec))
+        return torch.get_num_threads()
+
+    def stop(*args, **kwargs):
+        handed.append(kwargs["eval_threads"])
+        raise OptionError("stopped after the threads were set")
+
+    monkeypatch.setattr(commands, "use_threads", recording)
+    monkeypatch.setattr(importlib.import_module("inference.compare"), "compare", stop)
+    argv = ["compare", "--data", str(path), "--epochs", "1", "--run-dir", str(tmp_path / "c")]
+    assert main([*argv, "--dtype", "float64"]) == 2
+    [spec], [ask] = specs, handed
+    assert (ask(), probed) == (2, [])
+    assert spec["dtype"] == "float64"

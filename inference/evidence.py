@@ -441,6 +441,17 @@ def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
+def thread_independent_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum of ``values`` with the same bits whatever torch's thread count: torch splits a
+    sum of :data:`~inference.threads.MAX_STEP_ROWS` elements or more between its threads, so
+    its last bits follow the count (which a probe chooses by the machine's load); summed in
+    pieces below that, in order. One piece (fewer elements): ``values.sum()`` itself."""
+    from .threads import MAX_STEP_ROWS
+
+    pieces = values.reshape(-1).split(MAX_STEP_ROWS - 1)
+    return torch.stack([p.sum() for p in pieces]).sum() if len(pieces) > 1 else values.sum()
+
+
 def iwae(
     model: Callable,
     guide: Callable,
@@ -479,12 +490,12 @@ def iwae(
     k = log_w.shape[0]
     if k > 1:
         variance = ((k / ess - 1) / (k - 1)).clamp(min=0)
-        stderr = float(variance.sum().sqrt())
+        stderr = float(thread_independent_sum(variance).sqrt())
     else:
         stderr = math.nan
     local = log_w.dim() == 2
     return EvidenceEstimate(
-        lk=float(bound.sum()),
+        lk=float(thread_independent_sum(bound)),
         stderr=stderr,
         per_datum=bound if local else None,
         ess=ess,

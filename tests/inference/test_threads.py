@@ -450,30 +450,31 @@ def test_compare_in_float64_keeps_the_rules_count_whatever_the_load(tmp_path, mo
 def test_l_k_over_a_large_split_is_the_same_with_any_thread_count():
     """``elbo-lab explain`` sums L_K and the ELBO of its draws over the whole split (60,000
     rows here), with threads a probe chose by the load for its chunks: torch splits a sum of
-    32,768 elements or more between its threads, so the last bits of L_K and its standard
-    error followed the count; they must not."""
+    32,768 elements or more between its threads, so the last bits of L_K, its standard error
+    and the objective check's losses (Pyro's, over all the rows at once) followed the count;
+    they must not."""
     import pyro
     import pyro.distributions as dist
 
     from inference.explain import explain_pair
 
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
+    def model(x, num_data=None):  # rows in chunks, as the built-in models' (num_data)
+        with pyro.plate("data", num_data or x.shape[0], subsample_size=x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
+    def guide(x, num_data=None):
+        with pyro.plate("data", num_data or x.shape[0], subsample_size=x.shape[0]):
             pyro.sample("z", dist.Normal(0.5 * x, 0.8))
 
-    x = torch.linspace(-3.0, 3.0, 60000)
+    x = 1.0 + 3.0 * torch.randn(60000, generator=torch.Generator().manual_seed(0))
     before = torch.get_num_threads()
     numbers = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             e = explain_pair(model, guide, x, num_samples=2)
-            numbers.append((e.lk, e.lk_stderr, e.elbo_mc))
+            numbers.append((e.lk, e.lk_stderr, e.elbo_mc, e.objective, e.loss, e.pyro_loss))
     finally:
         torch.set_num_threads(before)
     assert numbers[1] == numbers[0]

@@ -384,6 +384,7 @@ def test_the_probe_decides_only_where_the_count_cannot_change_the_numbers(
 
     monkeypatch.setattr(resources, "available_cores", lambda: 2)
     monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)  # any torch build
     asked = []
 
     def busy(proposed, rows, layer):

@@ -198,6 +198,10 @@ def test_use_threads_sets_what_the_probe_confirms(monkeypatch, probe_says):
 
     monkeypatch.setattr(resources, "available_cores", lambda: 2)
     monkeypatch.setattr(threads, "confirmed_threads", probe)
+    # where the count cannot change the numbers (count_keeps_numbers), whatever the host's
+    # MKL_CBWR or torch build: elsewhere no probe runs
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
     before = torch.get_num_threads()
     spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
     try:

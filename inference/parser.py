@@ -264,7 +264,8 @@ def _add_explain_parser(sub) -> None:
 def _add_threads_option(p: argparse.ArgumentParser, default: str | None = None) -> None:
     default = default or (
         "one per 1/3 GFLOP of a forward pass over a step's or a chunk's rows, up to one per "
-        "core, more than one only where a quick probe finds them faster now (train: a large "
+        "core; for the VAE in float32, more than one only where a quick probe finds them "
+        "faster now (train: a large "
         "VAE's steps time themselves on one and more threads as the run goes); waiting "
         "threads sleep, so a busy machine slows a run down without collapsing it"
     )

@@ -23,7 +23,9 @@ Slowing down is still a loss: with one other busy process on the 2 cores, the re
 threads) ran 1.55x slower with 2 threads than with 1, where on a quiet machine 2 threads took
 0.67x the time. So threads the rule proposes are kept only when a quick probe confirms them
 (:func:`confirmed_threads`): one matrix product of the phase's largest layer, timed now with
-those threads and with one.
+those threads and with one; and only where the count cannot change the numbers
+(:func:`inference.resources.count_keeps_numbers`), since the probe follows the load.
+Elsewhere (float64, pPCA, FA, passes of 32,768 rows or more) the rule's count stands.
 """
 
 from __future__ import annotations

@@ -524,7 +524,8 @@ def psis_khat(log_weights: torch.Tensor) -> np.ndarray:
     """Pareto k̂ of importance log-weights by ArviZ's PSIS: ``(K, N)`` -> ``(N,)``, ``(K,)`` -> ``()``.
 
     k̂ < 0.5 good, 0.5-0.7 usable, > :data:`KHAT_THRESHOLD` unreliable. Draws are independent,
-    so the relative efficiency is 1.
+    so the relative efficiency is 1. One draw has no tail to fit: k̂ is NaN (undefined), where
+    ArviZ would index past its single weight.
 
     References: Yao, Vehtari, Simpson & Gelman (2018), "Yes, but did it work?: Evaluating
     variational inference"; Vehtari, Simpson, Gelman, Yao & Gabry (2024), "Pareto smoothed
@@ -532,6 +533,8 @@ def psis_khat(log_weights: torch.Tensor) -> np.ndarray:
     """
     lw = log_weights.detach().cpu().numpy().astype(np.float64)
     lw = lw.T if lw.ndim == 2 else lw  # ArviZ wants draws last
+    if lw.shape[-1] < 2:  # K = 1 (--num-samples 1)
+        return np.full(lw.shape[:-1], np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         import arviz as az  # imported when needed: it costs 1.7 s at start-up of every command

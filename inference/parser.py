@@ -24,6 +24,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _importance_samples(text: str) -> int:
+    """K of L_K: at least 2. L_1 is the ELBO itself (one draw, no log-mean-exp), so it bounds
+    nothing beyond it, has no standard error across draws and no tail for PSIS k̂."""
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            "K must be at least 2: L_1 is the ELBO itself, with no gap to show, no standard "
+            "error across draws and no tail for PSIS k̂"
+        )
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -245,7 +257,7 @@ def _add_explain_parser(sub) -> None:
     xp.add_argument("run_dir", type=Path, help="a directory written by 'elbo-lab train'")
     xp.add_argument(
         "--num-samples",
-        type=_positive_int,
+        type=_importance_samples,
         default=choices.NUM_SAMPLES,
         help=f"importance samples K per data point for L_K ({choices.NUM_SAMPLES})",
     )
@@ -317,7 +329,7 @@ def _add_watch_parser(sub) -> None:
     )
     w.add_argument(
         "--num-samples",
-        type=_positive_int,
+        type=_importance_samples,
         default=choices.NUM_SAMPLES,
         help=f"importance samples K of L_K ({choices.NUM_SAMPLES})",
     )
@@ -489,7 +501,7 @@ def _add_compare_parser(sub) -> None:
     )
     c.add_argument(
         "--num-samples",
-        type=_positive_int,
+        type=_importance_samples,
         default=choices.NUM_SAMPLES,
         help=f"importance samples K of L_K ({choices.NUM_SAMPLES})",
     )

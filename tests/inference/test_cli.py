@@ -126,6 +126,10 @@ BAD = {
     "missing-data-file": (["train", "--data", "{tmp}/missing.npy"], "missing.npy"),
     "existing-run-dir": (["train", "--run-dir", "{run}"], "--force"),
     "evaluate-missing-dir": (["evaluate", "{tmp}/no-run"], "no-run"),
+    # L_1 is the ELBO itself: no gap, no standard error across draws, no PSIS tail
+    "explain-one-sample": (["explain", "{run}", "--num-samples", "1"], "--num-samples"),
+    "compare-one-sample": (["compare", "--num-samples", "1"], "--num-samples"),
+    "watch-one-sample": (["watch", "--num-samples", "1", "{tmp}/x.py"], "--num-samples"),
     "no-command": ([], "required"),
 }
 

@@ -455,6 +455,14 @@ def test_psis_khat_recovers_the_pareto_tail_of_the_weights(alpha):
     assert psis_khat(log_w[:, 0]).shape == ()  # (K,) global weights: one k̂
 
 
+def test_psis_khat_of_one_draw_is_undefined_not_an_error():
+    """One draw (K = 1, from the Python API; the command line refuses it) has no tail to fit:
+    k̂ is NaN for each datum, where ArviZ would index past the single weight."""
+    khat = psis_khat(torch.zeros(1, 3))
+    assert khat.shape == (3,) and np.isnan(khat).all()
+    assert np.isnan(psis_khat(torch.zeros(1))) and psis_khat(torch.zeros(1)).shape == ()
+
+
 def test_log_px_is_a_deprecated_name_of_the_bound(float64):
     module, x = linear_gaussian("isotropic")
     est = iwae(module.model, module.guide, x, num_samples=8)

@@ -443,12 +443,12 @@ def _log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
 
 def thread_independent_sum(values: torch.Tensor) -> torch.Tensor:
     """The sum of ``values`` with the same bits whatever torch's thread count: torch splits a
-    sum of :data:`~inference.threads.MAX_STEP_ROWS` elements or more between its threads, so
-    its last bits follow the count (which a probe chooses by the machine's load); summed in
-    pieces below that, in order. One piece (fewer elements): ``values.sum()`` itself."""
-    from .threads import MAX_STEP_ROWS
+    sum of :data:`~inference.threads.SPLIT_SUM_ELEMENTS` elements or more between its
+    threads, so its last bits follow the count (which a probe chooses by the machine's load);
+    summed in pieces below that, in order. One piece (fewer elements): ``values.sum()``."""
+    from .threads import SPLIT_SUM_ELEMENTS
 
-    pieces = values.reshape(-1).split(MAX_STEP_ROWS - 1)
+    pieces = values.reshape(-1).split(SPLIT_SUM_ELEMENTS - 1)
     return torch.stack([p.sum() for p in pieces]).sum() if len(pieces) > 1 else values.sum()
 
 

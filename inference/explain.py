@@ -37,7 +37,7 @@ from .io import seeded
 from .objectives import check_objective
 from .run import load_run
 from .subsample import full_data_pairs
-from .threads import MAX_STEP_ROWS, torch_threads
+from .threads import SPLIT_SUM_ELEMENTS, torch_threads
 from .train import estimator_name, pyro_loss
 
 __all__ = ["Explanation", "explain", "explain_pair", "explain_run"]
@@ -447,8 +447,9 @@ def _anatomy(
     # the run's own objective where it trained on another one than the ELBO (renyi:ALPHA)
     checked_elbo = objective if objective is not None else make_elbo(name)
     # Pyro sums that loss over all the split's rows at once, and torch splits a sum of
-    # MAX_STEP_ROWS or more between its threads (which a probe chose by the load): one thread
-    with torch_threads((lambda: 1) if n >= MAX_STEP_ROWS else None):
+    # SPLIT_SUM_ELEMENTS or more between its threads (a probe chose them by the load): so
+    # one thread there
+    with torch_threads((lambda: 1) if n >= SPLIT_SUM_ELEMENTS else None):
         objective = _check_objective_all_rows(checked_elbo, model, guide, args, kwargs, seed)
     if not objective.ok:
         warnings.append(f"{objective.estimator}.loss is not -{objective.objective} here")

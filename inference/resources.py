@@ -126,13 +126,14 @@ def count_keeps_numbers(spec: dict, rows: int) -> bool:
     steps) cannot reach the numbers: the built-in VAE (the model tested for it), in float32
     (torch's float64 products change in the last bits with the count even in MKL's strict
     mode: 784-200-10 at batch 128, torch 2.13's MKL 2024.2), over fewer than
-    :data:`~inference.threads.MAX_STEP_ROWS` rows (from there torch splits a sum over the rows
-    between threads), with torch's MKL in strict reproducible mode (:func:`_mkl_strict`)."""
+    :data:`~inference.threads.SPLIT_SUM_ELEMENTS` rows (from there torch splits a sum over the
+    rows between threads), with torch's MKL in strict reproducible mode
+    (:func:`_mkl_strict`)."""
     import torch
 
-    from .threads import MAX_STEP_ROWS
+    from .threads import SPLIT_SUM_ELEMENTS
 
-    if rows >= MAX_STEP_ROWS or _sizes(spec)[0] != "vae":
+    if rows >= SPLIT_SUM_ELEMENTS or _sizes(spec)[0] != "vae":
         return False
     if spec.get("dtype", "float32") != "float32":
         return False

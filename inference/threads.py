@@ -40,11 +40,11 @@ from collections.abc import Callable, Iterator, Sequence
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MAX_STEP_ROWS",
     "MIN_FLOPS_PER_THREAD",
     "MIN_STEP_FLOPS_PER_THREAD",
     "PROBE_SPEEDUP",
     "SPIN_COUNT",
+    "SPLIT_SUM_ELEMENTS",
     "StepThreads",
     "confirmed_threads",
     "forward_flops",
@@ -179,10 +179,12 @@ def torch_threads(count: Callable[[], int] | None) -> Iterator[None]:
 #: threads, 784-200-10 (0.082) 3.0 -> 2.0 ms, 256-200-10 (0.028) 1.38 -> 1.0-1.1 ms, and the
 #: digits' 64-200-10 (0.008) 0.77-0.79 against 0.70-0.93 ms, no gain.
 MIN_STEP_FLOPS_PER_THREAD = 1e7
-#: Rows of a training step from which its thread count is not chosen by timing: the loss sums
-#: one term a row, and torch splits a sum of this many elements between its threads, so its
-#: last bits (the ``svi_loss`` of a 40,000-row full batch, MKL strict or not) follow the count.
-MAX_STEP_ROWS = 32768
+#: Elements from which torch splits a sum between its threads (ATen's parallel grain), so
+#: that its last bits follow the thread count, MKL strict or not: a training step's loss sums
+#: one term a row (a 40,000-row full batch's ``svi_loss`` followed the count), so steps of this
+#: many rows are not timed on several counts; L_K sums in pieces below it
+#: (:func:`inference.evidence.thread_independent_sum`).
+SPLIT_SUM_ELEMENTS = 32768
 #: How long (in libgomp's spins, about 10 ns each) a thread that waits at a barrier spins
 #: before it sleeps, set by the command line with the sleeping policy (``GOMP_SPINCOUNT``, read
 #: when torch loads OpenMP). 0 (``OMP_WAIT_POLICY=PASSIVE`` alone) makes every product wake a

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from inference.threads import (
-    MAX_STEP_ROWS,
     MAX_TRIAL_SECONDS,
     MIN_STEP_FLOPS_PER_THREAD,
     SLOWER,
+    SPLIT_SUM_ELEMENTS,
     STEP_SPEEDUP,
     TRIAL_SECONDS,
     TRIAL_STEPS,
@@ -184,7 +184,7 @@ def test_no_chooser_where_the_products_may_depend_on_the_thread_count(monkeypatc
 
 
 def test_no_chooser_for_steps_whose_loss_sum_torch_splits_between_threads(monkeypatch):
-    """The loss sums one term a row; from MAX_STEP_ROWS rows torch splits that sum between its
+    """The loss sums one term a row; from SPLIT_SUM_ELEMENTS rows torch splits that sum between its
     threads, so its last bits (``svi_loss``) would follow the count: a full batch of 40,000
     MNIST-sized rows recorded 571.9126 with one thread and 571.91255 with two."""
     import inference.resources as resources
@@ -193,8 +193,8 @@ def test_no_chooser_for_steps_whose_loss_sum_torch_splits_between_threads(monkey
     monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
     spec = {"model": "vae", "data_dim": 784, "latent_dim": 20, "hidden_dims": [400]}
     none = SimpleNamespace(threads=None)
-    assert resources.step_threads(none, spec, MAX_STEP_ROWS - 1).threads == 2
-    assert resources.step_threads(none, spec, MAX_STEP_ROWS) is None
+    assert resources.step_threads(none, spec, SPLIT_SUM_ELEMENTS - 1).threads == 2
+    assert resources.step_threads(none, spec, SPLIT_SUM_ELEMENTS) is None
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,12 @@ def _sizes(spec: dict) -> tuple[str, int, int, tuple[int, ...]]:
     )
 
 
+def _count_is_ours(args, spec: dict) -> bool:
+    """Whether the thread count is ours to choose: not given by ``--threads``, and torch's CPU
+    threads do the work (``spec``'s ``device``)."""
+    return getattr(args, "threads", None) is None and spec.get("device", "cpu") == "cpu"
+
+
 def phase_threads(args, spec: dict, rows: int) -> Callable[[], int] | None:
     """What a phase other than the training steps (an evaluation, L_K's chunks) asks for its
     threads when it starts: :func:`default_threads` for chunks of ``rows`` rows, probed then.
@@ -94,7 +100,7 @@ def phase_threads(args, spec: dict, rows: int) -> Callable[[], int] | None:
     ``device``), or for a user model, whose work per row the rule cannot count."""
     from .user_model import is_user_model
 
-    if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
+    if not _count_is_ours(args, spec):
         return None
     if is_user_model(str(spec.get("model", choices.MODEL))):
         return None
@@ -110,7 +116,7 @@ def step_threads(args, spec: dict, rows: int):
     numbers must not)."""
     from .threads import StepThreads, forward_flops, threads_for_steps, weights_per_row
 
-    if getattr(args, "threads", None) is not None or spec.get("device", "cpu") != "cpu":
+    if not _count_is_ours(args, spec):
         return None
     if not count_keeps_numbers(spec, rows):
         return None

@@ -344,11 +344,10 @@ def test_a_user_model_trains_on_one_thread_unless_told(tmp_path, monkeypatch, gi
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("given", [None, 1])
-def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypatch, given):
-    """``elbo-lab compare`` sets its threads from the model on the data given (784 columns
-    here), not from the digits' 64, and hands ``compare`` the threads for L_K's chunks of
-    that model (none with ``--threads``)."""
+def _compare_until_its_threads(tmp_path, monkeypatch, extra: list[str]):
+    """``elbo-lab compare`` on a 40 x 784 array with ``extra`` options, stopped once its
+    threads are set: the ``(spec, rows)`` its training threads were counted from and the
+    ``eval_threads`` it handed ``compare``."""
     import importlib
 
     import numpy as np
@@ -359,13 +358,11 @@ def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypa
 
     path = tmp_path / "wide.npy"
     np.save(path, (np.random.default_rng(0).random((40, 784)) < 0.13).astype(np.float32))
-    specs = []
+    specs, handed = [], []
 
     def recording(args, spec, rows):
         specs.append((dict(spec), rows))
         return torch.get_num_threads()
-
-    handed = []
 
     def stop(*args, **kwargs):
         handed.append(kwargs["eval_threads"])
@@ -375,11 +372,19 @@ def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypa
     # the module (the package's attribute of that name is the function)
     monkeypatch.setattr(importlib.import_module("inference.compare"), "compare", stop)
     argv = ["compare", "--data", str(path), "--epochs", "1", "--run-dir", str(tmp_path / "c")]
-    argv += [] if given is None else ["--threads", str(given)]
-    assert main(argv) == 2
-    [(spec, rows)] = specs
+    assert main([*argv, *extra]) == 2
+    [(spec, rows)], [ask] = specs, handed
+    return spec, rows, ask
+
+
+@pytest.mark.parametrize("given", [None, 1])
+def test_compare_counts_the_threads_for_the_datas_own_columns(tmp_path, monkeypatch, given):
+    """``elbo-lab compare`` sets its threads from the model on the data given (784 columns
+    here), not from the digits' 64, and hands ``compare`` the threads for L_K's chunks of
+    that model (none with ``--threads``)."""
+    extra = [] if given is None else ["--threads", str(given)]
+    spec, rows, ask = _compare_until_its_threads(tmp_path, monkeypatch, extra)
     assert spec["data_dim"] == 784 and spec["model"] == "vae" and rows == 128
-    [ask] = handed
     if given is not None:
         assert ask is None
     else:
@@ -411,18 +416,9 @@ def test_compare_in_float64_keeps_the_rules_count_whatever_the_load(tmp_path, mo
     """``elbo-lab compare --dtype float64``: the threads of its steps and of L_K's chunks are
     the rule's count (2 for the MNIST-sized chunks on 2 cores), not a probe's, which follows the
     load: the spec it counts from carries the dtype (without it, float32 was assumed)."""
-    import importlib
-
-    import numpy as np
-
-    import inference.commands as commands
     import inference.resources as resources
     import inference.threads as threads
-    from inference.cli import main
-    from inference.errors import OptionError
 
-    path = tmp_path / "wide.npy"
-    np.save(path, (np.random.default_rng(0).random((40, 784)) < 0.13).astype(np.float32))
     monkeypatch.setattr(resources, "available_cores", lambda: 2)
     monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
     probed = []
@@ -432,21 +428,7 @@ def test_compare_in_float64_keeps_the_rules_count_whatever_the_load(tmp_path, mo
         return 1
 
     monkeypatch.setattr(threads, "confirmed_threads", busy)
-    specs, handed = [], []
-
-    def recording(args, spec, rows):
-        specs.append(dict(spec))
-        return torch.get_num_threads()
-
-    def stop(*args, **kwargs):
-        handed.append(kwargs["eval_threads"])
-        raise OptionError("stopped after the threads were set")
-
-    monkeypatch.setattr(commands, "use_threads", recording)
-    monkeypatch.setattr(importlib.import_module("inference.compare"), "compare", stop)
-    argv = ["compare", "--data", str(path), "--epochs", "1", "--run-dir", str(tmp_path / "c")]
-    assert main([*argv, "--dtype", "float64"]) == 2
-    [spec], [ask] = specs, handed
+    spec, _, ask = _compare_until_its_threads(tmp_path, monkeypatch, ["--dtype", "float64"])
     assert (ask(), probed) == (2, [])
     assert spec["dtype"] == "float64"
 

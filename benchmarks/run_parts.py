@@ -34,7 +34,7 @@ import inference.train as train  # noqa: E402
 import inference.train_command as train_command  # noqa: E402
 
 PARTS = [
-    (cli, "_load_library", "loading the library (torch, Pyro, matplotlib)"),
+    (cli, "_load_library", "loading the library (torch, Pyro)"),
     (train, "init", "init: the optimizer (imports torch._dynamo)"),
     (train._Loop, "steps", "the steps, exports included"),
     (traced_loss.TracedLoss, "_export", "exports"),
@@ -42,7 +42,8 @@ PARTS = [
     (train._RunFiles, "save", "checkpoints"),
     (train._RunFiles, "append", "metrics rows appended"),
     (train_command, "_report_training", "report, figures included"),
-    (train_command, "_write_figures", "figures"),
+    (train_command._Figures, "__init__", "figures: their numbers (for the worker)"),
+    (train_command._Figures, "write", "figures: the worker's answer awaited (or drawn here)"),
 ]
 
 

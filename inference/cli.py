@@ -129,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     the file system, 1 for faults (a non-finite loss, memory exhausted), 128 + N on signal N."""
     program = argv is None  # the process runs this one command (console script, python -m)
     argv = list(sys.argv[1:] if argv is None else argv)
+    worker = None
     try:
         args = build_parser().parse_args(argv)
         process_environment(numbers=args.command != "watch")
+        if program and args.command == "train":  # draws on another core while torch loads
+            from .figure_worker import FigureWorker
+
+            args.figure_worker_ = worker = FigureWorker.start()
         if program and args.command != "watch":
             commands = _load_library_as_program()
         else:
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("elbo-lab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if worker is not None:  # a run that ended before its figures: nothing to draw
+            worker.close()
 
 
 if __name__ == "__main__":

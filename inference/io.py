@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +22,13 @@ import pyro
 import torch
 
 from .errors import RunError
+from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_text, clean_temporary_files
 
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_FORMAT",
     "MetricsLog",
+    "TMP_SUFFIX",
     "atomic_write_bytes",
     "atomic_write_text",
     "checksum",
@@ -46,7 +47,6 @@ __all__ = [
 CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint file
 CHECKPOINT_FORMAT = "elbo-lab/checkpoint"
 CHECKPOINT_VERSION = 2  # 2: SHA-256 of the contents; history lives in metrics.jsonl
-TMP_SUFFIX = ".tmp"
 
 #: What every checkpoint holds, and the type each entry must have.
 CHECKPOINT_KEYS = {
@@ -60,40 +60,6 @@ CHECKPOINT_KEYS = {
     "metrics": dict,
     "sha256": str,
 }
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    The temporary file is ``.<name>.<random>.tmp``; one left by a killed process is removed by
-    :func:`clean_temporary_files` at the next start.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; give the usual mode of a new file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def clean_temporary_files(directory: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files of interrupted atomic writes (``.<name>.<random>.tmp``)."""
-    removed = []
-    for p in Path(directory).glob(f".*{TMP_SUFFIX}"):
-        if p.is_file() and not p.is_symlink():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

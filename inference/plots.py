@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .errors import OptionError
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = [
     "pca_2d",
@@ -682,27 +682,16 @@ def write_training_figures(
         module: the trained model's ``nn.Module``.
         data: an :class:`inference.data.Dataset` on the module's device and dtype.
     """
-    import torch
+    from .figure_worker import draw, training_figure_jobs
 
-    run_dir = Path(run_dir)
-    paths = [run_dir / "curves.png"]
-    plot_training_curves(history, title=title, path=paths[-1])
-    if module is None or data is None:  # a user's model: its arguments are not images
-        return paths
-    x = data.test if len(data.test) else data.train
-    labels = data.test_labels if len(data.test) else data.train_labels
-    with torch.no_grad():
-        if data.image_shape is not None and hasattr(module, "reconstruct"):
-            paths.append(run_dir / "reconstructions.png")
-            xs = x[:num_images]
-            plot_reconstructions(xs, module.reconstruct(xs), data.image_shape, path=paths[-1])
-        if data.image_shape is not None and hasattr(module, "sample"):
-            paths.append(run_dir / "samples.png")
-            generator = torch.Generator(device=x.device).manual_seed(seed)
-            samples = module.sample(num_samples, generator=generator)
-            plot_samples(samples, data.image_shape, path=paths[-1])
-        if data.image_shape is not None and hasattr(module, "encoder"):
-            paths.append(run_dir / "latent.png")
-            z_loc = module.encoder.distribution(x).mean  # the guide's means
-            plot_latent_space(z_loc, labels, path=paths[-1])
-    return paths
+    jobs = training_figure_jobs(
+        run_dir,
+        history,
+        module,
+        data,
+        num_images=num_images,
+        num_samples=num_samples,
+        seed=seed,
+        title=title,
+    )
+    return draw(jobs)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyro
+import torch
 
 from . import choices
 from .batching import Batching, ModelArgs, check_batching, takes_num_data
@@ -22,10 +23,10 @@ from .data import load_data, load_model_data
 from .distributed import device_for, init_from_env, shutdown
 from .errors import NumericalError, OptionError, RunError
 from .estimators import estimator_label, plain_estimator
+from .figure_worker import FigureError, draw, training_figure_jobs
 from .io import load_checkpoint
 from .messages import first_line as _first_line
 from .messages import warn as _warn
-from .plots import write_training_figures
 from .provenance import absolute_data_spec, data_fingerprint, file_fingerprint
 from .reports import exact_log_px, report_dict, sign_report
 from .resources import (
@@ -401,7 +402,10 @@ def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: 
     batched = takes_num_data(run.model) and not spec.user_model
     exact = exact_log_px(run.module, call)
     plain = plain_estimator(result.estimator)  # whose .loss is -ELBO, for the sign check
+    figures = _Figures(args, run, result, run_dir, data_name)
     with _report_threads(args, run):
+        if torch.get_num_threads() == 1:  # the worker draws on the other core meanwhile; it
+            figures.send()  # would stall a team of threads, whose every product waits for all
         checked = checked_metrics(
             run.model,
             run.guide,
@@ -431,7 +435,7 @@ def _report_training(args, run: _TrainingRun, result, run_dir: Path, data_name: 
         unit = "point" if spec.user_model else "image"
         print(sign_report(checked, run.split, unit), file=out)
     out.flush()
-    _write_figures(run, result, run_dir, data_name)
+    figures.write()
     return 0 if checked.bounds.ok else 1
 
 
@@ -445,21 +449,48 @@ def _report_threads(args, run: _TrainingRun):
     return torch_threads(phase_threads(args, run.spec.to_dict(), CHUNK_ROWS))
 
 
-def _write_figures(run: _TrainingRun, result, run_dir: Path, data_name: str) -> None:
-    """The training figures; after the report, so one that cannot be written is a warning,
-    not a lost result."""
-    try:
-        figures = write_training_figures(
-            run_dir,
-            result.history,
-            run.module,
-            None if run.spec.user_model else run.dataset,
-            seed=run.config.seed,
-            title=f"{run.spec.model} on {data_name}",
-        )
-        log.info("figures: %s", ", ".join(str(p) for p in figures))
-    except Exception as exc:  # noqa: BLE001 - any failure to draw or write is reported
-        _warn(f"{run_dir}: figures not written ({type(exc).__name__}: {_first_line(exc)})")
+class _Figures:
+    """The training figures (:func:`~inference.figure_worker.training_figure_jobs`): their
+    numbers computed at once; where the program started a figure worker
+    (``args.figure_worker_``), handed to it (:meth:`send`) to draw while this process goes on.
+    :meth:`write` waits for them (or draws them here), after the report, so that one that
+    cannot be written is a warning, not a lost result."""
+
+    def __init__(self, args, run: _TrainingRun, result, run_dir: Path, data_name: str):
+        self.run_dir, self.worker, self.error = run_dir, getattr(args, "figure_worker_", None), None
+        self.sent = False
+        try:
+            self.jobs = training_figure_jobs(
+                run_dir,
+                result.history,
+                run.module,
+                None if run.spec.user_model else run.dataset,
+                seed=run.config.seed,
+                title=f"{run.spec.model} on {data_name}",
+            )
+        except Exception as exc:  # noqa: BLE001 - reported after the report, as drawing is
+            self.jobs, self.error = [], exc
+
+    def send(self) -> None:
+        """Hand the figures to the worker, once (nothing to do without one)."""
+        if self.worker is not None and self.error is None and not self.sent:
+            self.worker.send(self.jobs)
+            self.sent = True
+
+    def write(self) -> None:
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.worker is not None:
+                self.send()
+                figures = self.worker.wait()
+            else:
+                figures = draw(self.jobs)
+            log.info("figures: %s", ", ".join(str(p) for p in figures))
+        except FigureError as exc:  # the worker's words for what it could not write
+            _warn(f"{self.run_dir}: figures not written ({exc})")
+        except Exception as exc:  # noqa: BLE001 - any failure to draw or write is reported
+            _warn(f"{self.run_dir}: figures not written ({type(exc).__name__}: {_first_line(exc)})")
 
 
 def _data_label(data: str) -> str:

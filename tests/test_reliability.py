@@ -661,7 +661,7 @@ def test_a_figure_that_cannot_be_written_is_a_warning_after_the_report(
     def no_figures(*args, **kwargs):
         raise OSError(28, "No space left on device", "curves.png")
 
-    monkeypatch.setattr("inference.train_command.write_training_figures", no_figures)
+    monkeypatch.setattr("inference.train_command.draw", no_figures)
     argv = ["train", *TINY, "--data", str(files / "good.npy"), "--run-dir", str(tmp_path / "t")]
     assert main(argv) == 0
     captured = capsys.readouterr()

@@ -100,8 +100,9 @@ def test_train_as_a_program_writes_the_same_run(tmp_path):
     argv = ["train", "--epochs", "2", "--hidden-dims", "8", "--threads", "1", "--no-progress"]
     argv += ["--eval-every", "1"]  # two rows an epoch
     root = BENCH.parent
-    program = subprocess.run(
-        [sys.executable, "-m", "inference.cli", *argv, "--run-dir", str(tmp_path / "program")],
+    program = subprocess.run(  # -X importtime: what the program itself imports (on stderr)
+        [sys.executable, "-X", "importtime", "-m", "inference.cli", *argv,
+         "--run-dir", str(tmp_path / "program")],
         capture_output=True, text=True, timeout=300, cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
     )  # fmt: skip
@@ -114,6 +115,13 @@ def test_train_as_a_program_writes_the_same_run(tmp_path):
 
     assert rows("program") == rows("call") and len(rows("call")) == 4
     assert "ELBO = E[log p(x|z)] - KL" in program.stdout and "bounds:" in program.stdout
+    # the program's figures come from its worker (inference.figure_worker): matplotlib is
+    # never loaded in the program itself, and the PNGs are those drawn in process, byte for byte
+    imported = [line.rsplit("|", 1)[-1].strip() for line in program.stderr.splitlines()]
+    assert "torch" in imported and "matplotlib" not in imported
+    for name in ("curves", "reconstructions", "samples", "latent"):
+        png = f"{name}.png"
+        assert (tmp_path / "program" / png).read_bytes() == (tmp_path / "call" / png).read_bytes()
 
 
 def test_compiled_step_benchmark_checks_and_times(capsys, monkeypatch):

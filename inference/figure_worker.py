@@ -1,0 +1,261 @@
+"""A run's figures drawn by a second process while the first one works: :class:`FigureWorker`.
+
+Drawing costs a short run more than its arithmetic: matplotlib's import (about 0.2 s) and the
+first rendering of a run's four figures (about 0.3 s) were a sixth of a default 40-epoch
+digits ``elbo-lab train``, whose training steps keep one core busy and leave the other idle
+(BENCHMARKS.md, "Whole runs", eighth stop). So ``elbo-lab train``, run as a program, starts a
+worker before it loads torch: a Python process that imports NumPy and matplotlib (not torch),
+draws a throwaway figure so that fonts and text layout are loaded, and waits on its standard
+input. When the run has trained, the program computes the figures' numbers (the history, the
+reconstructions, the prior samples and the guide means, as NumPy arrays:
+:func:`training_figure_jobs`), sends them, and checks and prints its report while the worker
+draws; then it waits for the worker's answer. The worker calls the same functions of
+:mod:`inference.plots` on the same arrays as the program would (:func:`draw`), and writes each
+PNG atomically, so the files are those drawn in process.
+
+Whatever goes wrong with the worker itself (it cannot start, it dies, its answer is not one)
+is not the user's concern: the program then draws the figures itself, as before, and a figure
+that cannot be written is the same one-line warning either way. The worker ignores SIGINT (a
+Ctrl-C in the terminal reaches the whole process group; the program handles it) and ends when
+its input closes, so a program killed outright leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .messages import first_line
+
+__all__ = ["FigureError", "FigureWorker", "draw", "serve", "training_figure_jobs"]
+
+#: A figure to draw: the name of a function of :mod:`inference.plots`, its positional and its
+#: keyword arguments (NumPy arrays, lists, strings and paths: what ``pickle`` carries).
+Job = tuple[str, tuple, dict]
+
+#: The functions of :mod:`inference.plots` a job may name.
+PLOTS = ("plot_training_curves", "plot_reconstructions", "plot_samples", "plot_latent_space")
+
+#: Seconds the program waits for the worker's answer before it draws the figures itself.
+ANSWER_SECONDS = 300.0
+
+
+def training_figure_jobs(
+    run_dir: str | os.PathLike,
+    history: Sequence[Mapping[str, Any]],
+    module: Any,
+    data: Any,
+    *,
+    num_images: int = 10,
+    num_samples: int = 40,
+    seed: int = 0,
+    title: str | None = None,
+) -> list[Job]:
+    """The figures of :func:`inference.plots.write_training_figures` as jobs for :func:`draw`:
+    the numbers computed here (with torch, without gradients), the drawing left to ``draw``.
+
+    Always ``curves.png``; for image data and a module with ``reconstruct``/``sample``
+    ``reconstructions.png`` of the first ``num_images`` test images and ``samples.png`` of
+    ``num_samples`` prior draws (a generator seeded with ``seed``: the global random state is
+    not touched), and for a module with an amortized ``encoder`` ``latent.png`` of the test
+    split's guide means, coloured by label.
+    """
+    run_dir = Path(run_dir)
+    jobs: list[Job] = [
+        ("plot_training_curves", ([dict(r) for r in history],), _at(run_dir, "curves", title))
+    ]
+    if module is None or data is None:  # a user's model: its arguments are not images
+        return jobs
+    import torch
+
+    x = data.test if len(data.test) else data.train
+    labels = data.test_labels if len(data.test) else data.train_labels
+    shape = data.image_shape
+    with torch.no_grad():
+        if shape is not None and hasattr(module, "reconstruct"):
+            xs = x[:num_images]
+            arrays = (_array(xs), _array(module.reconstruct(xs)), tuple(shape))
+            jobs.append(("plot_reconstructions", arrays, _at(run_dir, "reconstructions")))
+        if shape is not None and hasattr(module, "sample"):
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+            samples = module.sample(num_samples, generator=generator)
+            jobs.append(("plot_samples", (_array(samples), tuple(shape)), _at(run_dir, "samples")))
+        if shape is not None and hasattr(module, "encoder"):
+            z_loc = module.encoder.distribution(x).mean  # the guide's means
+            arrays = (_array(z_loc), None if labels is None else _array(labels))
+            jobs.append(("plot_latent_space", arrays, _at(run_dir, "latent")))
+    return jobs
+
+
+def _at(run_dir: Path, name: str, title: str | None = None) -> dict:
+    kwargs: dict[str, Any] = {"path": str(run_dir / f"{name}.png")}
+    if title is not None:
+        kwargs["title"] = title
+    return kwargs
+
+
+def _array(a: Any) -> Any:
+    """A tensor as a NumPy array (detached, on the CPU); anything else as it is."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else a
+
+
+def draw(jobs: Sequence[Job]) -> list[Path]:
+    """Draw and write the figures of ``jobs`` in order; return their paths. The first that
+    cannot be drawn or written raises (its file is not written; those before it are)."""
+    from . import plots
+
+    paths = []
+    for name, args, kwargs in jobs:
+        if name not in PLOTS:
+            raise ValueError(f"not a figure of inference.plots: {name!r}")
+        getattr(plots, name)(*args, **kwargs)
+        paths.append(Path(kwargs["path"]))
+    return paths
+
+
+def _warm_up() -> None:
+    """Draw a throwaway figure in memory: the first drawing in a process loads fonts and lays
+    out text for the first time (about 0.15 s here), so the real figures need not."""
+    import io
+
+    from . import plots
+
+    history = [
+        {
+            "epoch": e,
+            "split": s,
+            "loss": 1.0 / e,
+            "elbo": -1.0 / e,
+            "reconstruction": -1.0,
+            "kl": 0.1,
+            "svi_loss": 1.0 / e,
+        }  # fmt: skip
+        for e in (1, 2)
+        for s in ("train", "test")  # fmt: skip
+    ]
+    fig = plots.plot_training_curves(history, title="warm-up")
+    fig.savefig(io.BytesIO(), format="png", dpi=plots.DPI)
+
+
+def serve(stdin=None, stdout=None) -> int:
+    """The worker's main: warm up, read one pickled list of jobs from ``stdin``, draw them,
+    and write the pickled answer to ``stdout``: ``("ok", paths)`` or ``("error", "Type: first
+    line")`` for the figure that could not be drawn. Returns 0; an empty input (the program
+    ended without figures) returns at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program answers a Ctrl-C, not this
+    stdin = sys.stdin.buffer if stdin is None else stdin
+    stdout = sys.stdout.buffer if stdout is None else stdout
+    _warm_up()
+    try:
+        jobs = pickle.load(stdin)
+    except EOFError:
+        return 0
+    try:
+        answer: tuple = ("ok", [str(p) for p in draw(jobs)])
+    except Exception as exc:  # noqa: BLE001 - the program reports it, as it would its own
+        answer = ("error", f"{type(exc).__name__}: {first_line(exc)}")
+    pickle.dump(answer, stdout)
+    stdout.flush()
+    return 0
+
+
+class FigureError(Exception):
+    """A figure the worker could not draw or write: ``str`` is its error's type and first line,
+    ``"OSError: [Errno 28] No space left on device: ..."``, as the program words its own."""
+
+
+class FigureWorker:
+    """A drawing process started now (:meth:`start`), given its figures later (:meth:`send`),
+    its answer collected last (:meth:`wait`).
+
+    ``wait`` returns the figures' paths, or raises :class:`FigureError` naming what the worker
+    could not draw or write; if the worker failed, it draws the figures here instead (and what
+    cannot be drawn raises as it does there). ``close`` ends a worker that was given nothing
+    (it is only waiting); it is safe to call at any time, and twice.
+    """
+
+    def __init__(self, process: subprocess.Popen | None):
+        self.process = process
+        self.jobs: list[Job] | None = None
+        self._talk: threading.Thread | None = None
+        self._answer: tuple | None = None
+
+    @classmethod
+    def start(cls) -> FigureWorker:
+        """Start the worker: this Python, on the ``inference`` package this process imported
+        (not whatever the working directory holds)."""
+        root = str(Path(__file__).resolve().parents[1])
+        code = (
+            "import sys; sys.path[0] = " + repr(root) + "; "
+            "from inference.figure_worker import serve; sys.exit(serve())"
+        )
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:  # no process to be had: the program draws its figures itself
+            process = None
+        return cls(process)
+
+    def send(self, jobs: Sequence[Job]) -> None:
+        """Hand the worker its figures; it draws them while this process goes on (a thread
+        feeds the pipe, so a large latent scatter does not block the caller)."""
+        self.jobs = list(jobs)
+        if self.process is None:
+            return
+        data = pickle.dumps(self.jobs)
+        self._talk = threading.Thread(target=self._communicate, args=(data,), daemon=True)
+        self._talk.start()
+
+    def _communicate(self, data: bytes) -> None:
+        process = self.process
+        try:
+            out, _ = process.communicate(data, timeout=ANSWER_SECONDS)
+            answer = pickle.loads(out)
+        except Exception:  # noqa: BLE001 - a broken pipe, a timeout, no answer: draw here
+            process.kill()
+            process.wait()
+            return
+        if (
+            process.returncode == 0
+            and isinstance(answer, tuple)
+            and answer[:1] in (("ok",), ("error",))
+        ):
+            self._answer = answer
+
+    def wait(self) -> list[Path]:
+        """The paths of the figures sent (:meth:`send`), drawn by the worker or, where it
+        failed, here."""
+        if self.jobs is None:
+            raise RuntimeError("FigureWorker.wait: no figures were sent")
+        if self._talk is not None:
+            self._talk.join()
+        self.process = None
+        answer, self._answer = self._answer, None
+        if answer is None:  # the worker failed: draw the figures in this process
+            return draw(self.jobs)
+        if answer[0] == "ok":
+            return [Path(p) for p in answer[1]]
+        raise FigureError(answer[1])
+
+    def close(self) -> None:
+        """End the worker unless it was given figures (then :meth:`wait` collects it)."""
+        process = self.process
+        if process is None or self._talk is not None:
+            return
+        self.process = None
+        process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,154 @@
+"""The figure worker (inference.figure_worker): the same PNGs as drawn in process, its errors
+worded as the process words them, and no figure lost when the worker itself fails."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.data import Dataset
+from inference.figure_worker import FigureError, FigureWorker, draw, serve, training_figure_jobs
+from models.vae import VAE
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = ["curves.png", "reconstructions.png", "samples.png", "latent.png"]
+
+
+def _history(epochs: int = 3) -> list[dict]:
+    rows = []
+    for e in range(1, epochs + 1):
+        for split in ("train", "test"):
+            elbo = -30.0 + 2 * e + (split == "test")
+            row = {"epoch": e, "split": split, "loss": -elbo, "elbo": elbo,
+                   "reconstruction": elbo - 1.0, "kl": 1.0}  # fmt: skip
+            if split == "train":
+                row["svi_loss"] = -elbo + 0.5
+            rows.append(row)
+    return rows
+
+
+def _toy() -> tuple[Dataset, VAE]:
+    torch.manual_seed(0)
+    x = (torch.rand(30, 64) > 0.5).float()
+    labels = torch.arange(30) % 10
+    data = Dataset("toy", x[:20], x[20:], (8, 8), labels[:20], labels[20:])
+    return data, VAE(64, latent_dim=3, hidden_dims=(16,))
+
+
+def _jobs(run_dir: Path) -> list:
+    data, vae = _toy()
+    return training_figure_jobs(run_dir, _history(), vae, data, seed=1, title="vae on toy")
+
+
+def test_the_worker_writes_the_png_bytes_the_process_writes(tmp_path):
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    assert [p.name for p in draw(_jobs(here))] == NAMES
+    worker = FigureWorker.start()
+    assert worker.process is not None
+    worker.send(_jobs(there))
+    assert worker.wait() == [there / name for name in NAMES]
+    for name in NAMES:
+        assert (there / name).read_bytes() == (here / name).read_bytes(), name
+    assert sorted(p.name for p in there.iterdir()) == sorted(NAMES)  # no temporary file left
+
+
+def test_jobs_hold_numpy_arrays_and_draw_nothing_from_the_global_random_state(tmp_path):
+    data, vae = _toy()
+    before = torch.random.get_rng_state()
+    jobs = training_figure_jobs(tmp_path, _history(), vae, data, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the report's noise is untouched
+    assert [kwargs["path"] for _, _, kwargs in jobs] == [str(tmp_path / n) for n in NAMES]
+    for name, args, kwargs in jobs:
+        assert not any(torch.is_tensor(a) for a in args), name
+        assert pickle.loads(pickle.dumps((name, args, kwargs)))[0] == name
+
+
+def test_the_worker_loads_neither_torch_nor_pyro():
+    code = (
+        f"import sys; sys.path[0] = {str(ROOT)!r}; import inference.figure_worker as w; "
+        "w._warm_up(); import inference.plots; "
+        "print(sorted(m for m in ('torch', 'pyro') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_figure_the_worker_cannot_write_is_worded_as_in_process(tmp_path):
+    missing = tmp_path / "no such directory"
+    with pytest.raises(OSError) as here:
+        draw(_jobs(missing))
+    worker = FigureWorker.start()
+    worker.send(_jobs(missing))
+    with pytest.raises(FigureError) as there:
+        worker.wait()
+    # the same words, up to the random name of the temporary file it could not create
+    here_words = f"{type(here.value).__name__}: {here.value}"
+    assert str(there.value).split(".curves.png.")[0] == here_words.split(".curves.png.")[0]
+    assert str(there.value).startswith("FileNotFoundError: [Errno 2]")
+    assert "no such directory" in str(there.value)
+
+
+def test_a_worker_that_died_leaves_the_figures_to_the_process(tmp_path):
+    worker = FigureWorker.start()
+    worker.process.kill()
+    worker.process.wait()
+    worker.send(_jobs(tmp_path))
+    assert [p.name for p in worker.wait()] == NAMES
+    for name in NAMES:
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_a_worker_that_cannot_start_leaves_the_figures_to_the_process(tmp_path, monkeypatch):
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    worker = FigureWorker.start()
+    assert worker.process is None
+    worker.send(_jobs(tmp_path))
+    assert [p.name for p in worker.wait()] == NAMES
+
+
+def test_a_worker_ignores_a_ctrl_c_and_still_draws(tmp_path):
+    worker = FigureWorker.start()
+    worker.process.send_signal(signal.SIGINT)  # a Ctrl-C reaches the whole process group
+    worker.send(_jobs(tmp_path))
+    assert [p.name for p in worker.wait()] == NAMES
+    # (had the worker died, the process would have drawn them: check that it did not)
+    assert worker.process is None
+
+
+def test_a_worker_given_nothing_ends_when_closed_or_when_its_input_closes():
+    worker = FigureWorker.start()
+    process = worker.process
+    worker.close()
+    worker.close()  # twice is fine
+    assert process.returncode is not None
+    # a program killed outright closes the pipe: the worker ends, having written nothing
+    out = io.BytesIO()
+    assert serve(io.BytesIO(b""), out) == 0 and out.getvalue() == b""
+    lone = FigureWorker.start()
+    lone.process.stdin.close()
+    assert lone.process.wait(timeout=120) == 0
+
+
+def test_wait_without_figures_is_a_programming_error():
+    worker = FigureWorker(None)
+    with pytest.raises(RuntimeError, match="no figures were sent"):
+        worker.wait()
+
+
+def test_only_the_figures_of_plots_are_drawn(tmp_path):
+    with pytest.raises(ValueError, match="not a figure of inference.plots"):
+        draw([("save_figure", (), {"path": str(tmp_path / "x.png")})])
+    assert not os.listdir(tmp_path)

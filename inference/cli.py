@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         process_environment(numbers=args.command != "watch")
-        if program and args.command == "train":  # draws on another core while torch loads
-            from .figure_worker import FigureWorker
+        if program and args.command == "train" and os.environ.get("RANK", "0") == "0":
+            from .figure_worker import FigureWorker  # rank 0 draws (on another core)
 
             args.figure_worker_ = worker = FigureWorker.start()
         if program and args.command != "watch":

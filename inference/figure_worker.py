@@ -196,6 +196,8 @@ class FigureWorker:
             "import sys; sys.path[0] = " + repr(root) + "; "
             "from inference.figure_worker import serve; sys.exit(serve())"
         )
+        if not sys.executable:  # an embedded Python: no interpreter to start
+            return cls(None)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", code],
@@ -203,7 +205,7 @@ class FigureWorker:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
             )
-        except OSError:  # no process to be had: the program draws its figures itself
+        except (OSError, ValueError):  # no process to be had: the program draws them itself
             process = None
         return cls(process)
 

@@ -124,6 +124,19 @@ def _load_library_as_program():
     return commands
 
 
+def _draws_in_a_worker(program: bool, args) -> bool:
+    """Whether this command draws its figures in a worker process started now
+    (:mod:`inference.figure_worker`): ``train`` as a program (not a call from Python, which
+    may call ``main`` many times), on rank 0 (which alone draws), where a second core is
+    there to draw on (with one, the worker's imports would only slow the program's)."""
+    return (
+        program
+        and args.command == "train"
+        and os.environ.get("RANK", "0") == "0"
+        and available_cores() > 1
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error is one line on stderr: exit 2 for the user's input and
     the file system, 1 for faults (a non-finite loss, memory exhausted), 128 + N on signal N."""
@@ -133,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         process_environment(numbers=args.command != "watch")
-        if program and args.command == "train" and os.environ.get("RANK", "0") == "0":
-            from .figure_worker import FigureWorker  # rank 0 draws (on another core)
+        if _draws_in_a_worker(program, args):
+            from .figure_worker import FigureWorker
 
             args.figure_worker_ = worker = FigureWorker.start()
         if program and args.command != "watch":

@@ -152,3 +152,22 @@ def test_only_the_figures_of_plots_are_drawn(tmp_path):
     with pytest.raises(ValueError, match="not a figure of inference.plots"):
         draw([("save_figure", (), {"path": str(tmp_path / "x.png")})])
     assert not os.listdir(tmp_path)
+
+
+def test_only_train_as_a_program_on_rank_0_with_a_second_core_starts_a_worker(monkeypatch):
+    import argparse
+
+    import inference.cli as cli
+
+    train, explain = argparse.Namespace(command="train"), argparse.Namespace(command="explain")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(cli, "available_cores", lambda: 2)
+    assert cli._draws_in_a_worker(True, train)
+    assert not cli._draws_in_a_worker(False, train)  # main([...]) from Python or a test
+    assert not cli._draws_in_a_worker(True, explain)
+    monkeypatch.setenv("RANK", "1")  # torchrun: rank 0 alone draws
+    assert not cli._draws_in_a_worker(True, train)
+    monkeypatch.setenv("RANK", "0")
+    assert cli._draws_in_a_worker(True, train)
+    monkeypatch.setattr(cli, "available_cores", lambda: 1)  # nothing to draw on meanwhile
+    assert not cli._draws_in_a_worker(True, train)

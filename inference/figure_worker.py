@@ -43,6 +43,11 @@ Job = tuple[str, tuple, dict]
 #: The functions of :mod:`inference.plots` a job may name.
 PLOTS = ("plot_training_curves", "plot_reconstructions", "plot_samples", "plot_latent_space")
 
+#: The worker's niceness (``os.nice``): the lowest priority, so that where the machine is busy
+#: its imports and drawing take what the program and the others leave, not a share of the
+#: program's core (a digits run beside a busy process: ... ).
+NICE = 19
+
 #: Seconds the program waits for the worker's answer before it draws the figures itself.
 ANSWER_SECONDS = 300.0
 
@@ -192,10 +197,11 @@ class FigureWorker:
         """Start the worker: this Python, on the ``inference`` package this process imported
         (not whatever the working directory holds)."""
         root = str(Path(__file__).resolve().parents[1])
-        code = (
-            "import sys; sys.path[0] = " + repr(root) + "; "
+        code = (  # at the lowest priority: a core the program needs is not this one's
+            "import os, sys; sys.path[0] = " + repr(root) + "; "
+            "hasattr(os, 'nice') and os.nice(NICE); "
             "from inference.figure_worker import serve; sys.exit(serve())"
-        )
+        ).replace("NICE", str(NICE))
         if not sys.executable:  # an embedded Python: no interpreter to start
             return cls(None)
         try:

@@ -171,3 +171,17 @@ def test_only_train_as_a_program_on_rank_0_with_a_second_core_starts_a_worker(mo
     assert cli._draws_in_a_worker(True, train)
     monkeypatch.setattr(cli, "available_cores", lambda: 1)  # nothing to draw on meanwhile
     assert not cli._draws_in_a_worker(True, train)
+
+
+def test_the_worker_runs_at_the_lowest_priority():
+    import time
+
+    from inference.figure_worker import NICE
+
+    worker = FigureWorker.start()
+    want = min(os.getpriority(os.PRIO_PROCESS, 0) + NICE, 19)
+    deadline = time.monotonic() + 60
+    while os.getpriority(os.PRIO_PROCESS, worker.process.pid) != want:
+        assert time.monotonic() < deadline, "the worker never lowered its priority"
+        time.sleep(0.01)
+    worker.close()

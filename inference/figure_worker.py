@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -44,9 +45,13 @@ Job = tuple[str, tuple, dict]
 PLOTS = ("plot_training_curves", "plot_reconstructions", "plot_samples", "plot_latent_space")
 
 #: The worker's niceness (``os.nice``): the lowest priority, so that where the machine is busy
-#: its imports and drawing take what the program and the others leave, not a share of the
-#: program's core (a digits run beside a busy process: ... ).
+#: its imports take what the program and the others leave, not a share of the program's core.
+#: A worker that is not ready when the figures are due (:meth:`FigureWorker.send`) is ended
+#: and the program draws them itself, as it did without one.
 NICE = 19
+
+#: What the worker writes once it has loaded matplotlib and drawn its warm-up figure.
+READY = b"R"
 
 #: Seconds the program waits for the worker's answer before it draws the figures itself.
 ANSWER_SECONDS = 300.0
@@ -150,14 +155,16 @@ def _warm_up() -> None:
 
 
 def serve(stdin=None, stdout=None) -> int:
-    """The worker's main: warm up, read one pickled list of jobs from ``stdin``, draw them,
-    and write the pickled answer to ``stdout``: ``("ok", paths)`` or ``("error", "Type: first
-    line")`` for the figure that could not be drawn. Returns 0; an empty input (the program
-    ended without figures) returns at once."""
+    """The worker's main: warm up and say so (:data:`READY` on ``stdout``), read one pickled
+    list of jobs from ``stdin``, draw them, and write the pickled answer to ``stdout``:
+    ``("ok", paths)`` or ``("error", "Type: first line")`` for the figure that could not be
+    drawn. Returns 0; an empty input (the program ended without figures) returns at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program answers a Ctrl-C, not this
     stdin = sys.stdin.buffer if stdin is None else stdin
     stdout = sys.stdout.buffer if stdout is None else stdout
     _warm_up()
+    stdout.write(READY)  # the program sends figures only to a worker that is ready
+    stdout.flush()
     try:
         jobs = pickle.load(stdin)
     except EOFError:
@@ -191,6 +198,8 @@ class FigureWorker:
         self.jobs: list[Job] | None = None
         self._talk: threading.Thread | None = None
         self._answer: tuple | None = None
+        self._ready = False
+        self.drew: bool | None = None  # after wait: whether the worker drew the figures
 
     @classmethod
     def start(cls) -> FigureWorker:
@@ -215,10 +224,23 @@ class FigureWorker:
             process = None
         return cls(process)
 
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Whether the worker has loaded matplotlib and drawn its warm-up figure, waiting up
+        to ``timeout`` seconds for it to say so (False for a worker that died or is gone)."""
+        if not self._ready and self.process is not None:
+            stdout = self.process.stdout
+            if select.select([stdout], [], [], timeout)[0]:
+                self._ready = os.read(stdout.fileno(), len(READY)) == READY
+        return self._ready and self.process is not None
+
     def send(self, jobs: Sequence[Job]) -> None:
         """Hand the worker its figures; it draws them while this process goes on (a thread
-        feeds the pipe, so a large latent scatter does not block the caller)."""
+        feeds the pipe, so a large latent scatter does not block the caller). A worker that is
+        not :meth:`ready` (a busy machine left its low priority no time) is ended instead:
+        :meth:`wait` then draws the figures here, sooner than the worker would."""
         self.jobs = list(jobs)
+        if not self.ready():
+            self.close()
         if self.process is None:
             return
         data = pickle.dumps(self.jobs)
@@ -250,7 +272,8 @@ class FigureWorker:
             self._talk.join()
         self.process = None
         answer, self._answer = self._answer, None
-        if answer is None:  # the worker failed: draw the figures in this process
+        self.drew = answer is not None
+        if answer is None:  # no worker, or it failed: draw the figures in this process
             return draw(self.jobs)
         if answer[0] == "ok":
             return [Path(p) for p in answer[1]]

@@ -481,12 +481,14 @@ class _Figures:
         try:
             if self.error is not None:
                 raise self.error
+            where = "in this process"
             if self.worker is not None:
                 self.send()
                 figures = self.worker.wait()
+                where = "by the figure worker" if self.worker.drew else where
             else:
                 figures = draw(self.jobs)
-            log.info("figures: %s", ", ".join(str(p) for p in figures))
+            log.info("figures (drawn %s): %s", where, ", ".join(str(p) for p in figures))
         except FigureError as exc:  # the worker's words for what it could not write
             _warn(f"{self.run_dir}: figures not written ({exc})")
         except Exception as exc:  # noqa: BLE001 - any failure to draw or write is reported

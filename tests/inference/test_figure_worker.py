@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from inference.data import Dataset
-from inference.figure_worker import FigureError, FigureWorker, draw, serve, training_figure_jobs
+from inference.figure_worker import (
+    READY,
+    FigureError,
+    FigureWorker,
+    draw,
+    serve,
+    training_figure_jobs,
+)
 from models.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,9 +60,9 @@ def test_the_worker_writes_the_png_bytes_the_process_writes(tmp_path):
     here.mkdir(), there.mkdir()
     assert [p.name for p in draw(_jobs(here))] == NAMES
     worker = FigureWorker.start()
-    assert worker.process is not None
+    assert worker.ready(timeout=120)
     worker.send(_jobs(there))
-    assert worker.wait() == [there / name for name in NAMES]
+    assert worker.wait() == [there / name for name in NAMES] and worker.drew
     for name in NAMES:
         assert (there / name).read_bytes() == (here / name).read_bytes(), name
     assert sorted(p.name for p in there.iterdir()) == sorted(NAMES)  # no temporary file left
@@ -88,6 +95,7 @@ def test_a_figure_the_worker_cannot_write_is_worded_as_in_process(tmp_path):
     with pytest.raises(OSError) as here:
         draw(_jobs(missing))
     worker = FigureWorker.start()
+    assert worker.ready(timeout=120)
     worker.send(_jobs(missing))
     with pytest.raises(FigureError) as there:
         worker.wait()
@@ -102,8 +110,9 @@ def test_a_worker_that_died_leaves_the_figures_to_the_process(tmp_path):
     worker = FigureWorker.start()
     worker.process.kill()
     worker.process.wait()
+    assert not worker.ready(timeout=120)
     worker.send(_jobs(tmp_path))
-    assert [p.name for p in worker.wait()] == NAMES
+    assert [p.name for p in worker.wait()] == NAMES and worker.drew is False
     for name in NAMES:
         assert (tmp_path / name).stat().st_size > 1000
 
@@ -114,18 +123,30 @@ def test_a_worker_that_cannot_start_leaves_the_figures_to_the_process(tmp_path, 
 
     monkeypatch.setattr(subprocess, "Popen", no_process)
     worker = FigureWorker.start()
-    assert worker.process is None
+    assert worker.process is None and not worker.ready()
     worker.send(_jobs(tmp_path))
-    assert [p.name for p in worker.wait()] == NAMES
+    assert [p.name for p in worker.wait()] == NAMES and worker.drew is False
 
 
 def test_a_worker_ignores_a_ctrl_c_and_still_draws(tmp_path):
     worker = FigureWorker.start()
+    assert worker.ready(timeout=120)
     worker.process.send_signal(signal.SIGINT)  # a Ctrl-C reaches the whole process group
     worker.send(_jobs(tmp_path))
     assert [p.name for p in worker.wait()] == NAMES
-    # (had the worker died, the process would have drawn them: check that it did not)
-    assert worker.process is None
+    assert worker.drew  # had the SIGINT ended it, this process would have drawn them
+
+
+def test_a_worker_not_ready_when_the_figures_are_due_is_ended_and_the_process_draws(tmp_path):
+    """A busy machine leaves the low-priority worker no time: the program does not wait for
+    its imports, it draws the figures itself, as it did without a worker."""
+    worker = FigureWorker.start()
+    process = worker.process
+    worker.send(_jobs(tmp_path))  # microseconds after its start: Python has not even loaded
+    assert process.poll() is not None  # ended
+    assert [p.name for p in worker.wait()] == NAMES and worker.drew is False
+    for name in NAMES:
+        assert (tmp_path / name).stat().st_size > 1000
 
 
 def test_a_worker_given_nothing_ends_when_closed_or_when_its_input_closes():
@@ -136,7 +157,7 @@ def test_a_worker_given_nothing_ends_when_closed_or_when_its_input_closes():
     assert process.returncode is not None
     # a program killed outright closes the pipe: the worker ends, having written nothing
     out = io.BytesIO()
-    assert serve(io.BytesIO(b""), out) == 0 and out.getvalue() == b""
+    assert serve(io.BytesIO(b""), out) == 0 and out.getvalue() == READY  # and no answer
     lone = FigureWorker.start()
     lone.process.stdin.close()
     assert lone.process.wait(timeout=120) == 0

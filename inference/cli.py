@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print("elbo-lab: interrupted", file=sys.stderr)
         return 130
     finally:
-        if worker is not None:  # a run that ended before its figures: nothing to draw
+        if worker is not None:  # a run that ended before its figures were collected
             worker.close()
 
 

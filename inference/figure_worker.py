@@ -189,8 +189,9 @@ class FigureWorker:
 
     ``wait`` returns the figures' paths, or raises :class:`FigureError` naming what the worker
     could not draw or write; if the worker failed, it draws the figures here instead (and what
-    cannot be drawn raises as it does there). ``close`` ends a worker that was given nothing
-    (it is only waiting); it is safe to call at any time, and twice.
+    cannot be drawn raises as it does there). ``close`` ends a worker whose answer ``wait`` has
+    not collected (given nothing, or given figures and then abandoned); it is safe to call at
+    any time, and twice.
     """
 
     def __init__(self, process: subprocess.Popen | None):
@@ -280,13 +281,18 @@ class FigureWorker:
         raise FigureError(answer[1])
 
     def close(self) -> None:
-        """End the worker unless it was given figures (then :meth:`wait` collects it)."""
+        """End the worker unless :meth:`wait` collected it: one given nothing is only waiting,
+        and one given figures whose answer nobody awaits (a Ctrl-C or an error in the report)
+        would go on writing them after the program ended."""
         process = self.process
-        if process is None or self._talk is not None:
+        if process is None:
             return
         self.process = None
         process.kill()
-        process.wait()
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                stream.close()
+        if self._talk is not None:  # its thread sees the pipe close and ends (and closes it)
+            self._talk.join()
+        process.wait()  # also after a join a Ctrl-C cut short, which marks the thread ended
+        if self._talk is None:
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    stream.close()

@@ -9,6 +9,8 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,44 @@ def test_a_worker_given_nothing_ends_when_closed_or_when_its_input_closes():
     lone = FigureWorker.start()
     lone.process.stdin.close()
     assert lone.process.wait(timeout=120) == 0
+
+
+def test_a_worker_given_figures_ends_when_closed_before_its_answer(tmp_path):
+    # a Ctrl-C or an error in the report, after send and before wait: main's close ends the
+    # worker, which would otherwise go on writing figures after the program had ended
+    worker = FigureWorker.start()
+    process = worker.process
+    assert worker.ready(timeout=120)  # else send ends it at once
+    worker.send(_jobs(tmp_path))
+    worker.close()
+    assert process.returncode is not None  # ended and collected
+    left = sorted(tmp_path.iterdir())
+    time.sleep(1.0)  # a worker left running writes its figures in this time
+    assert sorted(tmp_path.iterdir()) == left
+    worker.close()  # twice is fine
+
+
+def test_a_ctrl_c_while_waiting_for_the_worker_leaves_none_running(tmp_path):
+    # what the program does on a Ctrl-C in wait: KeyboardInterrupt, then main's close (a join
+    # that a signal cut short marks the thread ended while it still runs: Python 3.11)
+    worker = FigureWorker.start()
+    process = worker.process
+    assert worker.ready(timeout=120)
+    worker.send(_jobs(tmp_path))
+
+    def ctrl_c():
+        if worker._talk.is_alive():  # still waiting for the answer
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Timer(0.05, ctrl_c).start()
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            worker.wait()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    worker.close()
+    assert process.returncode is not None  # ended and collected
 
 
 def test_wait_without_figures_is_a_programming_error():

@@ -17,7 +17,8 @@ Whatever goes wrong with the worker itself (it cannot start, it dies, its answer
 is not the user's concern: the program then draws the figures itself, as before, and a figure
 that cannot be written is the same one-line warning either way. The worker ignores SIGINT (a
 Ctrl-C in the terminal reaches the whole process group; the program handles it) and ends when
-its input closes, so a program killed outright leaves no worker behind.
+its input closes, or (Linux) when the program ends, so a program killed outright leaves no
+worker behind, nor figures written after it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ READY = b"R"
 
 #: Seconds the program waits for the worker's answer before it draws the figures itself.
 ANSWER_SECONDS = 300.0
+
+#: ``prctl``'s option for the signal a process gets when its parent ends (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 
 def training_figure_jobs(
@@ -154,12 +158,37 @@ def _warm_up() -> None:
     fig.savefig(io.BytesIO(), format="png", dpi=plots.DPI)
 
 
-def serve(stdin=None, stdout=None) -> int:
+def _end_with(parent: int) -> bool:
+    """Have the kernel end this process when ``parent`` (the program) ends, also by SIGTERM or
+    SIGKILL, which skip the program's :meth:`FigureWorker.close`: Linux's
+    ``PR_SET_PDEATHSIG``, as a SIGTERM that exits through ``SystemExit``, so that a figure
+    being written leaves no temporary file. False where ``parent`` has ended already.
+    (Elsewhere the worker ends at the end of its input, or once it has drawn.)"""
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl to call: as elsewhere
+            pass
+    return os.getppid() == parent
+
+
+def serve(stdin=None, stdout=None, parent: int | None = None) -> int:
     """The worker's main: warm up and say so (:data:`READY` on ``stdout``), read one pickled
     list of jobs from ``stdin``, draw them, and write the pickled answer to ``stdout``:
     ``("ok", paths)`` or ``("error", "Type: first line")`` for the figure that could not be
-    drawn. Returns 0; an empty input (the program ended without figures) returns at once."""
+    drawn. Returns 0; an empty input (the program ended without figures) returns at once, and
+    so does a worker whose ``parent`` (the program's process id) has ended
+    (:func:`_end_with`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program answers a Ctrl-C, not this
+    if parent is not None and not _end_with(parent):
+        return 0
     stdin = sys.stdin.buffer if stdin is None else stdin
     stdout = sys.stdout.buffer if stdout is None else stdout
     _warm_up()
@@ -205,13 +234,18 @@ class FigureWorker:
     @classmethod
     def start(cls) -> FigureWorker:
         """Start the worker: this Python, on the ``inference`` package this process imported
-        (not whatever the working directory holds)."""
+        (not whatever the working directory holds). It ends with the thread that starts it
+        (Linux's ``PR_SET_PDEATHSIG``): the program's main thread."""
         root = str(Path(__file__).resolve().parents[1])
-        code = (  # at the lowest priority: a core the program needs is not this one's
-            "import os, sys; sys.path[0] = " + repr(root) + "; "
-            "hasattr(os, 'nice') and os.nice(NICE); "
-            "from inference.figure_worker import serve; sys.exit(serve())"
-        ).replace("NICE", str(NICE))
+        code = (
+            (  # at the lowest priority: a core the program needs is not this one's
+                "import os, sys; sys.path[0] = " + repr(root) + "; "
+                "hasattr(os, 'nice') and os.nice(NICE); "
+                "from inference.figure_worker import serve; sys.exit(serve(parent=PARENT))"
+            )
+            .replace("NICE", str(NICE))
+            .replace("PARENT", str(os.getpid()))
+        )
         if not sys.executable:  # an embedded Python: no interpreter to start
             return cls(None)
         try:

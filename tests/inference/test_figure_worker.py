@@ -203,6 +203,41 @@ def test_a_ctrl_c_while_waiting_for_the_worker_leaves_none_running(tmp_path):
     assert process.returncode is not None  # ended and collected
 
 
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie no one reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
+def test_a_program_killed_while_its_worker_draws_leaves_no_worker_and_no_figure(tmp_path):
+    # SIGTERM (or SIGKILL) during the report: the program ends at once, without its close;
+    # the worker, given the figures already, ends with it instead of writing them afterwards
+    jobs = tmp_path / "jobs.pickle"
+    jobs.write_bytes(pickle.dumps([("plot_training_curves", (_history(),),
+                                    {"path": str(tmp_path / "curves.png")})]))  # fmt: skip
+    program = "\n".join([
+        f"import os, pickle, signal, sys, time; sys.path[0] = {str(ROOT)!r}",
+        "from inference.figure_worker import FigureWorker",
+        "worker = FigureWorker.start(); print(worker.process.pid, flush=True)",
+        "assert worker.ready(timeout=120)",  # else send ends it at once
+        f"worker.send(pickle.loads(open({str(jobs)!r}, 'rb').read()))",
+        "while not worker.process.stdin.closed: time.sleep(0.001)",  # the jobs are in the pipe
+        "os.kill(os.getpid(), signal.SIGTERM)",
+    ])  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == -signal.SIGTERM, out.stderr[-2000:]
+    pid = int(out.stdout)
+    deadline = time.monotonic() + 60
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the worker outlived its program by a minute"
+        time.sleep(0.05)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.pickle"]  # nor a .tmp
+
+
 def test_wait_without_figures_is_a_programming_error():
     worker = FigureWorker(None)
     with pytest.raises(RuntimeError, match="no figures were sent"):

@@ -237,14 +237,10 @@ class FigureWorker:
         (not whatever the working directory holds). It ends with the thread that starts it
         (Linux's ``PR_SET_PDEATHSIG``): the program's main thread."""
         root = str(Path(__file__).resolve().parents[1])
-        code = (
-            (  # at the lowest priority: a core the program needs is not this one's
-                "import os, sys; sys.path[0] = " + repr(root) + "; "
-                "hasattr(os, 'nice') and os.nice(NICE); "
-                "from inference.figure_worker import serve; sys.exit(serve(parent=PARENT))"
-            )
-            .replace("NICE", str(NICE))
-            .replace("PARENT", str(os.getpid()))
+        code = (  # at the lowest priority: a core the program needs is not this one's
+            f"import os, sys; sys.path[0] = {root!r}; "
+            f"hasattr(os, 'nice') and os.nice({NICE}); "
+            f"from inference.figure_worker import serve; sys.exit(serve(parent={os.getpid()}))"
         )
         if not sys.executable:  # an embedded Python: no interpreter to start
             return cls(None)

@@ -3,9 +3,11 @@ worded as the process words them, and no figure lost when the worker itself fail
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import inference.figure_worker as figure_worker
 from inference.data import Dataset
 from inference.figure_worker import (
     READY,
@@ -236,6 +239,23 @@ def test_a_program_killed_while_its_worker_draws_leaves_no_worker_and_no_figure(
         assert time.monotonic() < deadline, "the worker outlived its program by a minute"
         time.sleep(0.05)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.pickle"]  # nor a .tmp
+
+
+def test_the_worker_starts_from_a_directory_of_any_name(tmp_path, monkeypatch):
+    # the package's directory goes into the worker's code as a literal, whatever it holds
+    root = tmp_path / "VENICE's PARENT"
+    shutil.copytree(ROOT / "inference", root / "inference",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    monkeypatch.setattr(figure_worker, "__file__", str(root / "inference" / "figure_worker.py"))
+    worker = FigureWorker.start()
+    process = worker.process
+    code = ast.parse(process.args[-1])  # the worker's program: its sys.path[0] is root
+    assigned = [n.value for n in ast.walk(code) if isinstance(n, ast.Assign)]
+    assert [ast.literal_eval(v) for v in assigned] == [str(root)]
+    assert worker.ready(timeout=120)
+    worker.send([("plot_training_curves", (_history(),), {"path": str(tmp_path / "c.png")})])
+    assert worker.wait() == [tmp_path / "c.png"] and worker.drew
+    assert process.returncode == 0
 
 
 def test_wait_without_figures_is_a_programming_error():

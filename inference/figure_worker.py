@@ -185,10 +185,12 @@ def serve(stdin=None, stdout=None, parent: int | None = None) -> int:
     ``("ok", paths)`` or ``("error", "Type: first line")`` for the figure that could not be
     drawn. Returns 0; an empty input (the program ended without figures) returns at once, and
     so does a worker whose ``parent`` (the program's process id) has ended
-    (:func:`_end_with`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program answers a Ctrl-C, not this
-    if parent is not None and not _end_with(parent):
-        return 0
+    (:func:`_end_with`). Signals are the worker's concern: called from Python (no ``parent``),
+    it leaves the process's handlers as they are."""
+    if parent is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program answers a Ctrl-C, not this
+        if not _end_with(parent):
+            return 0
     stdin = sys.stdin.buffer if stdin is None else stdin
     stdout = sys.stdout.buffer if stdout is None else stdout
     _warm_up()

@@ -162,7 +162,9 @@ def test_a_worker_given_nothing_ends_when_closed_or_when_its_input_closes():
     assert process.returncode is not None
     # a program killed outright closes the pipe: the worker ends, having written nothing
     out = io.BytesIO()
+    handler = signal.getsignal(signal.SIGINT)
     assert serve(io.BytesIO(b""), out) == 0 and out.getvalue() == READY  # and no answer
+    assert signal.getsignal(signal.SIGINT) is handler  # a call from Python: Ctrl-C still works
     lone = FigureWorker.start()
     lone.process.stdin.close()
     assert lone.process.wait(timeout=120) == 0
@@ -196,7 +198,7 @@ def test_a_ctrl_c_while_waiting_for_the_worker_leaves_none_running(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     threading.Timer(0.05, ctrl_c).start()
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever the runner's
     try:
         with pytest.raises(KeyboardInterrupt):
             worker.wait()

@@ -6,12 +6,16 @@ digits ``elbo-lab train``, whose training steps keep one core busy and leave the
 (BENCHMARKS.md, "Whole runs", eighth stop). So ``elbo-lab train``, run as a program, starts a
 worker before it loads torch: a Python process that imports NumPy and matplotlib (not torch),
 draws a throwaway figure so that fonts and text layout are loaded, and waits on its standard
-input. When the run has trained, the program computes the figures' numbers (the history, the
-reconstructions, the prior samples and the guide means, as NumPy arrays:
-:func:`training_figure_jobs`), sends them, and checks and prints its report while the worker
-draws; then it waits for the worker's answer. The worker calls the same functions of
+input, at the lowest priority. When the run has trained, the program computes the figures'
+numbers (the history, the reconstructions, the prior samples and the guide means, as NumPy
+arrays: :func:`training_figure_jobs`) and sends them: before the report's checks where those
+run on one thread, so that the worker draws meanwhile, after them where they take every core.
+Then it waits for the worker's answer. A worker that is not ready by then (a busy machine left
+it no time) is ended, and the program draws the figures itself. The worker calls the same functions of
 :mod:`inference.plots` on the same arrays as the program would (:func:`draw`), and writes each
-PNG atomically, so the files are those drawn in process.
+PNG atomically, so the files are those drawn in process. It draws on both cores (the program
+is idle by then): the training curves, which take as long as the other figures together, in a
+forked copy of itself (matplotlib loaded already), the others meanwhile.
 
 Whatever goes wrong with the worker itself (it cannot start, it dies, its answer is not one)
 is not the user's concern: the program then draws the figures itself, as before, and a figure
@@ -161,14 +165,13 @@ def _warm_up() -> None:
 def _end_with(parent: int) -> bool:
     """Have the kernel end this process when ``parent`` (the program) ends, also by SIGTERM or
     SIGKILL, which skip the program's :meth:`FigureWorker.close`: Linux's
-    ``PR_SET_PDEATHSIG``, as a SIGTERM that exits through ``SystemExit``, so that a figure
-    being written leaves no temporary file. False where ``parent`` has ended already.
-    (Elsewhere the worker ends at the end of its input, or once it has drawn.)"""
-
-    def leave(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, leave)
+    ``PR_SET_PDEATHSIG``, a SIGTERM left to its default action, which ends the process at once.
+    (Raising ``SystemExit`` from a handler instead is not reliable: a handler that runs inside
+    a finalizer has its exception ignored, and the worker went on to write the figures after
+    the program had died.) A figure being written then may leave its temporary file, which
+    the next run in that directory removes, as after a SIGKILL. False where ``parent`` has
+    ended already. (Elsewhere the worker ends at the end of its input, or once it has drawn.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -200,13 +203,58 @@ def serve(stdin=None, stdout=None, parent: int | None = None) -> int:
         jobs = pickle.load(stdin)
     except EOFError:
         return 0
-    try:
-        answer: tuple = ("ok", [str(p) for p in draw(jobs)])
-    except Exception as exc:  # noqa: BLE001 - the program reports it, as it would its own
-        answer = ("error", f"{type(exc).__name__}: {first_line(exc)}")
+    answer = _drawn_in_two(jobs) if parent is not None else _drawn(jobs)
     pickle.dump(answer, stdout)
     stdout.flush()
     return 0
+
+
+def _drawn(jobs: Sequence[Job]) -> tuple:
+    """:func:`draw`'s paths as ``("ok", [path, ...])``, or ``("error", "Type: first line")``."""
+    try:
+        return ("ok", [str(p) for p in draw(jobs)])
+    except Exception as exc:  # noqa: BLE001 - the program reports it, as it would its own
+        return ("error", f"{type(exc).__name__}: {first_line(exc)}")
+
+
+def _drawn_in_two(jobs: Sequence[Job]) -> tuple:
+    """:func:`_drawn` on both cores: the first job (the training curves, which take as long as
+    the other figures together) in a forked copy of the worker, matplotlib already loaded,
+    the others here; the program is idle meanwhile, waiting for the answer. The paths come in
+    the jobs' order; where both halves fail, the first job's error is the answer (the other
+    half's figures are written all the same). One process where ``fork`` is not to be had."""
+    if len(jobs) < 2 or not hasattr(os, "fork"):
+        return _drawn(jobs)
+    read, write = os.pipe()
+    worker = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read)
+        os.close(write)
+        return _drawn(jobs)
+    if pid == 0:  # the copy: draw the first figure, answer through the pipe, leave at once
+        code = 1
+        try:
+            os.close(read)
+            if not _end_with(worker):  # it ends with the worker, as the worker with the program
+                return ("error", "the worker ended")
+            with os.fdopen(write, "wb") as out:
+                pickle.dump(_drawn(jobs[:1]), out)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    rest = _drawn(jobs[1:])
+    with os.fdopen(read, "rb") as answer:
+        data = answer.read()
+    os.waitpid(pid, 0)
+    first = pickle.loads(data) if data else _drawn(jobs[:1])  # the copy died: draw it here
+    if first[0] == "error":
+        return first
+    if rest[0] == "error":
+        return rest
+    return ("ok", first[1] + rest[1])
 
 
 class FigureError(Exception):

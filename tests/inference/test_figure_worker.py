@@ -220,9 +220,9 @@ def _gone(pid: int) -> bool:
 def test_a_program_killed_while_its_worker_draws_leaves_no_worker_and_no_figure(tmp_path):
     # SIGTERM (or SIGKILL) during the report: the program ends at once, without its close;
     # the worker, given the figures already, ends with it instead of writing them afterwards
+    # two figures: the worker draws the curves in a forked copy, which ends with it too
     jobs = tmp_path / "jobs.pickle"
-    jobs.write_bytes(pickle.dumps([("plot_training_curves", (_history(),),
-                                    {"path": str(tmp_path / "curves.png")})]))  # fmt: skip
+    jobs.write_bytes(pickle.dumps(_jobs(tmp_path)[:2]))
     program = "\n".join([
         f"import os, pickle, signal, sys, time; sys.path[0] = {str(ROOT)!r}",
         "from inference.figure_worker import FigureWorker",
@@ -240,6 +240,7 @@ def test_a_program_killed_while_its_worker_draws_leaves_no_worker_and_no_figure(
     while not _gone(pid):
         assert time.monotonic() < deadline, "the worker outlived its program by a minute"
         time.sleep(0.05)
+    time.sleep(1.0)  # longer than a figure takes: a copy left drawing would have written it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.pickle"]  # nor a .tmp
 
 
@@ -303,3 +304,30 @@ def test_the_worker_runs_at_the_lowest_priority():
         assert time.monotonic() < deadline, "the worker never lowered its priority"
         time.sleep(0.01)
     worker.close()
+
+
+def _redirect(jobs: list, index: int, where: Path) -> list:
+    """``jobs`` with job ``index`` writing into ``where`` instead."""
+    name, args, kwargs = jobs[index]
+    moved = (name, args, {**kwargs, "path": str(where / Path(kwargs["path"]).name)})
+    return [*jobs[:index], moved, *jobs[index + 1 :]]
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_the_worker_draws_on_two_cores_and_answers_the_first_failure_in_order(tmp_path, failing):
+    """The worker draws the curves in a forked copy of itself and the other figures meanwhile;
+    the answer names the first figure, in the jobs' order, that could not be written."""
+    missing = tmp_path / "missing"
+    jobs = _redirect(_jobs(tmp_path), failing, missing)
+    worker = FigureWorker.start()
+    assert worker.ready(timeout=120)
+    worker.send(jobs)
+    with pytest.raises(FigureError, match=f"{NAMES[failing]}"):
+        worker.wait()
+    assert worker.drew
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    if failing == 0:  # the other half went on: reconstructions, samples, latent
+        assert written == sorted(NAMES[1:])
+    else:  # the curves (the copy) and nothing after the failure in its own half
+        assert written == ["curves.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file

@@ -62,6 +62,15 @@ READY = b"R"
 #: Seconds the program waits for the worker's answer before it draws the figures itself.
 ANSWER_SECONDS = 300.0
 
+#: Seconds the program, with nothing else left to do (:meth:`FigureWorker.wait`), waits for
+#: the worker's answer before it ends the worker and draws the figures itself. Where every
+#: core is busy, ``SCHED_IDLE`` leaves the worker next to no time (a default digits run's
+#: figures, about 1 s to draw in process beside a busy process, were not drawn in 20 s), while
+#: the program, at its own priority, gets its share; so a busy machine costs the program
+#: about this much more than drawing in process (and the time the starved worker takes to
+#: end), not :data:`ANSWER_SECONDS`.
+LATE_SECONDS = 5.0
+
 #: ``prctl``'s option for the signal a process gets when its parent ends (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 
@@ -376,11 +385,13 @@ class FigureWorker:
 
     def wait(self) -> list[Path]:
         """The paths of the figures sent (:meth:`send`), drawn by the worker or, where it
-        failed, here."""
+        failed or has not answered within :data:`LATE_SECONDS`, here."""
         if self.jobs is None:
             raise RuntimeError("FigureWorker.wait: no figures were sent")
         if self._talk is not None:
-            self._talk.join()
+            self._talk.join(LATE_SECONDS)
+            if self._talk.is_alive():  # starved by a busy machine: end it, draw here instead
+                self.close()
         self.process = None
         answer, self._answer = self._answer, None
         self.drew = answer is not None

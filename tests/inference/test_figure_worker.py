@@ -333,3 +333,30 @@ def test_the_worker_draws_on_two_cores_and_answers_the_first_failure_in_order(tm
     else:  # the curves (the copy) and nothing after the failure in its own half
         assert written == ["curves.png"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning to a core: Linux")
+def test_a_worker_starved_by_a_busy_machine_is_ended_and_the_process_draws(tmp_path, monkeypatch):
+    """Every core the worker may use is busy: at its lowest priority it gets next to no time,
+    and the program, waiting with nothing else to do, draws the figures itself soon after
+    :data:`LATE_SECONDS`, not after :data:`ANSWER_SECONDS`."""
+    monkeypatch.setattr(figure_worker, "LATE_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(figure_worker, "ANSWER_SECONDS", 40.0)
+    core = {min(os.sched_getaffinity(0))}
+    worker = FigureWorker.start()
+    process = worker.process
+    assert worker.ready(timeout=120)
+    os.sched_setaffinity(process.pid, core)  # its forked copy inherits the core
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # at the program's
+    try:  # priority, on the worker's one core
+        os.sched_setaffinity(busy.pid, core)
+        worker.send(_jobs(tmp_path))
+        start = time.monotonic()
+        assert [p.name for p in worker.wait()] == NAMES and worker.drew is False
+        assert time.monotonic() - start < 20  # 1 s, the starved worker's end, the drawing
+    finally:
+        busy.kill()
+        busy.wait()
+    assert process.returncode is not None  # ended and collected
+    for name in NAMES:
+        assert (tmp_path / name).stat().st_size > 1000

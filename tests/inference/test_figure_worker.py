@@ -360,3 +360,40 @@ def test_a_worker_starved_by_a_busy_machine_is_ended_and_the_process_draws(tmp_p
     assert process.returncode is not None  # ended and collected
     for name in NAMES:
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
+def test_the_workers_copy_ends_with_the_worker_and_writes_nothing_after(tmp_path):
+    """The worker ended (as the program's end ends it: SIGTERM) while its forked copy draws the
+    curves: the copy ends too, instead of writing curves.png afterwards."""
+    history = _history(3000)  # curves that take a while to draw
+    jobs = [("plot_training_curves", (history,), {"path": str(tmp_path / "curves.png")}),
+            *_jobs(tmp_path)[1:2]]  # fmt: skip
+    worker = FigureWorker.start()
+    process = worker.process
+    assert worker.ready(timeout=120)
+    worker.send(jobs)
+    deadline = time.monotonic() + 60
+    while not (copies := _children(process.pid)):
+        assert time.monotonic() < deadline, "the worker never forked its copy"
+    process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while not (_gone(process.pid) and all(_gone(c) for c in copies)):
+        assert time.monotonic() < deadline, "the copy outlived the worker by a minute"
+        time.sleep(0.05)
+    time.sleep(2.0)  # longer than the curves take: a copy left drawing would have written them
+    assert not (tmp_path / "curves.png").exists()
+    worker.close()

@@ -359,9 +359,8 @@ class FigureWorker:
         not :meth:`ready` (a busy machine left its low priority no time) is ended instead:
         :meth:`wait` then draws the figures here, sooner than the worker would."""
         self.jobs = list(jobs)
-        if not self.ready():
-            self.close()
-        if self.process is None:
+        if not self.ready():  # killed, collected later: at its priority it takes a while to end
+            self._end()
             return
         data = pickle.dumps(self.jobs)
         self._talk = threading.Thread(target=self._communicate, args=(data,), daemon=True)
@@ -388,18 +387,28 @@ class FigureWorker:
         failed or has not answered within :data:`LATE_SECONDS`, here."""
         if self.jobs is None:
             raise RuntimeError("FigureWorker.wait: no figures were sent")
+        answer = None
         if self._talk is not None:
             self._talk.join(LATE_SECONDS)
             if self._talk.is_alive():  # starved by a busy machine: end it, draw here instead
-                self.close()
-        self.process = None
-        answer, self._answer = self._answer, None
+                self._end()
+            else:
+                answer = self._answer
+        self._answer = None
         self.drew = answer is not None
-        if answer is None:  # no worker, or it failed: draw the figures in this process
-            return draw(self.jobs)
+        try:
+            if answer is None:  # no worker, or it failed: draw the figures in this process
+                return draw(self.jobs)
+        finally:  # collect the worker, also one ended above (it ends while this one draws)
+            self.close()
         if answer[0] == "ok":
             return [Path(p) for p in answer[1]]
         raise FigureError(answer[1])
+
+    def _end(self) -> None:
+        """Kill the worker without waiting for it to end; :meth:`close` collects it."""
+        if self.process is not None:
+            self.process.kill()
 
     def close(self) -> None:
         """End the worker unless :meth:`wait` collected it: one given nothing is only waiting,

@@ -148,7 +148,7 @@ def test_a_worker_not_ready_when_the_figures_are_due_is_ended_and_the_process_dr
     worker = FigureWorker.start()
     process = worker.process
     worker.send(_jobs(tmp_path))  # microseconds after its start: Python has not even loaded
-    assert process.poll() is not None  # ended
+    assert process.wait(timeout=60) == -signal.SIGKILL  # ended (and collected by wait below)
     assert [p.name for p in worker.wait()] == NAMES and worker.drew is False
     for name in NAMES:
         assert (tmp_path / name).stat().st_size > 1000
@@ -397,3 +397,26 @@ def test_the_workers_copy_ends_with_the_worker_and_writes_nothing_after(tmp_path
     time.sleep(2.0)  # longer than the curves take: a copy left drawing would have written them
     assert not (tmp_path / "curves.png").exists()
     worker.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning to a core: Linux")
+def test_a_starved_worker_ended_at_send_does_not_hold_up_the_program(tmp_path):
+    """A worker that a busy machine left no time for its imports is ended when the figures are
+    due; at the lowest priority, a killed process takes a while to end (about 0.6 s here), and
+    the program goes on (and draws the figures) meanwhile instead of waiting for it."""
+    core = {min(os.sched_getaffinity(0))}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, core)
+        worker = FigureWorker.start()
+        process = worker.process
+        os.sched_setaffinity(process.pid, core)  # beside the busy process
+        time.sleep(1.0)  # into its imports, at the lowest priority: not ready
+        start = time.monotonic()
+        worker.send(_jobs(tmp_path))
+        assert time.monotonic() - start < 0.3
+        assert [p.name for p in worker.wait()] == NAMES and worker.drew is False
+    finally:
+        busy.kill()
+        busy.wait()
+    assert process.returncode == -signal.SIGKILL  # ended and collected

@@ -11,7 +11,8 @@ numbers (the history, the reconstructions, the prior samples and the guide means
 arrays: :func:`training_figure_jobs`) and sends them: before the report's checks where those
 run on one thread, so that the worker draws meanwhile, after them where they take every core.
 Then it waits for the worker's answer. A worker that is not ready by then (a busy machine left
-it no time) is ended, and the program draws the figures itself. The worker calls the same functions of
+it no time), or has not answered :data:`LATE_SECONDS` after the program began to wait, is
+ended, and the program draws the figures itself. The worker calls the same functions of
 :mod:`inference.plots` on the same arrays as the program would (:func:`draw`), and writes each
 PNG atomically, so the files are those drawn in process. It draws on both cores (the program
 is idle by then): the training curves, which take as long as the other figures together, in a

@@ -379,7 +379,7 @@ def _children(pid: int) -> list[int]:
 def test_the_workers_copy_ends_with_the_worker_and_writes_nothing_after(tmp_path):
     """The worker ended (as the program's end ends it: SIGTERM) while its forked copy draws the
     curves: the copy ends too, instead of writing curves.png afterwards."""
-    history = _history(3000)  # curves that take a while to draw
+    history = _history(20000)  # curves that take a while to draw (0.3 s here)
     jobs = [("plot_training_curves", (history,), {"path": str(tmp_path / "curves.png")}),
             *_jobs(tmp_path)[1:2]]  # fmt: skip
     worker = FigureWorker.start()

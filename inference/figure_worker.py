@@ -28,6 +28,7 @@ worker behind, nor figures written after it.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import select
@@ -39,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .files import TMP_SUFFIX
 from .messages import first_line
 
 __all__ = ["FigureError", "FigureWorker", "draw", "serve", "training_figure_jobs"]
@@ -208,8 +210,9 @@ def _end_with(parent: int) -> bool:
     ``PR_SET_PDEATHSIG``, a SIGTERM left to its default action, which ends the process at once.
     (Raising ``SystemExit`` from a handler instead is not reliable: a handler that runs inside
     a finalizer has its exception ignored, and the worker went on to write the figures after
-    the program had died.) A figure being written then may leave its temporary file, which
-    the next run in that directory removes, as after a SIGKILL. False where ``parent`` has
+    the program had died.) A figure being written then may leave its temporary file beside it,
+    as any atomic write a SIGKILL cuts short does; :meth:`FigureWorker.close` removes those of
+    a worker it ends, where the program lives to do so. False where ``parent`` has
     ended already. (Elsewhere the worker ends at the end of its input, or once it has drawn.)"""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
@@ -427,3 +430,13 @@ class FigureWorker:
             for stream in (process.stdin, process.stdout):
                 if stream is not None:
                     stream.close()
+        else:  # killed while it drew: what its atomic writes had begun, not their files
+            self._remove_temporary_files()
+
+    def _remove_temporary_files(self) -> None:
+        """Remove the temporary files (``.<name>.<random>.tmp``) that a worker killed while
+        writing the figures sent to it left beside them."""
+        for _, _, kwargs in self.jobs or ():
+            path = Path(kwargs["path"])
+            for temporary in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+                temporary.unlink(missing_ok=True)

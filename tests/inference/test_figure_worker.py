@@ -420,3 +420,16 @@ def test_a_starved_worker_ended_at_send_does_not_hold_up_the_program(tmp_path):
         busy.kill()
         busy.wait()
     assert process.returncode == -signal.SIGKILL  # ended and collected
+
+
+def test_closing_a_worker_given_figures_removes_what_its_writes_had_begun(tmp_path):
+    """A worker killed while writing a figure leaves ``.<name>.<random>.tmp`` (SIGTERM's and
+    SIGKILL's default action): close removes those beside the figures sent, nothing else."""
+    begun = tmp_path / ".curves.png.k3x9q1.tmp"  # as if the kill came mid-write
+    other = tmp_path / ".metrics.jsonl.a1b2c3.tmp"  # not the worker's
+    begun.write_bytes(b"half a PNG"), other.write_bytes(b"")
+    worker = FigureWorker.start()
+    assert worker.ready(timeout=120)
+    worker.send(_jobs(tmp_path))
+    worker.close()  # abandoned: a Ctrl-C or an error in the report
+    assert not begun.exists() and other.exists()

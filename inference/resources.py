@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "available_cores",
     "available_memory",
+    "idle_cores",
     "check_writable",
     "default_threads",
     "phase_threads",
@@ -33,6 +34,23 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+#: Where Linux says how many tasks are runnable this instant (the fourth field, "R/T").
+LOADAVG = "/proc/loadavg"
+
+
+def idle_cores(path: str = LOADAVG) -> int | None:
+    """The cores this process may run on that nothing else is running on this instant: the
+    available cores (:func:`available_cores`) less the tasks runnable now, this process
+    included (Linux's ``/proc/loadavg``); None where that is unknown. One reading: a task that
+    runs in bursts may be missed, a process that keeps a core busy is not."""
+    try:
+        with open(path) as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(available_cores() - running, 0)
 
 
 def available_memory() -> int | None:

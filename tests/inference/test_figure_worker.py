@@ -281,6 +281,7 @@ def test_only_train_as_a_program_on_rank_0_with_a_second_core_starts_a_worker(mo
     train, explain = argparse.Namespace(command="train"), argparse.Namespace(command="explain")
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(cli, "available_cores", lambda: 2)
+    monkeypatch.setattr(cli, "idle_cores", lambda: 1)
     assert cli._draws_in_a_worker(True, train)
     assert not cli._draws_in_a_worker(False, train)  # main([...]) from Python or a test
     assert not cli._draws_in_a_worker(True, explain)
@@ -288,8 +289,51 @@ def test_only_train_as_a_program_on_rank_0_with_a_second_core_starts_a_worker(mo
     assert not cli._draws_in_a_worker(True, train)
     monkeypatch.setenv("RANK", "0")
     assert cli._draws_in_a_worker(True, train)
+    monkeypatch.setattr(cli, "idle_cores", lambda: 0)  # beside a busy process: none idle now
+    assert not cli._draws_in_a_worker(True, train)
+    monkeypatch.setattr(cli, "idle_cores", lambda: None)  # no /proc/loadavg: cores decide
+    assert cli._draws_in_a_worker(True, train)
     monkeypatch.setattr(cli, "available_cores", lambda: 1)  # nothing to draw on meanwhile
     assert not cli._draws_in_a_worker(True, train)
+
+
+@pytest.mark.parametrize(
+    ("text", "cores", "idle"),
+    [
+        ("0.52 0.58 0.59 1/77 32443\n", 2, 1),  # this process alone runs: one core idle
+        ("1.78 1.33 1.11 2/79 32491\n", 2, 0),  # and a busy one beside it
+        ("3.10 2.00 1.00 5/300 1234\n", 16, 11),
+        ("9.00 9.00 9.00 40/300 1234\n", 16, 0),  # never below zero
+        ("garbled\n", 2, None),
+    ],
+)
+def test_idle_cores_are_the_available_ones_less_what_runs_now(
+    tmp_path, monkeypatch, text, cores, idle
+):
+    import inference.resources as resources
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(text)
+    monkeypatch.setattr(resources, "available_cores", lambda: cores)
+    assert resources.idle_cores(str(loadavg)) == idle
+    assert resources.idle_cores(str(tmp_path / "missing")) is None
+
+
+def test_idle_cores_counts_this_process_and_a_busy_neighbour():
+    import inference.resources as resources
+
+    if resources.idle_cores() is None:
+        pytest.skip("no /proc/loadavg here")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # started: from now on it is runnable in every reading
+        readings = [resources.idle_cores() for _ in range(20)]
+        assert max(readings) <= resources.available_cores() - 2
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_the_worker_runs_at_the_lowest_priority():

@@ -101,7 +101,7 @@ def test_train_as_a_program_writes_the_same_run(tmp_path):
     argv += ["--eval-every", "1"]  # two rows an epoch
     root = BENCH.parent
     program = subprocess.run(  # -X importtime: what the program itself imports (on stderr)
-        [sys.executable, "-X", "importtime", "-m", "inference.cli", *argv,
+        [sys.executable, "-X", "importtime", "-m", "inference.cli", "-v", *argv,
          "--run-dir", str(tmp_path / "program")],
         capture_output=True, text=True, timeout=300, cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
@@ -115,10 +115,14 @@ def test_train_as_a_program_writes_the_same_run(tmp_path):
 
     assert rows("program") == rows("call") and len(rows("call")) == 4
     assert "ELBO = E[log p(x|z)] - KL" in program.stdout and "bounds:" in program.stdout
-    # the program's figures come from its worker (inference.figure_worker): matplotlib is
-    # never loaded in the program itself, and the PNGs are those drawn in process, byte for byte
+    # the program's figures come from its worker (inference.figure_worker) where a core was
+    # idle when it started: then matplotlib is never loaded in the program itself; where it
+    # drew them itself (no idle core: a busy CI machine), it did. The PNGs are those drawn in
+    # process, byte for byte, either way.
     imported = [line.rsplit("|", 1)[-1].strip() for line in program.stderr.splitlines()]
-    assert "torch" in imported and "matplotlib" not in imported
+    by_worker = "figures (drawn by the figure worker)" in program.stderr
+    assert by_worker or "figures (drawn in this process)" in program.stderr
+    assert "torch" in imported and ("matplotlib" in imported) != by_worker
     for name in ("curves", "reconstructions", "samples", "latent"):
         png = f"{name}.png"
         assert (tmp_path / "program" / png).read_bytes() == (tmp_path / "call" / png).read_bytes()

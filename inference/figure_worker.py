@@ -183,9 +183,9 @@ def _warm_up() -> None:
             "reconstruction": -1.0,
             "kl": 0.1,
             "svi_loss": 1.0 / e,
-        }  # fmt: skip
+        }
         for e in (1, 2)
-        for s in ("train", "test")  # fmt: skip
+        for s in ("train", "test")
     ]
     fig = plots.plot_training_curves(history, title="warm-up")
     fig.savefig(io.BytesIO(), format="png", dpi=plots.DPI)

@@ -663,19 +663,11 @@ def write_training_figures(
     history: Sequence[Mapping[str, Any]],
     module: Any,
     data: Any,
-    *,
-    num_images: int = 10,
-    num_samples: int = 40,
-    seed: int = 0,
-    title: str | None = None,
+    **options: Any,
 ) -> list[Path]:
-    """Write a trained run's figures into ``run_dir`` and return their paths.
-
-    Always ``curves.png`` (:func:`plot_training_curves`). For image data (``data.image_shape``)
-    and a module with ``reconstruct``/``sample`` (e.g. :class:`models.vae.VAE`) also
-    ``reconstructions.png`` of the first ``num_images`` test images and ``samples.png`` of
-    ``num_samples`` prior draws (generator seeded with ``seed``), and for a module with an
-    amortized ``encoder`` ``latent.png`` of the test split's guide means, coloured by label.
+    """Write a trained run's figures into ``run_dir`` and return their paths: the figures of
+    :func:`inference.figure_worker.training_figure_jobs` (which says which, and takes the
+    ``options``: ``num_images``, ``num_samples``, ``seed``, ``title``), drawn in this process.
 
     Args:
         history: :attr:`inference.train.TrainResult.history`.
@@ -684,14 +676,4 @@ def write_training_figures(
     """
     from .figure_worker import draw, training_figure_jobs
 
-    jobs = training_figure_jobs(
-        run_dir,
-        history,
-        module,
-        data,
-        num_images=num_images,
-        num_samples=num_samples,
-        seed=seed,
-        title=title,
-    )
-    return draw(jobs)
+    return draw(training_figure_jobs(run_dir, history, module, data, **options))

@@ -458,7 +458,6 @@ class _Figures:
 
     def __init__(self, args, run: _TrainingRun, result, run_dir: Path, data_name: str):
         self.run_dir, self.worker, self.error = run_dir, getattr(args, "figure_worker_", None), None
-        self.sent = False
         try:
             self.jobs = training_figure_jobs(
                 run_dir,
@@ -473,9 +472,8 @@ class _Figures:
 
     def send(self) -> None:
         """Hand the figures to the worker, once (nothing to do without one)."""
-        if self.worker is not None and self.error is None and not self.sent:
+        if self.worker is not None and self.error is None and self.worker.jobs is None:
             self.worker.send(self.jobs)
-            self.sent = True
 
     def write(self) -> None:
         try:

@@ -229,7 +229,9 @@ def serve(stdin=None, stdout=None, parent: int | None = None) -> int:
     """The worker's main: warm up and say so (:data:`READY` on ``stdout``), read one pickled
     list of jobs from ``stdin``, draw them, and write the pickled answer to ``stdout``:
     ``("ok", paths)`` or ``("error", "Type: first line")`` for the figure that could not be
-    drawn. Returns 0; an empty input (the program ended without figures) returns at once, and
+    drawn. Returns 0, or, as the program's worker (``parent``), ends the process once the
+    answer is written (the program collects it at the worker's exit, which Python's teardown
+    of matplotlib would delay by 0.1 s); an empty input (the program ended without figures) returns at once, and
     so does a worker whose ``parent`` (the program's process id) has ended
     (:func:`_end_with`). Signals are the worker's concern: called from Python (no ``parent``),
     it leaves the process's handlers as they are."""
@@ -250,6 +252,8 @@ def serve(stdin=None, stdout=None, parent: int | None = None) -> int:
     answer = _drawn_in_two(jobs) if parent is not None else _drawn(jobs)
     pickle.dump(answer, stdout)
     stdout.flush()
+    if parent is not None:  # the program collects the answer at the worker's exit: leave now,
+        os._exit(0)  # not after Python's teardown of matplotlib (0.1 s of the program's wait)
     return 0
 
 

@@ -28,6 +28,7 @@ from .errors import DataError, ElboLabError, OptionError, RunError
 __all__ = [
     "check_user_model",
     "guide_label",
+    "imported_user_code",
     "load_user_guide",
     "load_user_object",
     "model_source_file",
@@ -62,6 +63,17 @@ def user_model_label(spec: str) -> str:
     return f"{stem}.{name}"
 
 
+#: Whether this process has imported a user's code (:func:`load_user_object`).
+_imported_user_code = False
+
+
+def imported_user_code() -> bool:
+    """Whether this process has imported a user's file or module (a model, guide or data
+    spec): its objects may hold what only Python's teardown finishes (a file left open, a
+    finalizer), so :func:`inference.cli.main` lets such a process end as Python ends it."""
+    return _imported_user_code
+
+
 def load_user_object(
     spec: str,
     option: str = "model",
@@ -83,11 +95,13 @@ def load_user_object(
             missing attribute (one line naming the parameter ``option`` and the spec).
         RunError: the file's hash differs from ``expected_sha256``.
     """
+    global _imported_user_code
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not all(part.isidentifier() for part in name.split(".")):
         raise OptionError(
             f"expected FILE.py:NAME or package.module:NAME, got {spec!r}", option=option
         )
+    _imported_user_code = True  # set before its code runs: an import that fails ran some
     if path is not None or _is_file_spec(source):
         file = Path(source) if path is None else Path(path)
         if not file.is_file():

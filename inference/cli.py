@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from . import collector
 from .errors import ElboLabError, OptionError
 from .messages import FLAGS, as_options, error_line
 from .messages import first_line as _first_line
@@ -113,12 +114,9 @@ def _load_library_as_program():
     ``main`` is called with arguments, as from Python or a test: there, frozen objects would
     outlive the call.
     """
-    gc.disable()
-    try:
+    collector.freeze_what_pauses_create()
+    with collector.paused():
         commands = _load_library()
-    finally:
-        gc.freeze()
-        gc.enable()
     atexit.unregister(gc.freeze)  # once, however often main runs in one process
     atexit.register(gc.freeze)  # registered first, so run last of the handlers registered later
     return commands

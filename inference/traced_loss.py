@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from models.structure import has_static_structure
 
+from . import collector
 from .lean_graph import call_public_functions, lean, split_invariant
 
 __all__ = [
@@ -461,7 +462,8 @@ class TracedLoss:
             ):
                 warnings.simplefilter("ignore")
                 try:
-                    exported = torch.export.export(replay, params + tuple(args), strict=False)
+                    with collector.paused():  # the first export imports its tracer
+                        exported = torch.export.export(replay, params + tuple(args), strict=False)
                 except Exception as exc:  # noqa: BLE001 (whatever cannot be recorded runs eagerly)
                     log.warning("cannot export the loss, running it eagerly: %s", exc)
                     self.fallbacks += 1

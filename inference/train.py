@@ -38,6 +38,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from tqdm.auto import tqdm
 
+from . import collector
 from .batching import (
     Batching,
     ModelArgs,
@@ -382,7 +383,8 @@ def init(
         loss_fn = elbo(model, guide)
         with pyro.validation_enabled(True):
             names, params = _collect_params(loss_fn, args, kwargs)
-    optimizer = OPTIMIZERS[config.optimizer](params, config.learning_rate)
+    with collector.paused():  # the first optimizer in a process imports torch._dynamo
+        optimizer = OPTIMIZERS[config.optimizer](params, config.learning_rate)
     return SVIState(estimator, loss_fn, optimizer, names, params)
 
 

@@ -263,8 +263,9 @@ def _leave() -> None:
         return
     logging.shutdown()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the program started with that descriptor closed
+                stream.flush()
     except (OSError, ValueError):  # a closed or broken stream: Python reports it as ever
         return
     os._exit(status)

@@ -51,6 +51,20 @@ def test_a_user_error_keeps_its_status_and_line(tmp_path):
     assert not _torn_down(run)
 
 
+def test_a_program_started_with_stdout_closed_ends_quietly(tmp_path):
+    """``elbo-lab ... >&-``: Python's ``sys.stdout`` is None; the exit handler skips it, as
+    Python's own flush does, rather than failing in it ("Exception ignored in atexit")."""
+    run = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-v", "-m", "inference.cli",
+         "evaluate", str(tmp_path / "none")],
+        capture_output=False, stderr=subprocess.PIPE, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert b"elbo-lab: error: " in run.stderr and b"Exception ignored" not in run.stderr
+    assert not _torn_down(run)
+
+
 def test_a_run_of_a_users_model_ends_as_python_ends_it(tmp_path):
     """A user's module may leave work to Python's teardown (here an object's finalizer at
     module cleanup; a file left open would be flushed there): it runs."""

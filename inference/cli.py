@@ -226,14 +226,18 @@ def run() -> None:
     guide or data (:func:`inference.user_model.imported_user_code`) or ran ``watch``, or
     that started with a module other than the standard library's, this package's and
     :data:`STARTUP_MODULES` (a ``sitecustomize``, coverage: an exit handler registered
-    before this one would be skipped)."""
+    before this one would be skipped), or that goes on to an interactive prompt
+    (``python -i``)."""
     global _status
     foreign = [name for name in sys.modules if not _startup_module(name)]
-    if not foreign:
+    # python -i (or PYTHONINSPECT): a prompt follows the command, and what is typed there ends
+    # as Python ends it (a file written there is flushed at teardown), with the prompt's status
+    armed = not foreign and not sys.flags.inspect
+    if armed:
         atexit.unregister(_leave)
         atexit.register(_leave)  # only logging's handler is older (this module's import)
     status = main()
-    if not foreign and _command not in (None, "watch"):
+    if armed and _command not in (None, "watch"):
         _status = status
     sys.exit(status)
 

@@ -65,6 +65,16 @@ def test_a_program_started_with_stdout_closed_ends_quietly(tmp_path):
     assert not _torn_down(run)
 
 
+def test_a_prompt_after_the_command_ends_as_python_ends_it(tmp_path):
+    """``python -i -m inference.cli ...``: the prompt that follows is the user's; a file
+    written there and left open is flushed at teardown, and the status is the prompt's."""
+    typed = f"f = open({str(tmp_path / 'typed.txt')!r}, 'w'); f.write('kept')\n"
+    run = _python("-i", "-m", "inference.cli", "evaluate", str(tmp_path / "none"),
+                  stdin=typed.encode())  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "typed.txt").read_text() == "kept" and _torn_down(run)
+
+
 def test_a_run_of_a_users_model_ends_as_python_ends_it(tmp_path):
     """A user's module may leave work to Python's teardown (here an object's finalizer at
     module cleanup; a file left open would be flushed there): it runs."""

@@ -75,6 +75,17 @@ def test_a_prompt_after_the_command_ends_as_python_ends_it(tmp_path):
     assert (tmp_path / "typed.txt").read_text() == "kept" and _torn_down(run)
 
 
+def test_a_program_run_in_a_debugger_ends_as_python_ends_it(tmp_path):
+    """``python -m pdb -m inference.cli ...``: pdb catches the command's SystemExit and
+    restarts the program (clearing its globals); quitting then ends as Python ends it, without
+    an exit handler failing on what the restart cleared."""
+    run = _python("-m", "pdb", "-m", "inference.cli", "evaluate", str(tmp_path / "none"),
+                  stdin=b"continue\nquit\n")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert b"Exit status: 2" in run.stdout and b"Exception ignored" not in run.stderr
+    assert _torn_down(run)
+
+
 def test_a_run_of_a_users_model_ends_as_python_ends_it(tmp_path):
     """A user's module may leave work to Python's teardown (here an object's finalizer at
     module cleanup; a file left open would be flushed there): it runs."""
@@ -188,6 +199,7 @@ def test_run_arms_the_exit_only_for_its_own_commands(
     monkeypatch.setattr(cli, "main", main)
     # this test process has loaded pytest, torch, ...: only the hook below counts as foreign
     monkeypatch.setattr(cli, "_startup_module", lambda name: name != "coverage_like_hook")
+    monkeypatch.setattr(cli, "_called_as_program", lambda: True)  # here pytest calls it
     if foreign:
         monkeypatch.setitem(sys.modules, "coverage_like_hook", sys)
     with pytest.raises(SystemExit) as exit:

@@ -51,6 +51,23 @@ def test_a_user_error_keeps_its_status_and_line(tmp_path):
     assert not _torn_down(run)
 
 
+def test_the_exit_handlers_of_the_command_run_before_the_end(tmp_path):
+    """The program's end comes after every exit handler registered while the command ran
+    (torch's, multiprocessing's, ``weakref.finalize``'s), not in their place."""
+    code = (
+        "import atexit, os, inference.cli as cli\n"
+        "command = cli.main\n"
+        "def main():\n"
+        "    atexit.register(os.write, 2, b'late handler ran\\n')\n"
+        "    return command()\n"
+        "cli.main = main\n"
+        "cli.run()\n"
+    )
+    run = _python("-c", code, "evaluate", str(tmp_path / "none"))
+    assert run.returncode == 2
+    assert b"late handler ran" in run.stderr and not _torn_down(run)
+
+
 def test_a_program_started_with_stdout_closed_ends_quietly(tmp_path):
     """``elbo-lab ... >&-``: Python's ``sys.stdout`` is None; the exit handler skips it, as
     Python's own flush does, rather than failing in it ("Exception ignored in atexit")."""

@@ -23,10 +23,14 @@ TRAIN = ["train", "--epochs", "1", "--hidden-dims", "8", "--threads", "1", "--no
 
 
 def _python(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """``python -v argv``, its standard output a pipe buffered as a user's is (not
+    ``PYTHONUNBUFFERED``, which CI or a terminal may set): what the program leaves in the
+    buffer is lost unless the program's end flushes it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return subprocess.run(
         [sys.executable, "-v", *argv],
         input=stdin, capture_output=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
 
 
@@ -42,6 +46,10 @@ def test_a_built_in_run_ends_without_teardown_its_output_whole(tmp_path):
     report = json.loads(run.stdout)
     assert report["test"]["bounds"] and (tmp_path / "r" / "metrics.jsonl").is_file()
     assert not _torn_down(run)
+    # evaluate leaves its report in stdout's buffer: the program's end writes it
+    run = _python("-m", "inference.cli", "evaluate", str(tmp_path / "r"), "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["bounds"] and not _torn_down(run)
 
 
 def test_a_user_error_keeps_its_status_and_line(tmp_path):

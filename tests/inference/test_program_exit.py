@@ -187,10 +187,13 @@ def test_the_figure_worker_leaves_once_it_has_answered(tmp_path):
 
 @pytest.fixture
 def no_exit(monkeypatch):
-    """``os._exit`` recorded, not called; and :func:`inference.cli._leave` left unregistered
-    afterwards, so that this test process ends as Python ends it."""
+    """``os._exit`` recorded, not called, and ``logging.shutdown`` not called either (it would
+    close pytest's own handlers, a ``--log-file`` for the rest of the session); and
+    :func:`inference.cli._leave` left unregistered afterwards, so that this test process ends
+    as Python ends it."""
     calls = []
     monkeypatch.setattr(cli.os, "_exit", calls.append)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)
     monkeypatch.setattr(cli, "_status", None)
     monkeypatch.setattr(cli, "_command", None)
     yield calls

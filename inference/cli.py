@@ -206,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: Modules a program may find loaded before :func:`run` (besides the standard library's and
-#: its own package): ``__main__`` and the helpers that editable installs and setuptools'
-#: ``distutils-precedence.pth`` import at start-up, none of which registers an exit handler.
-STARTUP_MODULES = ("__main__", "_distutils_hack", "__editable__")
+#: its own package): ``__main__`` and the helpers that editable installs, setuptools'
+#: ``distutils-precedence.pth`` and the environments that virtualenv and uv create
+#: (``_virtualenv.pth``: tox, Poetry, Hatch) import at start-up, none of which registers an
+#: exit handler.
+STARTUP_MODULES = ("__main__", "_distutils_hack", "__editable__", "_virtualenv")
 
 
 def run() -> None:

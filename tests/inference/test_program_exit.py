@@ -238,7 +238,8 @@ def test_run_arms_the_exit_only_for_its_own_commands(
 
 def test_start_up_modules_are_the_standard_librarys_the_packages_and_the_install_hooks():
     for name in ("site", "os.path", "encodings.utf_8", "inference.cli", "__main__",
-                 "_distutils_hack", "__editable___elbo_lab_0_1_0_finder"):  # fmt: skip
+                 "_distutils_hack", "__editable___elbo_lab_0_1_0_finder",
+                 "_virtualenv"):  # fmt: skip
         assert cli._startup_module(name), name
     for name in ("sitecustomize", "usercustomize", "coverage", "torch", "inference_extra"):
         assert not cli._startup_module(name), name

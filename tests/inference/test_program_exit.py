@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["train", "--epochs", "1", "--hidden-dims", "8", "--threads", "1", "--no-progress"]
 
 
-def _python(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    """``python -v argv``, its standard output a pipe buffered as a user's is (not
-    ``PYTHONUNBUFFERED``, which CI or a terminal may set): what the program leaves in the
-    buffer is lost unless the program's end flushes it."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+def _python(*argv: str, stdin: bytes | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``python -v argv`` with ``env`` added, its standard output a pipe buffered as a user's
+    is (not ``PYTHONUNBUFFERED``, which CI or a terminal may set): what the program leaves in
+    the buffer is lost unless the program's end flushes it."""
+    inherited = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return subprocess.run(
         [sys.executable, "-v", *argv],
         input=stdin, capture_output=True, timeout=300, cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
+        env={**inherited, "PYTHONPATH": str(ROOT), **env},
     )  # fmt: skip
 
 
@@ -164,7 +164,9 @@ def test_a_start_up_module_not_the_librarys_keeps_the_teardown(tmp_path):
 
 def test_the_figure_worker_leaves_once_it_has_answered(tmp_path):
     """The program collects the worker's answer when the worker exits: it exits as soon as
-    the answer is written, without tearing matplotlib down."""
+    the answer is written, without tearing matplotlib down, but after matplotlib's exit
+    handlers: where the user's config directory is not writable, matplotlib's temporary one
+    is removed."""
     import numpy as np
 
     history = [
@@ -178,11 +180,18 @@ def test_the_figure_worker_leaves_once_it_has_answered(tmp_path):
         ("plot_samples", (images, (2, 2)), {"path": str(tmp_path / "samples.png")}),
     ]
     code = f"from inference.figure_worker import serve; serve(parent={os.getpid()})"
-    worker = _python("-c", code, stdin=pickle.dumps(jobs))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "tmp").mkdir()
+    worker = _python(
+        "-c", code, stdin=pickle.dumps(jobs),
+        MPLCONFIGDIR=str(tmp_path / "file" / "mpl"), TMPDIR=str(tmp_path / "tmp"),
+    )  # fmt: skip
     assert worker.returncode == 0, worker.stderr[-2000:]
     answer = pickle.loads(worker.stdout[1:])  # after the READY byte
     assert answer == ("ok", [kwargs["path"] for _, _, kwargs in jobs])
     assert not _torn_down(worker)
+    assert b"created a temporary cache directory" in worker.stderr
+    assert not list((tmp_path / "tmp").glob("matplotlib-*"))
 
 
 @pytest.fixture

@@ -249,7 +249,10 @@ def _called_as_program() -> bool:
     console script, ``python -c``) or ``python -m``'s, with only :mod:`runpy` below it. A
     debugger, profiler or tracer (``python -m pdb``, ``cProfile``, ``trace``) that runs the
     program catches its ``SystemExit`` and goes on: there the process ends as Python ends it."""
-    frame = sys._getframe(2)  # run's caller
+    try:
+        frame = sys._getframe(2)  # run's caller
+    except ValueError:  # none: called from C, an embedding's main
+        return True
     while frame is not None:
         if frame.f_code.co_name != "<module>" and frame.f_globals.get("__name__") != "runpy":
             return False

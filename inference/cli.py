@@ -204,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: Modules a program may find loaded before :func:`run` (besides the standard library's and
-#: its own package): ``__main__`` and the helpers that editable installs and setuptools'
-#: ``distutils-precedence.pth`` import at start-up, none of which registers an exit handler.
-STARTUP_MODULES = ("__main__", "_distutils_hack", "__editable__")
+#: its own package): ``__main__`` and the helpers that editable installs, setuptools'
+#: ``distutils-precedence.pth`` and the environments that virtualenv and uv create
+#: (``_virtualenv.pth``: tox, Poetry, Hatch) import at start-up, none of which registers an
+#: exit handler.
+STARTUP_MODULES = ("__main__", "_distutils_hack", "__editable__", "_virtualenv")
 
 
 def run() -> None:
@@ -224,16 +226,36 @@ def run() -> None:
     guide or data (:func:`inference.user_model.imported_user_code`) or ran ``watch``, or
     that started with a module other than the standard library's, this package's and
     :data:`STARTUP_MODULES` (a ``sitecustomize``, coverage: an exit handler registered
-    before this one would be skipped)."""
+    before this one would be skipped), or that goes on after the command: to an interactive
+    prompt (``python -i``), or in a debugger or profiler (:func:`_called_as_program`)."""
     global _status
     foreign = [name for name in sys.modules if not _startup_module(name)]
-    if not foreign:
+    # python -i (or PYTHONINSPECT): a prompt follows the command, and what is typed there ends
+    # as Python ends it (a file written there is flushed at teardown), with the prompt's status
+    armed = not foreign and not sys.flags.inspect and _called_as_program()
+    if armed:
         atexit.unregister(_leave)
         atexit.register(_leave)  # only logging's handler is older (this module's import)
     status = main()
-    if not foreign and _command not in (None, "watch"):
+    if armed and _command not in (None, "watch"):
         _status = status
     sys.exit(status)
+
+
+def _called_as_program() -> bool:
+    """Whether :func:`run` was called as the program: from a script's module-level code (the
+    console script, ``python -c``) or ``python -m``'s, with only :mod:`runpy` below it. A
+    debugger, profiler or tracer (``python -m pdb``, ``cProfile``, ``trace``) that runs the
+    program catches its ``SystemExit`` and goes on: there the process ends as Python ends it."""
+    try:
+        frame = sys._getframe(2)  # run's caller
+    except ValueError:  # none: called from C, an embedding's main
+        return True
+    while frame is not None:
+        if frame.f_code.co_name != "<module>" and frame.f_globals.get("__name__") != "runpy":
+            return False
+        frame = frame.f_back
+    return True
 
 
 def _startup_module(name: str) -> bool:
@@ -261,8 +283,9 @@ def _leave() -> None:
         return
     logging.shutdown()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the program started with that descriptor closed
+                stream.flush()
     except (OSError, ValueError):  # a closed or broken stream: Python reports it as ever
         return
     os._exit(status)

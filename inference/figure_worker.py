@@ -28,6 +28,7 @@ worker behind, nor figures written after it.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pickle
@@ -229,17 +230,21 @@ def serve(stdin=None, stdout=None, parent: int | None = None) -> int:
     """The worker's main: warm up and say so (:data:`READY` on ``stdout``), read one pickled
     list of jobs from ``stdin``, draw them, and write the pickled answer to ``stdout``:
     ``("ok", paths)`` or ``("error", "Type: first line")`` for the figure that could not be
-    drawn. Returns 0, or, as the program's worker (``parent``), ends the process once the
-    answer is written (the program collects it at the worker's exit, which Python's teardown
-    of matplotlib would delay by 0.1 s); an empty input (the program ended without figures) returns at once, and
-    so does a worker whose ``parent`` (the program's process id) has ended
-    (:func:`_end_with`). Signals are the worker's concern: called from Python (no ``parent``),
-    it leaves the process's handlers as they are."""
+    drawn. Returns 0; as the program's worker (``parent``), the process then ends after its
+    exit handlers, without Python's teardown (:func:`_end_once_answered`). An empty input
+    (the program ended without figures) returns at once, and so does a worker whose
+    ``parent`` (the program's process id) has ended (:func:`_end_with`). Signals are the
+    worker's concern: called from Python (no ``parent``), it leaves the process's handlers as
+    they are."""
+    answered: list[bool] = []
     if parent is not None:
         _lowest_priority()  # before the imports: a core the program needs is not the worker's
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program answers a Ctrl-C, not this
         if not _end_with(parent):
             return 0
+        # registered before matplotlib's exit handlers (a temporary config directory removed
+        # where the user's is not writable), so run after them
+        atexit.register(_end_once_answered, answered)
     stdin = sys.stdin.buffer if stdin is None else stdin
     stdout = sys.stdout.buffer if stdout is None else stdout
     _warm_up()
@@ -252,9 +257,16 @@ def serve(stdin=None, stdout=None, parent: int | None = None) -> int:
     answer = _drawn_in_two(jobs) if parent is not None else _drawn(jobs)
     pickle.dump(answer, stdout)
     stdout.flush()
-    if parent is not None:  # the program collects the answer at the worker's exit: leave now,
-        os._exit(0)  # not after Python's teardown of matplotlib (0.1 s of the program's wait)
+    answered.append(True)
     return 0
+
+
+def _end_once_answered(answered: list[bool]) -> None:
+    """The program's worker's last exit handler: once its answer is written, end the process
+    (:func:`os._exit`): the program collects the answer at the worker's exit, which Python's
+    teardown of matplotlib would delay by 0.1 s."""
+    if answered:
+        os._exit(0)
 
 
 def _drawn(jobs: Sequence[Job]) -> tuple:

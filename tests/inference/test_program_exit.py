@@ -22,11 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["train", "--epochs", "1", "--hidden-dims", "8", "--threads", "1", "--no-progress"]
 
 
-def _python(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+def _python(*argv: str, stdin: bytes | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``python -v argv`` with ``env`` added, its standard output a pipe buffered as a user's
+    is (not ``PYTHONUNBUFFERED``, which CI or a terminal may set): what the program leaves in
+    the buffer is lost unless the program's end flushes it."""
+    inherited = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return subprocess.run(
         [sys.executable, "-v", *argv],
         input=stdin, capture_output=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**inherited, "PYTHONPATH": str(ROOT), **env},
     )  # fmt: skip
 
 
@@ -42,6 +46,10 @@ def test_a_built_in_run_ends_without_teardown_its_output_whole(tmp_path):
     report = json.loads(run.stdout)
     assert report["test"]["bounds"] and (tmp_path / "r" / "metrics.jsonl").is_file()
     assert not _torn_down(run)
+    # evaluate leaves its report in stdout's buffer: the program's end writes it
+    run = _python("-m", "inference.cli", "evaluate", str(tmp_path / "r"), "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["bounds"] and not _torn_down(run)
 
 
 def test_a_user_error_keeps_its_status_and_line(tmp_path):
@@ -49,6 +57,58 @@ def test_a_user_error_keeps_its_status_and_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.decode().splitlines()[-1].startswith("elbo-lab: error: ")
     assert not _torn_down(run)
+
+
+def test_the_exit_handlers_of_the_command_run_before_the_end(tmp_path):
+    """The program's end comes after every exit handler registered while the command ran
+    (torch's, multiprocessing's, ``weakref.finalize``'s), not in their place."""
+    code = (
+        "import atexit, os, inference.cli as cli\n"
+        "command = cli.main\n"
+        "def main():\n"
+        "    atexit.register(os.write, 2, b'late handler ran\\n')\n"
+        "    return command()\n"
+        "cli.main = main\n"
+        "cli.run()\n"
+    )
+    run = _python("-c", code, "evaluate", str(tmp_path / "none"))
+    assert run.returncode == 2
+    assert b"late handler ran" in run.stderr and not _torn_down(run)
+
+
+def test_a_program_started_with_stdout_closed_ends_quietly(tmp_path):
+    """``elbo-lab ... >&-``: Python's ``sys.stdout`` is None; the exit handler skips it, as
+    Python's own flush does, rather than failing in it ("Exception ignored in atexit")."""
+    run = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-v", "-m", "inference.cli",
+         "evaluate", str(tmp_path / "none")],
+        capture_output=False, stderr=subprocess.PIPE, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert b"elbo-lab: error: " in run.stderr and b"Exception ignored" not in run.stderr
+    assert not _torn_down(run)
+
+
+def test_a_prompt_after_the_command_ends_as_python_ends_it(tmp_path):
+    """``python -i -m inference.cli ...``: the prompt that follows is the user's; a file
+    written there and left open is flushed at teardown, and the status is the prompt's."""
+    typed = f"f = open({str(tmp_path / 'typed.txt')!r}, 'w'); f.write('kept')\n"
+    run = _python("-i", "-m", "inference.cli", "evaluate", str(tmp_path / "none"),
+                  stdin=typed.encode())  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "typed.txt").read_text() == "kept" and _torn_down(run)
+
+
+def test_a_program_run_in_a_debugger_ends_as_python_ends_it(tmp_path):
+    """``python -m pdb -m inference.cli ...``: pdb catches the command's SystemExit and
+    restarts the program (clearing its globals); quitting then ends as Python ends it, without
+    an exit handler failing on what the restart cleared."""
+    run = _python("-m", "pdb", "-m", "inference.cli", "evaluate", str(tmp_path / "none"),
+                  stdin=b"continue\nquit\n")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert b"Exit status: 2" in run.stdout and b"Exception ignored" not in run.stderr
+    assert _torn_down(run)
 
 
 def test_a_run_of_a_users_model_ends_as_python_ends_it(tmp_path):
@@ -104,7 +164,9 @@ def test_a_start_up_module_not_the_librarys_keeps_the_teardown(tmp_path):
 
 def test_the_figure_worker_leaves_once_it_has_answered(tmp_path):
     """The program collects the worker's answer when the worker exits: it exits as soon as
-    the answer is written, without tearing matplotlib down."""
+    the answer is written, without tearing matplotlib down, but after matplotlib's exit
+    handlers: where the user's config directory is not writable, matplotlib's temporary one
+    is removed."""
     import numpy as np
 
     history = [
@@ -118,19 +180,29 @@ def test_the_figure_worker_leaves_once_it_has_answered(tmp_path):
         ("plot_samples", (images, (2, 2)), {"path": str(tmp_path / "samples.png")}),
     ]
     code = f"from inference.figure_worker import serve; serve(parent={os.getpid()})"
-    worker = _python("-c", code, stdin=pickle.dumps(jobs))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "tmp").mkdir()
+    worker = _python(
+        "-c", code, stdin=pickle.dumps(jobs),
+        MPLCONFIGDIR=str(tmp_path / "file" / "mpl"), TMPDIR=str(tmp_path / "tmp"),
+    )  # fmt: skip
     assert worker.returncode == 0, worker.stderr[-2000:]
     answer = pickle.loads(worker.stdout[1:])  # after the READY byte
     assert answer == ("ok", [kwargs["path"] for _, _, kwargs in jobs])
     assert not _torn_down(worker)
+    assert b"created a temporary cache directory" in worker.stderr
+    assert not list((tmp_path / "tmp").glob("matplotlib-*"))
 
 
 @pytest.fixture
 def no_exit(monkeypatch):
-    """``os._exit`` recorded, not called; and :func:`inference.cli._leave` left unregistered
-    afterwards, so that this test process ends as Python ends it."""
+    """``os._exit`` recorded, not called, and ``logging.shutdown`` not called either (it would
+    close pytest's own handlers, a ``--log-file`` for the rest of the session); and
+    :func:`inference.cli._leave` left unregistered afterwards, so that this test process ends
+    as Python ends it."""
     calls = []
     monkeypatch.setattr(cli.os, "_exit", calls.append)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)
     monkeypatch.setattr(cli, "_status", None)
     monkeypatch.setattr(cli, "_command", None)
     yield calls
@@ -164,6 +236,7 @@ def test_run_arms_the_exit_only_for_its_own_commands(
     monkeypatch.setattr(cli, "main", main)
     # this test process has loaded pytest, torch, ...: only the hook below counts as foreign
     monkeypatch.setattr(cli, "_startup_module", lambda name: name != "coverage_like_hook")
+    monkeypatch.setattr(cli, "_called_as_program", lambda: True)  # here pytest calls it
     if foreign:
         monkeypatch.setitem(sys.modules, "coverage_like_hook", sys)
     with pytest.raises(SystemExit) as exit:
@@ -174,7 +247,8 @@ def test_run_arms_the_exit_only_for_its_own_commands(
 
 def test_start_up_modules_are_the_standard_librarys_the_packages_and_the_install_hooks():
     for name in ("site", "os.path", "encodings.utf_8", "inference.cli", "__main__",
-                 "_distutils_hack", "__editable___elbo_lab_0_1_0_finder"):  # fmt: skip
+                 "_distutils_hack", "__editable___elbo_lab_0_1_0_finder",
+                 "_virtualenv"):  # fmt: skip
         assert cli._startup_module(name), name
     for name in ("sitecustomize", "usercustomize", "coverage", "torch", "inference_extra"):
         assert not cli._startup_module(name), name

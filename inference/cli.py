@@ -247,10 +247,9 @@ def _called_as_program() -> bool:
     console script, ``python -c``) or ``python -m``'s, with only :mod:`runpy` below it. A
     debugger, profiler or tracer (``python -m pdb``, ``cProfile``, ``trace``) that runs the
     program catches its ``SystemExit`` and goes on: there the process ends as Python ends it."""
-    try:
-        frame = sys._getframe(2)  # run's caller
-    except ValueError:  # none: called from C, an embedding's main
-        return True
+    import inspect
+
+    frame = inspect.currentframe().f_back.f_back  # run's caller; None: called from C
     while frame is not None:
         if frame.f_code.co_name != "<module>" and frame.f_globals.get("__name__") != "runpy":
             return False

@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import collector
 from .files import TMP_SUFFIX
 from .messages import first_line
 
@@ -152,19 +153,12 @@ def draw(jobs: Sequence[Job]) -> list[Path]:
 
 
 def _plots():
-    """:mod:`inference.plots`, matplotlib imported with Python's cyclic collector paused where
-    this is its first import: in a program that froze its library's objects
+    """:mod:`inference.plots`, matplotlib imported with Python's cyclic collector paused
+    (:func:`inference.collector.paused`): in a program that froze its library's objects
     (:func:`inference.cli.main`), the collector's full passes during the import went over
     every object it creates, 0.08 s of a digits run that drew its own figures."""
-    import gc
-
-    if __package__ + ".plots" not in sys.modules and gc.isenabled():
-        gc.disable()
-        try:
-            from . import plots
-        finally:
-            gc.enable()
-    from . import plots
+    with collector.paused():
+        from . import plots
 
     return plots
 

@@ -70,7 +70,7 @@ _imported_user_code = False
 def imported_user_code() -> bool:
     """Whether this process has imported a user's file or module (a model, guide or data
     spec): its objects may hold what only Python's teardown finishes (a file left open, a
-    finalizer), so :func:`inference.cli.main` lets such a process end as Python ends it."""
+    finalizer), so :func:`inference.cli.run` lets such a process end as Python ends it."""
     return _imported_user_code
 
 

@@ -9,6 +9,7 @@ test-loss pass (``svi.evaluate``, jitted) every epoch. ``--synthetic ROWS`` trai
 784 --hidden 400 --latent 20``); ``--time-steps K`` prints the mean (and median) of K jitted steps
 after compilation instead of training. ``--threads 1`` restricts XLA's CPU backend to one thread
 and pins the process to one core (XLA still runs large matrix products on a second thread).
+``--device cuda`` runs on JAX's GPU backend (the CPU is the default, also where JAX has a GPU).
 
 An optional extra (``pip install -e .[bench]``, ``make bench``): without NumPyro and JAX the
 script says so and exits with status 0.
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dim", type=int, default=784, help="columns of synthetic data")
     parser.add_argument("--time-steps", type=int, default=0, help="time K steps, do not train")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (JAX's GPU backend)")
     args = parser.parse_args(argv)
     if args.threads == 1:  # before JAX starts its CPU client
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             f"numpyro_vae: skipped, NumPyro/JAX not installed ({exc.name}); pip install -e .[bench]"
         )
         return 0
+    numpyro.set_platform("gpu" if args.device.startswith("cuda") else "cpu")  # before JAX starts
 
     if args.synthetic:
         rng = np.random.default_rng(args.seed)

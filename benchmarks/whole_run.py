@@ -25,6 +25,7 @@ time ``K`` calls of their step function on one batch.
 
     python benchmarks/whole_run.py [--epochs 50] [--rounds 3] [--programs elbo-lab,plain,numpyro]
     python benchmarks/whole_run.py --mnist-sized --epochs 2 [--rounds 2]   (784-400-20, 60,000 rows)
+    python benchmarks/whole_run.py --device cuda --programs elbo-lab,plain@default,numpyro@default
     python benchmarks/whole_run.py --steps 100 [--rounds 3]
 """
 
@@ -78,9 +79,14 @@ def _mnist_file(work: Path) -> Path:
 
 
 def run_program(
-    program: str, epochs: int, work: Path, baseline: Path | None = None, mnist: bool = False
+    program: str,
+    epochs: int,
+    work: Path,
+    baseline: Path | None = None,
+    mnist: bool = False,
+    device: str = "cpu",
 ) -> tuple[float, float]:
-    """(wall, CPU) seconds of one whole run of ``program`` for ``epochs`` epochs."""
+    """(wall, CPU) seconds of one whole run of ``program`` for ``epochs`` epochs on ``device``."""
     root = ROOT
     if program.startswith("elbo-lab"):  # "elbo-lab@base": the checkout in --baseline
         root = baseline if program == "elbo-lab@base" else ROOT
@@ -96,6 +102,8 @@ def run_program(
         if mnist:
             cmd += ["--synthetic", str(MNIST_ROWS), "--data-dim", "784"]
             cmd += ["--hidden", "400", "--latent", "20"]
+    if device != "cpu":  # on the CPU, each program's command line as a user types it
+        cmd += ["--device", device]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(
@@ -112,7 +120,12 @@ def _spread(values: list[float]) -> str:
 
 
 def whole_runs(
-    programs: list[str], epochs: int, rounds: int, baseline: Path | None, mnist: bool = False
+    programs: list[str],
+    epochs: int,
+    rounds: int,
+    baseline: Path | None,
+    mnist: bool = False,
+    device: str = "cpu",
 ) -> dict:
     times = {(p, e): [] for p in programs for e in (epochs, 2 * epochs)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +134,7 @@ def whole_runs(
             print(f"round {r + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
             for e in (epochs, 2 * epochs) if r % 2 == 0 else (2 * epochs, epochs):
                 for p in order:
-                    wall, cpu = run_program(p, e, Path(tmp), baseline, mnist)
+                    wall, cpu = run_program(p, e, Path(tmp), baseline, mnist, device)
                     times[p, e].append((wall, cpu))
                     print(
                         f"  {p:<14} {e:>4} epochs {wall:8.2f} s wall {cpu:8.2f} s CPU", flush=True
@@ -254,12 +267,20 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="whole runs of the 784-400-20 VAE on 60,000 synthetic rows instead of the digits",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="whole runs on this device: cpu, or cuda (each program's own GPU path; NumPyro's "
+        "needs JAX's CUDA backend)",
+    )
     args = parser.parse_args(argv)
     if args.elbo_lab_step:  # the child process of step mode
         d, h, latent, steps, *default = map(int, args.elbo_lab_step.split(","))
         print(f"step_ms {1e3 * _elbo_lab_step(d, h, latent, steps, any(default)):.4f}")
         return {}
     programs = args.programs.split(",")
+    if args.steps and args.device != "cpu":
+        parser.error("--device: step mode times the CPU (benchmarks/step_time.py --device cuda)")
     if args.steps and "elbo-lab@base" in programs:
         parser.error("--steps: elbo-lab@base is for whole runs (step mode times this checkout)")
     if not has_numpyro():
@@ -271,7 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.baseline is not None and "elbo-lab@base" not in programs:
             programs.insert(1, "elbo-lab@base")
-        result = whole_runs(programs, args.epochs, args.rounds, args.baseline, args.mnist_sized)
+        result = whole_runs(
+            programs, args.epochs, args.rounds, args.baseline, args.mnist_sized, args.device
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -221,3 +221,29 @@ def test_gemm_rates_restores_the_process_when_pinning_fails(monkeypatch):
     assert torch.get_num_threads() == threads
     if cores is not None:
         assert os.sched_getaffinity(0) == cores
+
+
+def test_whole_run_hands_a_gpu_to_every_program_and_the_cpu_to_none(monkeypatch, tmp_path):
+    """``--device cuda`` reaches each program's command line; on the CPU each command stays
+    the one a user types (no ``--device``)."""
+    whole = _load("whole_run", monkeypatch)
+    seen = []
+    monkeypatch.setattr(whole.subprocess, "run", lambda cmd, **kw: seen.append(cmd))
+    for device in ("cuda", "cpu"):
+        for program in ("elbo-lab", "plain", "numpyro@default"):
+            whole.run_program(program, 1, tmp_path, device=device)
+    assert [cmd[-2:] == ["--device", "cuda"] for cmd in seen] == [True] * 3 + [False] * 3
+    assert not any("--device" in cmd for cmd in seen[3:])
+    with pytest.raises(SystemExit):  # step mode times the CPU
+        whole.main(["--steps", "2", "--device", "cuda"])
+
+
+def test_plain_vae_trains_on_cuda(capsys, monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    plain = _load("plain_vae", monkeypatch)
+    args = ["--epochs", "1", "--synthetic", "300", "--data-dim", "20", "--hidden", "8"]
+    plain.main([*args, "--latent", "2", "--device", "cuda"])
+    assert "final test loss" in capsys.readouterr().out

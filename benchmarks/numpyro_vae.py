@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dim", type=int, default=784, help="columns of synthetic data")
     parser.add_argument("--time-steps", type=int, default=0, help="time K steps, do not train")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (JAX's GPU backend)")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (JAX's GPU backend)"
+    )
     args = parser.parse_args(argv)
     if args.threads == 1:  # before JAX starts its CPU client
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             f"numpyro_vae: skipped, NumPyro/JAX not installed ({exc.name}); pip install -e .[bench]"
         )
         return 0
-    numpyro.set_platform("gpu" if args.device.startswith("cuda") else "cpu")  # before JAX starts
+    # before JAX starts its backends; "cuda", the platform's name (NumPyro 0.22 refuses "gpu")
+    numpyro.set_platform(args.device)
 
     if args.synthetic:
         rng = np.random.default_rng(args.seed)

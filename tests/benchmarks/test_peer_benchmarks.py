@@ -247,3 +247,28 @@ def test_plain_vae_trains_on_cuda(capsys, monkeypatch):
     args = ["--epochs", "1", "--synthetic", "300", "--data-dim", "20", "--hidden", "8"]
     plain.main([*args, "--latent", "2", "--device", "cuda"])
     assert "final test loss" in capsys.readouterr().out
+
+
+def test_numpyro_peer_asks_jax_for_the_device_platform(monkeypatch):
+    """``--device cuda`` reaches JAX as its CUDA platform, set before JAX starts its backends
+    (NumPyro's ``set_platform`` refused "gpu": the GPU run ended in an AssertionError)."""
+    pytest.importorskip("numpyro")
+    import jax
+
+    class Started(Exception):
+        pass
+
+    seen = []
+
+    def update(name, value):
+        seen.append((name, value))
+        raise Started  # the platform is set: nothing of JAX's changes in this process
+
+    peer = _load("numpyro_vae", monkeypatch)
+    monkeypatch.setattr(jax.config, "update", update)
+    for device in ("cuda", "cpu"):
+        with pytest.raises(Started):
+            peer.main(["--epochs", "1", "--device", device])
+    assert seen == [("jax_platforms", "cuda"), ("jax_platforms", "cpu")]
+    with pytest.raises(SystemExit):  # JAX's platform has no device index
+        peer.main(["--epochs", "1", "--device", "cuda:1"])

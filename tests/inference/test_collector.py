@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import sys
+import weakref
 
 import pytest
 import torch
@@ -39,15 +41,54 @@ def test_a_collector_off_already_stays_off(collector_on):
     assert not gc.isenabled()
 
 
-def test_only_a_program_freezes_what_a_pause_created(collector_on):
+@pytest.fixture
+def fresh_modules():
+    """collector_probe_a and _b, importable once each, gone from sys.modules after."""
+    yield
+    for name in ("collector_probe_a", "collector_probe_b"):
+        sys.modules.pop(name, None)
+
+
+def test_only_a_program_freezes_what_a_pause_created(
+    collector_on, fresh_modules, tmp_path, monkeypatch
+):
+    """Where the pause imported modules (the library's load, the first optimizer, the first
+    export)."""
+    (tmp_path / "collector_probe_a.py").write_text("made = [[] for _ in range(100)]\n")
+    (tmp_path / "collector_probe_b.py").write_text("made = [[] for _ in range(100)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     before = gc.get_freeze_count()
     with collector.paused():
-        made = [[] for _ in range(100)]
+        import collector_probe_a
     assert gc.get_freeze_count() == before  # a user's process: left to the collector
     collector.freeze_what_pauses_create()
     with collector.paused():
+        import collector_probe_b
+    assert gc.get_freeze_count() >= before + len(collector_probe_b.made)
+    assert collector_probe_a.made is not collector_probe_b.made
+
+
+def test_a_pause_that_imported_nothing_freezes_nothing(collector_on):
+    """The freeze takes every object tracked, the run's own too: a later export's pause in a
+    program froze a finished guide's parameters and graphs, and the cycles they sat in were
+    never collected (``compare``: every guide's objects kept to the end)."""
+
+    class Node:
+        pass
+
+    collector.freeze_what_pauses_create()
+    live, dead = Node(), Node()
+    live.cycle, dead.cycle = live, dead  # a cycle alive through the pause, one garbage already
+    dead_ref, live_ref = weakref.ref(dead), weakref.ref(live)
+    del dead
+    before = gc.get_freeze_count()
+    with collector.paused():
         made = [[] for _ in range(100)]
-    assert gc.get_freeze_count() >= before + len(made)
+    assert gc.get_freeze_count() == before
+    del live
+    gc.collect()
+    assert dead_ref() is None and live_ref() is None
+    assert len(made) == 100
 
 
 def test_the_optimizer_and_the_export_are_built_with_the_collector_paused(

@@ -135,3 +135,14 @@ def test_the_optimizer_and_the_export_are_built_with_the_collector_paused(
         state, _ = train.step(state, x)
     assert seen == {"optimizer": False, "export": False}
     assert gc.isenabled()
+
+
+def test_a_command_called_from_python_freezes_nothing(collector_on, tmp_path):
+    """``main([...])`` from a user's process (or a test) is not the program: the objects it
+    leaves stay the collector's, whatever its pauses imported."""
+    from inference.cli import main
+
+    before = gc.get_freeze_count()
+    argv = ["train", "--epochs", "1", "--hidden-dims", "8", "--threads", "1", "--no-progress"]
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 0
+    assert not collector._freeze and gc.get_freeze_count() == before
